@@ -1,0 +1,1 @@
+"""Integrations with the outside world: FHIR (EHR feeds), DICOM (PACS), notifications."""

@@ -1,0 +1,27 @@
+"""Raw inbound payloads, kept before parsing so nothing received is ever lost."""
+
+from django.db import models
+
+from registry.models import Feed
+
+
+class InboundMessage(models.Model):
+    class Outcome(models.TextChoices):
+        RECEIVED = "received", "Received"
+        ACCEPTED = "accepted", "Accepted"
+        PARTIAL = "partial", "Partially accepted"
+        REJECTED = "rejected", "Rejected"
+
+    feed = models.ForeignKey(Feed, null=True, blank=True, on_delete=models.SET_NULL)
+    channel = models.CharField(max_length=30, help_text="fhir-rest | fhir-bulk | dicom | ...")
+    received_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    content_type = models.CharField(max_length=100, blank=True)
+    sha256 = models.CharField(max_length=64, db_index=True)
+    size_bytes = models.PositiveBigIntegerField()
+    body = models.TextField()
+    outcome = models.CharField(max_length=10, choices=Outcome.choices, default="received")
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    summary = models.JSONField(default=dict, blank=True)
+
+    def __str__(self) -> str:
+        return f"InboundMessage {self.pk} {self.outcome}"

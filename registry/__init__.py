@@ -1,0 +1,1 @@
+"""The clinical registry: patients, procedures, fractures, therapy, alerts, audit."""

@@ -1,0 +1,1 @@
+"""Quality-improvement reports (survival statistics are pure; queries and views use Django)."""

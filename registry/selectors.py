@@ -1,0 +1,111 @@
+"""Read paths of the registry."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from django.db.models import Q, QuerySet
+
+from registry.models import (
+    Fracture,
+    Patient,
+    PatientIdentifier,
+    Procedure,
+    RecordStatus,
+    TherapyExposure,
+)
+
+
+def patient_get_by_identifier(*, system: str, value: str) -> Patient | None:
+    ident = (
+        PatientIdentifier.objects.select_related("patient")
+        .filter(system=system, value=value)
+        .first()
+    )
+    return ident.patient if ident else None
+
+
+def patient_list(*, search: str = "", care_team: str = "") -> QuerySet[Patient]:
+    """Patients (not merged away), newest first. ``search`` matches an identifier value exactly
+    or a name prefix."""
+    qs = Patient.objects.filter(merged_into__isnull=True).prefetch_related("identifiers")
+    if search:
+        qs = qs.filter(
+            Q(identifiers__value=search.strip())
+            | Q(family_name__istartswith=search.strip())
+        ).distinct()
+    if care_team:
+        qs = qs.filter(care_team=care_team)
+    return qs.order_by("-created_at")
+
+
+def index_procedure(*, patient: Patient) -> Procedure | None:
+    """The patient's first active vertebroplasty/kyphoplasty."""
+    return (
+        Procedure.objects.filter(patient=patient, record_status=RecordStatus.ACTIVE)
+        .order_by("performed_at", "pk")
+        .first()
+    )
+
+
+def secondary_fractures(*, patient: Patient, index: Procedure | None = None) -> list[Fracture]:
+    """Active fractures diagnosed after the index procedure's date, excluding the index fracture
+    (a vertebral fracture at a treated level)."""
+    index = index or index_procedure(patient=patient)
+    if index is None:
+        return []
+    treated = set(index.levels)
+    return [
+        f
+        for f in Fracture.objects.filter(
+            patient=patient, record_status=RecordStatus.ACTIVE, diagnosed_on__gt=index.performed_on
+        ).order_by("diagnosed_on", "pk")
+        if not (f.site == "vertebral" and f.vertebral_level and f.vertebral_level in treated)
+    ]
+
+
+@dataclass
+class TimelineEntry:
+    day: dt.date
+    kind: str
+    title: str
+    object_id: str
+    detail: dict = field(default_factory=dict)
+
+
+def patient_timeline(*, patient: Patient) -> list[TimelineEntry]:
+    """Everything known about a patient, in date order (procedures, fractures, therapy)."""
+    entries: list[TimelineEntry] = []
+    for p in Procedure.objects.filter(patient=patient):
+        entries.append(
+            TimelineEntry(
+                p.performed_on,
+                "procedure",
+                f"{p.get_kind_display()} {', '.join(p.levels)}".strip(),
+                str(p.pk),
+                {"status": p.record_status},
+            )
+        )
+    for f in Fracture.objects.filter(patient=patient):
+        entries.append(
+            TimelineEntry(
+                f.diagnosed_on,
+                "fracture",
+                f"{f.get_site_display()} fracture {f.vertebral_level}".strip(),
+                str(f.pk),
+                {"status": f.record_status},
+            )
+        )
+    for t in TherapyExposure.objects.filter(patient=patient):
+        entries.append(
+            TimelineEntry(
+                t.start_on,
+                "therapy",
+                f"{t.agent.replace('_', ' ').title()} ({t.get_kind_display()})",
+                str(t.pk),
+                {"status": t.status, "end_on": t.end_on},
+            )
+        )
+    entries.sort(key=lambda e: (e.day, e.kind))
+    return entries

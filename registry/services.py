@@ -1,0 +1,444 @@
+"""Write paths of the registry. Keyword-only, typed, one transaction each.
+
+Every service validates its input and raises ``RegistryValidationError`` (a Django
+``ValidationError`` naming the field) before touching the database; the database constraints
+and triggers are the second line of defence.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from registry import codes
+from registry.models import (
+    VERTEBRAL_LEVELS,
+    AuditAction,
+    AuditEvent,
+    ExposureKind,
+    ExposureStatus,
+    Feed,
+    Fracture,
+    FractureSite,
+    Patient,
+    PatientIdentifier,
+    Procedure,
+    ProcedureKind,
+    RecordStatus,
+    Sex,
+    TherapyExposure,
+)
+from registry.timeutil import clinic_date, clinic_today
+
+logger = logging.getLogger(__name__)
+
+
+class RegistryValidationError(ValidationError):
+    """Invalid clinical input. ``field`` names the offending element."""
+
+    def __init__(self, message: str, *, field: str = "", code: str = "invalid") -> None:
+        super().__init__(message, code=code)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Identifier:
+    system: str
+    value: str
+    use: str = ""
+    type_code: str = ""
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who performs a write, for the audit trail."""
+
+    user_id: int | None = None
+    feed_id: int | None = None
+    via: str = "command"
+
+
+SYSTEM_ACTOR = Actor(via="command")
+
+
+def audit_record(
+    *,
+    actor: Actor,
+    action: str,
+    object_type: str,
+    object_id: str = "",
+    patient_id: Any = None,
+    detail: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Append one AuditEvent. ``detail`` must hold ids and codes only, never PHI."""
+    return AuditEvent.objects.create(
+        actor_id=actor.user_id,
+        feed_id=actor.feed_id,
+        action=action,
+        object_type=object_type,
+        object_id=str(object_id),
+        patient_id=patient_id,
+        via=actor.via,
+        detail=detail or {},
+    )
+
+
+def _check_not_future(day: dt.date | None, field: str) -> None:
+    if day is not None and day > clinic_today():
+        raise RegistryValidationError(f"{field} is in the future", field=field, code="future")
+
+
+def _check_after_birth(patient: Patient, day: dt.date, field: str) -> None:
+    if patient.birth_date and day < patient.birth_date:
+        raise RegistryValidationError(
+            f"{field} is before the patient's birth date", field=field, code="before-birth"
+        )
+
+
+def _aware(moment: dt.datetime, field: str) -> dt.datetime:
+    if timezone.is_naive(moment):
+        raise RegistryValidationError(f"{field} needs a time zone", field=field, code="naive")
+    return moment
+
+
+@transaction.atomic
+def patient_upsert(
+    *,
+    identifiers: Sequence[Identifier],
+    family_name: str = "",
+    given_name: str = "",
+    birth_date: dt.date | None = None,
+    sex: str = Sex.UNKNOWN,
+    deceased_on: dt.date | None = None,
+    last_contact_on: dt.date | None = None,
+    bmi_kg_m2: Decimal | float | None = None,
+    care_team: str = "",
+    is_synthetic: bool = False,
+    actor: Actor = SYSTEM_ACTOR,
+) -> tuple[Patient, bool]:
+    """Create or update the patient that holds any of ``identifiers``.
+
+    Returns ``(patient, created)``. Identifiers not yet known are attached. Raises
+    ``RegistryValidationError`` when identifiers are missing, belong to two different
+    patients, or dates are impossible.
+    """
+    if not identifiers:
+        raise RegistryValidationError("at least one identifier is required", field="identifier")
+    for ident in identifiers:
+        if not ident.system or not ident.value:
+            raise RegistryValidationError(
+                "identifier needs both system and value", field="identifier"
+            )
+    if sex not in Sex.values:
+        raise RegistryValidationError(f"unknown sex {sex!r}", field="gender")
+    _check_not_future(birth_date, "birthDate")
+    _check_not_future(deceased_on, "deceasedDateTime")
+    if birth_date and deceased_on and deceased_on < birth_date:
+        raise RegistryValidationError(
+            "deceased date is before birth date", field="deceasedDateTime", code="before-birth"
+        )
+
+    keys = {(i.system, i.value) for i in identifiers}
+    known = list(
+        PatientIdentifier.objects.select_for_update()
+        .filter(system__in={k[0] for k in keys}, value__in={k[1] for k in keys})
+        .select_related("patient")
+    )
+    known = [k for k in known if (k.system, k.value) in keys]
+    owners = {k.patient_id for k in known}
+    if len(owners) > 1:
+        raise RegistryValidationError(
+            "identifiers belong to different registry patients (merge them first)",
+            field="identifier",
+            code="conflict",
+        )
+    fields = {
+        "family_name": family_name,
+        "given_name": given_name,
+        "birth_date": birth_date,
+        "sex": sex,
+        "deceased_on": deceased_on,
+        "last_contact_on": last_contact_on,
+        "bmi_kg_m2": Decimal(str(bmi_kg_m2)) if bmi_kg_m2 is not None else None,
+        "care_team": care_team,
+        "is_synthetic": is_synthetic,
+    }
+    created = not owners
+    if created:
+        patient = Patient.objects.create(**fields)
+    else:
+        patient = Patient.objects.select_for_update().get(pk=owners.pop())
+        if birth_date and _earliest_event_date(patient) and birth_date > _earliest_event_date(
+            patient
+        ):
+            raise RegistryValidationError(
+                "birth date is after recorded procedures or fractures",
+                field="birthDate",
+                code="before-birth",
+            )
+        for name, value in fields.items():
+            setattr(patient, name, value)
+        patient.save()
+    known_keys = {(k.system, k.value) for k in known}
+    for ident in identifiers:
+        if (ident.system, ident.value) not in known_keys:
+            try:
+                with transaction.atomic():
+                    PatientIdentifier.objects.create(
+                        patient=patient,
+                        system=ident.system,
+                        value=ident.value,
+                        use=ident.use,
+                        type_code=ident.type_code,
+                    )
+            except IntegrityError as exc:  # a concurrent writer attached it first
+                raise RegistryValidationError(
+                    "identifier was claimed concurrently; retry", field="identifier",
+                    code="conflict",
+                ) from exc
+    audit_record(
+        actor=actor,
+        action=AuditAction.CREATE if created else AuditAction.UPDATE,
+        object_type="Patient",
+        object_id=str(patient.pk),
+        patient_id=patient.pk,
+    )
+    logger.debug("patient_upsert patient=%s created=%s", patient.pk, created)
+    return patient, created
+
+
+def _earliest_event_date(patient: Patient) -> dt.date | None:
+    dates = [
+        d
+        for d in (
+            patient.procedures.order_by("performed_on").values_list("performed_on", flat=True)
+            .first(),
+            patient.fractures.order_by("diagnosed_on").values_list("diagnosed_on", flat=True)
+            .first(),
+        )
+        if d is not None
+    ]
+    return min(dates) if dates else None
+
+
+def _validate_levels(levels: Iterable[str], field: str) -> list[str]:
+    out = []
+    for level in levels:
+        level = level.strip().upper()
+        if level not in VERTEBRAL_LEVELS:
+            raise RegistryValidationError(f"unknown vertebral level {level!r}", field=field)
+        out.append(level)
+    return sorted(set(out), key=VERTEBRAL_LEVELS.index)
+
+
+def _upsert_sourced(model: type, identifier: Identifier | None, values: dict[str, Any]) -> tuple[
+    Any, bool
+]:
+    """Update-or-create on the business identifier (or create when there is none)."""
+    if identifier is None or not identifier.value:
+        return model.objects.create(**values), True
+    obj, created = model.objects.select_for_update().update_or_create(
+        identifier_system=identifier.system, identifier_value=identifier.value, defaults=values
+    )
+    return obj, created
+
+
+@transaction.atomic
+def procedure_record(
+    *,
+    patient: Patient,
+    code_system: str,
+    code: str,
+    performed_at: dt.datetime,
+    code_display: str = "",
+    levels: Iterable[str] = (),
+    identifier: Identifier | None = None,
+    record_status: str = RecordStatus.ACTIVE,
+    actor: Actor = SYSTEM_ACTOR,
+) -> tuple[Procedure, bool]:
+    """Record a vertebroplasty/kyphoplasty. Raises for a non-qualifying code or bad dates."""
+    kind = codes.procedure_kind(code_system, code)
+    if kind is None:
+        raise RegistryValidationError(
+            f"{code_system}|{code} is not a vertebroplasty/kyphoplasty code",
+            field="code",
+            code="code-invalid",
+        )
+    performed_at = _aware(performed_at, "performedDateTime")
+    performed_on = clinic_date(performed_at)
+    _check_not_future(performed_on, "performedDateTime")
+    _check_after_birth(patient, performed_on, "performedDateTime")
+    values = {
+        "patient": patient,
+        "kind": ProcedureKind(kind),
+        "code_system": code_system,
+        "code": code,
+        "code_display": code_display,
+        "performed_at": performed_at,
+        "performed_on": performed_on,
+        "levels": _validate_levels(levels, "bodySite"),
+        "record_status": record_status,
+    }
+    proc, created = _upsert_sourced(Procedure, identifier, values)
+    audit_record(
+        actor=actor,
+        action=AuditAction.CREATE if created else AuditAction.UPDATE,
+        object_type="Procedure",
+        object_id=str(proc.pk),
+        patient_id=patient.pk,
+    )
+    return proc, created
+
+
+@transaction.atomic
+def fracture_record(
+    *,
+    patient: Patient,
+    site: str,
+    diagnosed_at: dt.datetime,
+    vertebral_level: str = "",
+    code_system: str = "",
+    code: str = "",
+    code_display: str = "",
+    identifier: Identifier | None = None,
+    record_status: str = RecordStatus.ACTIVE,
+    actor: Actor = SYSTEM_ACTOR,
+) -> tuple[Fracture, bool]:
+    """Record a fragility fracture diagnosis."""
+    if site not in FractureSite.values:
+        raise RegistryValidationError(f"unknown fracture site {site!r}", field="bodySite")
+    level = ""
+    if vertebral_level:
+        if site != FractureSite.VERTEBRAL:
+            raise RegistryValidationError(
+                "a vertebral level is only valid for a vertebral fracture", field="bodySite"
+            )
+        level = _validate_levels([vertebral_level], "bodySite")[0]
+    diagnosed_at = _aware(diagnosed_at, "onsetDateTime")
+    diagnosed_on = clinic_date(diagnosed_at)
+    _check_not_future(diagnosed_on, "onsetDateTime")
+    _check_after_birth(patient, diagnosed_on, "onsetDateTime")
+    values = {
+        "patient": patient,
+        "site": site,
+        "vertebral_level": level,
+        "code_system": code_system,
+        "code": code,
+        "code_display": code_display,
+        "diagnosed_at": diagnosed_at,
+        "diagnosed_on": diagnosed_on,
+        "record_status": record_status,
+    }
+    fracture, created = _upsert_sourced(Fracture, identifier, values)
+    audit_record(
+        actor=actor,
+        action=AuditAction.CREATE if created else AuditAction.UPDATE,
+        object_type="Fracture",
+        object_id=str(fracture.pk),
+        patient_id=patient.pk,
+    )
+    return fracture, created
+
+
+@transaction.atomic
+def therapy_record(
+    *,
+    patient: Patient,
+    agent: str,
+    kind: str,
+    start_on: dt.date,
+    end_on: dt.date | None = None,
+    status: str = ExposureStatus.ACTIVE,
+    route: str = "",
+    rxnorm_code: str = "",
+    atc_code: str = "",
+    identifier: Identifier | None = None,
+    record_status: str = RecordStatus.ACTIVE,
+    actor: Actor = SYSTEM_ACTOR,
+) -> tuple[TherapyExposure, bool]:
+    """Record an anti-osteoporosis medication exposure (order, dispense, administration...)."""
+    if agent not in codes.AGENTS:
+        raise RegistryValidationError(
+            f"{agent!r} is not an anti-osteoporosis agent", field="medication"
+        )
+    if kind not in ExposureKind.values:
+        raise RegistryValidationError(f"unknown exposure kind {kind!r}", field="resourceType")
+    if status not in ExposureStatus.values:
+        raise RegistryValidationError(f"unknown status {status!r}", field="status")
+    _check_not_future(start_on, "effective")
+    _check_after_birth(patient, start_on, "effective")
+    if end_on is not None and end_on < start_on:
+        raise RegistryValidationError("end is before start", field="effective.end")
+    values = {
+        "patient": patient,
+        "agent": agent,
+        "kind": kind,
+        "status": status,
+        "route": route,
+        "rxnorm_code": rxnorm_code,
+        "atc_code": atc_code,
+        "start_on": start_on,
+        "end_on": end_on,
+        "record_status": record_status,
+    }
+    exposure, created = _upsert_sourced(TherapyExposure, identifier, values)
+    audit_record(
+        actor=actor,
+        action=AuditAction.CREATE if created else AuditAction.UPDATE,
+        object_type="TherapyExposure",
+        object_id=str(exposure.pk),
+        patient_id=patient.pk,
+    )
+    return exposure, created
+
+
+def _hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@transaction.atomic
+def feed_create(
+    *, name: str, allowed_resource_types: Sequence[str] = (), actor: Actor = SYSTEM_ACTOR
+) -> tuple[Feed, str]:
+    """Create an EHR feed. Returns ``(feed, token)``; the token is shown once, stored hashed."""
+    token = "vbqf_" + secrets.token_urlsafe(32)
+    feed = Feed.objects.create(
+        name=name,
+        token_hash=_hash_token(token),
+        token_prefix=token[:12],
+        allowed_resource_types=list(allowed_resource_types),
+    )
+    audit_record(actor=actor, action=AuditAction.CREATE, object_type="Feed", object_id=feed.pk)
+    return feed, token
+
+
+@transaction.atomic
+def feed_rotate_token(*, feed: Feed, actor: Actor = SYSTEM_ACTOR) -> str:
+    """Replace a feed's token; the old one stops working at once. Returns the new token."""
+    token = "vbqf_" + secrets.token_urlsafe(32)
+    feed.token_hash = _hash_token(token)
+    feed.token_prefix = token[:12]
+    feed.token_rotated_at = timezone.now()
+    feed.save(update_fields=["token_hash", "token_prefix", "token_rotated_at"])
+    audit_record(actor=actor, action=AuditAction.UPDATE, object_type="Feed", object_id=feed.pk)
+    return token
+
+
+def feed_authenticate(*, token: str) -> Feed | None:
+    """Return the active feed for a bearer token, or ``None``. Constant-time on the hash."""
+    if not token:
+        return None
+    feed = Feed.objects.filter(token_hash=_hash_token(token), is_active=True).first()
+    if feed is not None:
+        Feed.objects.filter(pk=feed.pk).update(last_used_at=timezone.now())
+    return feed
