@@ -1,0 +1,3 @@
+"""Report URLs (filled in by the QI reports work)."""
+
+urlpatterns: list = []
