@@ -14,3 +14,11 @@ def worker_probe(probe_id: int) -> None:
     WorkerProbe.objects.filter(pk=probe_id, done_at__isnull=True).update(
         done_at=timezone.now(), worker=socket.gethostname()
     )
+
+
+@shared_task(name="registry.followup_reevaluate")
+def followup_reevaluate(patient_id: str) -> None:
+    """Re-evaluate a patient's follow-up rules after new therapy, fractures or VBQ.
+
+    Placeholder until the follow-up rules land.
+    """

@@ -1,0 +1,90 @@
+"""Write paths for imaging studies and VBQ jobs.
+
+Owned by the imaging pipeline work; the FHIR ImagingStudy mapper, the DICOM receiver and the
+upload API all call ``imaging_study_upsert`` so linking and queueing happen in one place.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from django.db import transaction
+
+from registry.models import Patient
+from registry.services import SYSTEM_ACTOR, Actor, audit_record
+from registry.timeutil import clinic_date
+from scoring.models import ImagingSeries, ImagingStudy
+
+
+@dataclass(frozen=True)
+class SeriesInput:
+    series_instance_uid: str
+    modality: str = ""
+    description: str = ""
+    number: int | None = None
+    body_part: str = ""
+    instance_count: int | None = None
+
+
+@transaction.atomic
+def imaging_study_upsert(
+    *,
+    study_instance_uid: str,
+    patient: Patient | None,
+    source: str,
+    started_at: dt.datetime | None = None,
+    modality: str = "",
+    description: str = "",
+    endpoint_url: str = "",
+    identifier_system: str = "",
+    identifier_value: str = "",
+    series: Sequence[SeriesInput] = (),
+    record_status: str = "active",
+    actor: Actor = SYSTEM_ACTOR,
+) -> tuple[ImagingStudy, bool]:
+    """Create or update a study (by Study Instance UID) and its series (by Series UID).
+
+    Returns ``(study, created)``. Queueing of VBQ jobs for new series happens on commit
+    (see ``scoring.tasks``).
+    """
+    study, created = ImagingStudy.objects.select_for_update().update_or_create(
+        study_instance_uid=study_instance_uid,
+        defaults={
+            "patient": patient,
+            "source": source,
+            "started_at": started_at,
+            "started_on": clinic_date(started_at) if started_at else None,
+            "modality": modality,
+            "description": description,
+            "endpoint_url": endpoint_url,
+            "identifier_system": identifier_system,
+            "identifier_value": identifier_value,
+            "record_status": record_status,
+        },
+    )
+    for s in series:
+        ImagingSeries.objects.update_or_create(
+            series_instance_uid=s.series_instance_uid,
+            defaults={
+                "study": study,
+                "modality": s.modality,
+                "description": s.description,
+                "number": s.number,
+                "body_part": s.body_part,
+                "instance_count": s.instance_count,
+            },
+        )
+    audit_record(
+        actor=actor,
+        action="create" if created else "update",
+        object_type="ImagingStudy",
+        object_id=str(study.pk),
+        patient_id=patient.pk if patient else None,
+    )
+    if record_status == "active":
+        from scoring.tasks import study_received
+
+        study_received.delay_on_commit(study.pk)
+    return study, created
