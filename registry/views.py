@@ -38,9 +38,14 @@ def _check_database() -> str:
 
 
 def _check_broker() -> str:
-    from config.celery import app
+    # A fresh connection (not the app's pool) so the probe reflects the broker right now.
+    from kombu import Connection
 
-    with app.connection_for_write() as conn:
+    with Connection(
+        settings.CELERY_BROKER_URL,
+        transport_options=settings.CELERY_BROKER_TRANSPORT_OPTIONS,
+        connect_timeout=settings.CELERY_BROKER_CONNECTION_TIMEOUT,
+    ) as conn:
         conn.ensure_connection(max_retries=1, timeout=settings.CELERY_BROKER_CONNECTION_TIMEOUT)
     return "ok"
 
