@@ -1,0 +1,190 @@
+"""Build the report cohort from the registry: a handful of flat queries, no per-patient queries.
+
+The cost is one pass over each table restricted to the filtered patients (values_list streams
+tuples; no model instances), then pure Python joins. Rules:
+- index procedure = first active vertebroplasty/kyphoplasty;
+- current VBQ = latest usable result (succeeded or accepted, never rejected/failed/needs_review);
+- event = first active fracture diagnosed after the index date that is not the index fracture
+  (a vertebral fracture at a treated level), on or before the censoring date;
+- censoring = earliest of death, last contact and the data cut-off (cut-off when no last
+  contact is recorded);
+- therapy start = first active, not declined/cancelled exposure on or after the index date, or
+  an exposure started before the index that was still running on the index date (day 0).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from django.db.models import Q
+
+from registry.models import (
+    Alert,
+    ExposureStatus,
+    Fracture,
+    Patient,
+    Procedure,
+    RecordStatus,
+    TherapyExposure,
+)
+from registry.reports.survival import AlertRow, CohortRow
+from registry.timeutil import clinic_today
+
+
+@dataclass(frozen=True)
+class CohortFilters:
+    index_from: dt.date | None = None
+    index_to: dt.date | None = None
+    care_team: str = ""
+    sex: str = ""
+    age_min: int | None = None
+    age_max: int | None = None
+    cutoff: dt.date | None = None
+
+
+@dataclass
+class Cohort:
+    rows: list[CohortRow]
+    alerts: list[AlertRow]
+    synthetic: bool
+    cutoff: dt.date
+
+
+def _chunks(items: list, size: int = 20000):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def build_cohort(filters: CohortFilters | None = None) -> Cohort:
+    """Return the cohort table for ``filters`` (see module docstring for the rules)."""
+    from scoring.models import VbqResult
+
+    f = filters or CohortFilters()
+    cutoff = f.cutoff or clinic_today()
+    proc_qs = Procedure.objects.filter(
+        record_status=RecordStatus.ACTIVE, patient__merged_into__isnull=True
+    )
+    if f.care_team:
+        proc_qs = proc_qs.filter(patient__care_team=f.care_team)
+    if f.sex:
+        proc_qs = proc_qs.filter(patient__sex=f.sex)
+    index: dict = {}
+    for patient_id, performed_on, levels in proc_qs.order_by(
+        "patient_id", "performed_at", "pk"
+    ).values_list("patient_id", "performed_on", "levels").iterator(chunk_size=5000):
+        if patient_id not in index:
+            index[patient_id] = (performed_on, set(levels or []))
+    # The index procedure is the first one; date filters apply to it, not to later ones.
+    index = {
+        pid: v for pid, v in index.items()
+        if (f.index_from is None or v[0] >= f.index_from)
+        and (f.index_to is None or v[0] <= f.index_to)
+        and v[0] <= cutoff
+    }
+    ids = list(index)
+    patients: dict = {}
+    synthetic = True
+    for chunk in _chunks(ids):
+        for row in Patient.objects.filter(pk__in=chunk).values_list(
+            "id", "birth_date", "sex", "bmi_kg_m2", "deceased_on", "last_contact_on",
+            "care_team", "is_synthetic",
+        ):
+            patients[row[0]] = row
+            synthetic = synthetic and row[7]
+    vbq: dict = {}
+    fractures: dict = {}
+    therapy: dict = {}
+    alerts: list[AlertRow] = []
+    for chunk in _chunks(ids):
+        for pid, all_levels, excluding, field in (
+            VbqResult.objects.filter(patient_id__in=chunk)
+            .filter(
+                Q(review_status=VbqResult.Review.ACCEPTED)
+                | Q(status=VbqResult.Status.SUCCEEDED, review_status=VbqResult.Review.PENDING)
+            )
+            .order_by("patient_id", "queued_at", "pk")
+            .values_list("patient_id", "vbq_all_levels", "vbq_excluding_fractured",
+                         "field_strength_t")
+        ):
+            vbq[pid] = (all_levels, excluding, field)  # later rows win: latest result
+        for pid, day, site, level in (
+            Fracture.objects.filter(patient_id__in=chunk, record_status=RecordStatus.ACTIVE)
+            .order_by("patient_id", "diagnosed_on", "pk")
+            .values_list("patient_id", "diagnosed_on", "site", "vertebral_level")
+        ):
+            index_day, treated = index[pid]
+            if pid in fractures or day <= index_day:
+                continue
+            if site == "vertebral" and level and level in treated:
+                continue
+            fractures[pid] = (day, site)
+        for pid, start, end in (
+            TherapyExposure.objects.filter(patient_id__in=chunk,
+                                           record_status=RecordStatus.ACTIVE)
+            .exclude(status__in=[ExposureStatus.DECLINED, ExposureStatus.CANCELLED])
+            .order_by("patient_id", "start_on", "pk")
+            .values_list("patient_id", "start_on", "end_on")
+        ):
+            if pid in therapy:
+                continue
+            index_day = index[pid][0]
+            if start >= index_day:
+                therapy[pid] = (start - index_day).days
+            elif end is None or end >= index_day:
+                therapy[pid] = 0
+        for rule_id, opened, acked, resolved, reason in Alert.objects.filter(
+            patient_id__in=chunk
+        ).values_list("rule_id", "opened_at", "acknowledged_at", "resolved_at",
+                      "resolution_reason"):
+            alerts.append(
+                AlertRow(
+                    rule_id=rule_id,
+                    hours_to_acknowledge=(acked - opened).total_seconds() / 3600
+                    if acked else None,
+                    hours_to_resolve=(resolved - opened).total_seconds() / 3600
+                    if resolved else None,
+                    resolution_reason=reason,
+                )
+            )
+    rows: list[CohortRow] = []
+    for pid in ids:
+        p = patients.get(pid)
+        if p is None:
+            continue
+        _, birth, sex, bmi, deceased, last_contact, team, _syn = p
+        index_day = index[pid][0]
+        age = (index_day - birth).days / 365.25 if birth else None
+        if f.age_min is not None and (age is None or age < f.age_min):
+            continue
+        if f.age_max is not None and (age is None or age >= f.age_max):
+            continue
+        censor_day, reason = cutoff, "cutoff"
+        if last_contact and last_contact < censor_day:
+            censor_day, reason = last_contact, "last_contact"
+        if deceased and deceased <= censor_day:
+            censor_day, reason = deceased, "death"
+        censor_day = max(censor_day, index_day)
+        fx = fractures.get(pid)
+        event = fx is not None and fx[0] <= censor_day
+        end_day = fx[0] if event and fx else censor_day
+        v = vbq.get(pid, (None, None, None))
+        rows.append(
+            CohortRow(
+                patient_key=str(pid),
+                index_date=index_day,
+                age_years=age,
+                sex=sex,
+                bmi=float(bmi) if bmi is not None else None,
+                vbq_all_levels=v[0],
+                vbq_excluding_fractured=v[1],
+                field_strength_t=v[2],
+                event=event,
+                time_days=float((end_day - index_day).days),
+                censor_reason="fracture" if event else reason,
+                fracture_site=fx[1] if event and fx else None,
+                therapy_start_days=therapy.get(pid),
+                care_team=team,
+            )
+        )
+    return Cohort(rows=rows, alerts=alerts, synthetic=bool(rows) and synthetic, cutoff=cutoff)
