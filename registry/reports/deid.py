@@ -42,6 +42,7 @@ def suppress_small_cells(data: Any, minimum: int, path: str = "") -> tuple[Any, 
 
     def walk(value: Any, where: str, key: str) -> Any:
         if isinstance(value, dict):
+            before = len(suppressed)
             out = {}
             for k, v in value.items():
                 if str(k) in ROW_LEVEL_KEYS:
@@ -56,6 +57,11 @@ def suppress_small_cells(data: Any, minimum: int, path: str = "") -> tuple[Any, 
                         suppressed.append(child)
                     continue
                 out[k] = walk(v, child, str(k))
+            if len(suppressed) > before:
+                # A percentage next to a suppressed count would give the count away.
+                for k in list(out):
+                    if str(k) == "pct" or str(k).startswith("pct_"):
+                        out[k] = None
             return out
         if isinstance(value, list):
             return [walk(v, where, key) for v in value]

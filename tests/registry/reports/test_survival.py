@@ -197,3 +197,12 @@ def test_degenerate_cohorts_give_messages_not_errors(name, rows):
     for section_name, section in report.sections.items():
         assert section.available or section.message, f"{name}: {section_name} has no message"
     assert payload["n_patients"] == len(rows)
+
+
+def test_suppressed_counts_also_hide_the_percentage_next_to_them():
+    from registry.reports.deid import suppress_small_cells
+
+    data = {"windows": {"60": {"eligible": 33, "treated": 1, "pct": 3.03}}}
+    out, where = suppress_small_cells(data, 5)
+    assert out["windows"]["60"] == {"eligible": 33, "treated": None, "pct": None}
+    assert where == ["windows.60.treated"]
