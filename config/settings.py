@@ -189,6 +189,14 @@ EMAIL_HOST_PASSWORD = env.str("EMAIL_HOST_PASSWORD", default="")
 EMAIL_USE_TLS = env.bool("EMAIL_USE_TLS", default=False)
 EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=10)
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="vbq-registry@localhost")
+# Email digest recipients per care team: "team=a@x.org;b@x.org,other=c@x.org" ("*" = any team).
+CARE_TEAM_EMAILS: dict[str, list[str]] = {
+    team.strip(): [a.strip() for a in addresses.split(";") if a.strip()]
+    for team, _, addresses in (
+        item.partition("=") for item in env.list("CARE_TEAM_EMAILS", default=[]) if "=" in item
+    )
+}
+SITE_URL = env.str("SITE_URL", default="http://127.0.0.1:8000")
 
 # --- Celery -----------------------------------------------------------------------------------
 BROKER_DIR = VAR_DIR / "broker"
@@ -217,10 +225,32 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_CONNECTION_TIMEOUT = env.float("CELERY_BROKER_CONNECTION_TIMEOUT", default=4.0)
-CELERY_BEAT_SCHEDULE: dict[str, dict] = {}
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 FOLLOWUP_SWEEP_HOUR = env.int("FOLLOWUP_SWEEP_HOUR", default=6)
 FOLLOWUP_SWEEP_MINUTE = env.int("FOLLOWUP_SWEEP_MINUTE", default=0)
+# Testing/ops override: run the sweep every N seconds instead of daily (0 = daily crontab).
+FOLLOWUP_SWEEP_EVERY_SECONDS = env.int("FOLLOWUP_SWEEP_EVERY_SECONDS", default=0)
+DELIVERY_EVERY_SECONDS = env.int("DELIVERY_EVERY_SECONDS", default=60)
+
+
+def _beat_schedule() -> dict[str, dict]:
+    from celery.schedules import crontab
+
+    sweep_schedule = (
+        float(FOLLOWUP_SWEEP_EVERY_SECONDS)
+        if FOLLOWUP_SWEEP_EVERY_SECONDS
+        else crontab(hour=FOLLOWUP_SWEEP_HOUR, minute=FOLLOWUP_SWEEP_MINUTE)
+    )
+    return {
+        "followup-sweep": {"task": "registry.followup_sweep", "schedule": sweep_schedule},
+        "alert-deliveries": {
+            "task": "registry.deliveries_send",
+            "schedule": float(DELIVERY_EVERY_SECONDS),
+        },
+    }
+
+
+CELERY_BEAT_SCHEDULE: dict[str, dict] = _beat_schedule()
 
 # --- REST framework ---------------------------------------------------------------------------
 REST_FRAMEWORK = {

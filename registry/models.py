@@ -46,10 +46,23 @@ class Patient(models.Model):
     merged_into = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.PROTECT, related_name="merged_from"
     )
+    followup_next_check_on = models.DateField(
+        null=True,
+        blank=True,
+        help_text="Next date the follow-up rules can change without a new event (sweep key)",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
+        indexes = [
+            # The daily sweep reads only due patients: a partial index on the due date.
+            models.Index(
+                fields=["followup_next_check_on"],
+                name="patient_followup_due_idx",
+                condition=Q(followup_next_check_on__isnull=False),
+            ),
+        ]
         constraints = [
             models.CheckConstraint(
                 condition=Q(deceased_on__isnull=True)
@@ -330,6 +343,7 @@ class Alert(models.Model):
     vbq_value = models.FloatField(null=True, blank=True)
     vbq_threshold = models.FloatField(null=True, blank=True)
     escalation_level = models.PositiveSmallIntegerField(default=0)
+    escalated_for_fracture = models.BooleanField(default=False)
     care_team = models.CharField(max_length=100, blank=True, db_index=True)
     assignee = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
@@ -357,6 +371,59 @@ class Alert(models.Model):
 
     def __str__(self) -> str:
         return f"Alert {self.pk} {self.rule_id} {self.status}"
+
+
+class AlertEvent(models.Model):
+    """History of an alert: every status change, assignment, escalation and note."""
+
+    alert = models.ForeignKey(Alert, on_delete=models.CASCADE, related_name="events")
+    at = models.DateTimeField(auto_now_add=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    action = models.CharField(max_length=20)
+    from_status = models.CharField(max_length=15, blank=True)
+    to_status = models.CharField(max_length=15, blank=True)
+    note = models.TextField(blank=True)
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["at", "pk"]
+
+    def __str__(self) -> str:
+        return f"AlertEvent {self.pk} {self.action}"
+
+
+class AlertDelivery(models.Model):
+    """Outbox row: written in the same transaction as the alert, sent by a task with retries."""
+
+    class Channel(models.TextChoices):
+        IN_APP = "in-app", "In-app worklist"
+        EMAIL = "email", "Email digest"
+        FHIR = "fhir", "FHIR Communication"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        SENDING = "sending", "Sending"
+        SENT = "sent", "Sent"
+        FAILED = "failed", "Failed (gave up)"
+
+    alert = models.ForeignKey(Alert, on_delete=models.CASCADE, related_name="deliveries")
+    channel = models.CharField(max_length=10, choices=Channel.choices)
+    event = models.CharField(max_length=20, default="opened", help_text="opened | escalated")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(db_index=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True)
+    idempotency_key = models.CharField(max_length=100, unique=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["status", "next_attempt_at"])]
+
+    def __str__(self) -> str:
+        return f"AlertDelivery {self.pk} {self.channel} {self.status}"
 
 
 class WorkerProbe(models.Model):

@@ -93,6 +93,26 @@ def audit_record(
     )
 
 
+def followup_changed(patient_id: Any) -> None:
+    """Something that can change a follow-up decision was written for this patient.
+
+    Marks the patient due today (the sweep's safety net if the broker is down) and queues an
+    immediate re-evaluation after commit, so e.g. a therapy order resolves an alert in seconds.
+    """
+    Patient.objects.filter(pk=patient_id).update(followup_next_check_on=clinic_today())
+
+    def queue() -> None:
+        from registry.tasks import followup_reevaluate
+
+        try:
+            followup_reevaluate.delay(str(patient_id))
+        except Exception as exc:  # broker down: the sweep picks the patient up
+            logger.warning("followup_reevaluate not queued patient=%s: %s", patient_id,
+                           type(exc).__name__)
+
+    transaction.on_commit(queue)
+
+
 def _check_not_future(day: dt.date | None, field: str) -> None:
     if day is not None and day > clinic_today():
         raise RegistryValidationError(f"{field} is in the future", field=field, code="future")
@@ -213,6 +233,8 @@ def patient_upsert(
         object_id=str(patient.pk),
         patient_id=patient.pk,
     )
+    if deceased_on is not None and not created:
+        followup_changed(patient.pk)
     logger.debug("patient_upsert patient=%s created=%s", patient.pk, created)
     return patient, created
 
@@ -297,6 +319,7 @@ def procedure_record(
         object_id=str(proc.pk),
         patient_id=patient.pk,
     )
+    followup_changed(patient.pk)
     return proc, created
 
 
@@ -347,6 +370,7 @@ def fracture_record(
         object_id=str(fracture.pk),
         patient_id=patient.pk,
     )
+    followup_changed(patient.pk)
     return fracture, created
 
 
@@ -399,6 +423,7 @@ def therapy_record(
         object_id=str(exposure.pk),
         patient_id=patient.pk,
     )
+    followup_changed(patient.pk)
     return exposure, created
 
 

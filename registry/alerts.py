@@ -1,0 +1,216 @@
+"""Alert lifecycle services: open → acknowledged → resolved(reason) | snoozed, assignment,
+notes, escalation. Every change writes an AlertEvent (history) and an AuditEvent, and opening or
+escalating writes the outbox rows (AlertDelivery) in the same transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from registry.followup import RESOLUTION_REASONS, RULE_VERSIONS
+from registry.models import (
+    OPEN_ALERT_STATUSES,
+    Alert,
+    AlertDelivery,
+    AlertEvent,
+    AlertStatus,
+    AuditAction,
+    Patient,
+)
+from registry.services import SYSTEM_ACTOR, Actor, RegistryValidationError, audit_record
+from registry.timeutil import clinic_today
+
+logger = logging.getLogger(__name__)
+
+
+def _channels() -> list[str]:
+    channels = [AlertDelivery.Channel.IN_APP, AlertDelivery.Channel.EMAIL]
+    if settings.EHR_OUTBOUND_FHIR_URL:
+        channels.append(AlertDelivery.Channel.FHIR)
+    return channels
+
+
+def _record(alert: Alert, *, actor: Actor, action: str, from_status: str, note: str = "",
+            detail: dict[str, Any] | None = None) -> None:
+    AlertEvent.objects.create(
+        alert=alert, actor_id=actor.user_id, action=action, from_status=from_status,
+        to_status=alert.status, note=note, detail=detail or {},
+    )
+    audit_record(actor=actor, action=AuditAction.UPDATE if action != "open" else
+                 AuditAction.CREATE, object_type="Alert", object_id=str(alert.pk),
+                 patient_id=alert.patient_id, detail={"alert_action": action})
+
+
+def _enqueue_deliveries(alert: Alert, event: str) -> None:
+    now = timezone.now()
+    for channel in _channels():
+        AlertDelivery.objects.get_or_create(
+            idempotency_key=f"alert-{alert.pk}-{event}-{alert.escalation_level}-{channel}",
+            defaults={"alert": alert, "channel": channel, "event": event,
+                      "next_attempt_at": now},
+        )
+    from registry.tasks import deliveries_send
+
+    transaction.on_commit(_safe_delay(deliveries_send))
+
+
+def _safe_delay(task: Any) -> Any:
+    """Queue ``task`` after commit; a broker outage must not fail the clinical write (the
+    periodic delivery task picks the outbox rows up later)."""
+
+    def send() -> None:
+        try:
+            task.delay()
+        except Exception as exc:  # broker down: the outbox row stays pending
+            logger.warning("queueing %s failed: %s", task.name, type(exc).__name__)
+
+    return send
+
+
+@transaction.atomic
+def alert_open(
+    *,
+    patient: Patient,
+    rule_id: str,
+    reason: str,
+    vbq_value: float | None = None,
+    due_on: dt.date | None = None,
+    actor: Actor = SYSTEM_ACTOR,
+) -> Alert | None:
+    """Open an alert unless one is already unresolved for (patient, rule). Returns the new alert,
+    or ``None`` when one already exists (the partial unique constraint decides races)."""
+    try:
+        with transaction.atomic():
+            alert = Alert.objects.create(
+                patient=patient, rule_id=rule_id, rule_version=RULE_VERSIONS.get(rule_id, 1),
+                status=AlertStatus.OPEN, reason=reason[:300], vbq_value=vbq_value,
+                vbq_threshold=settings.VBQ_HIGH_THRESHOLD, care_team=patient.care_team
+                or settings.DEFAULT_CARE_TEAM, opened_at=timezone.now(),
+                due_on=due_on or clinic_today(),
+            )
+    except IntegrityError:
+        return None
+    _record(alert, actor=actor, action="open", from_status="", note=reason)
+    _enqueue_deliveries(alert, "opened")
+    logger.info("alert opened alert=%s patient=%s rule=%s", alert.pk, patient.pk, rule_id)
+    return alert
+
+
+def _locked(alert: Alert) -> Alert:
+    return Alert.objects.select_for_update().get(pk=alert.pk)
+
+
+@transaction.atomic
+def alert_acknowledge(*, alert: Alert, actor: Actor, note: str = "") -> Alert:
+    alert = _locked(alert)
+    if alert.status not in (AlertStatus.OPEN, AlertStatus.SNOOZED):
+        raise RegistryValidationError(f"an alert that is {alert.status} cannot be acknowledged",
+                                      field="status", code="invalid-transition")
+    before = alert.status
+    alert.status = AlertStatus.ACKNOWLEDGED
+    alert.acknowledged_at = alert.acknowledged_at or timezone.now()
+    alert.snoozed_until = None
+    alert.save(update_fields=["status", "acknowledged_at", "snoozed_until"])
+    _record(alert, actor=actor, action="acknowledge", from_status=before, note=note)
+    return alert
+
+
+@transaction.atomic
+def alert_snooze(*, alert: Alert, until: dt.date, actor: Actor, note: str = "") -> Alert:
+    alert = _locked(alert)
+    if alert.status == AlertStatus.RESOLVED:
+        raise RegistryValidationError("a resolved alert cannot be snoozed", field="status",
+                                      code="invalid-transition")
+    if until <= clinic_today():
+        raise RegistryValidationError("snooze until a future date", field="until")
+    if until > clinic_today() + dt.timedelta(days=365):
+        raise RegistryValidationError("snooze at most one year", field="until")
+    before = alert.status
+    alert.status = AlertStatus.SNOOZED
+    alert.snoozed_until = until
+    alert.save(update_fields=["status", "snoozed_until"])
+    Patient.objects.filter(pk=alert.patient_id).update(followup_next_check_on=until)
+    _record(alert, actor=actor, action="snooze", from_status=before, note=note,
+            detail={"until": until.isoformat()})
+    return alert
+
+
+@transaction.atomic
+def alert_resolve(*, alert: Alert, reason: str, actor: Actor, note: str = "") -> Alert:
+    if reason not in RESOLUTION_REASONS:
+        raise RegistryValidationError(f"unknown resolution reason {reason!r}", field="reason")
+    alert = _locked(alert)
+    if alert.status == AlertStatus.RESOLVED:
+        raise RegistryValidationError("the alert is already resolved", field="status",
+                                      code="invalid-transition")
+    before = alert.status
+    alert.status = AlertStatus.RESOLVED
+    alert.resolved_at = timezone.now()
+    alert.resolution_reason = reason
+    alert.save(update_fields=["status", "resolved_at", "resolution_reason"])
+    _record(alert, actor=actor, action="resolve", from_status=before, note=note,
+            detail={"reason": reason})
+    return alert
+
+
+@transaction.atomic
+def alert_assign(*, alert: Alert, actor: Actor, assignee_id: int | None = None,
+                 care_team: str | None = None) -> Alert:
+    alert = _locked(alert)
+    if alert.status == AlertStatus.RESOLVED:
+        raise RegistryValidationError("a resolved alert cannot be reassigned", field="status",
+                                      code="invalid-transition")
+    if assignee_id is not None and not get_user_model().objects.filter(
+        pk=assignee_id, is_active=True
+    ).exists():
+        raise RegistryValidationError("unknown or inactive user", field="assignee")
+    alert.assignee_id = assignee_id
+    if care_team is not None:
+        alert.care_team = care_team
+    alert.save(update_fields=["assignee", "care_team"])
+    _record(alert, actor=actor, action="assign", from_status=alert.status,
+            detail={"assignee_id": assignee_id, "care_team": alert.care_team})
+    return alert
+
+
+@transaction.atomic
+def alert_escalate(*, alert: Alert, reason: str, for_fracture: bool = False,
+                   actor: Actor = SYSTEM_ACTOR) -> Alert:
+    alert = _locked(alert)
+    if alert.status == AlertStatus.RESOLVED:
+        return alert
+    before = alert.status
+    alert.escalation_level += 1
+    alert.escalated_for_fracture = alert.escalated_for_fracture or for_fracture
+    if alert.status == AlertStatus.SNOOZED and for_fracture:
+        alert.status = AlertStatus.OPEN  # a new fracture ends a snooze
+        alert.snoozed_until = None
+    alert.save(update_fields=["escalation_level", "escalated_for_fracture", "status",
+                              "snoozed_until"])
+    _record(alert, actor=actor, action="escalate", from_status=before, note=reason)
+    _enqueue_deliveries(alert, "escalated")
+    return alert
+
+
+@transaction.atomic
+def alert_add_note(*, alert: Alert, note: str, actor: Actor) -> AlertEvent:
+    if not note.strip():
+        raise RegistryValidationError("the note is empty", field="note")
+    event = AlertEvent.objects.create(alert=alert, actor_id=actor.user_id, action="note",
+                                      from_status=alert.status, to_status=alert.status,
+                                      note=note.strip()[:4000])
+    audit_record(actor=actor, action=AuditAction.UPDATE, object_type="Alert",
+                 object_id=str(alert.pk), patient_id=alert.patient_id,
+                 detail={"alert_action": "note"})
+    return event
+
+
+def unresolved_alerts(patient_id: Any) -> list[Alert]:
+    return list(Alert.objects.filter(patient_id=patient_id, status__in=OPEN_ALERT_STATUSES))

@@ -1,0 +1,222 @@
+"""Apply the pure follow-up rules to the registry: event-driven re-evaluation and the daily sweep.
+
+The sweep reads only due patients: ``Patient.followup_next_check_on <= today`` on a partial
+index, in batches claimed with ``SELECT ... FOR UPDATE SKIP LOCKED`` so concurrent sweeps split
+the work instead of doubling it (the partial unique constraint on unresolved alerts is the
+backstop). After evaluation each patient gets the next date its decision could change without
+a new event, or NULL — so a steady-state daily sweep costs O(patients due), not O(registry).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+
+from registry import codes
+from registry.alerts import alert_escalate, alert_open, alert_resolve
+from registry.followup import (
+    ESCALATE,
+    OPEN,
+    RESOLVE,
+    Evaluation,
+    Exposure,
+    FollowupConfig,
+    FractureFact,
+    OpenAlert,
+    PatientFacts,
+    evaluate,
+)
+from registry.models import (
+    OPEN_ALERT_STATUSES,
+    Alert,
+    Fracture,
+    Patient,
+    Procedure,
+    RecordStatus,
+    TherapyExposure,
+)
+from registry.services import SYSTEM_ACTOR, Actor
+from registry.timeutil import clinic_today
+
+logger = logging.getLogger(__name__)
+SWEEP_ACTOR = Actor(via="task")
+
+
+def config_from_settings() -> FollowupConfig:
+    return FollowupConfig(
+        threshold=settings.VBQ_HIGH_THRESHOLD,
+        followup_days=settings.FOLLOWUP_DAYS,
+        vbq_value=settings.VBQ_ALERT_VALUE,
+        vbq_missing_after_days=settings.VBQ_MISSING_AFTER_DAYS,
+        escalate_after_days=settings.ALERT_ESCALATE_AFTER_DAYS,
+    )
+
+
+def load_facts(patient_ids: Iterable[Any]) -> dict[Any, PatientFacts]:
+    """Facts for many patients in a fixed number of queries (no per-patient queries)."""
+    from scoring.models import VbqResult
+
+    ids = list(patient_ids)
+    deceased = dict(Patient.objects.filter(pk__in=ids).values_list("id", "deceased_on"))
+    index: dict[Any, tuple[dt.date, frozenset[str]]] = {}
+    for pid, day, levels in (
+        Procedure.objects.filter(patient_id__in=ids, record_status=RecordStatus.ACTIVE)
+        .order_by("patient_id", "performed_at", "pk")
+        .values_list("patient_id", "performed_on", "levels")
+    ):
+        index.setdefault(pid, (day, frozenset(levels or [])))
+    vbq: dict[Any, tuple[float | None, float | None]] = {}
+    for pid, all_levels, excluding in (
+        VbqResult.objects.filter(patient_id__in=ids)
+        .filter(Q(review_status=VbqResult.Review.ACCEPTED)
+                | Q(status=VbqResult.Status.SUCCEEDED, review_status=VbqResult.Review.PENDING))
+        .order_by("patient_id", "queued_at", "pk")
+        .values_list("patient_id", "vbq_all_levels", "vbq_excluding_fractured")
+    ):
+        vbq[pid] = (all_levels, excluding)
+    exposures: dict[Any, list[Exposure]] = defaultdict(list)
+    for pid, agent, route, start, end, status in TherapyExposure.objects.filter(
+        patient_id__in=ids, record_status=RecordStatus.ACTIVE
+    ).values_list("patient_id", "agent", "route", "start_on", "end_on", "status"):
+        interval = codes.dose_interval_days(agent, route) if agent in codes.AGENTS else 0
+        exposures[pid].append(Exposure(agent, route, start, end, status, interval))
+    fractures: dict[Any, list[FractureFact]] = defaultdict(list)
+    for pid, day, site, level in Fracture.objects.filter(
+        patient_id__in=ids, record_status=RecordStatus.ACTIVE
+    ).values_list("patient_id", "diagnosed_on", "site", "vertebral_level"):
+        fractures[pid].append(FractureFact(day, site, level))
+    alerts: dict[Any, list[OpenAlert]] = defaultdict(list)
+    for pid, rule, status, opened, level, for_fx, snoozed in Alert.objects.filter(
+        patient_id__in=ids, status__in=OPEN_ALERT_STATUSES
+    ).values_list("patient_id", "rule_id", "status", "due_on", "escalation_level",
+                  "escalated_for_fracture", "snoozed_until"):
+        alerts[pid].append(OpenAlert(rule, status, opened, level, for_fx, snoozed))
+    out = {}
+    for pid in ids:
+        idx = index.get(pid)
+        all_levels, excluding = vbq.get(pid, (None, None))
+        out[pid] = PatientFacts(
+            index_date=idx[0] if idx else None,
+            index_levels=idx[1] if idx else frozenset(),
+            vbq_all_levels=all_levels,
+            vbq_excluding_fractured=excluding,
+            exposures=tuple(exposures.get(pid, ())),
+            fractures=tuple(fractures.get(pid, ())),
+            deceased_on=deceased.get(pid),
+            open_alerts=tuple(alerts.get(pid, ())),
+        )
+    return out
+
+
+@dataclass
+class SweepStats:
+    evaluated: int = 0
+    opened: int = 0
+    escalated: int = 0
+    resolved: int = 0
+    errors: int = 0
+
+
+def apply_evaluation(patient: Patient, evaluation: Evaluation, stats: SweepStats,
+                     actor: Actor = SWEEP_ACTOR) -> None:
+    """Carry out the decisions for one patient (inside the caller's transaction)."""
+    for decision in evaluation.decisions:
+        if decision.action == OPEN:
+            alert = alert_open(patient=patient, rule_id=decision.rule_id, reason=decision.reason,
+                               vbq_value=decision.vbq_value, due_on=decision.due_on,
+                               actor=actor)
+            if alert is not None:
+                stats.opened += 1
+                if decision.for_fracture and decision.rule_id != "secondary-fracture":
+                    alert_escalate(alert=alert, reason=decision.reason, for_fracture=True,
+                                   actor=actor)
+            continue
+        target = Alert.objects.filter(patient=patient, rule_id=decision.rule_id,
+                                      status__in=OPEN_ALERT_STATUSES).first()
+        if target is None:
+            continue
+        if decision.action == ESCALATE:
+            alert_escalate(alert=target, reason=decision.reason,
+                           for_fracture=decision.for_fracture, actor=actor)
+            stats.escalated += 1
+        elif decision.action == RESOLVE:
+            alert_resolve(alert=target, reason=decision.resolution_reason, actor=actor,
+                          note=decision.reason)
+            stats.resolved += 1
+
+
+def followup_evaluate(patient_ids: Iterable[Any], *, today: dt.date | None = None,
+                      actor: Actor = SWEEP_ACTOR) -> SweepStats:
+    """Evaluate the given patients now (event-driven path), one transaction per patient."""
+    today = today or clinic_today()
+    config = config_from_settings()
+    stats = SweepStats()
+    for pid in patient_ids:
+        with transaction.atomic():
+            patient = Patient.objects.select_for_update().filter(pk=pid).first()
+            if patient is None:
+                continue
+            facts = load_facts([pid])[pid]
+            evaluation = evaluate(facts, today, config)
+            apply_evaluation(patient, evaluation, stats, actor)
+            Patient.objects.filter(pk=pid).update(
+                followup_next_check_on=evaluation.next_check_on
+            )
+            stats.evaluated += 1
+    return stats
+
+
+def followup_sweep(*, today: dt.date | None = None, batch_size: int = 500,
+                   max_batches: int | None = None) -> SweepStats:
+    """Evaluate every due patient. Safe to run concurrently with itself."""
+    today = today or clinic_today()
+    config = config_from_settings()
+    stats = SweepStats()
+    batches = 0
+    while max_batches is None or batches < max_batches:
+        with transaction.atomic():
+            ids = list(
+                Patient.objects.select_for_update(skip_locked=True)
+                .filter(followup_next_check_on__lte=today)
+                .order_by("followup_next_check_on")
+                .values_list("id", flat=True)[:batch_size]
+            )
+            if not ids:
+                break
+            facts = load_facts(ids)
+            patients = {p.pk: p for p in Patient.objects.filter(pk__in=ids)}
+            next_dates: dict[Any, dt.date | None] = {}
+            for pid in ids:
+                try:
+                    with transaction.atomic():
+                        evaluation = evaluate(facts[pid], today, config)
+                        apply_evaluation(patients[pid], evaluation, stats)
+                    next_dates[pid] = evaluation.next_check_on
+                    stats.evaluated += 1
+                except Exception:  # one bad record must not stop the sweep
+                    logger.exception("followup evaluation failed patient=%s", pid)
+                    stats.errors += 1
+                    next_dates[pid] = today + dt.timedelta(days=1)
+            _set_next_dates(next_dates)
+        batches += 1
+    logger.info("followup sweep today=%s %s", today, stats)
+    return stats
+
+
+def _set_next_dates(next_dates: dict[Any, dt.date | None]) -> None:
+    by_date: dict[dt.date | None, list[Any]] = defaultdict(list)
+    for pid, day in next_dates.items():
+        by_date[day].append(pid)
+    for day, pids in by_date.items():
+        Patient.objects.filter(pk__in=pids).update(followup_next_check_on=day)
+
+
+__all__ = ["SYSTEM_ACTOR", "followup_evaluate", "followup_sweep", "load_facts"]
