@@ -10,6 +10,8 @@ from pathlib import Path
 
 import environ
 
+from config.logging import build_logging
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(environ.Env().str("VAR_DIR", default=str(BASE_DIR / "var")))
 VAR_DIR.mkdir(parents=True, exist_ok=True)
@@ -37,6 +39,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "registry",
     "scoring",
     "integrations",
@@ -44,6 +47,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Content-Security-Policy + Permissions-Policy (config/security.py).
+    "config.security.SecurityHeadersMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -125,6 +130,22 @@ SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 SESSION_COOKIE_HTTPONLY = True
 
+# --- Cache and rate limits (config/ratelimit.py) ----------------------------------------------
+# Redis when REDIS_CACHE_URL is set (shared by every web process), else per-process memory.
+REDIS_CACHE_URL = env.str("REDIS_CACHE_URL", default="")
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_CACHE_URL,
+    }
+    if REDIS_CACHE_URL
+    else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "vbq"}
+}
+LOGIN_RATE_LIMIT = env.int("LOGIN_RATE_LIMIT", default=5)  # failures per IP+username per window
+LOGIN_RATE_WINDOW_SECONDS = env.int("LOGIN_RATE_WINDOW_SECONDS", default=300)
+FEED_AUTH_FAILURE_LIMIT = env.int("FEED_AUTH_FAILURE_LIMIT", default=20)  # per IP per window
+FEED_AUTH_WINDOW_SECONDS = env.int("FEED_AUTH_WINDOW_SECONDS", default=300)
+
 # --- I18N / time ------------------------------------------------------------------------------
 LANGUAGE_CODE = "en-us"
 USE_I18N = True
@@ -168,6 +189,7 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = FHIR_MAX_PAYLOAD_BYTES + 1024 * 1024
 PACS_DICOMWEB_URL = env.str("PACS_DICOMWEB_URL", default="")
 PACS_DICOMWEB_USERNAME = env.str("PACS_DICOMWEB_USERNAME", default="")
 PACS_DICOMWEB_PASSWORD = env.str("PACS_DICOMWEB_PASSWORD", default="")
+READYZ_PACS_TIMEOUT_SECONDS = env.float("READYZ_PACS_TIMEOUT_SECONDS", default=2.0)
 DICOM_STORAGE_ROOT = Path(env.str("DICOM_STORAGE_ROOT", default=str(VAR_DIR / "dicom")))
 DICOM_SCP_AE_TITLE = env.str("DICOM_SCP_AE_TITLE", default="VBQREGISTRY")
 DICOM_SCP_PORT = env.int("DICOM_SCP_PORT", default=11112)
@@ -197,6 +219,10 @@ CARE_TEAM_EMAILS: dict[str, list[str]] = {
     )
 }
 SITE_URL = env.str("SITE_URL", default="http://127.0.0.1:8000")
+# CDS Hooks: identifier system of the EHR's patient ids (context.patientId).
+CDS_PATIENT_ID_SYSTEM = env.str(
+    "CDS_PATIENT_ID_SYSTEM", default="https://vbq-registry.example.org/fhir/sid/synthetic-mrn"
+)
 
 # --- Celery -----------------------------------------------------------------------------------
 BROKER_DIR = VAR_DIR / "broker"
@@ -269,22 +295,17 @@ SPECTACULAR_SETTINGS = {
     "/fhir/metadata).",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI / Redoc served from our own static files (drf-spectacular-sidecar), no CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- Logging: ids only, never names, MRNs or birth dates --------------------------------------
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
-    },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    "loggers": {
-        "django.db.backends": {"level": "WARNING"},
-    },
-}
+# "plain" (default) or "json" (one object per line, config/logging.py); both redact MRN-like text.
+LOG_FORMAT = env.str("LOG_FORMAT", default="plain")
+LOGGING = build_logging(log_format=LOG_FORMAT, level=LOG_LEVEL)
 
 # The demo cohort and demo logins exist only where this is on (embedded `make run`).
 DEMO_MODE = env.bool("DEMO_MODE", default=False)

@@ -4,14 +4,21 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
+from config.auth_views import RateLimitedLoginView
+from registry import cds
 from registry import views as registry_views
 
 urlpatterns = [
     path("healthz", registry_views.healthz, name="healthz"),
     path("readyz", registry_views.readyz, name="readyz"),
     path("admin/", admin.site.urls),
-    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+    path("accounts/login/", RateLimitedLoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    # API schema + docs, audit report (deployment/hardening).
+    path("", include("config.ops_urls")),
     path("reports/", include("registry.reports.urls")),
+    path("api/", include("registry.api_urls")),
+    path("cds-services", cds.discovery, name="cds-discovery"),
+    path("cds-services/vbq-followup", cds.patient_view, name="cds-patient-view"),
     path("", include("registry.urls")),
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -159,7 +160,8 @@ def followup_evaluate(patient_ids: Iterable[Any], *, today: dt.date | None = Non
     today = today or clinic_today()
     config = config_from_settings()
     stats = SweepStats()
-    for pid in patient_ids:
+    for raw_id in patient_ids:
+        pid = raw_id if isinstance(raw_id, uuid.UUID) else uuid.UUID(str(raw_id))
         with transaction.atomic():
             patient = Patient.objects.select_for_update().filter(pk=pid).first()
             if patient is None:

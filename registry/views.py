@@ -65,6 +65,11 @@ def readyz(request: HttpRequest) -> JsonResponse:
             checks[name] = f"error: {type(exc).__name__}"
         checks[f"{name}_ms"] = f"{(time.monotonic() - started) * 1000:.0f}"
     ok = all(checks[k] == "ok" for k in ("database", "broker"))
+    if checks["database"] == "ok":
+        # Reported, not required: PACS reachability, age of the oldest queued VBQ job.
+        from config.readiness import extra_checks
+
+        checks.update(extra_checks())
     body = {"status": "ok" if ok else "unavailable", **checks}
     return JsonResponse(body, status=200 if ok else 503)
 

@@ -1,0 +1,186 @@
+"""Worklist API (DRF): one APIView per operation, nested Input/Output serializers.
+
+Permission: ``registry.work_alerts`` (clinicians, coordinators, admins). Every operation goes
+through ``registry.alerts`` services, so history and audit are written the same way as the UI.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import QuerySet
+from django.shortcuts import get_object_or_404
+from rest_framework import serializers, status
+from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.permissions import BasePermission
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from registry import alerts as alert_services
+from registry.followup import RESOLUTION_REASONS, RULE_VERSIONS
+from registry.models import OPEN_ALERT_STATUSES, Alert, AlertStatus
+from registry.services import Actor, RegistryValidationError
+
+
+class CanWorkAlerts(BasePermission):
+    def has_permission(self, request: Request, view: Any) -> bool:
+        return bool(request.user and request.user.has_perm("registry.work_alerts"))
+
+
+def _actor(request: Request) -> Actor:
+    return Actor(user_id=request.user.pk, via="api")
+
+
+def _invalid(exc: RegistryValidationError) -> Response:
+    return Response({"detail": exc.messages[0], "field": exc.field, "code": exc.code},
+                    status=status.HTTP_409_CONFLICT if exc.code == "invalid-transition"
+                    else status.HTTP_400_BAD_REQUEST)
+
+
+class AlertOutputSerializer(serializers.ModelSerializer):
+    patient_id = serializers.UUIDField(read_only=True)
+
+    class Meta:
+        model = Alert
+        fields = [
+            "id", "patient_id", "rule_id", "rule_version", "status", "reason", "vbq_value",
+            "vbq_threshold", "escalation_level", "care_team", "assignee", "opened_at", "due_on",
+            "acknowledged_at", "snoozed_until", "resolved_at", "resolution_reason",
+        ]
+
+
+class AlertListApi(APIView):
+    """List alerts. Filters: status (default: unresolved), rule, care_team, due_before,
+    assignee ("me" or a user id). Ordered by due date, then escalation."""
+
+    permission_classes = [CanWorkAlerts]
+
+    class FilterSerializer(serializers.Serializer):
+        status = serializers.ChoiceField(choices=[*AlertStatus.values, "unresolved"],
+                                         required=False, default="unresolved")
+        rule = serializers.ChoiceField(choices=list(RULE_VERSIONS), required=False)
+        care_team = serializers.CharField(required=False, max_length=100)
+        due_before = serializers.DateField(required=False)
+        assignee = serializers.CharField(required=False, max_length=20)
+
+    def get(self, request: Request) -> Response:
+        filters = self.FilterSerializer(data=request.query_params)
+        filters.is_valid(raise_exception=True)
+        f = filters.validated_data
+        qs: QuerySet[Alert] = Alert.objects.all()
+        if f["status"] == "unresolved":
+            qs = qs.filter(status__in=OPEN_ALERT_STATUSES)
+        else:
+            qs = qs.filter(status=f["status"])
+        if f.get("rule"):
+            qs = qs.filter(rule_id=f["rule"])
+        if f.get("care_team"):
+            qs = qs.filter(care_team=f["care_team"])
+        if f.get("due_before"):
+            qs = qs.filter(due_on__lte=f["due_before"])
+        if f.get("assignee") == "me":
+            qs = qs.filter(assignee=request.user)
+        elif f.get("assignee", "").isdigit():
+            qs = qs.filter(assignee_id=int(f["assignee"]))
+        qs = qs.order_by("due_on", "-escalation_level", "pk")
+        paginator = LimitOffsetPagination()
+        page = paginator.paginate_queryset(qs, request, view=self)
+        return paginator.get_paginated_response(AlertOutputSerializer(page, many=True).data)
+
+
+class AlertAcknowledgeApi(APIView):
+    permission_classes = [CanWorkAlerts]
+
+    class InputSerializer(serializers.Serializer):
+        note = serializers.CharField(required=False, allow_blank=True, max_length=4000)
+
+    def post(self, request: Request, alert_id: int) -> Response:
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        alert = get_object_or_404(Alert, pk=alert_id)
+        try:
+            alert = alert_services.alert_acknowledge(
+                alert=alert, actor=_actor(request), note=data.validated_data.get("note", ""))
+        except RegistryValidationError as exc:
+            return _invalid(exc)
+        return Response(AlertOutputSerializer(alert).data)
+
+
+class AlertResolveApi(APIView):
+    permission_classes = [CanWorkAlerts]
+
+    class InputSerializer(serializers.Serializer):
+        reason = serializers.ChoiceField(choices=list(RESOLUTION_REASONS))
+        note = serializers.CharField(required=False, allow_blank=True, max_length=4000)
+
+    def post(self, request: Request, alert_id: int) -> Response:
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        alert = get_object_or_404(Alert, pk=alert_id)
+        try:
+            alert = alert_services.alert_resolve(
+                alert=alert, reason=data.validated_data["reason"], actor=_actor(request),
+                note=data.validated_data.get("note", ""))
+        except RegistryValidationError as exc:
+            return _invalid(exc)
+        return Response(AlertOutputSerializer(alert).data)
+
+
+class AlertSnoozeApi(APIView):
+    permission_classes = [CanWorkAlerts]
+
+    class InputSerializer(serializers.Serializer):
+        until = serializers.DateField()
+        note = serializers.CharField(required=False, allow_blank=True, max_length=4000)
+
+    def post(self, request: Request, alert_id: int) -> Response:
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        alert = get_object_or_404(Alert, pk=alert_id)
+        try:
+            alert = alert_services.alert_snooze(
+                alert=alert, until=data.validated_data["until"], actor=_actor(request),
+                note=data.validated_data.get("note", ""))
+        except RegistryValidationError as exc:
+            return _invalid(exc)
+        return Response(AlertOutputSerializer(alert).data)
+
+
+class AlertAssignApi(APIView):
+    permission_classes = [CanWorkAlerts]
+
+    class InputSerializer(serializers.Serializer):
+        assignee = serializers.IntegerField(required=False, allow_null=True)
+        care_team = serializers.CharField(required=False, max_length=100)
+
+    def post(self, request: Request, alert_id: int) -> Response:
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        alert = get_object_or_404(Alert, pk=alert_id)
+        try:
+            alert = alert_services.alert_assign(
+                alert=alert, actor=_actor(request),
+                assignee_id=data.validated_data.get("assignee"),
+                care_team=data.validated_data.get("care_team"))
+        except RegistryValidationError as exc:
+            return _invalid(exc)
+        return Response(AlertOutputSerializer(alert).data)
+
+
+class AlertNoteApi(APIView):
+    permission_classes = [CanWorkAlerts]
+
+    class InputSerializer(serializers.Serializer):
+        note = serializers.CharField(max_length=4000)
+
+    def post(self, request: Request, alert_id: int) -> Response:
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        alert = get_object_or_404(Alert, pk=alert_id)
+        try:
+            alert_services.alert_add_note(alert=alert, note=data.validated_data["note"],
+                                          actor=_actor(request))
+        except RegistryValidationError as exc:
+            return _invalid(exc)
+        return Response(AlertOutputSerializer(alert).data, status=status.HTTP_201_CREATED)

@@ -1,0 +1,150 @@
+"""Alert lifecycle services, the worklist API and the CDS Hooks service."""
+
+import datetime as dt
+
+import pytest
+from django.urls import reverse
+
+from registry.alerts import (
+    alert_acknowledge,
+    alert_add_note,
+    alert_open,
+    alert_resolve,
+    alert_snooze,
+)
+from registry.models import AlertDelivery, AlertEvent, AuditEvent
+from registry.services import Actor, RegistryValidationError, feed_create
+from registry.timeutil import clinic_today
+from tests.factories import MRN_SYSTEM, PatientFactory
+
+pytestmark = pytest.mark.django_db
+STAFF = Actor(via="ui")
+
+
+def _open(patient=None):
+    return alert_open(patient=patient or PatientFactory(), rule_id="high-vbq-untreated-60d",
+                      reason="VBQ 3.60 ≥ 3, no therapy", vbq_value=3.6)
+
+
+def test_opening_an_alert_writes_history_audit_and_outbox_rows_together():
+    alert = _open()
+    assert AlertEvent.objects.filter(alert=alert, action="open").count() == 1
+    assert AuditEvent.objects.filter(object_type="Alert", object_id=str(alert.pk)).exists()
+    assert set(AlertDelivery.objects.filter(alert=alert).values_list("channel", flat=True)) == {
+        "in-app", "email"}
+
+
+def test_a_second_unresolved_alert_for_the_same_rule_is_not_opened():
+    patient = PatientFactory()
+    assert _open(patient) is not None
+    assert _open(patient) is None
+
+
+def test_lifecycle_open_acknowledged_snoozed_resolved():
+    alert = _open()
+    alert = alert_acknowledge(alert=alert, actor=STAFF)
+    alert = alert_snooze(alert=alert, until=clinic_today() + dt.timedelta(days=14), actor=STAFF)
+    alert = alert_resolve(alert=alert, reason="therapy-declined", actor=STAFF, note="discussed")
+    assert alert.status == "resolved"
+    assert alert.resolution_reason == "therapy-declined"
+    history = list(AlertEvent.objects.filter(alert=alert).values_list("action", "to_status"))
+    assert history == [("open", "open"), ("acknowledge", "acknowledged"),
+                       ("snooze", "snoozed"), ("resolve", "resolved")]
+
+
+def test_resolving_with_an_unknown_reason_is_refused():
+    with pytest.raises(RegistryValidationError, match="unknown resolution reason"):
+        alert_resolve(alert=_open(), reason="bored", actor=STAFF)
+
+
+def test_a_resolved_alert_cannot_be_acknowledged():
+    alert = alert_resolve(alert=_open(), reason="transferred", actor=STAFF)
+    with pytest.raises(RegistryValidationError) as err:
+        alert_acknowledge(alert=alert, actor=STAFF)
+    assert err.value.code == "invalid-transition"
+
+
+def test_snooze_must_be_in_the_future():
+    with pytest.raises(RegistryValidationError, match="future"):
+        alert_snooze(alert=_open(), until=clinic_today(), actor=STAFF)
+
+
+def test_notes_are_kept_in_the_history():
+    alert = _open()
+    alert_add_note(alert=alert, note="Called the GP, letter sent.", actor=STAFF)
+    assert AlertEvent.objects.filter(alert=alert, action="note").get().note.startswith("Called")
+
+
+def test_worklist_api_lists_unresolved_alerts_and_resolves_one(client, role_user):
+    client.force_login(role_user("coordinator"))
+    alert = _open()
+    listing = client.get("/api/alerts/").json()
+    assert [a["id"] for a in listing["results"]] == [alert.pk]
+    response = client.post(f"/api/alerts/{alert.pk}/resolve/",
+                           {"reason": "therapy-started"}, content_type="application/json")
+    assert response.status_code == 200
+    assert response.json()["status"] == "resolved"
+    assert client.get("/api/alerts/").json()["count"] == 0
+
+
+def test_worklist_api_answers_409_for_an_impossible_transition(client, role_user):
+    client.force_login(role_user("coordinator"))
+    alert = alert_resolve(alert=_open(), reason="transferred", actor=STAFF)
+    response = client.post(f"/api/alerts/{alert.pk}/acknowledge/", {},
+                           content_type="application/json")
+    assert response.status_code == 409
+
+
+def test_worklist_api_validates_filters_and_input(client, role_user):
+    client.force_login(role_user("coordinator"))
+    assert client.get("/api/alerts/", {"status": "weird"}).status_code == 400
+    alert = _open()
+    response = client.post(f"/api/alerts/{alert.pk}/snooze/", {"until": "not-a-date"},
+                           content_type="application/json")
+    assert response.status_code == 400
+
+
+@pytest.mark.parametrize("role", ["qi_analyst", "feed"])
+def test_roles_without_alert_work_cannot_use_the_worklist_api(client, role_user, role):
+    client.force_login(role_user(role))
+    alert = _open()
+    assert client.get("/api/alerts/").status_code == 403
+    assert client.post(f"/api/alerts/{alert.pk}/acknowledge/", {},
+                       content_type="application/json").status_code == 403
+
+
+def test_cds_hooks_discovery_lists_the_patient_view_service(client):
+    body = client.get("/cds-services").json()
+    assert body["services"][0]["hook"] == "patient-view"
+
+
+def test_cds_hooks_returns_a_card_for_a_patient_with_an_open_alert(client):
+    patient = PatientFactory(mrn="SYN-CDS-1")
+    _open(patient)
+    _, token = feed_create(name="ehr-cds")
+    response = client.post(
+        reverse("cds-patient-view"),
+        {"hook": "patient-view", "hookInstance": "x", "context": {"patientId": "SYN-CDS-1",
+                                                                 "userId": "Practitioner/1"}},
+        content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {token}",
+    )
+    cards = response.json()["cards"]
+    assert response.status_code == 200
+    assert len(cards) == 1
+    assert "VBQ 3.60" in cards[0]["detail"]
+    assert cards[0]["indicator"] == "warning"
+
+
+def test_cds_hooks_needs_a_feed_token(client):
+    response = client.post(reverse("cds-patient-view"), {"context": {"patientId": "x"}},
+                           content_type="application/json")
+    assert response.status_code == 401
+
+
+def test_cds_hooks_returns_no_card_for_an_unknown_patient(client):
+    _, token = feed_create(name="ehr-cds-2")
+    response = client.post(reverse("cds-patient-view"), {"context": {"patientId": "nobody"}},
+                           content_type="application/json",
+                           HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert response.json() == {"cards": []}
+    assert MRN_SYSTEM
