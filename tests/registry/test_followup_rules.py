@@ -162,3 +162,17 @@ def test_nothing_left_to_check_for_a_normal_vbq_patient():
 )
 def test_on_therapy_counts_dosing_intervals(exposure, on_day, covered):
     assert on_therapy([exposure], on_day, CFG) is covered
+
+
+def test_procedures_older_than_the_lookback_open_nothing():
+    cfg = FollowupConfig(lookback_days=730)
+    assert actions(evaluate(facts(), day(731), cfg)) == []
+    assert evaluate(facts(), day(731), cfg).next_check_on is None
+
+
+def test_an_unresolved_alert_is_still_followed_after_the_lookback():
+    cfg = FollowupConfig(lookback_days=730)
+    patient = facts(exposures=[Exposure("alendronate", "oral", day(800))],
+                    open_alerts=[OpenAlert(HIGH_VBQ, "acknowledged", day(60))])
+    assert actions(evaluate(patient, day(801), cfg)) == [(HIGH_VBQ, "resolve",
+                                                          "therapy-started")]
