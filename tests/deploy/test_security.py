@@ -1,0 +1,204 @@
+"""Security headers, login and token rate limits, JSON logs with redaction, readyz probes,
+and the audit report page."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from django.core.cache import cache
+from django.test import Client
+from django.urls import reverse
+
+from config import ratelimit
+from config.logging import REDACTED, JsonFormatter, RedactPhiFilter
+from registry.models import AuditAction
+from registry.services import Actor, audit_record, feed_create
+from scoring.models import ImagingSeries, ImagingStudy, VbqResult
+from tests.factories import PatientFactory
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache():
+    cache.clear()
+    yield
+    cache.clear()
+
+
+def test_every_page_sends_a_strict_content_security_policy(client):
+    response = client.get(reverse("login"))
+    csp = response["Content-Security-Policy"]
+    assert "default-src 'self'" in csp
+    assert "script-src 'self'" in csp
+    assert "unsafe-inline" not in csp
+    assert "frame-ancestors 'none'" in csp
+
+
+def test_every_page_sends_a_permissions_policy_denying_device_features(client):
+    response = client.get(reverse("healthz"))
+    assert "camera=()" in response["Permissions-Policy"]
+    assert "geolocation=()" in response["Permissions-Policy"]
+
+
+def test_login_answers_429_after_too_many_failures_for_one_username(db, settings, role_user):
+    settings.LOGIN_RATE_LIMIT = 3
+    role_user("clinician", username="alice")
+    client = Client()
+    for _ in range(3):
+        failed = client.post(reverse("login"), {"username": "alice", "password": "no"})
+        assert failed.status_code == 200
+    response = client.post(reverse("login"), {"username": "alice", "password": "no"})
+    assert response.status_code == 429
+    assert int(response["Retry-After"]) > 0
+
+
+def test_rate_limited_login_refuses_even_the_right_password(db, settings, role_user):
+    settings.LOGIN_RATE_LIMIT = 2
+    role_user("clinician", username="bob")
+    client = Client()
+    for _ in range(2):
+        client.post(reverse("login"), {"username": "bob", "password": "wrong"})
+    response = client.post(
+        reverse("login"), {"username": "bob", "password": "a-long-test-password-1"}
+    )
+    assert response.status_code == 429
+    assert "_auth_user_id" not in client.session
+
+
+def test_successful_login_is_not_counted_as_a_failure(db, settings, role_user):
+    settings.LOGIN_RATE_LIMIT = 1
+    role_user("clinician", username="carol")
+    response = Client().post(
+        reverse("login"), {"username": "carol", "password": "a-long-test-password-1"}
+    )
+    assert response.status_code == 302
+    assert ratelimit.login_blocked(ip="127.0.0.1", username="carol") is None
+
+
+def test_feed_token_guessing_is_rate_limited_per_ip(db, settings):
+    settings.FEED_AUTH_FAILURE_LIMIT = 3
+    _, token = feed_create(name="limited-feed")
+    for _ in range(3):
+        assert ratelimit.feed_authenticate_limited(token="vbqf_wrong", ip="10.0.0.9") is None
+    with pytest.raises(ratelimit.RateLimited) as excinfo:
+        ratelimit.feed_authenticate_limited(token=token, ip="10.0.0.9")
+    assert excinfo.value.retry_after_seconds > 0
+    assert ratelimit.feed_authenticate_limited(token=token, ip="10.0.0.10") is not None
+
+
+def test_client_ip_uses_the_proxy_hop_only_behind_the_tls_proxy(rf, settings):
+    request = rf.get("/", HTTP_X_FORWARDED_FOR="6.6.6.6, 10.1.1.1", REMOTE_ADDR="127.0.0.1")
+    settings.SECURE_PROXY_SSL_HEADER = None
+    assert ratelimit.client_ip(request) == "127.0.0.1"
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    assert ratelimit.client_ip(request) == "10.1.1.1"
+
+
+def _record(msg: str, *args, **extra) -> logging.LogRecord:
+    record = logging.LogRecord("registry.test", logging.INFO, __file__, 1, msg, args, None)
+    record.__dict__.update(extra)
+    return record
+
+
+def test_json_log_lines_are_objects_with_ids_and_redacted_mrns():
+    record = _record("patient %s matched MRN %s", "0b9e-uuid", "SYN-000123", patient_id="0b9e")
+    RedactPhiFilter().filter(record)
+    line = json.loads(JsonFormatter().format(record))
+    assert line["level"] == "INFO"
+    assert line["patient_id"] == "0b9e"
+    assert "SYN-000123" not in line["msg"]
+    assert REDACTED in line["msg"]
+
+
+def test_redaction_filter_masks_phi_named_extra_fields():
+    record = _record("upserted", family_name="SYNTHETIC", given_name="Ann", birth_date="1950")
+    RedactPhiFilter().filter(record)
+    line = json.loads(JsonFormatter().format(record))
+    assert line["family_name"] == REDACTED
+    assert line["given_name"] == REDACTED
+    assert line["birth_date"] == REDACTED
+
+
+def test_redaction_keeps_uuids_intact():
+    record = _record("patient 12345678-1234-4234-8234-123456789012 read")
+    RedactPhiFilter().filter(record)
+    assert "12345678-1234-4234-8234-123456789012" in record.getMessage()
+
+
+@pytest.mark.postgres
+def test_readyz_reports_the_age_of_the_oldest_queued_vbq_job(db, client):
+    patient = PatientFactory()
+    study = ImagingStudy.objects.create(
+        patient=patient, study_instance_uid="2.25.71", source="fhir"
+    )
+    series = ImagingSeries.objects.create(study=study, series_instance_uid="2.25.72")
+    VbqResult.objects.create(series=series, patient=patient, algorithm_version="t", source="auto")
+    body = client.get(reverse("readyz")).json()
+    assert int(body["oldest_queued_vbq_seconds"]) >= 0
+    assert "pacs" not in body  # PACS_DICOMWEB_URL unset
+
+
+class _PacsHandler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path.startswith("/dicom-web/studies") else 404)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.end_headers()
+        self.wfile.write(b"[]")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.postgres
+def test_readyz_reports_pacs_reachability_when_a_pacs_is_configured(db, client, settings):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _PacsHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        settings.PACS_DICOMWEB_URL = f"http://127.0.0.1:{server.server_port}/dicom-web"
+        assert client.get(reverse("readyz")).json()["pacs"] == "ok"
+    finally:
+        server.shutdown()
+        server.server_close()
+    body = client.get(reverse("readyz")).json()
+    assert body["pacs"].startswith("error")
+
+
+@pytest.mark.postgres
+def test_audit_report_lists_events_filtered_by_action(db, role_user):
+    admin = role_user("admin")
+    patient = PatientFactory()
+    audit_record(actor=Actor(user_id=admin.pk, via="ui"), action=AuditAction.READ,
+                 object_type="Patient", object_id=str(patient.pk), patient_id=patient.pk)
+    audit_record(actor=Actor(via="command"), action=AuditAction.EXPORT, object_type="Cohort")
+    client = Client()
+    client.force_login(admin)
+    response = client.get(reverse("audit-event-list"), {"action": "read"})
+    assert response.status_code == 200
+    events = list(response.context["page"])
+    assert [e.action for e in events] == ["read"]
+    assert events[0].patient_id == patient.pk
+    assert patient.given_name.encode() not in response.content
+
+
+@pytest.mark.postgres
+def test_audit_report_pages_fifty_events_at_a_time(db, role_user):
+    admin = role_user("admin")
+    for i in range(60):
+        audit_record(actor=Actor(via="task"), action=AuditAction.EXECUTE, object_type=f"Job{i}")
+    client = Client()
+    client.force_login(admin)
+    first = client.get(reverse("audit-event-list"))
+    second = client.get(reverse("audit-event-list"), {"page": 2})
+    assert len(first.context["page"]) == 50
+    assert len(second.context["page"]) == 10
+
+
+@pytest.mark.postgres
+def test_audit_report_is_forbidden_to_clinicians(db, role_user):
+    client = Client()
+    client.force_login(role_user("clinician"))
+    assert client.get(reverse("audit-event-list")).status_code == 403
