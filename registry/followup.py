@@ -96,6 +96,7 @@ class PatientFacts:
     fractures: Sequence[FractureFact] = ()
     deceased_on: dt.date | None = None
     open_alerts: Sequence[OpenAlert] = ()
+    care_team: str = ""
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 
 from registry import codes
@@ -69,7 +69,8 @@ def load_facts(patient_ids: Iterable[Any]) -> dict[Any, PatientFacts]:
     from scoring.models import VbqResult
 
     ids = list(patient_ids)
-    deceased = dict(Patient.objects.filter(pk__in=ids).values_list("id", "deceased_on"))
+    people = {pid: (deceased_on, team) for pid, deceased_on, team in Patient.objects.filter(
+        pk__in=ids).values_list("id", "deceased_on", "care_team")}
     index: dict[Any, tuple[dt.date, frozenset[str]]] = {}
     for pid, day, levels in (
         Procedure.objects.filter(patient_id__in=ids, record_status=RecordStatus.ACTIVE)
@@ -114,7 +115,8 @@ def load_facts(patient_ids: Iterable[Any]) -> dict[Any, PatientFacts]:
             vbq_excluding_fractured=excluding,
             exposures=tuple(exposures.get(pid, ())),
             fractures=tuple(fractures.get(pid, ())),
-            deceased_on=deceased.get(pid),
+            deceased_on=people.get(pid, (None, ""))[0],
+            care_team=people.get(pid, (None, ""))[1],
             open_alerts=tuple(alerts.get(pid, ())),
         )
     return out
@@ -220,7 +222,8 @@ def followup_sweep(*, today: dt.date | None = None, batch_size: int = 1000,
                 rest = [d for d in evaluation.decisions if d not in simple_opens]
                 if rest:
                     other[pid] = Evaluation(rest, evaluation.next_check_on)
-            stats.opened += _bulk_open(to_open)
+            stats.opened += _bulk_open(to_open, teams={
+                pid: f.care_team for pid, f in facts.items()})
             if other:
                 patients = Patient.objects.in_bulk(list(other))
                 for pid, evaluation in other.items():
@@ -232,32 +235,58 @@ def followup_sweep(*, today: dt.date | None = None, batch_size: int = 1000,
     return stats
 
 
-def _bulk_open(to_open: list[tuple[Any, Any]]) -> int:
+def _insert_alerts(rows: list[Alert]) -> list[Alert]:
+    """Insert alerts, skipping any that conflict with an existing unresolved alert (partial
+    unique index); return the ones inserted, with their ids."""
+    if connection.vendor == "postgresql":
+        fields = [f for f in Alert._meta.concrete_fields if f.name != "id"]
+        columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
+        placeholders = ", ".join(["(" + ", ".join(["%s"] * len(fields)) + ")"] * len(rows))
+        params: list[Any] = []
+        for row in rows:
+            params.extend(f.get_db_prep_save(getattr(row, f.attname), connection)
+                          for f in fields)
+        # Column names come from model metadata and every value is a bound parameter.
+        sql = (f"INSERT INTO registry_alert ({columns}) VALUES {placeholders} "  # noqa: S608
+               "ON CONFLICT DO NOTHING RETURNING id, patient_id, rule_id")
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            inserted = {(pid, rule): pk for pk, pid, rule in cursor.fetchall()}
+        out = []
+        for row in rows:
+            pk = inserted.get((row.patient_id, row.rule_id))
+            if pk is not None:
+                row.pk = pk
+                out.append(row)
+        return out
+    stamp = rows[0].opened_at
+    Alert.objects.bulk_create(rows, ignore_conflicts=True)
+    return list(Alert.objects.filter(opened_at=stamp,
+                                     patient_id__in=[r.patient_id for r in rows]))
+
+
+def _bulk_open(to_open: list[tuple[Any, Any]], teams: dict[Any, str]) -> int:
     """Open many alerts with a handful of statements. Conflicts with an existing unresolved
     alert (a concurrent sweep or an event) are skipped by the partial unique index."""
+    from django.utils import timezone
+
     from registry.alerts import _channels, _safe_delay
     from registry.models import AlertDelivery, AlertEvent, AuditEvent
     from registry.tasks import deliveries_send
 
     if not to_open:
         return 0
-    from django.utils import timezone
-
     now = timezone.now()
-    teams = dict(Patient.objects.filter(pk__in={pid for pid, _ in to_open})
-                 .values_list("id", "care_team"))
-    Alert.objects.bulk_create(
-        [
-            Alert(patient_id=pid, rule_id=d.rule_id, rule_version=d.rule_version,
-                  status="open", reason=d.reason[:300], vbq_value=d.vbq_value,
-                  vbq_threshold=settings.VBQ_HIGH_THRESHOLD,
-                  care_team=teams.get(pid) or settings.DEFAULT_CARE_TEAM, opened_at=now,
-                  due_on=d.due_on)
-            for pid, d in to_open
-        ],
-        ignore_conflicts=True,
-    )
-    created = list(Alert.objects.filter(opened_at=now, patient_id__in=[p for p, _ in to_open]))
+    created = _insert_alerts([
+        Alert(patient_id=pid, rule_id=d.rule_id, rule_version=d.rule_version,
+              status="open", reason=d.reason[:300], vbq_value=d.vbq_value,
+              vbq_threshold=settings.VBQ_HIGH_THRESHOLD,
+              care_team=teams.get(pid) or settings.DEFAULT_CARE_TEAM, opened_at=now,
+              due_on=d.due_on)
+        for pid, d in to_open
+    ])
+    if not created:
+        return 0
     AlertEvent.objects.bulk_create(
         [AlertEvent(alert=a, action="open", to_status="open", note=a.reason) for a in created]
     )
@@ -272,8 +301,7 @@ def _bulk_open(to_open: list[tuple[Any, Any]]) -> int:
          for a in created for channel in _channels()],
         ignore_conflicts=True,
     )
-    if created:
-        transaction.on_commit(_safe_delay(deliveries_send))
+    transaction.on_commit(_safe_delay(deliveries_send))
     return len(created)
 
 

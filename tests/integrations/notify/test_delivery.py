@@ -87,7 +87,7 @@ class FhirEhr(BaseHTTPRequestHandler):
     received: list = []
     calls = 0
 
-    def do_POST(self):  # noqa: N802 - http.server API
+    def do_POST(self):
         type(self).calls += 1
         body = self.rfile.read(int(self.headers["Content-Length"]))
         if type(self).calls == 1:
