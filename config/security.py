@@ -9,10 +9,13 @@ needs a different policy sets the response header itself; the middleware never o
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CSP = "; ".join(
     [
@@ -70,4 +73,41 @@ class SecurityHeadersMiddleware:
             response["Permissions-Policy"] = getattr(
                 settings, "PERMISSIONS_POLICY", DEFAULT_PERMISSIONS_POLICY
             )
+        return response
+
+
+class DatabaseUnavailableMiddleware:
+    """Answer 503 + Retry-After (not 500) when the database connection fails mid-request.
+
+    A PostgreSQL restart or failover breaks open connections: the request's transaction was
+    rolled back, so nothing was half-written and the client may simply retry. FHIR clients get
+    an OperationOutcome (``transient``), others a small JSON body.
+    """
+
+    RETRY_AFTER_SECONDS = 5
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        return self.get_response(request)
+
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        from django.db import InterfaceError, OperationalError
+        from django.http import JsonResponse
+
+        if not isinstance(exception, OperationalError | InterfaceError):
+            return None
+        logger.warning("database unavailable: %s", type(exception).__name__)
+        if request.path.startswith("/fhir"):
+            body = {
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "error", "code": "transient",
+                           "diagnostics": "Database temporarily unavailable; retry."}],
+            }
+            response = JsonResponse(body, status=503, content_type="application/fhir+json")
+        else:
+            response = JsonResponse({"detail": "Database temporarily unavailable; retry."},
+                                    status=503)
+        response["Retry-After"] = str(self.RETRY_AFTER_SECONDS)
         return response

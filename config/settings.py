@@ -58,6 +58,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.LoginRequiredMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # A lost database connection answers 503 + Retry-After instead of 500 (config/security.py).
+    "config.security.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"

@@ -202,3 +202,22 @@ def test_audit_report_is_forbidden_to_clinicians(db, role_user):
     client = Client()
     client.force_login(role_user("clinician"))
     assert client.get(reverse("audit-event-list")).status_code == 403
+
+
+def test_a_lost_database_connection_answers_503_with_retry_after(rf):
+    from django.db import OperationalError
+
+    from config.security import DatabaseUnavailableMiddleware
+
+    middleware = DatabaseUnavailableMiddleware(lambda request: None)
+    response = middleware.process_exception(rf.post("/fhir"), OperationalError("server closed"))
+    assert response.status_code == 503
+    assert response["Retry-After"] == "5"
+    assert json.loads(response.content)["issue"][0]["code"] == "transient"
+
+
+def test_other_exceptions_are_left_to_django(rf):
+    from config.security import DatabaseUnavailableMiddleware
+
+    middleware = DatabaseUnavailableMiddleware(lambda request: None)
+    assert middleware.process_exception(rf.get("/"), ValueError("bug")) is None
