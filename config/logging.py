@@ -15,9 +15,12 @@ from typing import Any
 
 # Identifier-looking tokens: the synthetic MRNs (SYN-...) and "MRN 123456"-style values.
 MRN_PATTERN = re.compile(r"\b(?:SYN-[A-Za-z0-9-]+|MRN[:#\s=-]*[A-Za-z0-9-]{4,})\b", re.IGNORECASE)
+# ``extra=`` keys that name PHI (``family_name``, ``patient_mrn``, ``dob``...); ``task_name``,
+# ``logger_name`` and other technical names are not PHI.
 PHI_KEY_PATTERN = re.compile(
-    r"(^|_)(name|names|family|given|mrn|identifier|identifiers|birth|birth_date|dob|"
-    r"address|phone|email|ssn)($|_)",
+    r"^(?:name|names|family|given|identifier|identifiers|address|phone|email|ssn)$"
+    r"|(?:^|_)(?:family_name|given_name|full_name|patient_name|mrn|mrns|birth_date|"
+    r"birthdate|dob)$",
     re.IGNORECASE,
 )
 REDACTED = "[redacted]"

@@ -221,3 +221,35 @@ def test_other_exceptions_are_left_to_django(rf):
 
     middleware = DatabaseUnavailableMiddleware(lambda request: None)
     assert middleware.process_exception(rf.get("/"), ValueError("bug")) is None
+
+
+@pytest.mark.slow
+def test_worker_logs_one_json_metrics_line_per_task(transactional_db, tmp_path):
+    import os
+    import time
+
+    from registry.models import WorkerProbe
+    from registry.tasks import worker_probe
+    from tests.conftest import CeleryWorker, test_database_url
+
+    env = {**os.environ, "DATABASE_URL": test_database_url(), "LOG_FORMAT": "json",
+           "LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1"}
+    worker = CeleryWorker(env, tmp_path / "worker.log", ["--pool", "solo"])
+    worker.start()
+    try:
+        probe = WorkerProbe.objects.create()
+        worker_probe.delay(probe.pk)
+        deadline = time.monotonic() + 30
+        lines: list[dict] = []
+        while time.monotonic() < deadline and not lines:
+            time.sleep(0.3)
+            for raw in (tmp_path / "worker.log").read_text().splitlines():
+                if raw.startswith("{") and '"runtime_ms"' in raw:
+                    lines.append(json.loads(raw))
+    finally:
+        worker.stop()
+    assert lines, (tmp_path / "worker.log").read_text()[-2000:]
+    assert lines[0]["task_name"] == "registry.worker_probe"
+    assert lines[0]["state"] == "SUCCESS"
+    assert lines[0]["runtime_ms"] >= 0
+    assert lines[0]["queue_wait_ms"] >= 0
