@@ -7,6 +7,7 @@ Bounded: ``SCHEMATHESIS_MAX_EXAMPLES`` examples per operation (default 25), no d
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -21,7 +22,7 @@ MAX_EXAMPLES = int(os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "25"))
 
 
 @pytest.fixture
-def api_session(live_server, role_user) -> requests.Session:
+def api_session(live_server, role_user) -> Iterator[requests.Session]:
     """A logged-in admin session (every API permission) with the CSRF header set."""
     from registry.models import Alert
 
@@ -43,7 +44,16 @@ def api_session(live_server, role_user) -> requests.Session:
     )
     assert response.status_code == 302
     session.headers["X-CSRFToken"] = session.cookies["csrftoken"]
-    return session
+    yield session
+    # The live server's request threads keep persistent connections (CONN_MAX_AGE) that
+    # outlive them and would block dropping the test database at the end of the session.
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
 
 
 @pytest.fixture
