@@ -43,7 +43,7 @@ class _Capture(logging.Handler):
 def captured_logs() -> Iterator[_Capture]:
     handler = _Capture()
     root = logging.getLogger()
-    root.addHandler(handler)
+    root.handlers.insert(0, handler)  # before the console handler's redaction filter
     try:
         yield handler
     finally:
