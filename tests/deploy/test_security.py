@@ -253,3 +253,25 @@ def test_worker_logs_one_json_metrics_line_per_task(transactional_db, tmp_path):
     assert lines[0]["state"] == "SUCCESS"
     assert lines[0]["runtime_ms"] >= 0
     assert lines[0]["queue_wait_ms"] >= 0
+
+
+@pytest.mark.postgres
+def test_api_docs_page_loads_swagger_from_our_own_static_files(db, role_user):
+    client = Client()
+    client.force_login(role_user("clinician"))
+    page = client.get(reverse("api-docs"))
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "drf_spectacular_sidecar/swagger-ui-dist" in html
+    assert "cdn." not in html
+    assert "<script>" not in html.replace(" ", "")  # the split view: no inline script
+
+
+@pytest.mark.postgres
+def test_api_schema_is_openapi_for_logged_in_users_only(db, role_user):
+    client = Client()
+    assert client.get(reverse("api-schema")).status_code in {401, 403}
+    client.force_login(role_user("coordinator"))
+    schema = client.get(reverse("api-schema"), HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    assert schema.status_code == 200
+    assert schema.json()["openapi"].startswith("3.")
