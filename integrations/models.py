@@ -25,3 +25,19 @@ class InboundMessage(models.Model):
 
     def __str__(self) -> str:
         return f"InboundMessage {self.pk} {self.outcome}"
+
+
+class HeldResource(models.Model):
+    """A resource that referenced a patient the registry did not know yet. Kept, not dropped,
+    and applied when that Patient arrives (``integrations.fhir.ingest.release_held``)."""
+
+    feed = models.ForeignKey(Feed, null=True, blank=True, on_delete=models.SET_NULL)
+    reference_key = models.CharField(max_length=400, db_index=True)
+    resource_type = models.CharField(max_length=40)
+    resource = models.JSONField()
+    received_at = models.DateTimeField(auto_now_add=True)
+    applied_at = models.DateTimeField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True)
+
+    def __str__(self) -> str:
+        return f"HeldResource {self.pk} {self.resource_type}"

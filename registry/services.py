@@ -43,6 +43,10 @@ from registry.timeutil import clinic_date, clinic_today
 logger = logging.getLogger(__name__)
 
 
+class ConcurrentWriteError(IntegrityError):
+    """Another transaction wrote the same identifier first; retrying the whole unit succeeds."""
+
+
 class RegistryValidationError(ValidationError):
     """Invalid clinical input. ``field`` names the offending element."""
 
@@ -222,9 +226,8 @@ def patient_upsert(
                         type_code=ident.type_code,
                     )
             except IntegrityError as exc:  # a concurrent writer attached it first
-                raise RegistryValidationError(
-                    "identifier was claimed concurrently; retry", field="identifier",
-                    code="conflict",
+                raise ConcurrentWriteError(
+                    "identifier was claimed concurrently; retry the transaction"
                 ) from exc
     audit_record(
         actor=actor,

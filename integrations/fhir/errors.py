@@ -1,0 +1,48 @@
+"""FHIR errors and OperationOutcome rendering."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Issue:
+    severity: str  # fatal | error | warning | information
+    code: str  # FHIR issue-type: invalid, required, value, not-supported, security, ...
+    diagnostics: str
+    expression: list[str] = field(default_factory=list)
+
+    def to_fhir(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"severity": self.severity, "code": self.code,
+                               "diagnostics": self.diagnostics}
+        if self.expression:
+            out["expression"] = self.expression
+        return out
+
+
+class FhirError(Exception):
+    """A request or entry that cannot be processed. ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, issues: list[Issue]) -> None:
+        super().__init__("; ".join(i.diagnostics for i in issues))
+        self.status = status
+        self.issues = issues
+
+    @classmethod
+    def single(cls, status: int, code: str, diagnostics: str, expression: str = "") -> FhirError:
+        return cls(status, [Issue("error", code, diagnostics, [expression] if expression else [])])
+
+    def prefixed(self, prefix: str) -> FhirError:
+        """The same error with every expression placed under ``prefix`` (bundle entries)."""
+        issues = [
+            Issue(i.severity, i.code, f"{prefix}: {i.diagnostics}",
+                  [f"{prefix}.{e}" if not e.startswith(prefix) else e for e in i.expression]
+                  or [prefix])
+            for i in self.issues
+        ]
+        return FhirError(self.status, issues)
+
+
+def operation_outcome(issues: list[Issue]) -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome", "issue": [i.to_fhir() for i in issues]}

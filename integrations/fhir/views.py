@@ -1,0 +1,268 @@
+"""FHIR REST endpoints for EHR feeds (JSON, ``application/fhir+json``).
+
+Authentication: ``Authorization: Bearer <feed token>`` (hashed at rest; see ``registry.Feed``).
+Every payload is stored raw (``InboundMessage``, sha256) in its own committed transaction
+BEFORE parsing, so nothing received is ever lost; its outcome is recorded afterwards.
+Errors always answer an OperationOutcome with the right 4xx — never a 5xx for bad input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_not_required
+from django.db import transaction
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from integrations.fhir import read
+from integrations.fhir.errors import FhirError, Issue, operation_outcome
+from integrations.fhir.ingest import (
+    EntryOutcome,
+    apply_resource,
+    process_batch,
+    process_transaction,
+)
+from integrations.fhir.mappers import MAPPERS, Context
+from integrations.models import InboundMessage
+from registry.models import Feed
+from registry.services import Actor, feed_authenticate
+
+logger = logging.getLogger(__name__)
+FHIR_JSON = "application/fhir+json"
+
+
+def _response(body: dict[str, Any], status: int = 200, **headers: str) -> HttpResponse:
+    response = HttpResponse(json.dumps(body, default=str), status=status,
+                            content_type=f"{FHIR_JSON}; charset=utf-8")
+    for name, value in headers.items():
+        response[name.replace("_", "-")] = value
+    return response
+
+
+def _outcome(error: FhirError) -> HttpResponse:
+    return _response(operation_outcome(error.issues), error.status)
+
+
+def _feed(request: HttpRequest) -> Feed:
+    header = request.headers.get("Authorization", "")
+    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+    feed = feed_authenticate(token=token) if token else None
+    if feed is None:
+        raise FhirError.single(401, "security", "a valid bearer token is required")
+    return feed
+
+
+def _body(request: HttpRequest) -> Any:
+    content_type = request.content_type or ""
+    if content_type not in {FHIR_JSON, "application/json"}:
+        raise FhirError.single(415, "not-supported",
+                               f"Content-Type must be {FHIR_JSON} (got {content_type or 'none'})")
+    length = int(request.headers.get("Content-Length") or 0)
+    if length > settings.FHIR_MAX_PAYLOAD_BYTES or len(request.body) > (
+        settings.FHIR_MAX_PAYLOAD_BYTES
+    ):
+        raise FhirError.single(413, "too-costly", "the payload is larger than "
+                               f"{settings.FHIR_MAX_PAYLOAD_BYTES} bytes")
+    try:
+        return json.loads(request.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FhirError.single(400, "structure", f"the body is not valid JSON: {exc}") from exc
+
+
+def _store_raw(request: HttpRequest, feed: Feed | None) -> InboundMessage:
+    raw = request.body
+    with transaction.atomic():
+        return InboundMessage.objects.create(
+            feed=feed, channel="fhir-rest", content_type=(request.content_type or "")[:100],
+            sha256=hashlib.sha256(raw).hexdigest(), size_bytes=len(raw),
+            body=raw.decode("utf-8", "replace"),
+        )
+
+
+def _finish(message: InboundMessage | None, status: int, summary: dict[str, Any]) -> None:
+    if message is None:
+        return
+    outcome = (InboundMessage.Outcome.ACCEPTED if status < 300 else
+               InboundMessage.Outcome.REJECTED)
+    if summary.get("partial"):
+        outcome = InboundMessage.Outcome.PARTIAL
+    InboundMessage.objects.filter(pk=message.pk).update(outcome=outcome, status_code=status,
+                                                        summary=summary)
+
+
+def _guarded(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """Authenticate, size-check and store raw; turn every FhirError into an OperationOutcome."""
+
+    def view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        message = None
+        try:
+            feed = _feed(request)
+            if request.method in {"POST", "PUT"}:
+                if len(request.body) > settings.FHIR_MAX_PAYLOAD_BYTES:
+                    raise FhirError.single(413, "too-costly", "the payload is too large")
+                message = _store_raw(request, feed)
+            request.feed = feed  # type: ignore[attr-defined]
+            response = handler(request, *args, **kwargs)
+            _finish(message, response.status_code,
+                    getattr(response, "vbq_summary", {"status": response.status_code}))
+            return response
+        except FhirError as exc:
+            _finish(message, exc.status, {"error": str(exc)[:500]})
+            return _outcome(exc)
+
+    return csrf_exempt(login_not_required(view))
+
+
+def _ctx(request: HttpRequest) -> tuple[Context, Callable[[str], bool]]:
+    feed: Feed = request.feed  # type: ignore[attr-defined]
+    return Context(feed_name=feed.name, actor=Actor(feed_id=feed.pk, via="fhir")), feed.allows
+
+
+def _bundle_response(kind: str, results: list[tuple[int, EntryOutcome]]) -> HttpResponse:
+    entries = []
+    for _, outcome in results:
+        response: dict[str, Any] = {"status": outcome.status_line}
+        if outcome.location:
+            response["location"] = outcome.location
+        if outcome.issues:
+            response["outcome"] = operation_outcome(outcome.issues)
+        entries.append({"response": response})
+    http = _response({"resourceType": "Bundle", "type": f"{kind}-response", "entry": entries})
+    http.vbq_summary = {  # type: ignore[attr-defined]
+        "entries": len(results),
+        "statuses": sorted({o.status for _, o in results}),
+        "partial": any(o.status >= 400 for _, o in results)
+        and any(o.status < 300 for _, o in results),
+    }
+    return http
+
+
+@_guarded
+def root(request: HttpRequest) -> HttpResponse:
+    """``POST /fhir``: a Bundle of type transaction or batch."""
+    if request.method != "POST":
+        raise FhirError.single(405, "not-supported", "POST a transaction or batch Bundle here")
+    data = _body(request)
+    if not isinstance(data, dict) or data.get("resourceType") != "Bundle":
+        raise FhirError.single(400, "invalid", "POST /fhir takes a Bundle", "resourceType")
+    kind = data.get("type")
+    ctx, allowed = _ctx(request)
+    if kind == "transaction":
+        return _bundle_response("transaction", process_transaction(data, ctx, allowed))
+    if kind == "batch":
+        return _bundle_response("batch", process_batch(data, ctx, allowed))
+    raise FhirError.single(400, "not-supported", "Bundle.type must be transaction or batch",
+                           "Bundle.type")
+
+
+def _check_type(resource_type: str, data: Any) -> None:
+    if resource_type not in MAPPERS:
+        raise FhirError.single(404, "not-supported", f"{resource_type} is not supported")
+    if isinstance(data, dict) and data.get("resourceType") != resource_type:
+        raise FhirError.single(400, "invalid", f"the body is not a {resource_type}",
+                               "resourceType")
+
+
+def _single(request: HttpRequest, resource_type: str, data: Any) -> HttpResponse:
+    ctx, allowed = _ctx(request)
+    with transaction.atomic():
+        outcome = apply_resource(data, ctx, allowed=allowed)
+    if outcome.status >= 400:
+        return _response(operation_outcome(outcome.issues), outcome.status)
+    body = read.read(outcome.location) if outcome.location else operation_outcome(
+        outcome.issues)
+    headers = {"Location": outcome.location} if outcome.location else {}
+    return _response(body or operation_outcome(outcome.issues), outcome.status, **headers)
+
+
+@_guarded
+def type_level(request: HttpRequest, resource_type: str) -> HttpResponse:
+    """``POST /fhir/<Type>`` (create; ``If-None-Exist: identifier=system|value`` honoured, and
+    creates are upserts by identifier anyway), ``PUT /fhir/<Type>?identifier=system|value``
+    (conditional update), ``GET /fhir/<Type>?identifier=`` (search by identifier)."""
+    if request.method == "GET":
+        return _response(read.search(resource_type, request.GET.get("identifier", "")))
+    if request.method not in {"POST", "PUT"}:
+        raise FhirError.single(405, "not-supported", "use POST or PUT")
+    data = _body(request)
+    _check_type(resource_type, data)
+    condition = request.headers.get("If-None-Exist", "") if request.method == "POST" else (
+        "identifier=" + request.GET.get("identifier", "") if request.GET.get("identifier")
+        else "")
+    if request.method == "PUT" and not condition:
+        raise FhirError.single(400, "required", "conditional update needs ?identifier=s|v")
+    if condition:
+        existing = read.find_by_identifier(resource_type, condition.removeprefix("identifier="))
+        if existing is None and "|" not in condition:
+            raise FhirError.single(400, "invalid", "the condition must be identifier=system|value")
+        if existing and request.method == "POST":
+            return _response(read.read(existing) or {}, 200, Location=existing)
+    return _single(request, resource_type, data)
+
+
+@_guarded
+def instance_level(request: HttpRequest, resource_type: str, logical_id: str) -> HttpResponse:
+    """``GET /fhir/<Type>/<id>`` reads what the registry holds; ``PUT`` updates by id."""
+    if request.method == "GET":
+        body = read.read(f"{resource_type}/{logical_id}")
+        if body is None:
+            raise FhirError.single(404, "not-found", f"{resource_type}/{logical_id} not found")
+        return _response(body)
+    if request.method != "PUT":
+        raise FhirError.single(405, "not-supported", "use GET or PUT")
+    data = _body(request)
+    _check_type(resource_type, data)
+    if isinstance(data, dict) and data.get("id") not in (None, logical_id):
+        raise FhirError.single(400, "invalid", "the resource id does not match the URL", "id")
+    if isinstance(data, dict):
+        data = {**data, "id": logical_id}
+    return _single(request, resource_type, data)
+
+
+@csrf_exempt
+@login_not_required
+def metadata(request: HttpRequest) -> HttpResponse:
+    """CapabilityStatement: exactly what this server supports."""
+    resources = []
+    for resource_type in MAPPERS:
+        interactions = [{"code": "create"}, {"code": "update"}]
+        if resource_type in read.READERS:
+            interactions.append({"code": "read"})
+        resources.append({
+            "type": resource_type,
+            "interaction": interactions,
+            "conditionalCreate": True,
+            "conditionalUpdate": True,
+            "searchParam": [{"name": "identifier", "type": "token"}],
+        })
+    for resource_type in read.READERS:
+        if resource_type not in MAPPERS:
+            resources.append({"type": resource_type, "interaction": [{"code": "read"}],
+                              "searchParam": [{"name": "identifier", "type": "token"}]})
+    return _response({
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": "2026-11-24",
+        "kind": "instance",
+        "software": {"name": "VBQ Registry", "version": "0.1.0"},
+        "fhirVersion": "4.3.0",
+        "format": ["json"],
+        "rest": [{
+            "mode": "server",
+            "security": {"description": "Bearer token per EHR feed (OAuth2-style bearer, issued "
+                         "by the registry admin)."},
+            "resource": resources,
+            "interaction": [{"code": "transaction"}, {"code": "batch"}],
+        }],
+    })
+
+
+def not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
+    return JsonResponse(operation_outcome([Issue("error", "not-found", "unknown FHIR path")]),
+                        status=404)
