@@ -189,20 +189,21 @@ def _fhir_bundle(key: str) -> dict:
     return {
         "resourceType": "Bundle", "type": "transaction",
         "entry": [
-            {"fullUrl": f"urn:uuid:{key}-p", "resource": {
+            {"fullUrl": f"urn:uuid:{uuid.UUID(int=int(key, 16))}", "resource": {
                 "resourceType": "Patient",
                 "identifier": [{"system": "https://vbq-registry.example.org/fhir/sid/"
                                 "synthetic-mrn", "value": f"SYN-F{key}"}],
                 "name": [{"family": "SYNTHETIC", "given": [f"Fault{key}"]}],
                 "gender": "female", "birthDate": "1950-01-01"},
-             "request": {"method": "POST", "url": "Patient"}},
-            {"fullUrl": f"urn:uuid:{key}-proc", "resource": {
+             "request": {"method": "PUT", "url": "Patient?identifier=https://vbq-registry."
+                         f"example.org/fhir/sid/synthetic-mrn|SYN-F{key}"}},
+            {"fullUrl": f"urn:uuid:{uuid.UUID(int=int(key, 16) + 1)}", "resource": {
                 "resourceType": "Procedure", "status": "completed",
                 "identifier": [{"system": "https://ehr.example.org/procedure",
                                 "value": f"FAULT-{key}"}],
                 "code": {"coding": [{"system": "http://www.ama-assn.org/go/cpt",
                                      "code": "22511"}]},
-                "subject": {"reference": f"urn:uuid:{key}-p"},
+                "subject": {"reference": f"urn:uuid:{uuid.UUID(int=int(key, 16))}"},
                 "performedDateTime": "2026-06-01T10:00:00-04:00"},
              "request": {"method": "POST", "url": "Procedure"}},
         ],
@@ -273,3 +274,26 @@ def _healthy(base: str) -> bool:
         return requests.get(f"{base}/healthz", timeout=2).ok
     except requests.RequestException:
         return False
+
+
+@pytest.mark.postgres
+def test_the_fault_test_bundle_is_accepted_and_its_replay_writes_no_duplicate(db):
+    from django.test import Client
+    from django.urls import Resolver404, resolve
+
+    try:
+        resolve("/fhir")
+    except Resolver404:
+        pytest.skip("the FHIR endpoint /fhir is not mounted")
+    from registry.models import Procedure
+    from registry.services import feed_create
+
+    _, token = feed_create(name="replay-feed")
+    client = Client(HTTP_AUTHORIZATION=f"Bearer {token}")
+    key = uuid.uuid4().hex[:10].upper()
+    for _ in range(2):
+        response = client.post("/fhir", data=_fhir_bundle(key),
+                               content_type="application/fhir+json")
+        assert response.status_code == 200, response.content[:500]
+    assert Patient.objects.filter(identifiers__value=f"SYN-F{key}").count() == 1
+    assert Procedure.objects.filter(identifier_value=f"FAULT-{key}").count() == 1

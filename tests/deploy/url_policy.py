@@ -14,7 +14,7 @@ What the test asserts, per (URL, role):
   FHIR metadata, CDS discovery, static);
 - ``identifying=True`` (shows names/MRNs/birth dates): qi_analyst is never allowed;
 - roles without ``registry.view_identified_data`` never see a fixture patient's name or MRN
-  in any response body.
+  in any response body, unless explicitly allowed on an identifying URL (a feed reading FHIR).
 
 ``methods`` lists the HTTP methods to probe (each with an empty body); the first one must be
 one the view accepts. ``feed`` requests carry ``Authorization: Bearer <token>`` of a real Feed.
@@ -99,6 +99,12 @@ URL_POLICY: dict[str, Rule] = {
     # --- CDS Hooks (EHR, bearer token)
     "cds-discovery": public(),
     "cds-patient-view": phi(methods=("POST",), roles=FEED_ROLES),
+    # --- FHIR (EHR feeds, bearer token; metadata is the public CapabilityStatement)
+    "fhir-metadata": public(),
+    "fhir-root": phi(methods=("POST",), roles=FEED_ROLES),
+    "fhir-root-slash": phi(methods=("POST",), roles=FEED_ROLES),
+    "fhir-type": phi(methods=("GET", "POST"), roles=FEED_ROLES),
+    "fhir-instance": phi(methods=("GET", "PUT"), roles=FEED_ROLES),
     # --- QI reports (de-identified for qi_analyst)
     "report": Rule(allowed=REPORT_ROLES),
     "report-api": Rule(allowed=REPORT_ROLES),
@@ -124,6 +130,8 @@ SAMPLE_KWARGS: dict[str, object] = {
     "fracture_id": lambda ns: ns.fracture.pk,
     "therapy_id": lambda ns: ns.therapy.pk,
     "object_id": lambda ns: "1",
+    "resource_type": lambda ns: "Patient",
+    "logical_id": lambda ns: ns.patient.pk,
     "app_label": lambda ns: "registry",
     "name": lambda ns: "km",
     "fmt": lambda ns: "svg",
