@@ -46,8 +46,48 @@ class Command(BaseCommand):
             options["patients"], seed=options["seed"], today=clinic_today()
         )
         for demo in cohort:
-            load_demo_patient(demo)
-        self.stdout.write(self.style.SUCCESS(f"Loaded {len(cohort)} SYNTHETIC patients."))
+            load_demo_patient_via_fhir(demo)
+        self.stdout.write(self.style.SUCCESS(
+            f"Loaded {len(cohort)} SYNTHETIC patients through FHIR ingestion."))
+
+
+@transaction.atomic
+def load_demo_patient_via_fhir(demo: DemoPatient) -> Patient:
+    """Send the patient's transaction bundle through the FHIR ingestion path (as the demo EHR
+    feed), then add the demo VBQ value, which no FHIR resource carries yet."""
+    from integrations.fhir.demo import demo_bundle
+    from integrations.fhir.ingest import process_transaction
+    from integrations.fhir.mappers import Context
+    from registry.models import Feed
+    from registry.selectors import patient_get_by_identifier
+    from registry.services import feed_create
+    from scoring.models import ImagingSeries, VbqResult
+
+    feed = Feed.objects.filter(name="synthetic-demo-ehr").first() or feed_create(
+        name="synthetic-demo-ehr")[0]
+    ctx = Context(feed_name=feed.name, actor=Actor(feed_id=feed.pk, via="fhir"))
+    process_transaction(demo_bundle(demo), ctx, feed.allows)
+    patient = patient_get_by_identifier(system=SYNTHETIC_MRN_SYSTEM, value=demo.key)
+    assert patient is not None  # noqa: S101 - the bundle above created it
+    Patient.objects.filter(pk=patient.pk).update(
+        is_synthetic=True, care_team="fracture-liaison", bmi_kg_m2=demo.bmi,
+        last_contact_on=demo.last_contact)
+    series = ImagingSeries.objects.get(series_instance_uid=f"2.25.{int(demo.key[4:]) + 10**12}.1")
+    ImagingSeries.objects.filter(pk=series.pk).update(field_strength_t=demo.field_strength_t,
+                                                      orientation="sagittal")
+    VbqResult.objects.update_or_create(
+        series=series, algorithm_version="demo", source=VbqResult.Source.IMPORTED, revision=0,
+        defaults={
+            "patient": patient, "status": VbqResult.Status.SUCCEEDED,
+            "review_status": VbqResult.Review.ACCEPTED,
+            "vbq_all_levels": demo.vbq_all_levels,
+            "vbq_excluding_fractured": demo.vbq_excluding_fractured, "confidence": 1.0,
+            "fractured_levels": [demo.index_level] if demo.index_level.startswith("L") else [],
+            "field_strength_t": demo.field_strength_t,
+            "measurement": {"synthetic": True, "note": "SYNTHETIC demo value, not computed"},
+        },
+    )
+    return patient
 
 
 @transaction.atomic
