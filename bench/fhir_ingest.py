@@ -1,0 +1,135 @@
+"""Benchmark: FHIR ingestion through the HTTP endpoint vs bare fhir.resources parsing.
+
+Builds SYNTHETIC transaction bundles of ~100 entries (20 patients × procedure, MRI study,
+fracture or therapy...) totalling ≥ 20,000 resources, starts gunicorn (2 workers) on
+127.0.0.1 against its own PostgreSQL database, posts the bundles from 2 client threads, and
+measures bare ``Bundle.model_validate`` of the same bundles in this process. Prints resources/s
+for both; the LAST line is ``ratio=<ingest throughput / parse throughput>`` (target ≥ 0.5).
+
+    .venv/bin/python bench/fhir_ingest.py
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DB_URL = os.environ.get("BENCH_DATABASE_URL",
+                        "postgres://postgres@127.0.0.1:5432/vbq_bench_fhir")
+TARGET = int(os.environ.get("BENCH_RESOURCES", "20000"))
+
+
+def bundles() -> list[dict]:
+    from integrations.fhir.demo import demo_bundle
+    from registry.demo import generate_demo_cohort
+
+    out, total, seed = [], 0, 1
+    while total < TARGET:
+        cohort = generate_demo_cohort(20, seed=seed, today=dt.date(2026, 11, 1), recent=0)
+        entries = []
+        for p in cohort:
+            p.key = f"SYN-{seed:04d}{p.key[4:]}"
+            entries.extend(demo_bundle(p)["entry"])
+        out.append({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+        total += len(entries)
+        seed += 1
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    import psycopg
+
+    name = DB_URL.rsplit("/", 1)[1]
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        c.execute(f'CREATE DATABASE "{name}"')
+    env = {**os.environ, "DATABASE_URL": DB_URL, "DJANGO_SETTINGS_MODULE": "config.settings",
+           "LOG_LEVEL": "WARNING", "VAR_DIR": tempfile.mkdtemp(prefix="vbq-bench-fhir-")}
+    os.environ.update(env)
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env,
+                   check=True)
+    import django
+
+    django.setup()
+    from fhir.resources.R4B.bundle import Bundle
+
+    from registry.services import feed_create
+
+    _, token = feed_create(name="bench-ehr")
+    data = bundles()
+    payloads = [json.dumps(b) for b in data]
+    n_resources = sum(len(b["entry"]) for b in data)
+
+    t0 = time.perf_counter()
+    for payload in payloads:
+        Bundle.model_validate_json(payload)
+    parse_s = time.perf_counter() - t0
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "config.wsgi", "-w", "2", "-b", f"127.0.0.1:{port}",
+         "--timeout", "300", "--log-level", "warning"], cwd=ROOT, env=env)
+    try:
+        for _ in range(100):
+            try:
+                requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except requests.RequestException:
+                time.sleep(0.2)
+        headers = {"Content-Type": "application/fhir+json", "Authorization": f"Bearer {token}"}
+        errors: list[int] = []
+        queue = list(payloads)
+        lock = threading.Lock()
+
+        def client() -> None:
+            session = requests.Session()
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    payload = queue.pop()
+                r = session.post(f"http://127.0.0.1:{port}/fhir", data=payload, headers=headers,
+                                 timeout=300)
+                if r.status_code != 200:
+                    errors.append(r.status_code)
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ingest_s = time.perf_counter() - t0
+    finally:
+        server.terminate()
+        server.wait(30)
+    parse_rate, ingest_rate = n_resources / parse_s, n_resources / ingest_s
+    print(f"bundles={len(payloads)} resources={n_resources} errors={len(errors)}")
+    print(f"parse+validate: {parse_s:.2f} s = {parse_rate:.0f} resources/s (1 thread)")
+    print(f"HTTP ingest into PostgreSQL: {ingest_s:.2f} s = {ingest_rate:.0f} resources/s "
+          "(gunicorn 2 workers, 2 clients)")
+    ratio = ingest_rate / parse_rate
+    print(f"ratio={ratio:.2f} ingest throughput / bare fhir.resources parse throughput "
+          f"({'meets' if ratio >= 0.5 and not errors else 'MISSES'} target >= 0.5)")
+
+
+if __name__ == "__main__":
+    main()

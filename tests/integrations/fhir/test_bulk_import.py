@@ -1,0 +1,44 @@
+"""`manage.py fhir_import` streams NDJSON through the same mappers, idempotently."""
+
+import json
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from registry.models import Patient, Procedure
+
+FIXTURES = Path(__file__).parent / "fixtures"
+pytestmark = pytest.mark.django_db
+
+
+def _write_ndjson(folder: Path) -> None:
+    bundles = json.loads((FIXTURES / "demo-cohort-bundles.json").read_text())[:10]
+    by_type: dict[str, list[str]] = {}
+    for bundle in bundles:
+        for entry in bundle["entry"]:
+            resource = dict(entry["resource"])
+            if resource["resourceType"] != "Patient":  # bulk files reference Patient/<id>
+                patient_id = bundle["entry"][0]["resource"]["id"]
+                resource["subject"] = {"reference": f"Patient/{patient_id}"}
+            by_type.setdefault(resource["resourceType"], []).append(json.dumps(resource))
+    for resource_type, lines in by_type.items():
+        (folder / f"{resource_type}.ndjson").write_text("\n".join(lines) + "\n")
+    (folder / "Condition.ndjson").open("a").write("{broken json\n")
+
+
+def test_bulk_import_loads_a_folder_and_a_rerun_duplicates_nothing(tmp_path):
+    _write_ndjson(tmp_path)
+    out = StringIO()
+    call_command("fhir_import", str(tmp_path), verbosity=0, stdout=out, stderr=StringIO())
+    call_command("fhir_import", str(tmp_path), verbosity=0, stdout=StringIO(),
+                 stderr=StringIO())
+    assert Patient.objects.count() == 10
+    assert Procedure.objects.count() == 10
+    assert "400: 1" in out.getvalue()  # the broken line is reported, not fatal
+
+
+def test_bulk_import_refuses_a_missing_path(tmp_path):
+    with pytest.raises(CommandError, match="does not exist"):
+        call_command("fhir_import", str(tmp_path / "nope"))
