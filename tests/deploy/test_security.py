@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -275,3 +276,21 @@ def test_api_schema_is_openapi_for_logged_in_users_only(db, role_user):
     schema = client.get(reverse("api-schema"), HTTP_ACCEPT="application/vnd.oai.openapi+json")
     assert schema.status_code == 200
     assert schema.json()["openapi"].startswith("3.")
+
+
+@pytest.mark.redis
+def test_rate_limit_counts_are_shared_through_the_redis_cache(settings):
+    """With REDIS_CACHE_URL every web process sees the same counters (Redis DB 9 here)."""
+    from django.core.cache import caches
+
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                   "LOCATION": "redis://127.0.0.1:6379/9"}}
+    caches["default"].clear()
+    scope = f"test-{uuid.uuid4().hex}"
+    for _ in range(3):
+        ratelimit.hit(scope, "10.0.0.1", limit=3, window_seconds=86400)
+    other_process_view = caches.create_connection("default")
+    key = ratelimit._key(scope, ("10.0.0.1",), 86400)[0]
+    assert int(other_process_view.get(key)) == 3
+    assert ratelimit.peek(scope, "10.0.0.1", limit=3, window_seconds=86400).exceeded
+    caches["default"].clear()
