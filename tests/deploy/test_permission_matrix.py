@@ -19,7 +19,7 @@ from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils import timezone
 
-from registry.models import Alert, WorkerProbe
+from registry.models import Alert, AuditAction, AuditEvent, WorkerProbe
 from registry.services import feed_create
 from scoring.models import ImagingSeries, ImagingStudy, VbqResult
 from tests.deploy import url_policy
@@ -69,8 +69,9 @@ def sample_value(name: str, converter: str, ns: SimpleNamespace, body: str = "")
 
 def build_path(route: str, ns: SimpleNamespace) -> str:
     """A concrete path for a route (``<conv:name>`` and ``(?P<name>...)`` filled in)."""
-    path = ROUTE_PARAM.sub(lambda m: sample_value(m["name"], m["conv"] or "str", ns), route)
-    path = REGEX_GROUP.sub(lambda m: sample_value(m["name"], "str", ns, m["body"]), path)
+    # Regex groups first: their ``(?P<name>...)`` would otherwise look like ``<name>``.
+    path = REGEX_GROUP.sub(lambda m: sample_value(m["name"], "str", ns, m["body"]), route)
+    path = ROUTE_PARAM.sub(lambda m: sample_value(m["name"], m["conv"] or "str", ns), path)
     path = path.replace("^", "").replace("$", "").replace("\\", "")
     return "/" + path
 
@@ -123,6 +124,10 @@ def redirects_to_login(response) -> bool:
     return "/login" in location.path and "next=" in location.query
 
 
+def _patient_reads(ns: SimpleNamespace) -> int:
+    return AuditEvent.objects.filter(patient_id=ns.patient.pk, action=AuditAction.READ).count()
+
+
 def test_every_url_pattern_is_classified_in_url_policy(db):
     unclassified = sorted(
         {f"{e.key!r} (route {e.route!r})" for e in iter_endpoints() if policy_for(e) is None}
@@ -154,6 +159,7 @@ def test_every_url_answers_every_role_as_the_policy_says(fixture_ns):
         path = build_path(endpoint.route, ns)
         for role in url_policy.ROLES:
             for method in rule.methods:
+                reads_before = _patient_reads(ns)
                 response = getattr(clients[role], method.lower())(path)
                 checked += 1
                 status = response.status_code
@@ -179,6 +185,19 @@ def test_every_url_answers_every_role_as_the_policy_says(fixture_ns):
                     and any(m.encode() in response.content for m in phi_markers)
                 ):
                     violations.append(f"{where} (patient name/MRN in the body)")
+                if (
+                    rule.identifying
+                    and method == "GET"
+                    and status == 200
+                    and str(ns.patient.pk) in path
+                ):
+                    audited = _patient_reads(ns) > reads_before
+                    known_gap = endpoint.key in url_policy.KNOWN_UNAUDITED_READS
+                    if not audited and not known_gap:
+                        violations.append(f"{where} (patient data read without an AuditEvent)")
+                    if audited and known_gap:
+                        violations.append(f"{where} (audited now: remove it from "
+                                          "KNOWN_UNAUDITED_READS in url_policy.py)")
                 if rule.identifying and role == url_policy.QI_ANALYST and status == 200:
                     violations.append(f"{where} (qi_analyst on an identifying URL)")
             # A POST may change state (e.g. acknowledge): log the feed user back in etc.
@@ -197,3 +216,22 @@ def test_qi_analyst_role_lacks_identified_data_permission(db, role_user):
     user = role_user(url_policy.QI_ANALYST)
     assert not user.has_perm("registry.view_identified_data")
     assert Group.objects.filter(name=url_policy.QI_ANALYST).exists()
+
+
+def test_sample_paths_resolve_to_their_own_pattern(fixture_ns):
+    """The matrix requests the URL it means to (a broken sample path would just 404)."""
+    from django.urls import Resolver404, resolve
+
+    wrong = []
+    for endpoint in iter_endpoints():
+        if endpoint.route.endswith("(?P<url>.*)$"):
+            continue  # the admin catch-all matches anything
+        path = build_path(endpoint.route, fixture_ns)
+        try:
+            match = resolve(path)
+        except Resolver404:
+            wrong.append(f"{endpoint.key}: {path} does not resolve")
+            continue
+        if match.route != endpoint.route.replace("^", "", 1) and match.view_name != endpoint.key:
+            wrong.append(f"{endpoint.key}: {path} resolves to {match.view_name}")
+    assert not wrong, "\n".join(wrong)

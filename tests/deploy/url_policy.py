@@ -12,7 +12,8 @@ What the test asserts, per (URL, role):
 - all other roles: denied: 401/403, a 302 to a login page, or 404;
 - ``anonymous``: denied unless the URL is ``public`` (the allowlist: health checks, login,
   FHIR metadata, CDS discovery, static);
-- ``identifying=True`` (shows names/MRNs/birth dates): qi_analyst is never allowed;
+- ``identifying=True`` (shows names/MRNs/birth dates): qi_analyst is never allowed, and a
+  200 GET on a path naming the fixture patient must append a ``read`` AuditEvent for it;
 - roles without ``registry.view_identified_data`` never see a fixture patient's name or MRN
   in any response body, unless explicitly allowed on an identifying URL (a feed reading FHIR).
 
@@ -136,6 +137,14 @@ SAMPLE_KWARGS: dict[str, object] = {
     "name": lambda ns: "km",
     "fmt": lambda ns: "svg",
 }
+
+# Identifying URLs that read a patient's data WITHOUT writing a ``read`` AuditEvent yet (a known
+# gap, reported to the owner). When the view audits, the matrix test says so: remove it here.
+KNOWN_UNAUDITED_READS: frozenset[str] = frozenset(
+    {
+        "fhir-instance",  # GET /fhir/Patient/<id> (integrations/fhir/read.py)
+    }
+)
 
 # API views drf-spectacular cannot describe yet (check --deploy warning drf_spectacular.W002).
 # Annotate the view (serializer_class or @extend_schema) and remove it from this set; a NEW
