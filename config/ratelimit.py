@@ -124,3 +124,22 @@ def feed_authenticate_limited(*, token: str, ip: str) -> Feed | None:
     if feed is None:
         hit("feed-auth", ip, limit=limit, window_seconds=window_seconds)
     return feed
+
+
+def bearer_token(request: HttpRequest) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header, or ``""``."""
+    header = request.headers.get("Authorization", "")
+    return header[7:].strip() if header[:7].lower() == "bearer " else ""
+
+
+def feed_from_request(request: HttpRequest) -> Feed | None:
+    """The active Feed of the request's bearer token, or ``None``; raises :class:`RateLimited`.
+
+    Drop-in for views: ``feed = feed_from_request(request)``; answer ``None`` with 401 and
+    ``RateLimited`` with 429 + ``Retry-After: exc.retry_after_seconds``. A request without a
+    token is not counted as a failed guess.
+    """
+    token = bearer_token(request)
+    if not token:
+        return None
+    return feed_authenticate_limited(token=token, ip=client_ip(request))

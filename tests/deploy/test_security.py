@@ -294,3 +294,17 @@ def test_rate_limit_counts_are_shared_through_the_redis_cache(settings):
     assert int(other_process_view.get(key)) == 3
     assert ratelimit.peek(scope, "10.0.0.1", limit=3, window_seconds=86400).exceeded
     caches["default"].clear()
+
+
+def test_feed_from_request_authenticates_the_bearer_token_and_ignores_missing_ones(
+    db, rf, settings
+):
+    settings.FEED_AUTH_FAILURE_LIMIT = 1
+    feed, token = feed_create(name="request-feed")
+    assert ratelimit.feed_from_request(rf.post("/fhir")) is None
+    assert ratelimit.feed_from_request(rf.post("/fhir")) is None  # no token: not a failure
+    found = ratelimit.feed_from_request(rf.post("/fhir", HTTP_AUTHORIZATION=f"Bearer {token}"))
+    assert found == feed
+    assert ratelimit.feed_from_request(rf.post("/fhir", HTTP_AUTHORIZATION="Bearer bad")) is None
+    with pytest.raises(ratelimit.RateLimited):
+        ratelimit.feed_from_request(rf.post("/fhir", HTTP_AUTHORIZATION=f"Bearer {token}"))
