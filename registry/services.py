@@ -430,6 +430,31 @@ def therapy_record(
     return exposure, created
 
 
+@transaction.atomic
+def patient_merge(*, source: Patient, target: Patient, actor: Actor = SYSTEM_ACTOR) -> Patient:
+    """Merge ``source`` into ``target`` (e.g. a FHIR Patient.link ``replaced-by``): every record
+    and identifier moves to the target; the source stays as a tombstone (``merged_into``)."""
+    from registry.models import Alert
+    from scoring.models import ImagingStudy, VbqResult
+
+    if source.pk == target.pk:
+        return target
+    if target.merged_into_id is not None:
+        raise RegistryValidationError("the merge target is itself merged away", field="link")
+    for model in (Procedure, Fracture, TherapyExposure, ImagingStudy, VbqResult):
+        model.objects.filter(patient=source).update(patient=target)
+    # Unresolved alerts of the source are closed: the target's own rules decide afresh.
+    Alert.objects.filter(patient=source, status__in=["open", "acknowledged", "snoozed"]).update(
+        status="resolved", resolved_at=timezone.now(), resolution_reason="not-appropriate")
+    PatientIdentifier.objects.filter(patient=source).update(patient=target)
+    Patient.objects.filter(pk=source.pk).update(merged_into=target)
+    audit_record(actor=actor, action=AuditAction.UPDATE, object_type="Patient",
+                 object_id=str(target.pk), patient_id=target.pk,
+                 detail={"merged_from": str(source.pk)})
+    followup_changed(target.pk)
+    return target
+
+
 def _hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 

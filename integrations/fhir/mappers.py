@@ -24,6 +24,7 @@ from registry.services import (
     Identifier,
     RegistryValidationError,
     fracture_record,
+    patient_merge,
     patient_upsert,
     procedure_record,
     therapy_record,
@@ -182,6 +183,18 @@ def map_patient(resource: Any, ctx: Context) -> MapResult:
         )
     except RegistryValidationError as exc:
         raise _business_error(exc, "Patient") from exc
+    for link in resource.link or []:
+        if str(link.type) == "replaced-by" and link.other is not None:
+            try:
+                target = resolve_patient(ctx, link.other, "Patient.link.other")
+            except HeldReference as exc:
+                raise FhirError.single(422, "not-found", "the replacing Patient is not in the "
+                                       "registry; send it first", "Patient.link.other") from exc
+            try:
+                patient_merge(source=patient, target=target, actor=ctx.actor)
+            except RegistryValidationError as exc:
+                raise _business_error(exc, "Patient") from exc
+            return MapResult("Patient", str(target.pk), False, patient=target)
     return MapResult("Patient", str(patient.pk), created, patient=patient)
 
 

@@ -221,3 +221,18 @@ def test_a_medication_request_through_fhir_resolves_the_open_alert(client, token
     followup_evaluate([patient.pk])  # the worker does this on commit; see the worker test
     alert = Alert.objects.get(patient=patient)
     assert (alert.status, alert.resolution_reason) == ("resolved", "therapy-started")
+
+
+def test_a_patient_link_replaced_by_merges_the_records(client, token):
+    post(client, token, _bundle())
+    survivor = {"resourceType": "Patient", "id": "syn-pt-2", "identifier": [
+        {"system": "https://vbq-registry.example.org/fhir/sid/synthetic-mrn",
+         "value": "SYN-F-0002"}], "gender": "female", "birthDate": "1948-04-12"}
+    assert post(client, token, survivor, path="/fhir/Patient").status_code == 201
+    old = copy.deepcopy(_bundle()["entry"][0]["resource"])
+    old["link"] = [{"other": {"reference": "Patient/syn-pt-2"}, "type": "replaced-by"}]
+    assert post(client, token, old, path="/fhir/Patient").status_code == 200
+    target = PatientIdentifier.objects.get(value="SYN-F-0002").patient
+    assert Procedure.objects.get().patient == target
+    assert PatientIdentifier.objects.get(value="SYN-F-0001").patient == target
+    assert Patient.objects.filter(merged_into=target).count() == 1
