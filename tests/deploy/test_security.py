@@ -308,3 +308,25 @@ def test_feed_from_request_authenticates_the_bearer_token_and_ignores_missing_on
     assert ratelimit.feed_from_request(rf.post("/fhir", HTTP_AUTHORIZATION="Bearer bad")) is None
     with pytest.raises(ratelimit.RateLimited):
         ratelimit.feed_from_request(rf.post("/fhir", HTTP_AUTHORIZATION=f"Bearer {token}"))
+
+
+def test_no_template_needs_inline_script_or_style_that_the_csp_blocks():
+    """The CSP forbids inline script, inline event handlers and style attributes: use files in
+    static/ and data-* attributes or ``json_script`` instead."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    templates = [p for p in root.glob("**/templates/**/*.html")
+                 if ".venv" not in p.parts and "staticfiles" not in p.parts]
+    inline_script = re.compile(r"<script(?![^>]*\bsrc=)(?![^>]*application/json)[^>]*>", re.I)
+    blocked = re.compile(r"\sstyle=|<style\b|\son[a-z]+=|javascript:", re.I)
+    offenders = []
+    for path in templates:
+        text = path.read_text()
+        for pattern in (inline_script, blocked):
+            for match in pattern.finditer(text):
+                line = text.count("\n", 0, match.start()) + 1
+                offenders.append(f"{path.relative_to(root)}:{line}: {match.group(0).strip()}")
+    assert templates
+    assert not offenders, "blocked by the Content-Security-Policy:\n" + "\n".join(offenders)
