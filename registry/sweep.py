@@ -265,9 +265,12 @@ def _insert_alerts(rows: list[Alert]) -> list[Alert]:
                                      patient_id__in=[r.patient_id for r in rows]))
 
 
-def _bulk_open(to_open: list[tuple[Any, Any]], teams: dict[Any, str]) -> int:
+def _bulk_open(to_open: list[tuple[Any, Any]], teams: dict[Any, str],
+               queue_delivery: bool = False) -> int:
     """Open many alerts with a handful of statements. Conflicts with an existing unresolved
-    alert (a concurrent sweep or an event) are skipped by the partial unique index."""
+    alert (a concurrent sweep or an event) are skipped by the partial unique index. The outbox
+    rows are sent by the periodic delivery task (beat, ``DELIVERY_EVERY_SECONDS``) unless
+    ``queue_delivery`` asks for an immediate run."""
     from django.utils import timezone
 
     from registry.alerts import _channels, _safe_delay
@@ -301,11 +304,25 @@ def _bulk_open(to_open: list[tuple[Any, Any]], teams: dict[Any, str]) -> int:
          for a in created for channel in _channels()],
         ignore_conflicts=True,
     )
-    transaction.on_commit(_safe_delay(deliveries_send))
+    if queue_delivery:
+        transaction.on_commit(_safe_delay(deliveries_send))
     return len(created)
 
 
 def _set_next_dates(next_dates: dict[Any, dt.date | None]) -> None:
+    """One UPDATE for the whole batch (PostgreSQL: ``UPDATE … FROM (VALUES …)``)."""
+    if not next_dates:
+        return
+    if connection.vendor == "postgresql":
+        values = ", ".join(["(%s::uuid, %s::date)"] * len(next_dates))
+        params: list[Any] = []
+        for pid, day in next_dates.items():
+            params.extend([str(pid), day])
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE registry_patient AS p SET followup_next_check_on = v.day "  # noqa: S608
+                f"FROM (VALUES {values}) AS v(id, day) WHERE p.id = v.id", params)
+        return
     by_date: dict[dt.date | None, list[Any]] = defaultdict(list)
     for pid, day in next_dates.items():
         by_date[day].append(pid)
