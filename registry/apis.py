@@ -91,98 +91,73 @@ class AlertListApi(APIView):
         return paginator.get_paginated_response(AlertOutputSerializer(page, many=True).data)
 
 
-class AlertAcknowledgeApi(APIView):
+class _AlertOperationApi(APIView):
+    """Base for one alert operation: validate ``InputSerializer``, call ``perform``, answer the
+    alert (400 for invalid input, 409 for an impossible transition, 404 for an unknown id)."""
+
     permission_classes = [CanWorkAlerts]
+    success_status = status.HTTP_200_OK
 
     class InputSerializer(serializers.Serializer):
         note = serializers.CharField(required=False, allow_blank=True, max_length=4000)
+
+    def perform(self, alert: Alert, data: dict[str, Any], actor: Actor) -> Alert:
+        raise NotImplementedError
 
     def post(self, request: Request, alert_id: int) -> Response:
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         alert = get_object_or_404(Alert, pk=alert_id)
         try:
-            alert = alert_services.alert_acknowledge(
-                alert=alert, actor=_actor(request), note=data.validated_data.get("note", ""))
+            alert = self.perform(alert, data.validated_data, _actor(request))
         except RegistryValidationError as exc:
             return _invalid(exc)
-        return Response(AlertOutputSerializer(alert).data)
+        return Response(AlertOutputSerializer(alert).data, status=self.success_status)
 
 
-class AlertResolveApi(APIView):
-    permission_classes = [CanWorkAlerts]
+class AlertAcknowledgeApi(_AlertOperationApi):
+    def perform(self, alert: Alert, data: dict[str, Any], actor: Actor) -> Alert:
+        return alert_services.alert_acknowledge(alert=alert, actor=actor,
+                                                note=data.get("note", ""))
 
+
+class AlertResolveApi(_AlertOperationApi):
     class InputSerializer(serializers.Serializer):
         reason = serializers.ChoiceField(choices=list(RESOLUTION_REASONS))
         note = serializers.CharField(required=False, allow_blank=True, max_length=4000)
 
-    def post(self, request: Request, alert_id: int) -> Response:
-        data = self.InputSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        alert = get_object_or_404(Alert, pk=alert_id)
-        try:
-            alert = alert_services.alert_resolve(
-                alert=alert, reason=data.validated_data["reason"], actor=_actor(request),
-                note=data.validated_data.get("note", ""))
-        except RegistryValidationError as exc:
-            return _invalid(exc)
-        return Response(AlertOutputSerializer(alert).data)
+    def perform(self, alert: Alert, data: dict[str, Any], actor: Actor) -> Alert:
+        return alert_services.alert_resolve(alert=alert, reason=data["reason"], actor=actor,
+                                            note=data.get("note", ""))
 
 
-class AlertSnoozeApi(APIView):
-    permission_classes = [CanWorkAlerts]
-
+class AlertSnoozeApi(_AlertOperationApi):
     class InputSerializer(serializers.Serializer):
         until = serializers.DateField()
         note = serializers.CharField(required=False, allow_blank=True, max_length=4000)
 
-    def post(self, request: Request, alert_id: int) -> Response:
-        data = self.InputSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        alert = get_object_or_404(Alert, pk=alert_id)
-        try:
-            alert = alert_services.alert_snooze(
-                alert=alert, until=data.validated_data["until"], actor=_actor(request),
-                note=data.validated_data.get("note", ""))
-        except RegistryValidationError as exc:
-            return _invalid(exc)
-        return Response(AlertOutputSerializer(alert).data)
+    def perform(self, alert: Alert, data: dict[str, Any], actor: Actor) -> Alert:
+        return alert_services.alert_snooze(alert=alert, until=data["until"], actor=actor,
+                                           note=data.get("note", ""))
 
 
-class AlertAssignApi(APIView):
-    permission_classes = [CanWorkAlerts]
-
+class AlertAssignApi(_AlertOperationApi):
     class InputSerializer(serializers.Serializer):
         assignee = serializers.IntegerField(required=False, allow_null=True)
         care_team = serializers.CharField(required=False, max_length=100)
 
-    def post(self, request: Request, alert_id: int) -> Response:
-        data = self.InputSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        alert = get_object_or_404(Alert, pk=alert_id)
-        try:
-            alert = alert_services.alert_assign(
-                alert=alert, actor=_actor(request),
-                assignee_id=data.validated_data.get("assignee"),
-                care_team=data.validated_data.get("care_team"))
-        except RegistryValidationError as exc:
-            return _invalid(exc)
-        return Response(AlertOutputSerializer(alert).data)
+    def perform(self, alert: Alert, data: dict[str, Any], actor: Actor) -> Alert:
+        return alert_services.alert_assign(alert=alert, actor=actor,
+                                           assignee_id=data.get("assignee"),
+                                           care_team=data.get("care_team"))
 
 
-class AlertNoteApi(APIView):
-    permission_classes = [CanWorkAlerts]
+class AlertNoteApi(_AlertOperationApi):
+    success_status = status.HTTP_201_CREATED
 
     class InputSerializer(serializers.Serializer):
         note = serializers.CharField(max_length=4000)
 
-    def post(self, request: Request, alert_id: int) -> Response:
-        data = self.InputSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        alert = get_object_or_404(Alert, pk=alert_id)
-        try:
-            alert_services.alert_add_note(alert=alert, note=data.validated_data["note"],
-                                          actor=_actor(request))
-        except RegistryValidationError as exc:
-            return _invalid(exc)
-        return Response(AlertOutputSerializer(alert).data, status=status.HTTP_201_CREATED)
+    def perform(self, alert: Alert, data: dict[str, Any], actor: Actor) -> Alert:
+        alert_services.alert_add_note(alert=alert, note=data["note"], actor=actor)
+        return alert

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
 from django.core.management.base import BaseCommand, CommandParser
 from django.db import transaction
 
-from registry import codes
 from registry.demo import (
     SYNTHETIC_MRN_SYSTEM,
-    SYNTHETIC_SOURCE_SYSTEM,
     DemoPatient,
     generate_demo_cohort,
 )
 from registry.models import Patient
 from registry.services import (
     Actor,
-    Identifier,
-    fracture_record,
-    patient_upsert,
-    procedure_record,
-    therapy_record,
 )
-from registry.timeutil import clinic_today, start_of_clinic_day
+from registry.timeutil import clinic_today
 
 ACTOR = Actor(via="command")
 
@@ -87,100 +78,4 @@ def load_demo_patient_via_fhir(demo: DemoPatient) -> Patient:
             "measurement": {"synthetic": True, "note": "SYNTHETIC demo value, not computed"},
         },
     )
-    return patient
-
-
-@transaction.atomic
-def load_demo_patient(demo: DemoPatient) -> Patient:
-    """Write one synthetic patient with its procedure, MRI/VBQ, fractures and therapy."""
-    from scoring.models import ImagingSeries, ImagingStudy, VbqResult
-
-    patient, _ = patient_upsert(
-        identifiers=[Identifier(SYNTHETIC_MRN_SYSTEM, demo.key, use="usual", type_code="MR")],
-        family_name=demo.family_name,
-        given_name=demo.given_name,
-        birth_date=demo.birth_date,
-        sex=demo.sex,
-        deceased_on=demo.deceased_on,
-        last_contact_on=demo.last_contact,
-        bmi_kg_m2=demo.bmi,
-        care_team="fracture-liaison",
-        is_synthetic=True,
-        actor=ACTOR,
-    )
-    at = start_of_clinic_day(demo.index_date) + dt.timedelta(hours=10)
-    procedure, _ = procedure_record(
-        patient=patient,
-        code_system=codes.CPT,
-        code=demo.procedure_code,
-        code_display=demo.procedure_kind.title(),
-        performed_at=at,
-        levels=[demo.index_level],
-        identifier=Identifier(SYNTHETIC_SOURCE_SYSTEM, f"{demo.key}-PROC1"),
-        actor=ACTOR,
-    )
-    mri_day = demo.index_date + dt.timedelta(days=demo.mri_day_offset)
-    study, _ = ImagingStudy.objects.update_or_create(
-        study_instance_uid=f"2.25.{int(demo.key[4:]) + 10**12}",
-        defaults={
-            "patient": patient,
-            "started_at": start_of_clinic_day(mri_day) + dt.timedelta(hours=9),
-            "started_on": mri_day,
-            "modality": "MR",
-            "description": "SYNTHETIC MR lumbar spine",
-            "source": ImagingStudy.Source.DEMO,
-            "linked_procedure": procedure,
-            "link_reason": f"nearest lumbar MRI {-demo.mri_day_offset} days before procedure",
-        },
-    )
-    series, _ = ImagingSeries.objects.update_or_create(
-        series_instance_uid=f"{study.study_instance_uid}.1",
-        defaults={
-            "study": study,
-            "modality": "MR",
-            "description": "SYNTHETIC SAG T1",
-            "orientation": "sagittal",
-            "field_strength_t": demo.field_strength_t,
-        },
-    )
-    VbqResult.objects.update_or_create(
-        series=series,
-        algorithm_version="demo",
-        source=VbqResult.Source.IMPORTED,
-        revision=0,
-        defaults={
-            "patient": patient,
-            "status": VbqResult.Status.SUCCEEDED,
-            "review_status": VbqResult.Review.ACCEPTED,
-            "vbq_all_levels": demo.vbq_all_levels,
-            "vbq_excluding_fractured": demo.vbq_excluding_fractured,
-            "confidence": 1.0,
-            "fractured_levels": [demo.index_level] if demo.index_level.startswith("L") else [],
-            "field_strength_t": demo.field_strength_t,
-            "measurement": {"synthetic": True, "note": "SYNTHETIC demo value, not computed"},
-        },
-    )
-    for fx in demo.fractures:
-        day = demo.index_date + dt.timedelta(days=fx.day_offset)
-        fracture_record(
-            patient=patient,
-            site=fx.site,
-            vertebral_level=fx.level,
-            diagnosed_at=start_of_clinic_day(day) + dt.timedelta(hours=12),
-            identifier=Identifier(SYNTHETIC_SOURCE_SYSTEM, fx.key),
-            actor=ACTOR,
-        )
-    for rx in demo.therapies:
-        agent = codes.AGENTS[rx.agent]
-        therapy_record(
-            patient=patient,
-            agent=rx.agent,
-            kind=rx.kind,
-            route=rx.route,
-            rxnorm_code=agent.rxnorm_ingredient or "",
-            atc_code=agent.atc_codes[0],
-            start_on=demo.index_date + dt.timedelta(days=rx.day_offset),
-            identifier=Identifier(SYNTHETIC_SOURCE_SYSTEM, rx.key),
-            actor=ACTOR,
-        )
     return patient
