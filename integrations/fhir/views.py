@@ -30,8 +30,8 @@ from integrations.fhir.ingest import (
 )
 from integrations.fhir.mappers import MAPPERS, Context
 from integrations.models import InboundMessage
-from registry.models import Feed
-from registry.services import Actor, feed_authenticate
+from registry.models import AuditAction, Feed
+from registry.services import Actor, audit_record, feed_authenticate
 
 logger = logging.getLogger(__name__)
 FHIR_JSON = "application/fhir+json"
@@ -206,6 +206,18 @@ def type_level(request: HttpRequest, resource_type: str) -> HttpResponse:
     return _single(request, resource_type, data)
 
 
+def _audit_read(request: HttpRequest, resource_type: str, logical_id: str,
+                body: dict[str, Any]) -> None:
+    """Every FHIR read of patient data is an AuditEvent (ids only)."""
+    reference = body.get("subject", {}).get("reference", "") if isinstance(
+        body.get("subject"), dict) else ""
+    patient_id = body.get("id") if resource_type == "Patient" else (
+        reference.removeprefix("Patient/") if reference.startswith("Patient/") else None)
+    feed: Feed = request.feed  # type: ignore[attr-defined]
+    audit_record(actor=Actor(feed_id=feed.pk, via="fhir"), action=AuditAction.READ,
+                 object_type=resource_type, object_id=logical_id, patient_id=patient_id)
+
+
 @_guarded
 def instance_level(request: HttpRequest, resource_type: str, logical_id: str) -> HttpResponse:
     """``GET /fhir/<Type>/<id>`` reads what the registry holds; ``PUT`` updates by id."""
@@ -213,6 +225,7 @@ def instance_level(request: HttpRequest, resource_type: str, logical_id: str) ->
         body = read.read(f"{resource_type}/{logical_id}")
         if body is None:
             raise FhirError.single(404, "not-found", f"{resource_type}/{logical_id} not found")
+        _audit_read(request, resource_type, logical_id, body)
         return _response(body)
     if request.method != "PUT":
         raise FhirError.single(405, "not-supported", "use GET or PUT")

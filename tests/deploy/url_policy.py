@@ -90,6 +90,9 @@ URL_POLICY: dict[str, Rule] = {
     # --- patients (identified)
     "patient-list": phi(),
     "patient-detail": phi(),
+    # --- worklist page (identified)
+    "worklist": phi(methods=("GET", "POST"), roles=ALERT_ROLES),
+    "worklist-action": phi(methods=("POST",), roles=ALERT_ROLES),
     # --- alerts API (identified worklist)
     "api-alert-list": phi(roles=ALERT_ROLES),
     "api-alert-acknowledge": phi(methods=("POST",), roles=ALERT_ROLES),
@@ -142,7 +145,6 @@ SAMPLE_KWARGS: dict[str, object] = {
 # gap, reported to the owner). When the view audits, the matrix test says so: remove it here.
 KNOWN_UNAUDITED_READS: frozenset[str] = frozenset(
     {
-        "fhir-instance",  # GET /fhir/Patient/<id> (integrations/fhir/read.py)
     }
 )
 

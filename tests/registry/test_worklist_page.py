@@ -1,0 +1,59 @@
+"""The worklist page: unresolved alerts, one-click actions, MRN search without PHI in URLs."""
+
+import pytest
+from django.urls import reverse
+
+from registry.models import Alert, AlertEvent
+from registry.sweep import followup_sweep
+from tests.registry.followup_helpers import high_vbq_patient
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def alert(db):
+    high_vbq_patient(70, mrn="SYN-WL-1", given_name="Worklistone")
+    followup_sweep()
+    return Alert.objects.get()
+
+
+def test_coordinator_sees_the_open_alert_with_vbq_and_days(client, role_user, alert):
+    client.force_login(role_user("coordinator"))
+    html = client.get(reverse("worklist")).content.decode()
+    assert "Worklistone" in html
+    assert "3.60" in html
+    assert "High VBQ, untreated at day 60" in html
+
+
+def test_acknowledge_then_resolve_from_the_worklist(client, role_user, alert):
+    client.force_login(role_user("coordinator"))
+    client.post(reverse("worklist-action", args=[alert.pk, "acknowledge"]))
+    response = client.post(reverse("worklist-action", args=[alert.pk, "resolve"]),
+                           {"reason": "therapy-started"})
+    assert response.status_code == 302
+    alert.refresh_from_db()
+    assert (alert.status, alert.resolution_reason) == ("resolved", "therapy-started")
+    assert AlertEvent.objects.filter(alert=alert).count() == 3
+
+
+def test_mrn_search_is_a_post_and_finds_the_alert(client, role_user, alert):
+    client.force_login(role_user("coordinator"))
+    high_vbq_patient(80, mrn="SYN-WL-2", given_name="Otherperson")
+    followup_sweep()
+    response = client.post(reverse("worklist"), {"mrn": "SYN-WL-1"})
+    html = response.content.decode()
+    assert "Worklistone" in html
+    assert "Otherperson" not in html
+
+
+def test_a_bad_snooze_date_is_reported_not_a_500(client, role_user, alert):
+    client.force_login(role_user("coordinator"))
+    response = client.post(reverse("worklist-action", args=[alert.pk, "snooze"]),
+                           {"until": "soon"}, follow=True)
+    assert response.status_code == 200
+    assert "enter a valid date" in response.content.decode()
+
+
+def test_qi_analyst_cannot_open_the_worklist(client, role_user, alert):
+    client.force_login(role_user("qi_analyst"))
+    assert client.get(reverse("worklist")).status_code == 403
