@@ -330,3 +330,54 @@ def test_no_template_needs_inline_script_or_style_that_the_csp_blocks():
                 offenders.append(f"{path.relative_to(root)}:{line}: {match.group(0).strip()}")
     assert templates
     assert not offenders, "blocked by the Content-Security-Policy:\n" + "\n".join(offenders)
+
+
+def _patient_bundle(mrn: str) -> dict:
+    return {"resourceType": "Bundle", "type": "transaction", "entry": [{
+        "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+        "resource": {"resourceType": "Patient", "identifier": [{
+            "system": "https://vbq-registry.example.org/fhir/sid/synthetic-mrn", "value": mrn}],
+            "name": [{"family": "SYNTHETIC", "given": ["Scope"]}], "gender": "female",
+            "birthDate": "1950-01-01"},
+        "request": {"method": "POST", "url": "Patient"}}]}
+
+
+@pytest.mark.postgres
+def test_a_rotated_feed_token_stops_working_at_once_and_the_new_one_works(db):
+    from registry.services import feed_rotate_token
+
+    if _fhir_missing():
+        pytest.skip("the FHIR endpoint /fhir is not mounted")
+    feed, old = feed_create(name="rotating-feed")
+    new = feed_rotate_token(feed=feed)
+    post = Client().post
+    rejected = post("/fhir", data=_patient_bundle("SYN-ROT1"), content_type="application/fhir+json",
+                    HTTP_AUTHORIZATION=f"Bearer {old}")
+    accepted = post("/fhir", data=_patient_bundle("SYN-ROT2"), content_type="application/fhir+json",
+                    HTTP_AUTHORIZATION=f"Bearer {new}")
+    assert rejected.status_code == 401
+    assert accepted.status_code == 200
+
+
+@pytest.mark.postgres
+def test_a_feed_scoped_to_procedures_cannot_write_patients(db):
+    from registry.models import PatientIdentifier
+
+    if _fhir_missing():
+        pytest.skip("the FHIR endpoint /fhir is not mounted")
+    _, token = feed_create(name="procedure-only-feed", allowed_resource_types=["Procedure"])
+    response = Client().post("/fhir", data=_patient_bundle("SYN-SCOPE1"),
+                             content_type="application/fhir+json",
+                             HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert response.status_code in {400, 403, 422}
+    assert not PatientIdentifier.objects.filter(value="SYN-SCOPE1").exists()
+
+
+def _fhir_missing() -> bool:
+    from django.urls import Resolver404, resolve
+
+    try:
+        resolve("/fhir")
+    except Resolver404:
+        return True
+    return False
