@@ -1,0 +1,137 @@
+"""Result types of the VBQ engine and its typed errors. Pure (no Django)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ALGORITHM_VERSION = "0.1.0"
+VBQ_LEVELS = ("L1", "L2", "L3", "L4")
+ALL_LEVELS = ("T12", "L1", "L2", "L3", "L4", "L5", "S1")
+
+
+class EngineError(Exception):
+    """Base of every engine error. ``code`` is stable; ``str(err)`` is clinician-readable."""
+
+    code = "engine-error"
+
+
+class UnreadableDicomError(EngineError):
+    code = "unreadable-dicom"
+
+
+class EmptySeriesError(EngineError):
+    code = "empty-series"
+
+
+class NotAnImageError(EngineError):
+    code = "not-an-image"
+
+
+class WrongModalityError(EngineError):
+    code = "wrong-modality"
+
+
+class InconsistentSeriesError(EngineError):
+    code = "inconsistent-series"
+
+
+@dataclass(frozen=True)
+class Roi:
+    """An ellipse (or axis-aligned box) in pixel coordinates of one slice.
+
+    ``row``/``col`` are the centre; ``half_height``/``half_width`` the semi-axes in pixels.
+    """
+
+    slice_index: int
+    row: float
+    col: float
+    half_height: float
+    half_width: float
+    shape: str = "ellipse"
+
+
+@dataclass
+class QcFlag:
+    code: str
+    message: str
+    severity: str = "warning"  # info | warning | refusal
+
+
+@dataclass
+class LevelMeasurement:
+    level: str
+    median_si: float
+    pixel_count: int
+    roi: Roi
+    centroid_pixel: tuple[int, float, float]
+    centroid_lps_mm: tuple[float, float, float]
+    fractured: bool = False
+    suggested_fractured: bool = False
+    height_ratio: float | None = None
+
+
+@dataclass
+class Acquisition:
+    field_strength_t: float | None = None
+    repetition_time_ms: float | None = None
+    echo_time_ms: float | None = None
+    receive_bandwidth_hz_px: float | None = None
+    manufacturer: str = ""
+    model: str = ""
+    sequence_name: str = ""
+    slice_thickness_mm: float | None = None
+    pixel_spacing_mm: tuple[float, float] | None = None
+    series_description: str = ""
+
+
+@dataclass
+class VbqMeasurement:
+    """The engine's result: the JSON contract of ``to_dict`` is documented in docs/engine.md."""
+
+    status: str  # succeeded | needs_review | failed
+    source: str  # auto | manual | external-seg
+    series_instance_uid: str
+    vbq_all_levels: float | None
+    vbq_excluding_fractured: float | None
+    confidence: float
+    qc_flags: list[QcFlag] = field(default_factory=list)
+    levels: dict[str, LevelMeasurement] = field(default_factory=dict)
+    csf: LevelMeasurement | None = None
+    fractured_levels: list[str] = field(default_factory=list)
+    acquisition: Acquisition = field(default_factory=Acquisition)
+    algorithm_version: str = ALGORITHM_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["levels"] = {k: asdict(v) for k, v in self.levels.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VbqMeasurement:
+        def level(d: dict[str, Any] | None) -> LevelMeasurement | None:
+            if d is None:
+                return None
+            d = dict(d)
+            d["roi"] = Roi(**d["roi"])
+            d["centroid_pixel"] = tuple(d["centroid_pixel"])
+            d["centroid_lps_mm"] = tuple(d["centroid_lps_mm"])
+            return LevelMeasurement(**d)
+
+        acq = dict(data.get("acquisition") or {})
+        if acq.get("pixel_spacing_mm") is not None:
+            acq["pixel_spacing_mm"] = tuple(acq["pixel_spacing_mm"])
+        levels = {k: level(v) for k, v in (data.get("levels") or {}).items()}
+        return cls(
+            status=data["status"], source=data["source"],
+            series_instance_uid=data["series_instance_uid"],
+            vbq_all_levels=data["vbq_all_levels"],
+            vbq_excluding_fractured=data["vbq_excluding_fractured"],
+            confidence=data["confidence"],
+            qc_flags=[QcFlag(**f) for f in data.get("qc_flags", [])],
+            levels={k: v for k, v in levels.items() if v is not None},
+            csf=level(data.get("csf")),
+            fractured_levels=list(data.get("fractured_levels", [])),
+            acquisition=Acquisition(**acq),
+            algorithm_version=data.get("algorithm_version", ALGORITHM_VERSION),
+        )

@@ -1,0 +1,135 @@
+"""The VBQ engine on SYNTHETIC phantoms: typed errors, protocol QC, the manual-ROI path."""
+
+import json
+
+import numpy as np
+import pytest
+
+from scoring.engine import (
+    EmptySeriesError,
+    EngineError,
+    Roi,
+    UnreadableDicomError,
+    VbqMeasurement,
+    WrongModalityError,
+    compute_vbq,
+)
+from scoring.engine.__main__ import main as cli
+from scoring.engine.phantom import make_phantom
+
+
+def truth_rois(phantom, shrink=0.25):
+    """ROIs a careful reviewer would draw: centred on each body / the L3 canal."""
+    t = phantom.truth
+    spacing = t["spacing_mm"]
+    rois = {}
+    for level in ("L1", "L2", "L3", "L4"):
+        s, r, c = t["centres_px"][level]
+        rois[level] = Roi(s, r, c - 1.5 / spacing, 6 / spacing, 8 / spacing)
+    s, r, c = t["centres_px"]["L3"]
+    body_w_px = 34 / spacing
+    rois["csf"] = Roi(s, r, c + body_w_px / 2 + (2 + 6.5) / spacing + 2, 8 / spacing,
+                      2.0 / spacing, "box")
+    return rois
+
+
+def test_manual_rois_reproduce_the_phantom_vbq():
+    phantom = make_phantom(11, fractured=())
+    result = compute_vbq(phantom.datasets, manual_rois=truth_rois(phantom))
+    assert result.status == "succeeded"
+    assert result.vbq_all_levels == pytest.approx(phantom.truth["vbq_all_levels"], rel=0.08)
+
+
+def test_fractured_levels_are_excluded_from_the_second_value():
+    phantom = make_phantom(12, fractured=("L2",))
+    result = compute_vbq(phantom.datasets, manual_rois=truth_rois(phantom),
+                         fractured_levels=["l2"])
+    assert result.fractured_levels == ["L2"]
+    assert result.levels["L2"].fractured
+    assert result.vbq_excluding_fractured != result.vbq_all_levels
+
+
+def test_without_rois_the_engine_asks_for_review_instead_of_guessing():
+    result = compute_vbq(make_phantom(13).datasets)
+    assert result.status == "needs_review"
+    assert result.vbq_all_levels is None
+    assert "auto-localisation-unavailable" in {f.code for f in result.qc_flags}
+
+
+@pytest.mark.parametrize(
+    ("variant", "code"),
+    [({"contrast": "t2"}, "t2-like"), ({"fat_suppressed": True}, "fat-suppressed"),
+     ({"plane": "axial"}, "not-sagittal"), ({"gadolinium": True}, "contrast")],
+)
+def test_wrong_protocols_are_refused_with_the_reason(variant, code):
+    result = compute_vbq(make_phantom(14, **variant).datasets)
+    assert result.status == "failed"
+    assert code in {f.code for f in result.qc_flags if f.severity == "refusal"}
+
+
+def test_a_single_slice_is_refused():
+    result = compute_vbq(make_phantom(15, slices=1).datasets)
+    assert "too-few-slices" in {f.code for f in result.qc_flags}
+
+
+def test_corrupt_and_non_dicom_files_raise_a_typed_error(tmp_path):
+    (tmp_path / "a.dcm").write_bytes(b"not dicom at all")
+    with pytest.raises(UnreadableDicomError, match="not a readable DICOM"):
+        compute_vbq(tmp_path)
+
+
+def test_truncated_pixel_data_raises_a_typed_error():
+    datasets = make_phantom(16).datasets
+    datasets[3].PixelData = datasets[3].PixelData[:100]
+    with pytest.raises(EngineError) as err:
+        compute_vbq(datasets)
+    assert err.value.code == "unreadable-dicom"
+
+
+def test_an_empty_folder_raises_a_typed_error(tmp_path):
+    with pytest.raises(EmptySeriesError):
+        compute_vbq(tmp_path)
+
+
+def test_a_ct_series_is_refused_as_wrong_modality():
+    datasets = make_phantom(17).datasets
+    for ds in datasets:
+        ds.Modality = "CT"
+    with pytest.raises(WrongModalityError, match="MR series"):
+        compute_vbq(datasets)
+
+
+def test_a_tiny_roi_is_refused_with_a_clear_message():
+    phantom = make_phantom(18)
+    rois = truth_rois(phantom)
+    rois["L1"] = Roi(rois["L1"].slice_index, 100, 100, 1, 1)
+    with pytest.raises(EngineError, match="draw it larger"):
+        compute_vbq(phantom.datasets, manual_rois=rois)
+
+
+def test_the_json_contract_round_trips_and_carries_patient_coordinates():
+    phantom = make_phantom(19, fractured=())
+    result = compute_vbq(phantom.datasets, manual_rois=truth_rois(phantom))
+    data = json.loads(json.dumps(result.to_dict(), default=str))
+    again = VbqMeasurement.from_dict(data)
+    assert again.vbq_all_levels == pytest.approx(result.vbq_all_levels)
+    assert len(data["levels"]["L3"]["centroid_lps_mm"]) == 3
+    assert data["acquisition"]["field_strength_t"] in (1.5, 3.0)
+
+
+def test_cli_prints_the_json_contract(tmp_path, capsys):
+    phantom = make_phantom(20, fractured=())
+    phantom.write(tmp_path / "series")
+    rois = {k: v.__dict__ for k, v in truth_rois(phantom).items()}
+    (tmp_path / "rois.json").write_text(json.dumps(rois))
+    assert cli([str(tmp_path / "series"), "--rois", str(tmp_path / "rois.json"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["status"] == "succeeded"
+    assert out["algorithm_version"]
+
+
+def test_phantoms_are_labelled_synthetic():
+    ds = make_phantom(21).datasets[0]
+    assert "SYNTHETIC" in str(ds.PatientName)
+    assert str(ds.PatientID).startswith("SYN-")
+    assert np.isfinite(make_phantom(21).truth["vbq_all_levels"])
