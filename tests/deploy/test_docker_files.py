@@ -224,3 +224,47 @@ def test_gunicorn_access_log_leaves_out_query_strings():
     fmt = re.search(r"access_log_format = '(.*)'", GUNICORN_CONF)[1]
     assert "%(U)s" in fmt
     assert not {"%(r)s", "%(q)s", "%(f)s"} & set(re.findall(r"%\(\w\)s", fmt))
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+def test_web_health_check_passes_against_gunicorn_with_the_production_env(transactional_db,
+                                                                         tmp_path):
+    """Run the compose health check command against gunicorn started with env.example's
+    security settings (HTTPS redirect, allowed hosts): it must succeed."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import test_database_url
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **env_example()}
+    env.update({"DATABASE_URL": test_database_url(), "CELERY_BROKER_URL": "filesystem://",
+                "REDIS_CACHE_URL": "", "PACS_DICOMWEB_URL": "", "VAR_DIR": str(tmp_path),
+                "SECRET_KEY": "x" * 64, "LOG_LEVEL": "WARNING"})
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--config", "docker/gunicorn.conf.py", "--bind",
+         f"127.0.0.1:{port}", "--workers", "1", "config.wsgi:application"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    check = SERVICES["web"]["healthcheck"]["test"]
+    code = check[3].replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 60
+        result = None
+        while time.monotonic() < deadline:
+            result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                    text=True, timeout=30, check=False)
+            if result.returncode == 0:
+                break
+            time.sleep(0.5)
+        assert result is not None
+        assert result.returncode == 0, result.stderr[-1500:]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
