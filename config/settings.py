@@ -276,6 +276,7 @@ def _beat_schedule() -> dict[str, dict]:
             "task": "registry.deliveries_send",
             "schedule": float(DELIVERY_EVERY_SECONDS),
         },
+        "vbq-requeue-stale": {"task": "scoring.vbq_requeue_stale", "schedule": 120.0},
     }
 
 

@@ -88,3 +88,38 @@ def imaging_study_upsert(
 
         study_received.delay_on_commit(study.pk)
     return study, created
+
+
+def _looks_scorable(series: ImagingSeries) -> bool:
+    """Series worth a VBQ job: MR, and not obviously axial / T2 / STIR by its description.
+    Unknown descriptions are scored (the engine's QC refuses wrong protocols with reasons)."""
+    text = (series.description or "").upper()
+    if series.modality and series.modality != "MR":
+        return False
+    return not any(word in text for word in ("AX", "T2", "STIR", "LOCALIZER", "SCOUT"))
+
+
+@transaction.atomic
+def vbq_jobs_create(*, study: ImagingStudy) -> list[int]:
+    """One queued automatic VBQ job per scorable series (unique on series, algorithm version,
+    source, revision: a replay creates nothing). Queues ``vbq_compute`` after commit."""
+    from scoring.engine import ALGORITHM_VERSION
+    from scoring.models import VbqResult
+
+    created_ids = []
+    if study.patient_id is None:
+        return created_ids
+    for series in study.series.all():
+        if not _looks_scorable(series):
+            continue
+        result, created = VbqResult.objects.get_or_create(
+            series=series, algorithm_version=ALGORITHM_VERSION, source=VbqResult.Source.AUTO,
+            revision=0, defaults={"patient_id": study.patient_id},
+        )
+        if created:
+            created_ids.append(result.pk)
+    from scoring.tasks import enqueue_vbq_compute
+
+    for pk in created_ids:
+        transaction.on_commit(lambda pk=pk: enqueue_vbq_compute(pk))
+    return created_ids

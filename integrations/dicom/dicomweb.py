@@ -1,0 +1,65 @@
+"""DICOMweb client to the PACS (dicomweb-client): QIDO-RS to find series, WADO-RS to fetch.
+
+Errors are classified for the job's retry policy: ``TransientFetchError`` (PACS unreachable,
+timeouts, HTTP 5xx/429) is retried with backoff; ``PermanentFetchError`` (404, other 4xx, an
+empty series) is not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
+
+
+class FetchError(Exception):
+    pass
+
+
+class TransientFetchError(FetchError):
+    """Worth retrying later."""
+
+
+class PermanentFetchError(FetchError):
+    """Retrying will not help."""
+
+
+def _client(base_url: str, username: str = "", password: str = "",
+            timeout: float = 30) -> DICOMwebClient:
+    session = requests.Session()
+    if username:
+        session.auth = (username, password)
+    return DICOMwebClient(url=base_url.rstrip("/"), session=session, timeout=timeout)
+
+
+def _classify(exc: Exception) -> FetchError:
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        status = exc.response.status_code
+        if status >= 500 or status == 429:
+            return TransientFetchError(f"PACS answered HTTP {status}")
+        return PermanentFetchError(f"PACS answered HTTP {status}")
+    if isinstance(exc, requests.ConnectionError | requests.Timeout):
+        return TransientFetchError(f"PACS unreachable ({type(exc).__name__})")
+    return PermanentFetchError(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+def fetch_series(base_url: str, study_uid: str, series_uid: str, *, username: str = "",
+                 password: str = "") -> list[Dataset]:
+    """All instances of one series as pydicom Datasets (WADO-RS)."""
+    try:
+        datasets = _client(base_url, username, password).retrieve_series(study_uid, series_uid)
+    except Exception as exc:  # requests / dicomweb-client errors, malformed multipart
+        raise _classify(exc) from exc
+    if not datasets:
+        raise PermanentFetchError("the PACS returned no instance for this series")
+    return list(datasets)
+
+
+def search_series(base_url: str, study_uid: str, **auth: Any) -> list[dict[str, Any]]:
+    """QIDO-RS series of a study (DICOM JSON)."""
+    try:
+        return list(_client(base_url, **auth).search_for_series(study_uid))
+    except Exception as exc:
+        raise _classify(exc) from exc

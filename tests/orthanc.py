@@ -1,0 +1,87 @@
+"""A real Orthanc PACS (Debian ``orthanc`` + ``orthanc-dicomweb``) for tests: a plain process
+with a temporary config and storage on free ports, stopped afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+
+BINARY = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+def available() -> bool:
+    return os.path.exists(BINARY) and os.path.exists(PLUGIN)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Orthanc:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.http_port = _free_port()
+        self.dicom_port = _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "VBQTEST", "HttpPort": self.http_port, "DicomPort": self.dicom_port,
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "Plugins": [PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "StableAge": 1, "ConcurrentJobs": 1, "HttpTimeout": 30,
+        }
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(config))
+        self.log = open(self.workdir / "orthanc.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([BINARY, str(path)], stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.dicomweb}/studies", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                time.sleep(0.2)
+        raise RuntimeError((self.workdir / "orthanc.log").read_text()[-2000:])
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def upload(self, datasets) -> None:
+        """Store pydicom Datasets through Orthanc's REST API (POST /instances)."""
+        import io
+
+        for ds in datasets:
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            r = requests.post(f"{self.url}/instances", data=buffer.getvalue(), timeout=30)
+            r.raise_for_status()
