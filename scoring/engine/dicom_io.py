@@ -118,11 +118,19 @@ def read_series(source: Any) -> Series:
         pixel_spacing = tuple(float(v) for v in images[0].PixelSpacing)
     except (AttributeError, TypeError, ValueError) as exc:
         raise NotAnImageError("the images have no orientation or pixel spacing") from exc
+    if orientation.shape != (6,) or not np.all(np.isfinite(orientation)):
+        raise NotAnImageError("ImageOrientationPatient must hold 6 direction cosines")
+    if len(pixel_spacing) != 2 or not all(v > 0 and np.isfinite(v) for v in pixel_spacing):
+        raise NotAnImageError("PixelSpacing must hold 2 positive values")
     normal = np.cross(orientation[:3], orientation[3:])
+    if not np.isfinite(normal).all() or np.linalg.norm(normal) < 0.5:
+        raise NotAnImageError("ImageOrientationPatient does not describe a plane")
     try:
         positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in images])
     except (AttributeError, TypeError, ValueError) as exc:
         raise NotAnImageError("an image has no position") from exc
+    if positions.ndim != 2 or positions.shape[1] != 3 or not np.isfinite(positions).all():
+        raise NotAnImageError("ImagePositionPatient must hold 3 coordinates on every image")
     order = np.argsort(positions @ normal)
     images = [images[i] for i in order]
     positions = positions[order]

@@ -180,13 +180,6 @@ ROI_NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="known engine crashes found by this fuzz (reported to imaging): "
-    "scoring/engine/dicom_io.read_series raises ValueError for ImageOrientationPatient='' "
-    "(cross product) or a 2-value ImagePositionPatient (matmul), and IndexError for a short "
-    "PixelSpacing; they should be EngineError. Remove this marker once fixed.",
-)
 def test_mutated_dicom_series_give_a_measurement_or_a_typed_engine_error():
     engine, phantom = _engine()
     datasets, rois = phantom.datasets, _rois(engine, phantom)
