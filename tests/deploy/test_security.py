@@ -381,3 +381,13 @@ def _fhir_missing() -> bool:
     except Resolver404:
         return True
     return False
+
+
+@pytest.mark.postgres
+def test_only_auditors_see_the_audit_link_in_the_navigation(db, role_user):
+    admin, clinician = Client(), Client()
+    admin.force_login(role_user("admin"))
+    clinician.force_login(role_user("clinician"))
+    url = reverse("audit-event-list").encode()
+    assert url in admin.get(reverse("home")).content
+    assert url not in clinician.get(reverse("home")).content
