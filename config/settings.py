@@ -196,7 +196,12 @@ READYZ_PACS_TIMEOUT_SECONDS = env.float("READYZ_PACS_TIMEOUT_SECONDS", default=2
 DICOM_STORAGE_ROOT = Path(env.str("DICOM_STORAGE_ROOT", default=str(VAR_DIR / "dicom")))
 DICOM_SCP_AE_TITLE = env.str("DICOM_SCP_AE_TITLE", default="VBQREGISTRY")
 DICOM_SCP_PORT = env.int("DICOM_SCP_PORT", default=11112)
+DICOM_SCP_BIND = env.str("DICOM_SCP_BIND", default="127.0.0.1")
 DICOM_STUDY_COMPLETE_SECONDS = env.int("DICOM_STUDY_COMPLETE_SECONDS", default=30)
+# DICOM PatientID of received studies is looked up under this identifier system (the MRN).
+DICOM_PATIENT_ID_SYSTEM = env.str(
+    "DICOM_PATIENT_ID_SYSTEM", default="https://vbq-registry.example.org/fhir/sid/synthetic-mrn"
+)
 EHR_OUTBOUND_FHIR_URL = env.str("EHR_OUTBOUND_FHIR_URL", default="")
 EHR_OUTBOUND_FHIR_TOKEN = env.str("EHR_OUTBOUND_FHIR_TOKEN", default="")
 

@@ -187,3 +187,60 @@ def test_fhir_imaging_study_to_stored_result_through_a_real_worker(
     assert result is not None, celery_worker_process.log_path.read_text()[-3000:]
     assert result.status == "needs_review"
     assert ImagingStudy.objects.get().linked_procedure is not None
+
+
+@pytest.mark.slow
+@pytest.mark.dcmtk
+def test_storescu_push_to_the_receiver_ends_in_a_scored_result(
+    tmp_path, celery_worker_process
+):
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, test_database_url
+
+    if shutil.which("storescu") is None:
+        if os.environ.get("REQUIRE_SERVICES") in {"1", "true"}:
+            pytest.fail("REQUIRE_SERVICES=1 but dcmtk (storescu) is not installed")
+        pytest.skip("dcmtk storescu is not installed")
+    patient = PatientFactory(mrn="SYN-SCP-1")
+    index_day = clinic_today() - dt.timedelta(days=5)
+    procedure_record(patient=patient, code_system="http://www.ama-assn.org/go/cpt",
+                     code="22511", performed_at=start_of_clinic_day(index_day)
+                     + dt.timedelta(hours=10), identifier=Identifier("urn:t", "scp-1"))
+    phantom = make_phantom(108, slices=7)
+    for ds in phantom.datasets:
+        ds.PatientID = "SYN-SCP-1"
+        ds.StudyDate = (index_day - dt.timedelta(days=12)).strftime("%Y%m%d")
+    files = phantom.write(tmp_path / "push")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DATABASE_URL": test_database_url(),
+           "DICOM_STORAGE_ROOT": str(tmp_path / "store")}
+    receiver = subprocess.Popen(
+        [sys.executable, "manage.py", "dicom_receiver", "--port", str(port),
+         "--complete-after", "2"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT)
+    try:
+        time.sleep(3)
+        subprocess.run(["storescu", "-aec", "VBQREGISTRY", "127.0.0.1", str(port),
+                        *map(str, files)], check=True, timeout=60, capture_output=True)
+        deadline = time.monotonic() + 60
+        result = None
+        while time.monotonic() < deadline:
+            result = VbqResult.objects.filter(patient=patient).first()
+            if result and result.status not in ("queued", "running"):
+                break
+            time.sleep(0.5)
+    finally:
+        receiver.terminate()
+        receiver.wait(10)
+    assert result is not None
+    assert result.status == "needs_review"
+    study = ImagingStudy.objects.get(patient=patient)
+    assert study.source == "dicom"
+    assert study.linked_procedure is not None
