@@ -18,6 +18,7 @@ urlpatterns = [
     path("", include("config.ops_urls")),
     path("reports/", include("registry.reports.urls")),
     path("api/", include("registry.api_urls")),
+    path("api/imaging/", include("scoring.urls")),
     path("", include("integrations.fhir.urls")),
     path("cds-services", cds.discovery, name="cds-discovery"),
     path("cds-services/vbq-followup", cds.patient_view, name="cds-patient-view"),

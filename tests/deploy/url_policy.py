@@ -90,6 +90,10 @@ URL_POLICY: dict[str, Rule] = {
     # --- patients (identified)
     "patient-list": phi(),
     "patient-detail": phi(),
+    # --- imaging API (identified)
+    "api-vbq-job-list": phi(),
+    "api-vbq-job-detail": phi(),
+    "api-dicom-upload": phi(methods=("POST",)),
     # --- worklist page (identified)
     "worklist": phi(methods=("GET", "POST"), roles=ALERT_ROLES),
     "worklist-action": phi(methods=("POST",), roles=ALERT_ROLES),
@@ -160,5 +164,6 @@ UNDOCUMENTED_API_VIEWS: frozenset[str] = frozenset(
         "AlertAssignApi",
         "AlertNoteApi",
         "ReportApi",
+        "DicomUploadApi",
     }
 )

@@ -1,0 +1,132 @@
+"""Imaging API: VBQ job status (list/detail) and DICOM upload for a patient.
+
+Permissions: job status for anyone who may see identified data; upload for clinicians and
+coordinators (``registry.view_identified_data``) — the file is checked (size, zip, DICOM).
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.pagination import LimitOffsetPagination
+from rest_framework.parsers import MultiPartParser
+from rest_framework.permissions import BasePermission
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from registry.models import Patient
+from scoring.models import VbqResult
+
+MAX_UPLOAD_BYTES = 500 * 1024 * 1024
+
+
+class CanSeePatients(BasePermission):
+    def has_permission(self, request: Request, view: Any) -> bool:
+        return bool(request.user and request.user.has_perm("registry.view_identified_data"))
+
+
+class JobOutputSerializer(serializers.ModelSerializer):
+    patient_id = serializers.UUIDField(read_only=True)
+    series_instance_uid = serializers.CharField(source="series.series_instance_uid",
+                                                default=None)
+
+    class Meta:
+        model = VbqResult
+        fields = ["id", "patient_id", "series_instance_uid", "algorithm_version", "source",
+                  "revision", "status", "review_status", "vbq_all_levels",
+                  "vbq_excluding_fractured", "confidence", "qc_flags", "error_code",
+                  "error_message", "attempts", "queued_at", "started_at", "finished_at"]
+
+
+class JobListApi(APIView):
+    """VBQ jobs, newest first; ``?status=`` filters."""
+
+    permission_classes = [CanSeePatients]
+
+    @extend_schema(operation_id="vbq_jobs_list", responses=JobOutputSerializer(many=True))
+    def get(self, request: Request) -> Response:
+        qs = VbqResult.objects.select_related("series").order_by("-queued_at", "-pk")
+        wanted = request.query_params.get("status")
+        if wanted:
+            if wanted not in VbqResult.Status.values:
+                return Response({"detail": f"unknown status {wanted!r}"}, status=400)
+            qs = qs.filter(status=wanted)
+        paginator = LimitOffsetPagination()
+        page = paginator.paginate_queryset(qs, request, view=self)
+        return paginator.get_paginated_response(JobOutputSerializer(page, many=True).data)
+
+
+class JobDetailApi(APIView):
+    permission_classes = [CanSeePatients]
+
+    @extend_schema(operation_id="vbq_job_retrieve", responses=JobOutputSerializer)
+    def get(self, request: Request, result_id: int) -> Response:
+        return Response(JobOutputSerializer(get_object_or_404(VbqResult, pk=result_id)).data)
+
+
+class DicomUploadApi(APIView):
+    """POST a zip of one study's DICOM files (``file``) for ``patient``: stored like a C-STORE
+    push, registered, linked and scored."""
+
+    permission_classes = [CanSeePatients]
+    parser_classes = [MultiPartParser]
+
+    def post(self, request: Request, patient_id: str) -> Response:
+        import pydicom
+
+        from integrations.dicom.scp import _safe, register_study
+
+        patient = get_object_or_404(Patient, pk=patient_id)
+        upload = request.FILES.get("file")
+        if upload is None:
+            return Response({"detail": "send the DICOM files as a zip in 'file'"}, status=400)
+        if upload.size > MAX_UPLOAD_BYTES:
+            return Response({"detail": "the upload is larger than 500 MB"}, status=413)
+        try:
+            archive = zipfile.ZipFile(io.BytesIO(upload.read()))
+        except zipfile.BadZipFile:
+            return Response({"detail": "the file is not a zip archive"}, status=415)
+        root = Path(settings.DICOM_STORAGE_ROOT)
+        studies: set[str] = set()
+        stored = rejected = 0
+        for info in archive.infolist()[:5000]:
+            if info.is_dir() or info.file_size > 50 * 1024 * 1024:
+                continue
+            try:
+                ds = pydicom.dcmread(io.BytesIO(archive.read(info)))
+                study, series, sop = (_safe(str(ds.get(k, ""))) for k in (
+                    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+            except Exception:  # not DICOM: skipped and counted
+                rejected += 1
+                continue
+            folder = root / study / series
+            folder.mkdir(parents=True, exist_ok=True)
+            ds.save_as(str(folder / f"{sop}.dcm"))
+            studies.add(study)
+            stored += 1
+        if not studies:
+            return Response({"detail": "no DICOM file in the archive", "rejected": rejected},
+                            status=400)
+        registered = []
+        with transaction.atomic():
+            for study_uid in studies:
+                study = register_study(root, study_uid)
+                if study is not None:
+                    if study.patient_id is None or study.patient_id != patient.pk:
+                        study.patient = patient
+                        study.save(update_fields=["patient"])
+                        from scoring.tasks import study_received
+
+                        transaction.on_commit(lambda pk=study.pk: study_received.delay(pk))
+                    registered.append(study.pk)
+        return Response({"stored": stored, "rejected": rejected, "studies": registered},
+                        status=status.HTTP_201_CREATED)

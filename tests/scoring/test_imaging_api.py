@@ -1,0 +1,83 @@
+"""Job status API, DICOM upload API and the VBQ Observation read."""
+
+import io
+import zipfile
+
+import pytest
+
+from registry.services import feed_create
+from scoring.engine.phantom import make_phantom
+from scoring.models import ImagingStudy, VbqResult
+from tests.factories import PatientFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def _zip(datasets) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for i, ds in enumerate(datasets):
+            b = io.BytesIO()
+            ds.save_as(b, enforce_file_format=True)
+            archive.writestr(f"series/IM{i}.dcm", b.getvalue())
+        archive.writestr("README.txt", "not dicom")
+    return buffer.getvalue()
+
+
+def test_uploading_a_zip_registers_the_study_for_the_patient(client, role_user, settings,
+                                                             tmp_path):
+    settings.DICOM_STORAGE_ROOT = tmp_path
+    client.force_login(role_user("coordinator"))
+    patient = PatientFactory()
+    upload = io.BytesIO(_zip(make_phantom(201, slices=5).datasets))
+    upload.name = "study.zip"
+    response = client.post(f"/api/imaging/patients/{patient.pk}/dicom/", {"file": upload})
+    body = response.json()
+    assert response.status_code == 201, body
+    assert (body["stored"], body["rejected"]) == (5, 1)
+    assert ImagingStudy.objects.get().patient == patient
+
+
+def test_uploading_something_that_is_not_a_zip_is_refused(client, role_user):
+    client.force_login(role_user("coordinator"))
+    patient = PatientFactory()
+    upload = io.BytesIO(b"plain text")
+    upload.name = "notes.txt"
+    response = client.post(f"/api/imaging/patients/{patient.pk}/dicom/", {"file": upload})
+    assert response.status_code == 415
+
+
+def test_qi_analyst_cannot_upload_or_list_jobs(client, role_user):
+    client.force_login(role_user("qi_analyst"))
+    patient = PatientFactory()
+    assert client.get("/api/imaging/jobs/").status_code == 403
+    assert client.post(f"/api/imaging/patients/{patient.pk}/dicom/", {}).status_code == 403
+
+
+def test_job_list_shows_status_timing_and_errors(client, role_user):
+    client.force_login(role_user("clinician"))
+    patient = PatientFactory()
+    VbqResult.objects.create(patient=patient, algorithm_version="t", source="auto",
+                             status="failed", error_code="wrong-modality",
+                             error_message="VBQ needs an MR series")
+    body = client.get("/api/imaging/jobs/", {"status": "failed"}).json()
+    assert body["count"] == 1
+    assert body["results"][0]["error_code"] == "wrong-modality"
+    assert client.get("/api/imaging/jobs/", {"status": "bogus"}).status_code == 400
+
+
+def test_a_vbq_result_reads_as_a_fhir_observation(client):
+    patient = PatientFactory()
+    result = VbqResult.objects.create(patient=patient, algorithm_version="0.1.0",
+                                      source="manual", status="succeeded",
+                                      review_status="accepted", vbq_all_levels=3.41,
+                                      vbq_excluding_fractured=3.38)
+    _, token = feed_create(name="obs-reader")
+    body = client.get(f"/fhir/Observation/{result.pk}",
+                      HTTP_AUTHORIZATION=f"Bearer {token}").json()
+    assert body["resourceType"] == "Observation"
+    assert body["status"] == "final"
+    values = {c["code"]["coding"][0]["code"]: c.get("valueQuantity", {}).get("value")
+              for c in body["component"]}
+    assert values["vbq-all-levels"] == 3.41
+    assert values["vbq-excluding-fractured"] == 3.38
