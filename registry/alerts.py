@@ -1,5 +1,3 @@
-# TEAM NOTE (lead, 23:50 UTC): this module is implemented, tested and committed (see git log).
-# Extend it with small edits; do not rewrite or replace it. Remove this note when you read it.
 """Alert lifecycle services: open → acknowledged → resolved(reason) | snoozed, assignment,
 notes, escalation. Every change writes an AlertEvent (history) and an AuditEvent, and opening or
 escalating writes the outbox rows (AlertDelivery) in the same transaction.

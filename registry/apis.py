@@ -1,5 +1,3 @@
-# TEAM NOTE (lead, 23:50 UTC): this module is implemented, tested and committed (see git log).
-# Extend it with small edits; do not rewrite or replace it. Remove this note when you read it.
 """Worklist API (DRF): one APIView per operation, nested Input/Output serializers.
 
 Permission: ``registry.work_alerts`` (clinicians, coordinators, admins). Every operation goes

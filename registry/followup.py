@@ -1,5 +1,3 @@
-# TEAM NOTE (lead, 23:50 UTC): this module is implemented, tested and committed (see git log).
-# Extend it with small edits; do not rewrite or replace it. Remove this note when you read it.
 """Follow-up rules. PURE: no Django, no ORM — plain dataclasses in, decisions out.
 
 Given what the registry knows about one patient (index procedure, current VBQ, therapy

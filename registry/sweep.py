@@ -1,5 +1,3 @@
-# TEAM NOTE (lead, 23:50 UTC): this module is implemented, tested and committed (see git log).
-# Extend it with small edits; do not rewrite or replace it. Remove this note when you read it.
 """Apply the pure follow-up rules to the registry: event-driven re-evaluation and the daily sweep.
 
 The sweep reads only due patients: ``Patient.followup_next_check_on <= today`` on a partial

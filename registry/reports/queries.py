@@ -1,5 +1,3 @@
-# TEAM NOTE (lead, 23:50 UTC): this module is implemented, tested and committed (see git log).
-# Extend it with small edits; do not rewrite or replace it. Remove this note when you read it.
 """Build the report cohort from the registry: a handful of flat queries, no per-patient queries.
 
 The cost is one pass over each table restricted to the filtered patients (values_list streams

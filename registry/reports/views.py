@@ -1,5 +1,3 @@
-# TEAM NOTE (lead, 23:50 UTC): this module is implemented, tested and committed (see git log).
-# Extend it with small edits; do not rewrite or replace it. Remove this note when you read it.
 """Report page, JSON API, plots, cohort CSV and printable summary.
 
 Everyone with ``registry.view_reports`` sees aggregates. Only holders of
