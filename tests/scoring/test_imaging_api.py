@@ -81,3 +81,27 @@ def test_a_vbq_result_reads_as_a_fhir_observation(client):
               for c in body["component"]}
     assert values["vbq-all-levels"] == 3.41
     assert values["vbq-excluding-fractured"] == 3.38
+
+
+def test_rescore_queues_new_jobs_and_keeps_old_results():
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from scoring.engine import ALGORITHM_VERSION
+    from scoring.services import SeriesInput, imaging_study_upsert
+
+    patient = PatientFactory()
+    study, _ = imaging_study_upsert(study_instance_uid="2.25.77", patient=patient,
+                                    source="upload", series=[SeriesInput("2.25.77.1", "MR")])
+    old = VbqResult.objects.create(patient=patient, series=study.series.get(),
+                                   algorithm_version="0.0.1", source="auto",
+                                   status="succeeded", vbq_all_levels=3.1)
+    out = StringIO()
+    call_command("vbq_rescore", stdout=out)
+    assert "Queued 1" in out.getvalue()
+    queued = VbqResult.objects.filter(algorithm_version=ALGORITHM_VERSION, status="queued")
+    assert queued.count() == 1
+    assert VbqResult.objects.filter(pk=old.pk).exists()
+    call_command("vbq_rescore", stdout=StringIO())
+    assert VbqResult.objects.count() == 2
