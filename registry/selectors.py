@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from django.db.models import Q, QuerySet
 
 from registry.models import (
+    Alert,
     Fracture,
     Patient,
     PatientIdentifier,
@@ -107,5 +108,38 @@ def patient_timeline(*, patient: Patient) -> list[TimelineEntry]:
                 {"status": t.status, "end_on": t.end_on},
             )
         )
+    from registry.timeutil import clinic_date
+    from scoring.models import ImagingStudy, VbqResult
+
+    for study in ImagingStudy.objects.filter(patient=patient):
+        if study.started_on:
+            entries.append(TimelineEntry(
+                study.started_on, "mri", study.description or f"{study.modality} study",
+                str(study.pk), {"linked": study.linked_procedure_id is not None,
+                                "link_reason": study.link_reason}))
+    for result in VbqResult.objects.filter(patient=patient):
+        moment = result.finished_at or result.queued_at
+        value = (f"VBQ {result.vbq_excluding_fractured or result.vbq_all_levels:.2f}"
+                 if (result.vbq_excluding_fractured or result.vbq_all_levels) else "VBQ —")
+        entries.append(TimelineEntry(
+            clinic_date(moment), "vbq", f"{value} ({result.get_status_display().lower()}, "
+            f"{result.get_source_display().lower()})", str(result.pk),
+            {"review": result.review_status}))
+    for alert in Alert.objects.filter(patient=patient).prefetch_related("events"):
+        entries.append(TimelineEntry(
+            clinic_date(alert.opened_at), "alert", f"Alert: {alert.rule_id} "
+            f"({alert.get_status_display().lower()})", str(alert.pk),
+            {"history": [f"{e.action} {clinic_date(e.at)}" for e in alert.events.all()]}))
     entries.sort(key=lambda e: (e.day, e.kind))
     return entries
+
+
+def current_vbq(*, patient: Patient):  # type: ignore[no-untyped-def]
+    """The latest usable VBQ result (accepted, or succeeded and not yet reviewed)."""
+    from scoring.models import VbqResult
+
+    return (VbqResult.objects.filter(patient=patient)
+            .filter(Q(review_status=VbqResult.Review.ACCEPTED)
+                    | Q(status=VbqResult.Status.SUCCEEDED,
+                        review_status=VbqResult.Review.PENDING))
+            .order_by("-queued_at", "-pk").first())

@@ -103,6 +103,7 @@ def patient_detail(request: HttpRequest, patient_id: str) -> HttpResponse:
         "index": selectors.index_procedure(patient=patient),
         "timeline": selectors.patient_timeline(patient=patient),
         "secondary": selectors.secondary_fractures(patient=patient),
+        "vbq": selectors.current_vbq(patient=patient),
     }
     return render(request, "patients/detail.html", context)
 

@@ -52,3 +52,20 @@ def test_patient_list_finds_a_patient_by_exact_mrn():
     target = PatientFactory(mrn="SYN-FIND-ME")
     PatientFactory()
     assert list(selectors.patient_list(search="SYN-FIND-ME")) == [target]
+
+
+def test_timeline_includes_mri_vbq_and_alerts():
+    from registry.alerts import alert_open
+    from scoring.models import VbqResult
+    from scoring.services import imaging_study_upsert
+
+    patient = PatientFactory()
+    now = timezone.now()
+    imaging_study_upsert(study_instance_uid="2.25.5", patient=patient, source="upload",
+                         started_at=now - dt.timedelta(days=30), modality="MR")
+    VbqResult.objects.create(patient=patient, algorithm_version="t", source="manual",
+                             status="succeeded", vbq_all_levels=3.2)
+    alert_open(patient=patient, rule_id="vbq-missing", reason="r")
+    kinds = {e.kind for e in selectors.patient_timeline(patient=patient)}
+    assert {"mri", "vbq", "alert"} <= kinds
+    assert selectors.current_vbq(patient=patient).vbq_all_levels == 3.2
