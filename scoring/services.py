@@ -103,14 +103,22 @@ def _looks_scorable(series: ImagingSeries) -> bool:
 def vbq_jobs_create(*, study: ImagingStudy) -> list[int]:
     """One queued automatic VBQ job per scorable series (unique on series, algorithm version,
     source, revision: a replay creates nothing). Queues ``vbq_compute`` after commit."""
+    from django.conf import settings
+
     from scoring.engine import ALGORITHM_VERSION
     from scoring.models import VbqResult
 
-    created_ids = []
+    created_ids: list[int] = []
     if study.patient_id is None:
         return created_ids
     for series in study.series.all():
         if not _looks_scorable(series):
+            continue
+        if not (series.local_path or study.endpoint_url or settings.PACS_DICOMWEB_URL):
+            note = "; not scored: no PACS endpoint (PACS_DICOMWEB_URL) and no local copy"
+            if note not in study.link_reason:
+                ImagingStudy.objects.filter(pk=study.pk).update(
+                    link_reason=(study.link_reason + note)[:300])
             continue
         result, created = VbqResult.objects.get_or_create(
             series=series, algorithm_version=ALGORITHM_VERSION, source=VbqResult.Source.AUTO,

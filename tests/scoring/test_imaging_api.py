@@ -105,3 +105,15 @@ def test_rescore_queues_new_jobs_and_keeps_old_results():
     assert VbqResult.objects.filter(pk=old.pk).exists()
     call_command("vbq_rescore", stdout=StringIO())
     assert VbqResult.objects.count() == 2
+
+
+def test_a_study_with_no_way_to_fetch_it_is_not_queued_and_says_why(settings):
+    from scoring.services import SeriesInput, imaging_study_upsert, vbq_jobs_create
+
+    settings.PACS_DICOMWEB_URL = ""
+    patient = PatientFactory()
+    study, _ = imaging_study_upsert(study_instance_uid="2.25.88", patient=patient, source="fhir",
+                                    series=[SeriesInput("2.25.88.1", "MR", "SAG T1")])
+    assert vbq_jobs_create(study=study) == []
+    study.refresh_from_db()
+    assert "no PACS endpoint" in study.link_reason
