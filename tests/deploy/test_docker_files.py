@@ -33,6 +33,7 @@ REQUIRED_IN_PRODUCTION = {
     "DEBUG", "SECRET_KEY", "ALLOWED_HOSTS", "CSRF_TRUSTED_ORIGINS", "DATABASE_URL",
     "CELERY_BROKER_URL", "REDIS_CACHE_URL", "SECURE_SSL_REDIRECT", "SECURE_COOKIES",
     "SECURE_HSTS_SECONDS", "BEHIND_TLS_PROXY", "LOG_FORMAT", "PACS_DICOMWEB_URL", "SITE_URL",
+    "DICOM_SCP_BIND",
 }
 # Containers have their own storage locations: set by the Dockerfile, not env.example.
 SET_BY_DOCKERFILE = {"VAR_DIR", "STATIC_ROOT", "MEDIA_ROOT", "DICOM_STORAGE_ROOT"}
@@ -179,6 +180,9 @@ def test_published_ports_match_what_the_processes_listen_on():
     assert '"0.0.0.0:8000"' in GUNICORN_CONF
     port = env["DICOM_SCP_PORT"]
     assert SERVICES["dicom-receiver"]["ports"] == [f"{port}:{port}"]
+    # A published port reaches only a process listening on all interfaces of the container.
+    assert env["DICOM_SCP_BIND"] == "0.0.0.0"  # noqa: S104 - inside the container
+    assert '"GUNICORN_BIND", "0.0.0.0:8000"' in GUNICORN_CONF
     assert re.search(rf"DICOM_SCP_PORT.*default={port}\b", SETTINGS_SOURCE)
     for name in INFRA_SERVICES:
         assert "ports" not in SERVICES[name], f"{name} must stay on the internal network"
