@@ -111,6 +111,7 @@ def _fhir_mounted() -> bool:
 @pytest.mark.postgres
 @pytest.mark.slow
 def test_mutated_fhir_bundles_never_cause_a_server_error_or_a_partial_write(db):
+    examples: list[int] = []
     if not _fhir_mounted():
         pytest.skip("the FHIR endpoint /fhir is not mounted yet")
     from django.test import Client
@@ -125,6 +126,7 @@ def test_mutated_fhir_bundles_never_cause_a_server_error_or_a_partial_write(db):
     @FUZZ
     @given(bundle=mutated_bundles())
     def post(bundle):
+        examples.append(1)
         before = [m.objects.count() for m in models]
         response = client.post("/fhir", data=bundle, content_type="application/fhir+json")
         assert response.status_code < 500, response.content[:500]
@@ -132,6 +134,7 @@ def test_mutated_fhir_bundles_never_cause_a_server_error_or_a_partial_write(db):
             assert [m.objects.count() for m in models] == before, "partial write"
 
     post()
+    assert len(examples) >= MAX_EXAMPLES, "the fuzz stopped early"
 
 
 @pytest.fixture(autouse=True)
@@ -181,6 +184,7 @@ ROI_NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True),
 
 @pytest.mark.slow
 def test_mutated_dicom_series_give_a_measurement_or_a_typed_engine_error():
+    examples: list[int] = []
     engine, phantom = _engine()
     datasets, rois = phantom.datasets, _rois(engine, phantom)
     baseline = engine.compute_vbq(copy.deepcopy(datasets), manual_rois=rois)
@@ -200,6 +204,7 @@ def test_mutated_dicom_series_give_a_measurement_or_a_typed_engine_error():
     )
     def run(drop, garble, truncate_pixels, keep, which, roi_level, roi_field, roi_value,
             with_rois):
+        examples.append(1)
         series = copy.deepcopy(datasets)[:keep]
         if series:
             target = series[which % len(series)]
@@ -219,10 +224,12 @@ def test_mutated_dicom_series_give_a_measurement_or_a_typed_engine_error():
             engine.compute_vbq(series, manual_rois=manual)
 
     run()
+    assert len(examples) >= MAX_EXAMPLES, "the fuzz stopped early"
 
 
 @pytest.mark.slow
 def test_corrupted_dicom_files_give_a_measurement_or_a_typed_engine_error(tmp_path):
+    examples: list[int] = []
     engine, phantom = _engine()
     rois = _rois(engine, phantom)
     clean = [p.read_bytes() for p in phantom.write(tmp_path / "clean")]
@@ -236,6 +243,7 @@ def test_corrupted_dicom_files_give_a_measurement_or_a_typed_engine_error(tmp_pa
         junk=st.one_of(st.none(), st.binary(max_size=512)),
     )
     def run(which, cut, flips, junk):
+        examples.append(1)
         folder = tmp_path / "case"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir()
@@ -253,3 +261,4 @@ def test_corrupted_dicom_files_give_a_measurement_or_a_typed_engine_error(tmp_pa
             engine.compute_vbq(folder, manual_rois=rois)
 
     run()
+    assert len(examples) >= MAX_EXAMPLES, "the fuzz stopped early"
