@@ -31,7 +31,11 @@ def _client(base_url: str, username: str = "", password: str = "",
     session = requests.Session()
     if username:
         session.auth = (username, password)
-    return DICOMwebClient(url=base_url.rstrip("/"), session=session, timeout=timeout)
+    client = DICOMwebClient(url=base_url.rstrip("/"), session=session, timeout=timeout)
+    # No in-request retry loop: the Celery task retries transient errors with its own backoff,
+    # so a worker is never blocked for half a minute on a PACS that is down.
+    client.set_http_retry_params(retry=False)
+    return client
 
 
 def _classify(exc: Exception) -> FetchError:
