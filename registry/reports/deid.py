@@ -43,7 +43,7 @@ def suppress_small_cells(data: Any, minimum: int, path: str = "") -> tuple[Any, 
     def walk(value: Any, where: str, key: str) -> Any:
         if isinstance(value, dict):
             before = len(suppressed)
-            out = {}
+            out: dict[Any, Any] = {}
             for k, v in value.items():
                 if str(k) in ROW_LEVEL_KEYS:
                     continue

@@ -375,19 +375,41 @@ def cox(rows: Sequence[CohortRow], params: ReportParams) -> Section:
         }
     )
     models: dict[str, Any] = {}
-    messages = []
+    messages: list[str] = []
+
+    def fit(name: str, data: Any, covariates: list[str]) -> None:
+        # A covariate with one value (e.g. an all-female cohort) has no hazard ratio; drop it
+        # and say so rather than letting the optimiser fail on a singular design.
+        constant = [c for c in covariates if data[c].nunique() < 2]
+        kept = [c for c in covariates if c not in constant]
+        if not kept or kept[0] != covariates[0]:
+            messages.append(f"{name}: VBQ does not vary in this cohort; model not fitted.")
+            return
+        try:
+            models[name] = _cox_fit(data, kept)
+        except Exception as exc:  # lifelines ConvergenceError and numerical failures
+            messages.append(
+                f"{name}: the Cox model did not converge ({type(exc).__name__}); typical cause "
+                "is complete separation (every fracture on one side of the VBQ values)."
+            )
+            return
+        if constant:
+            messages.append(f"{name}: {', '.join(constant)} constant in this cohort, left out.")
+
     if len(groups) == 2:
-        models["group_unadjusted"] = _cox_fit(df, ["vbq_high"])
+        fit("group_unadjusted", df, ["vbq_high"])
     else:
         messages.append("Only one VBQ group present: no group hazard ratio.")
-    models["continuous_unadjusted"] = _cox_fit(df, ["vbq"])
+    fit("continuous_unadjusted", df, ["vbq"])
     adj = df.dropna(subset=["age", "bmi"])
     if len(adj) >= 10 and adj["E"].sum() >= 2:
         if len(groups) == 2 and adj["vbq_high"].nunique() == 2:
-            models["group_adjusted"] = _cox_fit(adj, ["vbq_high", "age", "female", "bmi"])
-        models["continuous_adjusted"] = _cox_fit(adj, ["vbq", "age", "female", "bmi"])
+            fit("group_adjusted", adj, ["vbq_high", "age", "female", "bmi"])
+        fit("continuous_adjusted", adj, ["vbq", "age", "female", "bmi"])
     else:
         messages.append("Too few complete cases for the adjusted models (age, sex, BMI).")
+    if not models:
+        return Section(False, "No Cox model could be fitted. " + " ".join(messages))
     return Section(True, " ".join(messages), {"models": models})
 
 

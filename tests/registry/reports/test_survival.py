@@ -196,7 +196,37 @@ def test_degenerate_cohorts_give_messages_not_errors(name, rows):
     payload = report.to_dict()
     for section_name, section in report.sections.items():
         assert section.available or section.message, f"{name}: {section_name} has no message"
+        # A clear message, not a library's exception text passed through.
+        assert "readthedocs" not in section.message, f"{name}: {section_name}: {section.message}"
     assert payload["n_patients"] == len(rows)
+
+
+@pytest.mark.parametrize(
+    ("name", "rows", "unavailable"),
+    [
+        ("empty cohort", [], {"table1", "incidence", "kaplan_meier", "cox", "roc", "kpis"}),
+        ("no events", [_row(f"x{i}", 100 + i, False, 2.0 + i * 0.2) for i in range(10)],
+         {"cox", "roc"}),
+        ("missing vbq", [_row(f"x{i}", 100 + i, i % 2 == 0, None) for i in range(10)],
+         {"kaplan_meier", "cox", "roc", "paired_vbq"}),
+        ("one vbq value", [_row(f"x{i}", 100 + i, i % 2 == 0, 3.4) for i in range(10)],
+         {"cox"}),
+    ],
+)
+def test_sections_that_cannot_be_computed_are_marked_unavailable(name, rows, unavailable):
+    report = build_report(rows)
+    missing = {k for k, s in report.sections.items() if not s.available}
+    assert unavailable <= missing, f"{name}: expected {unavailable} unavailable, got {missing}"
+
+
+def test_covariates_constant_in_the_cohort_are_left_out_of_adjusted_cox_models_with_a_note():
+    # Everyone is a 70-year-old woman with BMI 24: the adjusted models cannot estimate those
+    # terms (this used to fail the whole Cox section with a lifelines convergence error).
+    rows = [_row(f"x{i}", 100 + i, i % 3 != 0, 2.0 + i * 0.2) for i in range(12)]
+    section = build_report(rows).sections["cox"]
+    assert section.available
+    assert set(section.data["models"]["continuous_adjusted"]["terms"]) == {"vbq"}
+    assert "constant in this cohort" in section.message
 
 
 def test_suppressed_counts_also_hide_the_percentage_next_to_them():
