@@ -126,17 +126,22 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
 
 
 @shared_task(name="scoring.vbq_requeue_stale")
-def vbq_requeue_stale() -> dict:
+def vbq_requeue_stale(stuck_after_seconds: float | None = None,
+                      requeue_after_seconds: float | None = None) -> dict:
     """Outbox sweep: re-send queued jobs older than a few minutes; recover jobs stuck in
-    ``running`` (worker died without the broker re-delivering)."""
+    ``running`` (their worker died: a re-delivered message skips a row it cannot claim)."""
     from scoring.models import VbqResult
 
     now = timezone.now()
+    stuck_after = STUCK_AFTER if stuck_after_seconds is None else dt.timedelta(
+        seconds=stuck_after_seconds)
+    requeue_after = REQUEUE_AFTER if requeue_after_seconds is None else dt.timedelta(
+        seconds=requeue_after_seconds)
     stuck = VbqResult.objects.filter(status=VbqResult.Status.RUNNING,
-                                     started_at__lt=now - STUCK_AFTER)
+                                     started_at__lt=now - stuck_after)
     recovered = stuck.update(status=VbqResult.Status.QUEUED)
     stale = list(VbqResult.objects.filter(status=VbqResult.Status.QUEUED,
-                                          queued_at__lt=now - REQUEUE_AFTER)
+                                          queued_at__lt=now - requeue_after)
                  .values_list("pk", flat=True)[:500])
     for pk in stale:
         enqueue_vbq_compute(pk)

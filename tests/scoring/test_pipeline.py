@@ -244,3 +244,66 @@ def test_storescu_push_to_the_receiver_ends_in_a_scored_result(
     study = ImagingStudy.objects.get(patient=patient)
     assert study.source == "dicom"
     assert study.linked_procedure is not None
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_a_worker_killed_mid_batch_still_ends_with_exactly_one_result_per_job(
+    orthanc, transactional_db, tmp_path
+):
+    """SIGKILL the worker while it works through 12 jobs; a new worker plus the recovery task
+    finish every job, each exactly once (Redis broker, acks_late, short visibility timeout)."""
+    import os
+    import signal
+
+    from tests.conftest import CeleryWorker, test_database_url
+
+    redis_url = os.environ["REDIS_URL"].rsplit("/", 1)[0] + "/13"
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+    env = {**os.environ, "DATABASE_URL": test_database_url(), "CELERY_BROKER_URL": redis_url,
+           "CELERY_VISIBILITY_TIMEOUT": "4", "PYTHONUNBUFFERED": "1"}
+    from scoring.engine import ALGORITHM_VERSION
+
+    results = []
+    for i in range(12):
+        phantom = make_phantom(300 + i, slices=9)
+        orthanc.upload(phantom.datasets)
+        study = _study(orthanc, phantom)
+        results.append(VbqResult.objects.create(
+            series=study.series.get(), patient=study.patient, source="auto",
+            algorithm_version=ALGORITHM_VERSION).pk)
+    from config.celery import app
+
+    with app.connection_for_write(redis_url) as conn:
+        for pk in results:
+            vbq_compute.apply_async((pk,), connection=conn)
+    worker = CeleryWorker(env, tmp_path / "w1.log", ["--pool", "prefork", "--concurrency", "1"])
+    worker.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not VbqResult.objects.filter(
+        pk__in=results, status__in=["needs_review", "succeeded", "failed"]).exists():
+        time.sleep(0.1)
+    worker.stop(signal.SIGKILL)
+    done_before = VbqResult.objects.filter(pk__in=results).exclude(
+        status__in=["queued", "running"]).count()
+    assert done_before < len(results), "the kill came too late to interrupt the batch"
+    second = CeleryWorker(env, tmp_path / "w2.log", ["--pool", "solo"])
+    second.start()
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            with app.connection_for_write(redis_url) as conn:  # the recovery beat would send
+                vbq_requeue_stale.apply_async(
+                    kwargs={"stuck_after_seconds": 5, "requeue_after_seconds": 5},
+                    connection=conn)
+            if not VbqResult.objects.filter(pk__in=results,
+                                            status__in=["queued", "running"]).exists():
+                break
+            time.sleep(3)
+    finally:
+        second.stop()
+    rows = VbqResult.objects.filter(series__vbq_results__pk__in=results).distinct()
+    assert VbqResult.objects.filter(pk__in=results, status="needs_review").count() == len(results)
+    assert rows.count() == len(results)  # one result per series, no duplicate
