@@ -307,3 +307,25 @@ def test_a_worker_killed_mid_batch_still_ends_with_exactly_one_result_per_job(
     rows = VbqResult.objects.filter(series__vbq_results__pk__in=results).distinct()
     assert VbqResult.objects.filter(pk__in=results, status="needs_review").count() == len(results)
     assert rows.count() == len(results)  # one result per series, no duplicate
+
+
+@pytest.mark.django_db
+def test_orthanc_stopped_during_a_job_is_retried_and_succeeds_when_back(orthanc):
+    from celery.exceptions import Retry
+
+    phantom = make_phantom(120, slices=5)
+    orthanc.upload(phantom.datasets)
+    study = _study(orthanc, phantom)
+    study_received(study.pk)
+    result = VbqResult.objects.get(series__study=study)
+    orthanc.stop()
+    try:
+        with pytest.raises((Retry, TransientFetchError)):
+            vbq_compute(result.pk)
+        result.refresh_from_db()
+        assert result.status == "queued"
+    finally:
+        orthanc.start()  # same storage: the series is still there
+    assert vbq_compute(result.pk)["status"] == "needs_review"
+    result.refresh_from_db()
+    assert (result.status, result.attempts) == ("needs_review", 2)
