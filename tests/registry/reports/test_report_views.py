@@ -114,3 +114,18 @@ def test_printable_summary_renders(client, role_user, demo):
     response = client.get("/reports/summary/")
     assert response.status_code == 200
     assert "quality-improvement summary" in response.content.decode()
+
+
+@pytest.mark.parametrize(
+    ("role", "identified"),
+    [("clinician", True), ("coordinator", True), ("admin", True), ("qi_analyst", False)],
+)
+def test_every_reporting_role_can_view_and_only_non_qi_roles_get_identified_rows(
+    client, role_user, role, identified
+):
+    call_command("demo_cohort", "--patients", "12", "--seed", "7")
+    client.force_login(role_user(role))
+    assert client.get("/reports/").status_code == 200
+    assert client.get("/reports/api/").status_code == 200
+    header = client.get("/reports/cohort.csv").content.decode().splitlines()[0].split(",")
+    assert ("patient_id" in header) is identified
