@@ -17,9 +17,10 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
+from config.ratelimit import RateLimited, feed_from_request
 from registry.models import OPEN_ALERT_STATUSES, Alert, AuditAction, PatientIdentifier
 from registry.selectors import index_procedure
-from registry.services import Actor, audit_record, feed_authenticate
+from registry.services import Actor, audit_record
 from registry.timeutil import clinic_today
 
 SERVICE_ID = "vbq-followup"
@@ -45,16 +46,16 @@ def discovery(request: HttpRequest) -> JsonResponse:
     }]})
 
 
-def _bearer(request: HttpRequest) -> str:
-    header = request.headers.get("Authorization", "")
-    return header[7:].strip() if header.lower().startswith("bearer ") else ""
-
-
 @csrf_exempt
 @login_not_required
 @require_POST
 def patient_view(request: HttpRequest) -> JsonResponse:
-    feed = feed_authenticate(token=_bearer(request))
+    try:
+        feed = feed_from_request(request)
+    except RateLimited as exc:
+        response = JsonResponse({"error": "too many failed token attempts"}, status=429)
+        response["Retry-After"] = str(exc.retry_after_seconds)
+        return response
     if feed is None:
         return JsonResponse({"error": "a valid bearer token is required"}, status=401)
     try:

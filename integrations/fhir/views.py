@@ -20,6 +20,7 @@ from django.db import transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from config.ratelimit import RateLimited, feed_from_request
 from integrations.fhir import read
 from integrations.fhir.errors import FhirError, Issue, operation_outcome
 from integrations.fhir.ingest import (
@@ -31,7 +32,7 @@ from integrations.fhir.ingest import (
 from integrations.fhir.mappers import MAPPERS, Context
 from integrations.models import InboundMessage
 from registry.models import AuditAction, Feed
-from registry.services import Actor, audit_record, feed_authenticate
+from registry.services import Actor, audit_record
 
 logger = logging.getLogger(__name__)
 FHIR_JSON = "application/fhir+json"
@@ -46,13 +47,20 @@ def _response(body: dict[str, Any], status: int = 200, **headers: str) -> HttpRe
 
 
 def _outcome(error: FhirError) -> HttpResponse:
-    return _response(operation_outcome(error.issues), error.status)
+    response = _response(operation_outcome(error.issues), error.status)
+    if getattr(error, "retry_after", None):
+        response["Retry-After"] = str(error.retry_after)  # type: ignore[attr-defined]
+    return response
 
 
 def _feed(request: HttpRequest) -> Feed:
-    header = request.headers.get("Authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else ""
-    feed = feed_authenticate(token=token) if token else None
+    """The request's Feed; repeated wrong tokens from one address are throttled (429)."""
+    try:
+        feed = feed_from_request(request)
+    except RateLimited as exc:
+        error = FhirError.single(429, "throttled", "too many failed token attempts; retry later")
+        error.retry_after = exc.retry_after_seconds  # type: ignore[attr-defined]
+        raise error from exc
     if feed is None:
         raise FhirError.single(401, "security", "a valid bearer token is required")
     return feed
