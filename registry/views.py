@@ -104,6 +104,8 @@ def patient_detail(request: HttpRequest, patient_id: str) -> HttpResponse:
         "timeline": selectors.patient_timeline(patient=patient),
         "secondary": selectors.secondary_fractures(patient=patient),
         "vbq": selectors.current_vbq(patient=patient),
+        "vbq_results": patient.vbq_results.select_related("reviewer").order_by(
+            "-queued_at", "-pk")[:10],
     }
     return render(request, "patients/detail.html", context)
 

@@ -94,6 +94,15 @@ URL_POLICY: dict[str, Rule] = {
     "api-vbq-job-list": phi(),
     "api-vbq-job-detail": phi(),
     "api-dicom-upload": phi(methods=("POST",)),
+    # --- imaging and VBQ review pages (identified)
+    "imaging-upload": phi(),
+    "vbq-jobs": phi(),
+    "vbq-review-queue": phi(roles=REVIEW_ROLES),
+    "vbq-review": phi(roles=REVIEW_ROLES),
+    "vbq-review-image": phi(),
+    "vbq-review-preview": phi(methods=("POST",), roles=REVIEW_ROLES),
+    "vbq-review-save": phi(methods=("POST",), roles=REVIEW_ROLES),
+    "vbq-review-action": phi(methods=("POST",), roles=REVIEW_ROLES),
     # --- worklist page (identified)
     "worklist": phi(methods=("GET", "POST"), roles=ALERT_ROLES),
     "worklist-action": phi(methods=("POST",), roles=ALERT_ROLES),

@@ -1,0 +1,334 @@
+"""Human review of VBQ results: reads (queue, ROIs, slice images) and writes (accept, reject,
+mark fractured levels, save a reviewer-corrected result). Writes are keyword-only, one
+transaction each, audited (``registry.services.audit_record``).
+
+The corrected result is computed by the engine's manual-ROI path
+(``scoring.engine.compute_vbq(source, manual_rois=..., fractured_levels=...)``) and saved as a
+NEW ``VbqResult`` (source ``manual``, next revision, reviewer recorded); the reviewed result is
+kept, marked as superseded.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import statistics
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Max, QuerySet
+from django.utils import timezone
+
+from registry.services import Actor, RegistryValidationError, audit_record, followup_changed
+from scoring.engine import EngineError, Roi, VbqMeasurement, compute_vbq
+from scoring.engine.dicom_io import Series, read_series
+from scoring.models import VbqLevel, VbqResult
+
+ROI_LEVELS = ("L1", "L2", "L3", "L4", "csf")
+VBQ_LEVELS = ("L1", "L2", "L3", "L4")
+REJECT_REASONS = {
+    "wrong-series": "Wrong series (not a sagittal T1 of the lumbar spine)",
+    "poor-quality": "Image quality too poor (motion, artefact, coverage)",
+    "wrong-levels": "Levels mislabelled and cannot be corrected here",
+    "hardware": "Metal or cement artefact over the measured levels",
+    "other": "Other (see note)",
+}
+SLICE_SCROLL = 2  # the reviewer may scroll this many slices either side of the chosen one
+
+
+class ReviewError(RegistryValidationError):
+    """A review request that cannot be carried out (message is safe to show)."""
+
+
+# --- reads ---------------------------------------------------------------------------------
+
+
+def review_queue() -> QuerySet[VbqResult]:
+    """Results waiting for a human: ``needs_review`` and not yet reviewed, oldest first."""
+    return (VbqResult.objects.filter(status=VbqResult.Status.NEEDS_REVIEW,
+                                     review_status=VbqResult.Review.PENDING)
+            .select_related("patient", "series__study")
+            .order_by("queued_at", "pk"))
+
+
+def stored_rois(result: VbqResult) -> dict[str, dict[str, Any]]:
+    """The per-level ROI geometry stored with a result (level → Roi fields)."""
+    out: dict[str, dict[str, Any]] = {}
+    for level in result.levels.all():
+        if level.roi:
+            out[level.level] = dict(level.roi)
+    return out
+
+
+_CACHE: OrderedDict[tuple[int, str], Series] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 4
+
+
+def series_source(result: VbqResult) -> Any:
+    """Where the series of ``result`` can be read: its local folder, else the PACS (DICOMweb)."""
+    series = result.series
+    if series is None:
+        raise ReviewError("this result has no image series", code="no-series")
+    if series.local_path and Path(series.local_path).is_dir():
+        return series.local_path
+    base = series.study.endpoint_url or settings.PACS_DICOMWEB_URL
+    if not base:
+        raise ReviewError("the images of this series are not stored here and no PACS is "
+                          "configured", code="no-images")
+    from integrations.dicom.dicomweb import FetchError, fetch_series
+
+    try:
+        return fetch_series(base, series.study.study_instance_uid, series.series_instance_uid,
+                            username=settings.PACS_DICOMWEB_USERNAME,
+                            password=settings.PACS_DICOMWEB_PASSWORD)
+    except FetchError as exc:
+        raise ReviewError(f"the PACS did not return the series: {exc}", code="pacs") from exc
+
+
+def load_series(result: VbqResult) -> Series:
+    """The series of ``result`` as an engine ``Series`` (a few kept in memory per process)."""
+    key = (result.series_id or 0, result.series.local_path if result.series else "")
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    try:
+        series = read_series(series_source(result))
+    except EngineError as exc:
+        raise ReviewError(str(exc), code=getattr(exc, "code", "engine-error")) from exc
+    with _CACHE_LOCK:
+        _CACHE[key] = series
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return series
+
+
+def chosen_slice(result: VbqResult, series: Series) -> int:
+    """The mid-sagittal slice: where the stored ROIs are, else the middle of the series."""
+    slices = [int(r["slice_index"]) for r in stored_rois(result).values() if "slice_index" in r]
+    if slices:
+        return int(statistics.median_low(slices))
+    return (series.pixels.shape[0] - 1) // 2
+
+
+def default_window(image: np.ndarray) -> tuple[float, float]:
+    """(centre, width) from the 1st–99th percentiles of the slice."""
+    lo, hi = (float(v) for v in np.percentile(image, [1, 99]))
+    return (lo + hi) / 2, max(hi - lo, 1.0)
+
+
+def render_png(series: Series, *, slice_index: int, centre: float | None = None,
+               width: float | None = None, rois: Mapping[str, Mapping[str, Any]] | None = None
+               ) -> bytes:
+    """One slice as an 8-bit greyscale PNG with the given window; ROIs burnt in if given."""
+    from PIL import Image, ImageDraw
+
+    if not 0 <= slice_index < series.pixels.shape[0]:
+        raise ReviewError(f"slice {slice_index} is outside the series", code="slice")
+    image = series.pixels[slice_index]
+    d_centre, d_width = default_window(image)
+    centre = d_centre if centre is None or not math.isfinite(centre) else centre
+    width = d_width if width is None or not math.isfinite(width) or width <= 0 else width
+    low = centre - width / 2
+    scaled = np.clip((image - low) / width * 255.0, 0, 255).astype(np.uint8)
+    picture = Image.fromarray(scaled, mode="L")
+    if rois:
+        picture = picture.convert("RGB")
+        draw = ImageDraw.Draw(picture)
+        for level, roi in rois.items():
+            r, c = float(roi["row"]), float(roi["col"])
+            hh, hw = float(roi["half_height"]), float(roi["half_width"])
+            colour = (80, 200, 255) if level == "csf" else (255, 200, 40)
+            draw.ellipse([c - hw, r - hh, c + hw, r + hh], outline=colour, width=2)
+            draw.text((c + hw + 3, r - 6), level, fill=colour)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", optimize=False, compress_level=3)
+    return buffer.getvalue()
+
+
+def parse_rois(data: Any, *, n_slices: int, shape: tuple[int, int]) -> dict[str, Roi]:
+    """Validate reviewer ROIs from a request (level → {slice_index,row,col,half_height,
+    half_width}). Raises ``ReviewError`` naming the first bad field."""
+    if not isinstance(data, Mapping) or not data:
+        raise ReviewError("send the ROIs as an object: level → ellipse", code="rois")
+    rois: dict[str, Roi] = {}
+    for level, raw in data.items():
+        if level not in ROI_LEVELS:
+            raise ReviewError(f"unknown ROI level {str(level)[:8]!r}", code="rois")
+        if not isinstance(raw, Mapping):
+            raise ReviewError(f"the {level} ROI must be an object", code="rois")
+        try:
+            values = {k: float(raw[k]) for k in ("slice_index", "row", "col", "half_height",
+                                                  "half_width")}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ReviewError(f"the {level} ROI needs numeric slice_index, row, col, "
+                              "half_height and half_width", code="rois") from exc
+        if not all(math.isfinite(v) for v in values.values()):
+            raise ReviewError(f"the {level} ROI has a non-finite number", code="rois")
+        s = int(values["slice_index"])
+        if not 0 <= s < n_slices:
+            raise ReviewError(f"the {level} ROI is on slice {s}, outside the series", code="rois")
+        if not (0 <= values["row"] < shape[0] and 0 <= values["col"] < shape[1]):
+            raise ReviewError(f"the {level} ROI centre is outside the image", code="rois")
+        if not (1 <= values["half_height"] <= shape[0] / 2 and
+                1 <= values["half_width"] <= shape[1] / 2):
+            raise ReviewError(f"the {level} ROI size is out of range", code="rois")
+        rois[level] = Roi(slice_index=s, row=values["row"], col=values["col"],
+                          half_height=values["half_height"], half_width=values["half_width"])
+    return rois
+
+
+def parse_levels(values: Iterable[Any]) -> list[str]:
+    levels = sorted({str(v).strip().upper() for v in values if str(v).strip()})
+    bad = [lv for lv in levels if lv not in VBQ_LEVELS]
+    if bad:
+        raise ReviewError(f"fractured levels must be among L1–L4, not {bad[0][:8]!r}",
+                          code="levels")
+    return levels
+
+
+def review_preview(*, result: VbqResult, rois: Mapping[str, Roi],
+                   fractured_levels: Iterable[str]) -> VbqMeasurement:
+    """The engine's answer for reviewer ROIs, without saving anything."""
+    series = load_series(result)
+    try:
+        return compute_vbq(series.datasets, manual_rois=rois, fractured_levels=fractured_levels)
+    except EngineError as exc:
+        raise ReviewError(str(exc), code=getattr(exc, "code", "engine-error")) from exc
+
+
+def measurement_summary(m: VbqMeasurement) -> dict[str, Any]:
+    return {
+        "status": m.status,
+        "vbq_all_levels": m.vbq_all_levels,
+        "vbq_excluding_fractured": m.vbq_excluding_fractured,
+        "confidence": m.confidence,
+        "qc_flags": [{"code": f.code, "message": f.message, "severity": f.severity}
+                     for f in m.qc_flags],
+        "levels": {k: {"median_si": v.median_si, "pixel_count": v.pixel_count}
+                   for k, v in {**m.levels, **({"csf": m.csf} if m.csf else {})}.items()},
+        "fractured_levels": m.fractured_levels,
+    }
+
+
+# --- writes --------------------------------------------------------------------------------
+
+
+def _locked(result: VbqResult) -> VbqResult:
+    return VbqResult.objects.select_for_update().get(pk=result.pk)
+
+
+@transaction.atomic
+def review_save_corrected(*, result: VbqResult, rois: Mapping[str, Roi],
+                          fractured_levels: Iterable[str], actor: Actor, note: str = ""
+                          ) -> VbqResult:
+    """Recompute with the reviewer's ROIs and save a NEW manual result (next revision)."""
+    fractured = parse_levels(fractured_levels)
+    measurement = review_preview(result=result, rois=rois, fractured_levels=fractured)
+    if measurement.vbq_all_levels is None:
+        reasons = "; ".join(f.message for f in measurement.qc_flags) or "no VBQ"
+        raise ReviewError(f"the corrected ROIs give no VBQ: {reasons}", code="no-vbq")
+    original = _locked(result)
+    revision = (VbqResult.objects.filter(
+        series_id=original.series_id, algorithm_version=measurement.algorithm_version,
+        source=VbqResult.Source.MANUAL).aggregate(m=Max("revision"))["m"] or 0) + 1
+    now = timezone.now()
+    new = VbqResult.objects.create(
+        series_id=original.series_id, patient_id=original.patient_id,
+        algorithm_version=measurement.algorithm_version, source=VbqResult.Source.MANUAL,
+        revision=revision, status=measurement.status,
+        review_status=VbqResult.Review.ACCEPTED,
+        vbq_all_levels=measurement.vbq_all_levels,
+        vbq_excluding_fractured=measurement.vbq_excluding_fractured,
+        csf_median_si=measurement.csf.median_si if measurement.csf else None,
+        confidence=measurement.confidence,
+        qc_flags=[f.__dict__ for f in measurement.qc_flags],
+        fractured_levels=measurement.fractured_levels,
+        field_strength_t=measurement.acquisition.field_strength_t,
+        measurement=measurement.to_dict(), started_at=now, finished_at=now,
+        reviewer_id=actor.user_id, reviewed_at=now,
+        review_note=(note or f"corrected from result {original.pk}")[:500],
+    )
+    rows = [*measurement.levels.values(), *([measurement.csf] if measurement.csf else [])]
+    VbqLevel.objects.bulk_create([
+        VbqLevel(result=new, level=m.level, median_si=m.median_si, pixel_count=m.pixel_count,
+                 centroid={"pixel": m.centroid_pixel, "lps_mm": m.centroid_lps_mm},
+                 roi=m.roi.__dict__, fractured=m.fractured)
+        for m in rows
+    ])
+    if original.review_status == VbqResult.Review.PENDING:
+        original.review_status = VbqResult.Review.REJECTED
+        original.reviewer_id = actor.user_id
+        original.reviewed_at = now
+        original.review_note = f"superseded by corrected result {new.pk}"
+        original.save(update_fields=["review_status", "reviewer", "reviewed_at", "review_note"])
+    audit_record(actor=actor, action="create", object_type="VbqResult", object_id=str(new.pk),
+                 patient_id=new.patient_id,
+                 detail={"review": "corrected", "from_result": original.pk,
+                         "revision": revision, "levels": sorted(rois)})
+    followup_changed(new.patient_id)
+    return new
+
+
+@transaction.atomic
+def review_decide(*, result: VbqResult, decision: str, actor: Actor, reason: str = "",
+                  note: str = "") -> VbqResult:
+    """Accept or reject a result. A rejection needs a coded reason."""
+    locked = _locked(result)
+    if decision == "accept":
+        if locked.vbq_all_levels is None:
+            raise ReviewError("a result without a VBQ value cannot be accepted: place the ROIs "
+                              "and save a corrected result", code="no-vbq")
+        status = VbqResult.Review.ACCEPTED
+        text = note
+    elif decision == "reject":
+        if reason not in REJECT_REASONS:
+            raise ReviewError("choose a reason for the rejection", code="reason")
+        status = VbqResult.Review.REJECTED
+        text = f"{reason}: {note}" if note else reason
+    else:
+        raise ReviewError(f"unknown decision {decision[:20]!r}", code="decision")
+    locked.review_status = status
+    locked.reviewer_id = actor.user_id
+    locked.reviewed_at = timezone.now()
+    locked.review_note = text[:500]
+    locked.save(update_fields=["review_status", "reviewer", "reviewed_at", "review_note"])
+    audit_record(actor=actor, action="update", object_type="VbqResult", object_id=str(locked.pk),
+                 patient_id=locked.patient_id,
+                 detail={"review": decision, **({"reason": reason} if reason else {})})
+    followup_changed(locked.patient_id)
+    return locked
+
+
+@transaction.atomic
+def review_mark_fractured(*, result: VbqResult, levels: Iterable[Any], actor: Actor
+                          ) -> VbqResult:
+    """Set the fractured levels of a result; the VBQ excluding fractured levels follows from
+    the stored per-level medians (the same definition as the engine)."""
+    fractured = parse_levels(levels)
+    locked = _locked(result)
+    stored = {lv.level: lv for lv in locked.levels.all()}
+    for level in stored.values():
+        flag = level.level in fractured
+        if level.fractured != flag:
+            level.fractured = flag
+            level.save(update_fields=["fractured"])
+    csf = stored.get("csf")
+    kept = [stored[lv].median_si for lv in VBQ_LEVELS if lv in stored and lv not in fractured]
+    locked.fractured_levels = fractured
+    if csf is not None and csf.median_si > 0 and locked.vbq_all_levels is not None:
+        locked.vbq_excluding_fractured = (float(np.median(kept)) / csf.median_si
+                                          if kept else None)
+    locked.save(update_fields=["fractured_levels", "vbq_excluding_fractured"])
+    audit_record(actor=actor, action="update", object_type="VbqResult", object_id=str(locked.pk),
+                 patient_id=locked.patient_id,
+                 detail={"review": "fractured-levels", "levels": fractured})
+    followup_changed(locked.patient_id)
+    return locked

@@ -1,0 +1,50 @@
+// DICOM zip upload with a progress bar (XHR upload progress), posting to the imaging API.
+(function () {
+  "use strict";
+  const form = document.getElementById("upload-form");
+  if (!form) return;
+  const bar = document.getElementById("upload-progress");
+  const status = document.getElementById("upload-status");
+  const button = document.getElementById("upload-button");
+  form.addEventListener("submit", function (evt) {
+    evt.preventDefault();
+    const input = document.getElementById("dicom-file");
+    if (!input.files.length) { status.textContent = "Choose a zip file first."; return; }
+    const body = new FormData();
+    body.append("file", input.files[0]);
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", form.action);
+    xhr.setRequestHeader("X-CSRFToken", form.querySelector("[name=csrfmiddlewaretoken]").value);
+    xhr.setRequestHeader("Accept", "application/json");
+    xhr.upload.addEventListener("progress", function (e) {
+      if (e.lengthComputable) {
+        const pct = Math.round((e.loaded / e.total) * 100);
+        bar.value = pct; bar.textContent = pct + "%";
+        status.textContent = "Uploading… " + pct + "%";
+      }
+    });
+    xhr.addEventListener("load", function () {
+      button.disabled = false;
+      let json = {};
+      try { json = JSON.parse(xhr.responseText); } catch (e) { json = {}; }
+      if (xhr.status === 201) {
+        bar.value = 100;
+        status.textContent = "Stored " + json.stored + " file(s)" +
+          (json.rejected ? ", skipped " + json.rejected + " non-DICOM file(s)" : "") +
+          ". Scoring is queued: see the jobs page.";
+        const a = document.createElement("a");
+        a.href = form.dataset.jobsUrl; a.textContent = " Open the jobs page";
+        status.appendChild(a);
+      } else {
+        bar.value = 0;
+        status.textContent = "Upload refused (" + xhr.status + "): " + (json.detail || "unexpected answer");
+      }
+    });
+    xhr.addEventListener("error", function () {
+      button.disabled = false; status.textContent = "Network error: the upload did not finish.";
+    });
+    button.disabled = true;
+    status.textContent = "Uploading…";
+    xhr.send(body);
+  });
+})();

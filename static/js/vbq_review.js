@@ -1,0 +1,230 @@
+// VBQ review: ROIs drawn in SVG over the slice PNG; drag to move, click to place, keyboard to
+// nudge; each change asks the server for the VBQ of the new ROIs (nothing saved) and "Save"
+// stores a corrected result. No inline script: data come from a json_script block.
+(function () {
+  "use strict";
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const dataEl = document.getElementById("viewer-data");
+  if (!dataEl) return;
+  const data = JSON.parse(dataEl.textContent);
+  const svg = document.getElementById("viewer");
+  const image = document.getElementById("viewer-image");
+  const layer = document.getElementById("roi-layer");
+  const csrf = document.getElementById("csrf").value;
+  const rois = {};
+  Object.keys(data.rois || {}).forEach(function (k) { rois[k] = Object.assign({}, data.rois[k]); });
+  let slice = data.slice;
+  let zoom = 2;
+  let dirty = false;
+  let previewSeq = 0;
+  const spacing = data.spacing_mm || [1, 1];
+  const DEFAULT_MM = { body: [7, 11], csf: [3, 2.5] }; // half height, half width (mm)
+
+  function fmt(v) { return v === null || v === undefined ? "—" : Number(v).toFixed(2); }
+
+  function imageUrl() {
+    const wc = document.getElementById("wc").value;
+    const ww = document.getElementById("ww").value;
+    return data.image_url + "?slice=" + slice + "&wc=" + wc + "&ww=" + ww;
+  }
+  function refreshImage() { image.setAttribute("href", imageUrl()); }
+
+  function draw() {
+    while (layer.firstChild) layer.removeChild(layer.firstChild);
+    Object.keys(rois).sort().forEach(function (level) {
+      const r = rois[level];
+      const g = document.createElementNS(SVG_NS, "g");
+      g.setAttribute("class", "roi" + (level === "csf" ? " roi-csf" : "") +
+        (r.slice_index !== slice ? " roi-other-slice" : ""));
+      g.setAttribute("tabindex", "0");
+      g.setAttribute("role", "button");
+      g.setAttribute("aria-label", level + " ROI at row " + Math.round(r.row) + ", column " +
+        Math.round(r.col) + ", slice " + r.slice_index + "; drag or use the arrow keys to move");
+      g.dataset.level = level;
+      const e = document.createElementNS(SVG_NS, "ellipse");
+      e.setAttribute("cx", r.col); e.setAttribute("cy", r.row);
+      e.setAttribute("rx", r.half_width); e.setAttribute("ry", r.half_height);
+      const t = document.createElementNS(SVG_NS, "text");
+      t.setAttribute("x", r.col + r.half_width + 3); t.setAttribute("y", r.row + 3);
+      t.textContent = level;
+      g.appendChild(e); g.appendChild(t);
+      layer.appendChild(g);
+    });
+  }
+
+  function toImage(evt) {
+    const pt = svg.createSVGPoint();
+    pt.x = evt.clientX; pt.y = evt.clientY;
+    const p = pt.matrixTransform(svg.getScreenCTM().inverse());
+    return { row: Math.max(0, Math.min(data.rows - 1, p.y)),
+             col: Math.max(0, Math.min(data.cols - 1, p.x)) };
+  }
+
+  function fractured() {
+    return Array.from(document.querySelectorAll(".fractured-box:checked")).map(function (b) { return b.value; });
+  }
+
+  function changed() {
+    dirty = true;
+    draw();
+    const save = document.getElementById("save-corrected");
+    save.disabled = false;
+    document.getElementById("save-state").textContent = "Unsaved changes.";
+    preview();
+  }
+
+  function post(url, body) {
+    return fetch(url, {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-CSRFToken": csrf },
+      body: JSON.stringify(body),
+    }).then(function (resp) {
+      return resp.json().then(function (json) { return { ok: resp.ok, json: json }; });
+    });
+  }
+
+  function showMeasurement(m) {
+    document.getElementById("vbq-excl").textContent = fmt(m.vbq_excluding_fractured);
+    document.getElementById("vbq-all").textContent = fmt(m.vbq_all_levels);
+    document.getElementById("vbq-confidence").textContent = fmt(m.confidence);
+    document.querySelectorAll("#level-table tr").forEach(function (tr) {
+      const lv = m.levels[tr.dataset.level];
+      tr.querySelector(".si").textContent = lv ? Math.round(lv.median_si) : "—";
+      tr.querySelector(".px").textContent = lv ? lv.pixel_count : "—";
+    });
+    const list = document.getElementById("qc-list");
+    while (list.firstChild) list.removeChild(list.firstChild);
+    (m.qc_flags.length ? m.qc_flags : [{ code: "", message: "No QC flags.", severity: "none" }])
+      .forEach(function (f) {
+        const li = document.createElement("li");
+        li.className = "sev-" + f.severity;
+        if (f.code) { const s = document.createElement("strong"); s.textContent = f.code + ": "; li.appendChild(s); }
+        li.appendChild(document.createTextNode(f.message));
+        list.appendChild(li);
+      });
+  }
+
+  function preview() {
+    if (!rois.csf) {
+      document.getElementById("vbq-state").textContent = "Place the CSF ROI (at L3) to compute the VBQ.";
+      return;
+    }
+    const seq = ++previewSeq;
+    const state = document.getElementById("vbq-state");
+    state.textContent = "Recomputing…";
+    post(data.preview_url, { rois: rois, fractured_levels: fractured() }).then(function (res) {
+      if (seq !== previewSeq) return; // a newer change is on its way
+      if (!res.ok) { state.textContent = res.json.error || "The VBQ could not be computed."; return; }
+      showMeasurement(res.json);
+      state.textContent = "Recomputed from your ROIs (not saved).";
+      state.dataset.vbq = res.json.vbq_excluding_fractured === null ? "" : String(res.json.vbq_excluding_fractured);
+    }).catch(function () { if (seq === previewSeq) state.textContent = "Network error: try again."; });
+  }
+
+  // --- drag, click-to-place ---
+  let drag = null;
+  svg.addEventListener("pointerdown", function (evt) {
+    const g = evt.target.closest ? evt.target.closest(".roi") : null;
+    if (!g) return;
+    const p = toImage(evt);
+    const r = rois[g.dataset.level];
+    drag = { level: g.dataset.level, dr: p.row - r.row, dc: p.col - r.col, moved: false };
+    svg.setPointerCapture(evt.pointerId);
+    evt.preventDefault();
+  });
+  svg.addEventListener("pointermove", function (evt) {
+    if (!drag) return;
+    const p = toImage(evt);
+    const r = rois[drag.level];
+    r.row = p.row - drag.dr; r.col = p.col - drag.dc; r.slice_index = slice;
+    drag.moved = true;
+    draw();
+  });
+  function endDrag(evt) {
+    if (!drag) return;
+    const moved = drag.moved;
+    drag = null;
+    try { svg.releasePointerCapture(evt.pointerId); } catch (e) { /* already released */ }
+    if (moved) changed();
+    svg.dataset.justDragged = moved ? "1" : "";
+  }
+  svg.addEventListener("pointerup", endDrag);
+  svg.addEventListener("pointercancel", endDrag);
+  svg.addEventListener("click", function (evt) {
+    if (svg.dataset.justDragged === "1") { svg.dataset.justDragged = ""; return; }
+    if (evt.target.closest && evt.target.closest(".roi")) return;
+    const level = document.getElementById("place-level").value;
+    const p = toImage(evt);
+    const mm = level === "csf" ? DEFAULT_MM.csf : DEFAULT_MM.body;
+    const old = rois[level];
+    rois[level] = { slice_index: slice, row: p.row, col: p.col,
+      half_height: old ? old.half_height : Math.max(3, mm[0] / spacing[0]),
+      half_width: old ? old.half_width : Math.max(3, mm[1] / spacing[1]) };
+    changed();
+  });
+
+  // --- keyboard: move / resize the focused ROI ---
+  layer.addEventListener("keydown", function (evt) {
+    const g = evt.target.closest(".roi");
+    if (!g) return;
+    const r = rois[g.dataset.level];
+    const step = evt.shiftKey ? 5 : 1;
+    const moves = { ArrowUp: [-step, 0], ArrowDown: [step, 0], ArrowLeft: [0, -step], ArrowRight: [0, step] };
+    if (moves[evt.key]) { r.row += moves[evt.key][0]; r.col += moves[evt.key][1]; }
+    else if (evt.key === "+" || evt.key === "=") { r.half_height += 1; r.half_width += 1; }
+    else if (evt.key === "-") { r.half_height = Math.max(2, r.half_height - 1); r.half_width = Math.max(2, r.half_width - 1); }
+    else return;
+    evt.preventDefault();
+    r.slice_index = slice;
+    const level = g.dataset.level;
+    changed();
+    const again = layer.querySelector('.roi[data-level="' + level + '"]');
+    if (again) again.focus();
+  });
+
+  // --- slice, window/level, zoom ---
+  function setSlice(s) {
+    slice = Math.max(data.slice_min, Math.min(data.slice_max, s));
+    document.getElementById("slice-label").textContent = "slice " + slice;
+    refreshImage(); draw();
+  }
+  document.getElementById("slice-prev").addEventListener("click", function () { setSlice(slice - 1); });
+  document.getElementById("slice-next").addEventListener("click", function () { setSlice(slice + 1); });
+  let wlTimer = null;
+  ["wc", "ww"].forEach(function (id) {
+    document.getElementById(id).addEventListener("input", function () {
+      clearTimeout(wlTimer); wlTimer = setTimeout(refreshImage, 120);
+    });
+  });
+  function setZoom(z) {
+    zoom = Math.max(1, Math.min(4, z));
+    svg.setAttribute("width", data.cols * zoom);
+    svg.setAttribute("height", data.rows * zoom);
+  }
+  document.getElementById("zoom-in").addEventListener("click", function () { setZoom(zoom + 0.5); });
+  document.getElementById("zoom-out").addEventListener("click", function () { setZoom(zoom - 0.5); });
+  document.querySelectorAll(".fractured-box").forEach(function (b) {
+    b.addEventListener("change", function () { if (Object.keys(rois).length) changed(); });
+  });
+
+  // --- save ---
+  document.getElementById("save-corrected").addEventListener("click", function () {
+    const button = this;
+    const state = document.getElementById("save-state");
+    button.disabled = true;
+    state.textContent = "Saving…";
+    post(data.save_url, { rois: rois, fractured_levels: fractured(),
+                          note: document.getElementById("save-note").value })
+      .then(function (res) {
+        if (!res.ok) { state.textContent = res.json.error || "Not saved."; button.disabled = false; return; }
+        dirty = false;
+        state.textContent = "Saved as result " + res.json.id + ".";
+        window.location.assign(res.json.url);
+      }).catch(function () { state.textContent = "Network error: not saved."; button.disabled = false; });
+  });
+  window.addEventListener("pagehide", function () { dirty = false; });
+
+  setZoom(zoom);
+  draw();
+  if (!rois.csf) preview();
+})();
