@@ -14,7 +14,7 @@
   const rois = {};
   Object.keys(data.rois || {}).forEach(function (k) { rois[k] = Object.assign({}, data.rois[k]); });
   let slice = data.slice;
-  let zoom = 2;
+  let zoom = Math.max(1, Math.min(4, Math.round((560 / data.cols) * 2) / 2));
   let dirty = false;
   let previewSeq = 0;
   const spacing = data.spacing_mm || [1, 1];
@@ -45,7 +45,10 @@
       e.setAttribute("cx", r.col); e.setAttribute("cy", r.row);
       e.setAttribute("rx", r.half_width); e.setAttribute("ry", r.half_height);
       const t = document.createElementNS(SVG_NS, "text");
-      t.setAttribute("x", r.col + r.half_width + 3); t.setAttribute("y", r.row + 3);
+      // body labels to the left (anterior), the CSF label to the right: no overlap at L3
+      if (level === "csf") { t.setAttribute("x", r.col + r.half_width + 3); }
+      else { t.setAttribute("x", r.col - r.half_width - 3); t.setAttribute("text-anchor", "end"); }
+      t.setAttribute("y", r.row + 3);
       t.textContent = level;
       g.appendChild(e); g.appendChild(t);
       layer.appendChild(g);

@@ -64,12 +64,15 @@ def test_an_action_sent_by_script_answers_the_new_row_and_counts_without_a_redir
     client.force_login(role_user("coordinator"))
     url = reverse("worklist-action", args=[alert.pk, "acknowledge"])
     body = client.post(url, HTTP_X_REQUESTED_WITH="fetch").json()
-    assert body["ok"] and body["status"] == "acknowledged"
-    assert f'data-alert="{alert.pk}"' in body["html"] and "Acknowledge</button>" not in body["html"]
+    assert body["ok"]
+    assert body["status"] == "acknowledged"
+    assert f'data-alert="{alert.pk}"' in body["html"]
+    assert "Acknowledge</button>" not in body["html"]
     assert body["counts"]["acknowledged"] == 1
     url = reverse("worklist-action", args=[alert.pk, "resolve"])
     body = client.post(url, {"reason": "therapy-started"}, HTTP_X_REQUESTED_WITH="fetch").json()
-    assert body["status"] == "resolved" and body["counts"]["unresolved"] == 0
+    assert body["status"] == "resolved"
+    assert body["counts"]["unresolved"] == 0
     assert "therapy-started" in body["html"]
 
 
@@ -77,4 +80,5 @@ def test_a_refused_script_action_answers_400_with_the_reason(client, role_user, 
     client.force_login(role_user("coordinator"))
     url = reverse("worklist-action", args=[alert.pk, "resolve"])
     response = client.post(url, {"reason": "not-a-reason"}, HTTP_X_REQUESTED_WITH="fetch")
-    assert response.status_code == 400 and not response.json()["ok"]
+    assert response.status_code == 400
+    assert not response.json()["ok"]

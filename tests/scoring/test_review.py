@@ -35,7 +35,8 @@ def test_review_page_shows_the_slice_viewer_and_audits_the_read(reviewer, result
     response = reviewer.get(reverse("vbq-review", args=[result.pk]))
     html = response.content.decode()
     assert response.status_code == 200
-    assert 'id="viewer-data"' in html and "Reviewone" in html
+    assert 'id="viewer-data"' in html
+    assert "Reviewone" in html
     assert AuditEvent.objects.filter(object_type="VbqResult", object_id=str(result.pk),
                                      action="read", patient_id=result.patient_id).exists()
 
@@ -45,7 +46,8 @@ def test_slice_image_is_a_png_and_refuses_slices_beyond_two_from_the_chosen_one(
     mid = result.truth["mid_slice"]
     url = reverse("vbq-review-image", args=[result.pk])
     response = reviewer.get(url, {"slice": mid + 2, "wc": 500, "ww": 800})
-    assert response.status_code == 200 and response.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert response.status_code == 200
+    assert response.content[:8] == b"\x89PNG\r\n\x1a\n"
     assert reviewer.get(url, {"slice": mid + 3}).status_code == 400
 
 
@@ -69,10 +71,12 @@ def test_saving_corrected_rois_creates_a_new_manual_result_with_the_reviewer(
     new = VbqResult.objects.get(pk=response.json()["id"])
     assert (new.source, new.revision, new.review_status) == ("manual", 1, "accepted")
     assert new.reviewer.username == "user-clinician"
-    assert new.fractured_levels == ["L2"] and new.levels.count() == 5
+    assert new.fractured_levels == ["L2"]
+    assert new.levels.count() == 5
     assert new.vbq_all_levels == pytest.approx(result.vbq_all_levels, rel=1e-6)
     result.refresh_from_db()
-    assert result.review_status == "rejected" and str(new.pk) in result.review_note
+    assert result.review_status == "rejected"
+    assert str(new.pk) in result.review_note
     assert AuditEvent.objects.filter(object_type="VbqResult", object_id=str(new.pk),
                                      action="create").exists()
 
@@ -82,7 +86,8 @@ def test_bad_rois_are_a_clear_400_and_nothing_is_written(reviewer, result):
     rois["L9"] = rois.pop("L1")
     response = reviewer.post(reverse("vbq-review-save", args=[result.pk]),
                              json.dumps({"rois": rois}), content_type="application/json")
-    assert response.status_code == 400 and "L9" in response.json()["error"]
+    assert response.status_code == 400
+    assert "L9" in response.json()["error"]
     rois = _rois(result)
     rois["csf"]["half_width"] = "wide"
     response = reviewer.post(reverse("vbq-review-save", args=[result.pk]),
@@ -125,7 +130,8 @@ def test_needs_review_queue_lists_pending_results_only(reviewer, result, tmp_pat
     done.review_status = "accepted"
     done.save()
     html = reviewer.get(reverse("vbq-review-queue")).content.decode()
-    assert "Reviewone" in html and "Donealready" not in html
+    assert "Reviewone" in html
+    assert "Donealready" not in html
 
 
 def test_coordinator_may_not_review_but_sees_jobs_and_the_upload_page(client, role_user,
@@ -134,4 +140,5 @@ def test_coordinator_may_not_review_but_sees_jobs_and_the_upload_page(client, ro
     assert client.get(reverse("vbq-review", args=[result.pk])).status_code == 403
     assert client.get(reverse("vbq-jobs")).status_code == 200
     response = client.get(reverse("imaging-upload", args=[result.patient_id]))
-    assert response.status_code == 200 and b"upload-progress" in response.content
+    assert response.status_code == 200
+    assert b"upload-progress" in response.content
