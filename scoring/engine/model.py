@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ALGORITHM_VERSION = "0.1.0"
+ALGORITHM_VERSION = "0.2.0"
 VBQ_LEVELS = ("L1", "L2", "L3", "L4")
 ALL_LEVELS = ("T12", "L1", "L2", "L3", "L4", "L5", "S1")
 
@@ -38,9 +38,11 @@ class InconsistentSeriesError(EngineError):
 
 @dataclass(frozen=True)
 class Roi:
-    """An ellipse (or axis-aligned box) in pixel coordinates of one slice.
+    """An ellipse or box in pixel coordinates of one slice.
 
-    ``row``/``col`` are the centre; ``half_height``/``half_width`` the semi-axes in pixels.
+    ``row``/``col`` are the centre; ``half_height``/``half_width`` the semi-axes in pixels;
+    ``angle_deg`` turns the height axis from the image's row direction towards its column
+    direction (0 = axis-aligned; the automatic path aligns ROIs with the local spine axis).
     """
 
     slice_index: int
@@ -49,6 +51,7 @@ class Roi:
     half_height: float
     half_width: float
     shape: str = "ellipse"
+    angle_deg: float = 0.0
 
 
 @dataclass

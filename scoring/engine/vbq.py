@@ -3,8 +3,9 @@
 Paths:
 - ``manual_rois`` (level → ``Roi``, including ``"csf"``): a reviewer's ROIs; the engine only
   measures. This path is exact and is the reference for the others.
-- automatic localisation: NOT YET IMPLEMENTED in this version. Without ROIs the engine runs
-  protocol QC and returns ``needs_review`` with the reason, never a guessed value.
+- automatic (no ROIs): ``scoring.engine.localize`` finds the mid-sagittal slice, labels the
+  levels and places the ROIs; a result below ``REVIEW_BELOW_CONFIDENCE`` or whose localisation
+  failed is ``needs_review`` with the reasons, never a silent guess.
 
 VBQ = median(median SI of L1, L2, L3, L4 ROIs) / median SI of the CSF ROI at L3 (Kadri et al.
 2025). ``vbq_excluding_fractured`` drops the fractured levels given by the caller.
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from scoring.engine.dicom_io import Series, describe_orientation, read_series
+from scoring.engine.localize import LocalisationError, localize
 from scoring.engine.model import (
     VBQ_LEVELS,
     EngineError,
@@ -75,10 +77,16 @@ def protocol_qc(series: Series) -> list[QcFlag]:
 
 def roi_mask(shape: tuple[int, int], roi: Roi) -> np.ndarray:
     rr, cc = np.ogrid[: shape[0], : shape[1]]
+    dr, dc = rr - roi.row, cc - roi.col
+    if roi.angle_deg:
+        a = np.radians(roi.angle_deg)
+        u = dr * np.cos(a) + dc * np.sin(a)
+        v = -dr * np.sin(a) + dc * np.cos(a)
+    else:
+        u, v = dr, dc
     if roi.shape == "box":
-        return (np.abs(rr - roi.row) <= roi.half_height) & (np.abs(cc - roi.col) <= roi.half_width)
-    return ((rr - roi.row) / max(roi.half_height, 0.5)) ** 2 + (
-        (cc - roi.col) / max(roi.half_width, 0.5)) ** 2 <= 1.0
+        return (np.abs(u) <= roi.half_height) & (np.abs(v) <= roi.half_width)
+    return (u / max(roi.half_height, 0.5)) ** 2 + (v / max(roi.half_width, 0.5)) ** 2 <= 1.0
 
 
 def measure_roi(series: Series, level: str, roi: Roi, fractured: bool = False
@@ -133,11 +141,7 @@ def compute_vbq(
                       vbq_all_levels=None, vbq_excluding_fractured=None, confidence=0.0,
                       qc_flags=flags)
     if not manual_rois:
-        flags.append(QcFlag("auto-localisation-unavailable", "automatic localisation of the "
-                            "vertebral bodies and CSF is not available in this engine version: "
-                            "place the ROIs by hand", "info"))
-        return result(status="needs_review", source="auto", vbq_all_levels=None,
-                      vbq_excluding_fractured=None, confidence=0.0, qc_flags=flags)
+        return _auto(series, fractured, flags, result)
     rois = {k.strip(): v for k, v in manual_rois.items()}
     missing = [lv for lv in (*VBQ_LEVELS, "csf") if lv not in rois]
     if "csf" in missing:
@@ -148,11 +152,61 @@ def compute_vbq(
     if missing:
         flags.append(QcFlag("missing-levels", f"no ROI for {', '.join(missing)}"))
     confidence = 1.0 if not missing else 0.6
+    return _finish(result, "manual", levels, csf, fractured, flags, confidence)
+
+
+def _finish(result: Any, source: str, levels: dict[str, LevelMeasurement],
+            csf: LevelMeasurement, fractured: list[str], flags: list[QcFlag],
+            confidence: float) -> VbqMeasurement:
     vbq_all = _vbq(levels, csf)
     vbq_excl = _vbq(levels, csf, fractured)
     if vbq_excl is None and vbq_all is not None:
         flags.append(QcFlag("all-levels-fractured", "every measured level is fractured"))
     status = "succeeded" if confidence >= REVIEW_BELOW_CONFIDENCE and vbq_all else "needs_review"
-    return result(status=status, source="manual", vbq_all_levels=vbq_all,
-                  vbq_excluding_fractured=vbq_excl, confidence=confidence, qc_flags=flags,
-                  levels=levels, csf=csf)
+    out: VbqMeasurement = result(status=status, source=source, vbq_all_levels=vbq_all,
+                                 vbq_excluding_fractured=vbq_excl,
+                                 confidence=round(confidence, 3), qc_flags=flags,
+                                 levels=levels, csf=csf)
+    return out
+
+
+def _auto(series: Series, fractured: list[str], flags: list[QcFlag], result: Any
+          ) -> VbqMeasurement:
+    """Automatic path: localise, measure, and check the result is plausible."""
+    try:
+        loc = localize(series)
+    except LocalisationError as exc:
+        flags.append(QcFlag("localisation-failed", f"automatic localisation failed: {exc}. "
+                            "Place the ROIs by hand or import a segmentation", "warning"))
+        out: VbqMeasurement = result(status="needs_review", source="auto", vbq_all_levels=None,
+                                     vbq_excluding_fractured=None, confidence=0.0,
+                                     qc_flags=flags)
+        return out
+    flags.extend(loc.flags)
+    confidence = loc.confidence
+    levels: dict[str, LevelMeasurement] = {}
+    for lv, body in loc.bodies.items():
+        try:
+            m = measure_roi(series, lv, body.roi, lv in fractured)
+        except EngineError:
+            confidence -= 0.3 if lv in VBQ_LEVELS else 0.0
+            flags.append(QcFlag("small-roi", f"the {lv} ROI is too small to measure"))
+            continue
+        m.suggested_fractured = body.suggested_fractured
+        m.height_ratio = None if body.height_ratio is None else round(body.height_ratio, 3)
+        levels[lv] = m
+    csf = measure_roi(series, "csf", loc.csf_roi)
+    suggested = [lv for lv, m in levels.items() if m.suggested_fractured]
+    if suggested:
+        flags.append(QcFlag("suggested-fracture", f"height loss of 20 % or more at "
+                            f"{', '.join(suggested)}: confirm and pass them as fractured "
+                            "levels", "info"))
+    if csf.pixel_count < 40:
+        confidence -= 0.2
+        flags.append(QcFlag("small-csf-roi", f"the CSF ROI holds {csf.pixel_count} pixels"))
+    marrow = [levels[lv].median_si for lv in VBQ_LEVELS if lv in levels]
+    if marrow and csf.median_si > 0 and float(np.median(marrow)) < 1.1 * csf.median_si:
+        confidence -= 0.5
+        flags.append(QcFlag("weak-marrow-contrast", "marrow is not brighter than CSF as on a "
+                            "T1 image: check the series and the ROIs"))
+    return _finish(result, "auto", levels, csf, fractured, flags, max(0.0, confidence))

@@ -49,11 +49,27 @@ def test_fractured_levels_are_excluded_from_the_second_value():
     assert result.vbq_excluding_fractured != result.vbq_all_levels
 
 
-def test_without_rois_the_engine_asks_for_review_instead_of_guessing():
-    result = compute_vbq(make_phantom(13).datasets)
+def test_without_rois_the_engine_localises_the_levels_and_measures_vbq():
+    phantom = make_phantom(13, fractured=())
+    result = compute_vbq(phantom.datasets)
+    assert result.source == "auto"
+    assert result.status == "succeeded", [f.code for f in result.qc_flags]
+    assert result.vbq_all_levels == pytest.approx(phantom.truth["vbq_all_levels"], rel=0.03)
+    for level in ("L1", "L2", "L3", "L4", "L5", "S1"):
+        _, row, _ = phantom.truth["centres_px"][level]
+        assert abs(result.levels[level].centroid_pixel[1] - row) * phantom.truth[
+            "spacing_mm"] < 8, level
+
+
+def test_an_image_without_a_spine_asks_for_review_instead_of_guessing():
+    datasets = make_phantom(13).datasets
+    for ds in datasets:
+        flat = np.full((ds.Rows, ds.Columns), 500, np.uint16)
+        ds.PixelData = flat.tobytes()
+    result = compute_vbq(datasets)
     assert result.status == "needs_review"
     assert result.vbq_all_levels is None
-    assert "auto-localisation-unavailable" in {f.code for f in result.qc_flags}
+    assert "localisation-failed" in {f.code for f in result.qc_flags}
 
 
 @pytest.mark.parametrize(

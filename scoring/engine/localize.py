@@ -1,0 +1,581 @@
+"""Automatic localisation of L1–S1 and the L3 CSF on a sagittal T1 series. Pure (numpy/scipy).
+
+Classical image analysis that adapts to each image: every threshold comes from the image's own
+statistics (Otsu, medians, ratios of neighbouring tissue) and every size is in millimetres from
+the pixel spacing, so neither the matrix nor the intensity scale matters.
+
+1. **Canonical frame.** The slices are flipped/transposed from ``ImageOrientationPatient`` so
+   rows run superior→inferior and columns anterior→posterior, and sampled on a 1 mm grid for
+   detection (ROIs are measured on the original pixels).
+2. **Canal.** On the mean of the central slices, a *valley* map scores each pixel by how much
+   darker it is than tissue 6–17 mm on both sides along the AP axis (a ratio, so a smooth bias
+   field cancels), smoothed along the spine. Dynamic programming finds the best continuous
+   top-to-bottom path (≤ 45° per mm): the CSF canal, the long dark band between the bodies and
+   the posterior elements. Its extent is where the valley stays strong.
+3. **Mid-sagittal slice.** The slice where the canal along that path is deepest (darkest
+   relative to its walls), i.e. the slice through the middle of the canal. Detection then
+   uses the mean of that slice and its neighbours (±1); measurement uses the slice itself.
+4. **Straightening.** The image is resampled along the smoothed canal path (arc length *t*)
+   and its anterior normal (*k*, mm): lordosis, tilt and scoliosis become a straight column.
+   The canal's anterior wall is where the AP profile rises half-way from CSF to marrow.
+5. **Bodies.** In a band 2–12 mm anterior to the canal wall (the posterior part of the
+   bodies, which keeps its height in wedge fractures), the profile along *t* alternates
+   marrow (bright) and disc/endplate (dark). After flattening the slow bias along the spine,
+   Otsu separates the two; runs ≥ 6 mm are bodies. A gap of about twice the median spacing
+   holds a body too dark to threshold (e.g. an acute fracture): it is inserted and flagged.
+6. **Labels.** Counting up from the sacrum: S1 is the lowest body whose bone continues
+   inferiorly (run ≥ 1.25 × median body height or reaching the end of the sampled column);
+   then L5, L4 … T12. Cross-checks: the thecal sac (end of the canal valley) must end between
+   the top of S1 and ~3 levels below it; spacing must be regular (CV < 0.25). A failed check
+   lowers the confidence.
+7. **ROIs.** Per body: AP extent from its own profile (half-way between its marrow and the
+   disc level), heights at 20/50/85 % of the depth; the ROI is a box along the local spine
+   axis covering the central 60 % of the smallest height and 35–80 % of the depth from the
+   posterior wall (the posterior third holds the basivertebral vein; the anterior 20 % the
+   cortex). Height loss ≥ 20 % against the level's own posterior height or its neighbours ⇒
+   ``suggested_fractured``. CSF: at L3 (else L2, L4 with a flag), the darkest contiguous part
+   of the canal cross-section 1.5 mm inside the walls (excludes cord, roots, walls), on the
+   slice among mid±1 where it is darkest.
+8. **Confidence** starts at 1 and loses weight for each failed check (inferred bodies,
+   irregular spacing, sacrum not seen, label cross-check, small ROIs, weak marrow/CSF
+   contrast). Below ``REVIEW_BELOW_CONFIDENCE`` the caller answers ``needs_review``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+from scoring.engine.dicom_io import Series
+from scoring.engine.model import QcFlag, Roi
+
+LABELS_UP_FROM_SACRUM = ("S1", "L5", "L4", "L3", "L2", "L1", "T12")
+REQUIRED = ("S1", "L5", "L4", "L3", "L2", "L1")
+GRID_MM = 1.0
+
+
+class LocalisationError(Exception):
+    """The anatomy needed for VBQ could not be found; ``str`` says what (clinician-readable)."""
+
+
+@dataclass
+class BodyFinding:
+    level: str
+    roi: Roi
+    inferred: bool = False
+    height_mm: float | None = None
+    height_ratio: float | None = None
+    suggested_fractured: bool = False
+
+
+@dataclass
+class Localisation:
+    mid_slice: int
+    bodies: dict[str, BodyFinding]
+    csf_roi: Roi
+    csf_level: str
+    confidence: float
+    flags: list[QcFlag] = field(default_factory=list)
+    canal_path_px: list[tuple[float, float]] = field(default_factory=list)  # original (row, col)
+
+
+@dataclass
+class _Frame:
+    """Canonical frame: rows superior→inferior, cols anterior→posterior."""
+
+    transpose: bool
+    flip_r: bool
+    flip_c: bool
+    shape: tuple[int, int]  # canonical shape
+    spacing: tuple[float, float]  # canonical (row, col) spacing, mm
+
+    def canon(self, image: np.ndarray) -> np.ndarray:
+        out = image.T if self.transpose else image
+        if self.flip_r:
+            out = out[::-1]
+        if self.flip_c:
+            out = out[:, ::-1]
+        return out
+
+    def to_original(self, r: float, c: float) -> tuple[float, float]:
+        if self.flip_r:
+            r = self.shape[0] - 1 - r
+        if self.flip_c:
+            c = self.shape[1] - 1 - c
+        return (c, r) if self.transpose else (r, c)
+
+    def direction_to_original(self, dr: float, dc: float) -> tuple[float, float]:
+        if self.flip_r:
+            dr = -dr
+        if self.flip_c:
+            dc = -dc
+        return (dc, dr) if self.transpose else (dr, dc)
+
+
+def _frame(series: Series) -> _Frame:
+    row_dir, col_dir = series.orientation[:3], series.orientation[3:]
+    transpose = abs(row_dir[2]) > abs(col_dir[2])
+    si_vec, ap_vec = (row_dir, col_dir) if transpose else (col_dir, row_dir)
+    rows, cols = series.pixels.shape[1:]
+    shape = (cols, rows) if transpose else (rows, cols)
+    sp = series.pixel_spacing_mm
+    spacing = (sp[1], sp[0]) if transpose else (sp[0], sp[1])
+    return _Frame(transpose, bool(si_vec[2] > 0), bool(ap_vec[1] < 0), shape, spacing)
+
+
+def _resample(image: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
+    """Canonical image on a GRID_MM grid (bilinear)."""
+    ys = np.arange(0, (image.shape[0] - 1) * spacing[0] + 1e-6, GRID_MM) / spacing[0]
+    xs = np.arange(0, (image.shape[1] - 1) * spacing[1] + 1e-6, GRID_MM) / spacing[1]
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    return ndimage.map_coordinates(image, [yy, xx], order=1, mode="nearest")
+
+
+def _valley(image: np.ndarray) -> np.ndarray:
+    """How much darker a 5 mm wide band is than tissue 6–20 mm away on both sides along the AP
+    axis (0–1). The width requirement ignores thin dark lines (cortex, ligaments)."""
+    centre = ndimage.uniform_filter1d(image, 5, axis=1, mode="nearest")
+    mean = ndimage.uniform_filter1d(image, 8, axis=1, mode="nearest")
+    out = np.zeros_like(image)
+    w = image.shape[1]
+    for gap in (10, 13, 16):
+        left = np.empty_like(mean)
+        right = np.empty_like(mean)
+        left[:, gap:] = mean[:, : w - gap]
+        left[:, :gap] = mean[:, :1]
+        right[:, : w - gap] = mean[:, gap:]
+        right[:, w - gap:] = mean[:, -1:]
+        sides = np.minimum(left, right)
+        depth = 1.0 - centre / np.maximum(sides, 1e-6)
+        out = np.maximum(out, np.where(sides > 0, depth, 0.0))
+    return np.clip(out, 0.0, 1.0)
+
+
+def _best_path(score: np.ndarray, margin: int) -> np.ndarray:
+    """Column per row maximising the summed score; ≤ 1 column change per row."""
+    h, w = score.shape
+    s = score.copy()
+    s[:, :margin] = -1.0
+    s[:, w - margin:] = -1.0
+    acc = s[0].copy()
+    back = np.zeros((h, w), np.int8)
+    neg = np.full(1, -np.inf)
+    for r in range(1, h):
+        stay = acc
+        left = np.concatenate([neg, acc[:-1]]) - 0.02
+        right = np.concatenate([acc[1:], neg]) - 0.02
+        stacked = np.stack([left, stay, right])
+        idx = np.argmax(stacked, axis=0)
+        acc = stacked[idx, np.arange(w)] + s[r]
+        back[r] = idx - 1
+    path = np.zeros(h, int)
+    path[-1] = int(np.argmax(acc))
+    for r in range(h - 1, 0, -1):
+        path[r - 1] = path[r] + back[r, path[r]]
+    return path
+
+
+def _longest_run(mask: np.ndarray, bridge: int) -> tuple[int, int] | None:
+    closed = ndimage.binary_closing(mask, np.ones(bridge)) | mask if bridge > 1 else mask
+    labels, n = ndimage.label(closed)
+    if n == 0:
+        return None
+    sizes = ndimage.sum(closed, labels, range(1, n + 1))
+    best = int(np.argmax(sizes)) + 1
+    idx = np.flatnonzero(labels == best)
+    return int(idx[0]), int(idx[-1])
+
+
+def _smooth_nan(profile: np.ndarray, sigma: float) -> np.ndarray:
+    ok = np.isfinite(profile)
+    num = ndimage.gaussian_filter1d(np.where(ok, profile, 0.0), sigma, mode="nearest")
+    den = ndimage.gaussian_filter1d(ok.astype(float), sigma, mode="nearest")
+    return np.where(den > 1e-3, num / np.maximum(den, 1e-3), np.nan)
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    labels, n = ndimage.label(mask)
+    return [(int(sl[0].start), int(sl[0].stop) - 1) for sl in ndimage.find_objects(labels)
+            if sl is not None][:n]
+
+
+def _run_around(column: np.ndarray, centre: int, thr: float, limit: int) -> float | None:
+    """Length (samples) of the above-threshold run containing (or nearest to) ``centre``."""
+    lo_i, hi_i = max(0, centre - limit), min(len(column), centre + limit + 1)
+    seg = column[lo_i:hi_i] > thr
+    runs = _runs(seg)
+    if not runs:
+        return None
+    c = centre - lo_i
+    best = min(runs, key=lambda r: 0 if r[0] <= c <= r[1] else min(abs(r[0] - c),
+                                                                   abs(r[1] - c)))
+    return float(best[1] - best[0] + 1)
+
+
+def localize(series: Series, debug: dict | None = None) -> Localisation:
+    """Find the mid-sagittal slice, label T12–S1, and place body and CSF ROIs.
+
+    Raises ``LocalisationError`` when the canal or the lumbar column cannot be found.
+    """
+    fr = _frame(series)
+    volume = np.stack([fr.canon(s) for s in series.pixels]).astype(np.float32)
+    n_slices = volume.shape[0]
+    flags: list[QcFlag] = []
+    penalties: list[float] = []
+
+    # 2. canal on the mean of the central third of the slices
+    half = max(0, n_slices // 6)
+    centre = n_slices // 2
+    central = volume[max(0, centre - half): centre + half + 1].mean(axis=0)
+    grid = ndimage.gaussian_filter(_resample(central, fr.spacing), 1.0)
+    valley = ndimage.gaussian_filter1d(_valley(grid), 10.0, axis=0)
+    path_x = _best_path(valley, margin=20)
+    rows_idx = np.arange(grid.shape[0])
+    along = valley[rows_idx, path_x]
+    run = _longest_run(along > 0.4 * np.percentile(along, 75), bridge=12)
+    if run is None or run[1] - run[0] < 120 or float(np.percentile(along, 75)) < 0.05:
+        raise LocalisationError("the spinal canal was not found (no long dark band between "
+                                "the vertebral bodies and the posterior elements)")
+    top, bottom = run
+    ys = rows_idx[top: bottom + 1].astype(float)
+    xs = ndimage.gaussian_filter1d(path_x[top: bottom + 1].astype(float), 6.0, mode="nearest")
+
+    # arc-length resampling of the path, extended along its end tangents
+    seg = np.hypot(np.diff(ys), np.diff(xs))
+    cum = np.concatenate([[0.0], np.cumsum(seg)])
+    t = np.arange(0.0, cum[-1], 1.0)
+    py, px = np.interp(t, cum, ys), np.interp(t, cum, xs)
+    tail, head = 15, 10
+    d_end = np.array([py[-1] - py[-tail], px[-1] - px[-tail]])
+    d_end /= max(np.linalg.norm(d_end), 1e-6)
+    d_start = np.array([py[head] - py[0], px[head] - px[0]])
+    d_start /= max(np.linalg.norm(d_start), 1e-6)
+    ext_lo, ext_hi = 15, 90
+    py = np.concatenate([py[0] - d_start[0] * np.arange(ext_lo, 0, -1), py,
+                         py[-1] + d_end[0] * np.arange(1, ext_hi + 1)])
+    px = np.concatenate([px[0] - d_start[1] * np.arange(ext_lo, 0, -1), px,
+                         px[-1] + d_end[1] * np.arange(1, ext_hi + 1)])
+    canal_t = (ext_lo, ext_lo + len(t) - 1)  # where the canal valley itself is
+    ty = np.gradient(ndimage.gaussian_filter1d(py, 5.0, mode="nearest"))
+    tx = np.gradient(ndimage.gaussian_filter1d(px, 5.0, mode="nearest"))
+    norm = np.hypot(ty, tx)
+    ty, tx = ty / norm, tx / norm
+    ny, nx = tx, -ty  # anterior normal
+
+    ks = np.arange(-30.0, 91.0, 1.0)
+    k0 = 30  # index of k = 0
+
+    def straighten(image: np.ndarray, sigma_mm: float = 0.8) -> np.ndarray:
+        smooth = ndimage.gaussian_filter(image, (sigma_mm / fr.spacing[0],
+                                                 sigma_mm / fr.spacing[1]))
+        cy = (py[:, None] + ks[None, :] * ny[:, None]) / fr.spacing[0]
+        cx = (px[:, None] + ks[None, :] * nx[:, None]) / fr.spacing[1]
+        out = ndimage.map_coordinates(smooth, [cy, cx], order=1, mode="constant",
+                                      cval=np.nan)
+        inside = (cy >= 0) & (cy <= image.shape[0] - 1) & (cx >= 0) & (cx <= image.shape[1] - 1)
+        return np.where(inside, out, np.nan)
+
+    # 3. mid-sagittal slice: the canal deepest along the path
+    sl = slice(canal_t[0], canal_t[1] + 1)
+    depth = []
+    for s in range(n_slices):
+        iy = py[sl] / fr.spacing[0]
+        rows_c = []
+        for k in (-14, -11, -2, -1, 0, 1, 2, 11, 14):
+            cy = (py[sl] + k * ny[sl]) / fr.spacing[0]
+            cx = (px[sl] + k * nx[sl]) / fr.spacing[1]
+            rows_c.append(ndimage.map_coordinates(volume[s], [cy, cx], order=1, mode="nearest"))
+        del iy
+        arr = np.array(rows_c)
+        inner = arr[2:7].mean(axis=0)
+        wall = np.minimum(arr[:2].mean(axis=0), arr[7:].mean(axis=0))
+        depth.append(float(np.median(1.0 - inner / np.maximum(wall, 1e-6))))
+    depth_arr = np.array(depth)
+    mid = int(np.argmax(depth_arr))
+    lo_s, hi_s = max(0, mid - 1), min(n_slices, mid + 2)
+    detect = straighten(volume[lo_s:hi_s].mean(axis=0))
+
+    # 4. canal walls from the AP profile
+    valid_t = np.isfinite(detect[:, k0])
+    canal_rows = detect[canal_t[0]: canal_t[1] + 1]
+    prof = np.nanmedian(canal_rows, axis=0)
+    centre_k = k0 - 6 + int(np.nanargmin(prof[k0 - 6: k0 + 7]))
+    canal_si = float(prof[centre_k])
+    body_level = float(np.nanpercentile(prof[centre_k: centre_k + 40], 75))
+    above = np.flatnonzero(prof[centre_k: centre_k + 30] >= (canal_si + body_level) / 2)
+    if above.size == 0 or body_level <= canal_si * 1.05:
+        raise LocalisationError("no vertebral bodies were found in front of the canal")
+    k_wall = centre_k + int(above[0])  # index of the anterior canal wall
+
+    # 5. bodies along the posterior band
+    band = detect[:, k_wall + 6: k_wall + 23]
+    ok_rows = valid_t & np.isfinite(band).all(axis=1)
+    prof_t = np.full(len(band), np.nan)
+    if ok_rows.any():
+        prof_t[ok_rows] = np.median(band[ok_rows], axis=1)
+    flat = prof_t / _smooth_nan(prof_t, 25.0)
+    vals = flat[np.isfinite(flat)]
+    if vals.size < 100:
+        raise LocalisationError("the vertebral column is too short in this image")
+    thr = float(threshold_otsu(vals))
+    bright = np.isfinite(flat) & (flat > thr)
+    bright = ndimage.binary_opening(ndimage.binary_closing(bright, np.ones(3)), np.ones(3))
+    segments = [(a, b) for a, b in _runs(bright) if b - a + 1 >= 4]
+    if segments:
+        # with faint disc contrast the endplates split bodies from discs: keep the long runs
+        lens = np.sort([b - a + 1 for a, b in segments])
+        ref = float(np.median(lens[len(lens) // 2:]))
+        segments = [(a, b) for a, b in segments if b - a + 1 >= max(8.0, 0.55 * ref)]
+    end_t = int(np.flatnonzero(ok_rows)[-1]) if ok_rows.any() else len(flat) - 1
+    if debug is not None:
+        debug.update(detect=detect, flat=flat, thr=thr, segments=list(segments), k_wall=k_wall,
+                     canal_t=canal_t, mid=mid, depth=depth_arr, end_t=end_t, grid=grid,
+                     path_x=path_x, run=run, valley=valley)
+    if len(segments) < 5:
+        raise LocalisationError(f"only {len(segments)} vertebral bodies were found; the lumbar "
+                                "spine must show at least L1 to S1")
+    lengths = np.array([b - a + 1 for a, b in segments], float)
+    centres = np.array([(a + b) / 2 for a, b in segments])
+    body_len = float(np.median(lengths[:-1]))
+    spacing = float(np.median(np.diff(centres)))
+
+    # sacrum: lowest run continuing inferiorly. Short debris below it is dropped; runs split
+    # only by thin dark lines (fused sacral disc remnants) join the sacral complex.
+    gaps = np.array([segments[i + 1][0] - segments[i][1] for i in range(len(segments) - 1)])
+    disc_gap = float(np.median(gaps))
+    merged = [segments[0]]
+    for a, b in segments[1:]:
+        if a - merged[-1][1] < 0.5 * disc_gap and len(merged) >= 5:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    lower = [i for i in range(5, len(merged))]
+    longest = max(lower, key=lambda i: merged[i][1] - merged[i][0]) if lower else -1
+    sacral = longest >= 0 and merged[longest][1] - merged[longest][0] + 1 >= 1.4 * body_len
+    if sacral:
+        segments = merged[: longest + 1]
+    else:
+        segments = merged
+        while len(segments) > 6 and segments[-1][1] - segments[-1][0] + 1 < 0.6 * body_len:
+            segments.pop()
+    if not sacral:
+        flags.append(QcFlag("sacrum-not-identified", "the lowest body does not continue "
+                            "inferiorly like the sacrum: the level labels may be shifted"))
+        penalties.append(0.4)
+
+    # bodies (top → bottom) with dark ones re-inserted from the spacing
+    items: list[tuple[float, float, bool]] = []  # (start, end, inferred)
+    a, b = segments[-1]
+    segments[-1] = (a, int(min(b, a + body_len * 1.1)))  # S1 body, not the whole sacrum
+    for i, (a, b) in enumerate(segments):
+        if i and (a + b) / 2 - (segments[i - 1][0] + segments[i - 1][1]) / 2 > 1.55 * spacing:
+            pa, pb = segments[i - 1]
+            gap = (a + b) / 2 - (pa + pb) / 2
+            m = max(1, round(gap / spacing) - 1)
+            for j in range(1, m + 1):
+                c = (pa + pb) / 2 + j * gap / (m + 1)
+                items.append((c - body_len / 2, c + body_len / 2, True))
+        items.append((float(a), float(b), False))
+    chain = items[-len(LABELS_UP_FROM_SACRUM):]
+    labels = dict(zip(LABELS_UP_FROM_SACRUM, reversed(chain), strict=False))
+    if any(lv not in labels for lv in REQUIRED):
+        raise LocalisationError("fewer than six bodies above the sacrum: L1 to S1 are not all "
+                                "in the image")
+    inferred = [lv for lv, it in labels.items() if it[2]]
+    if inferred:
+        flags.append(QcFlag("inferred-body", f"{', '.join(inferred)}: body too dark to "
+                            "separate from the discs, placed from the level spacing "
+                            "(fracture or marrow oedema?)"))
+        penalties.append(0.1 * len(inferred))
+    lumbar_c = [(labels[lv][0] + labels[lv][1]) / 2 for lv in REQUIRED]
+    steps = np.abs(np.diff(lumbar_c))
+    cv = float(np.std(steps)) / max(float(np.mean(steps)), 1e-6)
+    if cv > 0.25:
+        flags.append(QcFlag("irregular-spacing", f"level spacing varies by {cv:.0%}: check "
+                            "the labels"))
+        penalties.append(0.3)
+    s1_top = labels["S1"][0]
+    if not (s1_top - 0.5 * spacing <= canal_t[1] <= s1_top + 3.0 * spacing):
+        flags.append(QcFlag("label-crosscheck", "the thecal sac does not end near S1–S2: "
+                            "the level labels may be shifted"))
+        penalties.append(0.3)
+
+    # 7. per-body geometry and ROIs on the mid slice
+    prof_disc = prof_t[np.isfinite(flat) & (flat <= thr)]
+    disc_level = float(np.nanmedian(prof_disc)) if prof_disc.size else float(np.nanmin(prof_t))
+    bodies: dict[str, BodyFinding] = {}
+    geo: dict[str, tuple[float, float, float, float | None]] = {}
+    dep: float
+    depths = []
+    for lv, (a0, b0, _inf) in labels.items():
+        tc = round((a0 + b0) / 2)
+        rows_b = detect[max(0, tc - 4): tc + 5]
+        ap = np.nanmedian(rows_b, axis=0) if rows_b.size else np.full(len(ks), np.nan)
+        ap = ndimage.uniform_filter1d(np.nan_to_num(ap, nan=0.0), 3)
+        level_si = float(np.median(ap[k_wall + 2: k_wall + 12]))
+        depth_mm: float | None = None
+        if level_si > disc_level * 1.08:
+            cut = (level_si + disc_level) / 2
+            below = np.flatnonzero(ap[k_wall + 12: k_wall + 65] < cut)
+            if below.size:
+                depth_mm = float(12 + below[0])
+        geo[lv] = (float(a0), float(b0), level_si, depth_mm)
+        if depth_mm is not None and 15 <= depth_mm <= 60:
+            depths.append(depth_mm)
+    typical_depth = float(np.median(depths)) if depths else 35.0
+
+    heights: dict[str, tuple[float, float, float] | None] = {}
+    for lv, (a0, b0, level_si, depth_mm) in geo.items():
+        dep = depth_mm if depth_mm is not None and 15 <= depth_mm <= 60 else typical_depth
+        tc = round((a0 + b0) / 2)
+        hs: list[float] = []
+        if level_si > disc_level * 1.08:
+            cut = (level_si + disc_level) / 2
+            for f in (0.2, 0.5, 0.85):
+                col = detect[:, k_wall + round(f * dep)]
+                col = ndimage.uniform_filter1d(np.nan_to_num(col, nan=0.0), 3)
+                run_len = _run_around(col, tc, cut, int(0.9 * spacing))
+                if run_len is not None:
+                    hs.append(run_len)
+        heights[lv] = (hs[0], hs[1], hs[2]) if len(hs) == 3 else None
+        geo[lv] = (a0, b0, level_si, dep)
+
+    for lv in labels:
+        a0, b0, _level_si, dep_or_none = geo[lv]
+        dep = float(dep_or_none if dep_or_none is not None else typical_depth)
+        t_mid = (a0 + b0) / 2
+        h = heights[lv]
+        own_h = min(b0 - a0 + 1, body_len * 1.3)
+        roi_h = min(h) if h else own_h
+        roi_h = float(np.clip(roi_h, 0.4 * body_len, 1.3 * body_len))
+        ratio: float | None = None
+        suggested = False
+        if h and lv != "S1":
+            ref_list = [h[0]]
+            for nb in (_neighbour(lv, -1), _neighbour(lv, 1)):
+                nh = heights.get(nb) if nb else None
+                if nh:
+                    ref_list.append(nh[0])
+            ratio = float(min(h) / max(np.median(ref_list), 1e-6))
+            suggested = ratio < 0.8
+        k_lo, k_hi = 0.35 * dep, 0.8 * dep
+        roi = _roi(fr, py, px, ty, tx, ny, nx, t_mid, k_wall - k0 + (k_lo + k_hi) / 2,
+                   0.3 * roi_h, (k_hi - k_lo) / 2, mid)
+        bodies[lv] = BodyFinding(lv, roi, inferred=labels[lv][2], height_mm=roi_h,
+                                 height_ratio=ratio, suggested_fractured=suggested)
+
+    # CSF at L3, else L2, L4
+    csf_roi: Roi | None = None
+    csf_level = ""
+    for lv in ("L3", "L2", "L4"):
+        a0, b0 = labels[lv][0], labels[lv][1]
+        found = _csf_roi(fr, volume, straighten, py, px, ty, tx, ny, nx, a0, b0, k0, k_wall,
+                         mid, n_slices, series)
+        if found is not None:
+            csf_roi, csf_level = found[0], lv
+            if found[1]:
+                flags.append(QcFlag("csf-unclear", f"CSF at {lv}: {'; '.join(found[2])}"))
+                penalties.append(found[1])
+            break
+    if csf_roi is None:
+        raise LocalisationError("the CSF of the thecal sac at L2–L4 could not be outlined")
+    if csf_level != "L3":
+        flags.append(QcFlag("csf-not-at-l3", f"the CSF at L3 is obscured: measured at "
+                            f"{csf_level}"))
+        penalties.append(0.1)
+
+    confidence = float(max(0.0, 1.0 - sum(penalties)))
+    path = [fr.to_original(float(y / fr.spacing[0]), float(x / fr.spacing[1]))
+            for y, x in zip(py[sl][::5], px[sl][::5], strict=True)]
+    return Localisation(mid_slice=mid, bodies=bodies, csf_roi=csf_roi, csf_level=csf_level,
+                        confidence=confidence, flags=flags, canal_path_px=path)
+
+
+def _neighbour(level: str, step: int) -> str | None:
+    order = ("T12", "L1", "L2", "L3", "L4", "L5", "S1")
+    i = order.index(level) + step
+    return order[i] if 0 <= i < len(order) - 1 else None
+
+
+def _roi(fr: _Frame, py: np.ndarray, px: np.ndarray, ty: np.ndarray, tx: np.ndarray,
+         ny: np.ndarray, nx: np.ndarray, t_c: float, k_c: float, half_t: float,
+         half_k: float, slice_index: int) -> Roi:
+    """A box along the local spine axis, in the original pixel frame."""
+    i = int(np.clip(round(t_c), 0, len(py) - 1))
+    y = py[i] + (t_c - i) * ty[i] + k_c * ny[i]
+    x = px[i] + (t_c - i) * tx[i] + k_c * nx[i]
+    r, c = fr.to_original(float(y / fr.spacing[0]), float(x / fr.spacing[1]))
+    dr, dc = fr.direction_to_original(float(ty[i] / fr.spacing[0]), float(tx[i] / fr.spacing[1]))
+    angle = float(np.degrees(np.arctan2(dc, dr)))
+    sp_axis = float(np.hypot(ty[i], tx[i]) / max(np.hypot(ty[i] / fr.spacing[0],
+                                                          tx[i] / fr.spacing[1]), 1e-9))
+    sp_norm = float(1.0 / max(np.hypot(ny[i] / fr.spacing[0], nx[i] / fr.spacing[1]), 1e-9))
+    return Roi(slice_index, float(r), float(c), half_t / sp_axis, half_k / sp_norm, "box",
+               angle)
+
+
+def _csf_roi(fr: _Frame, volume: np.ndarray, straighten, py, px, ty, tx, ny, nx,  # type: ignore[no-untyped-def]
+             a0: float, b0: float, k0: int, k_wall: int, mid: int, n_slices: int,
+             series: Series) -> tuple[Roi, float, list[str]] | None:
+    from scoring.engine.vbq import roi_mask  # local: vbq imports this module
+
+    tc = (a0 + b0) / 2
+    half_t = 0.3 * (b0 - a0 + 1)
+    best: tuple[float, Roi, float, list[str]] | None = None
+    for s in range(max(0, mid - 1), min(n_slices, mid + 2)):
+        img = straighten(volume[s], 0.6)
+        rows = img[round(tc - half_t): round(tc + half_t) + 1]
+        if rows.size == 0:
+            continue
+        prof = np.nanmedian(rows, axis=0)
+        if not np.isfinite(prof[k0 - 25: k_wall + 4]).all():
+            continue
+        lo_k = k0 - 25
+        seg = ndimage.uniform_filter1d(prof[lo_k: k_wall + 8], 2)
+        wide = ndimage.median_filter(seg, 5, mode="nearest")  # ignores thin dark lines
+        stop = k_wall - 5 - lo_k  # clear of the body's posterior cortex
+        trough_i = 5 + int(np.argmin(wide[5:stop]))
+        trough = float(wide[trough_i])
+        ant_wall = float(np.max(wide[trough_i:]))
+        contrast = 1.0 - trough / max(min(ant_wall, float(np.max(wide[: trough_i + 1]))), 1e-6)
+        post_wall = float(np.max(wide[: trough_i + 1]))
+        wall = min(ant_wall, post_wall)
+        if wall <= trough * 1.05:
+            continue
+        inside = wide < trough + 0.5 * (wall - trough)
+        runs = [r for r in _runs(inside) if r[0] <= trough_i <= r[1]]
+        if not runs:
+            continue
+        lo_c, hi_c = runs[0][0] + 1.5, runs[0][1] - 1.5
+        if hi_c - lo_c < 2:
+            continue
+        # pure CSF: within 8 % of the canal's typical darkness (not cortex, cord or roots)
+        pure = np.abs(seg - trough) <= 0.08 * trough
+        pure[: int(np.ceil(lo_c))] = False
+        pure[int(np.floor(hi_c)) + 1:] = False
+        pruns = [r for r in _runs(pure) if r[1] - r[0] + 1 >= 2]
+        if not pruns:
+            continue
+        pr = min(pruns, key=lambda r: 0 if r[0] <= trough_i <= r[1] else
+                 min(abs(r[0] - trough_i), abs(r[1] - trough_i)))
+        k_c = lo_k + (pr[0] + pr[1]) / 2 - k0
+        half_k = max(0.75, (pr[1] - pr[0]) / 2)
+        roi = _roi(fr, py, px, ty, tx, ny, nx, tc, k_c, half_t, half_k, s)
+        mask = roi_mask(series.pixels[s].shape, roi)
+        if mask.sum() < 20:
+            continue
+        med = float(np.median(series.pixels[s][mask]))
+        penalty = 0.0
+        why = []
+        if contrast < 0.15:
+            penalty += 0.3
+            why.append(f"CSF only {contrast:.0%} darker than the canal walls")
+        if runs[0][1] - runs[0][0] + 1 < 5:
+            penalty += 0.3
+            why.append("the canal is narrower than 5 mm")
+        if best is None or med < best[0]:
+            best = (med, roi, penalty, why)
+    return (best[1], best[2], best[3]) if best else None
