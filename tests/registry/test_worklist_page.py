@@ -82,3 +82,31 @@ def test_a_refused_script_action_answers_400_with_the_reason(client, role_user, 
     response = client.post(url, {"reason": "not-a-reason"}, HTTP_X_REQUESTED_WITH="fetch")
     assert response.status_code == 400
     assert not response.json()["ok"]
+
+
+def test_the_worklist_page_runs_the_same_few_queries_for_3_or_30_alerts(client, role_user):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    user = role_user("coordinator")
+    client.force_login(user)
+
+    def queries_for_page() -> int:
+        client.get(reverse("worklist"))  # warm the session and permission caches
+        with CaptureQueriesContext(connection) as ctx:
+            html = client.get(reverse("worklist")).content.decode()
+        real = [q for q in ctx.captured_queries if "SAVEPOINT" not in q["sql"]]
+        return len(real), html.count('<tr data-alert="')
+
+    for i in range(3):
+        high_vbq_patient(70 + i, mrn=f"SYN-NQ-{i}")
+    followup_sweep()
+    few, rows_few = queries_for_page()
+    for i in range(3, 30):
+        high_vbq_patient(70 + i, mrn=f"SYN-NQ-{i}")
+    followup_sweep()
+    Alert.objects.filter(pk=Alert.objects.order_by("pk").first().pk).update(assignee=user)
+    many, rows_many = queries_for_page()
+    assert (rows_few, rows_many) == (3, 25)
+    assert many == few  # no query per row (no N+1, no deferred field loaded per row)
+    assert many <= 7  # session, user, 2 x permissions, status counts, the page, session save
