@@ -11,8 +11,10 @@ import datetime as dt
 import hashlib
 import logging
 import secrets
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -75,6 +77,36 @@ class Actor:
 SYSTEM_ACTOR = Actor(via="command")
 
 
+@dataclass
+class _Deferred:
+    audits: list[AuditEvent] = field(default_factory=list)
+    followup_patient_ids: set[Any] = field(default_factory=set)
+
+
+_deferred = threading.local()
+
+
+@contextmanager
+def deferred_side_effects() -> Iterator[None]:
+    """Collect the audit rows and follow-up re-evaluations of many writes, and write them once
+    at the end: one INSERT of every AuditEvent, one UPDATE of the patients' due dates and one
+    queued re-evaluation per patient (after commit). Use inside the caller's transaction (e.g. a
+    FHIR transaction bundle); on an exception nothing is flushed (the transaction rolls back)."""
+    outer = getattr(_deferred, "current", None)
+    if outer is not None:  # nested: the outermost block flushes
+        yield
+        return
+    _deferred.current = pending = _Deferred()
+    try:
+        yield
+    finally:
+        _deferred.current = None
+    if pending.audits:
+        AuditEvent.objects.bulk_create(pending.audits)
+    if pending.followup_patient_ids:
+        _followup_changed_now(pending.followup_patient_ids)
+
+
 def audit_record(
     *,
     actor: Actor,
@@ -84,8 +116,9 @@ def audit_record(
     patient_id: Any = None,
     detail: dict[str, Any] | None = None,
 ) -> AuditEvent:
-    """Append one AuditEvent. ``detail`` must hold ids and codes only, never PHI."""
-    return AuditEvent.objects.create(
+    """Append one AuditEvent. ``detail`` must hold ids and codes only, never PHI.
+    Inside ``deferred_side_effects()`` the row is written at the end of that block."""
+    event = AuditEvent(
         actor_id=actor.user_id,
         feed_id=actor.feed_id,
         action=action,
@@ -95,6 +128,12 @@ def audit_record(
         via=actor.via,
         detail=detail or {},
     )
+    pending: _Deferred | None = getattr(_deferred, "current", None)
+    if pending is not None:
+        pending.audits.append(event)
+    else:
+        event.save(force_insert=True)
+    return event
 
 
 def followup_changed(patient_id: Any) -> None:
@@ -102,16 +141,29 @@ def followup_changed(patient_id: Any) -> None:
 
     Marks the patient due today (the sweep's safety net if the broker is down) and queues an
     immediate re-evaluation after commit, so e.g. a therapy order resolves an alert in seconds.
+    Inside ``deferred_side_effects()`` this happens once per patient at the end of that block.
     """
-    Patient.objects.filter(pk=patient_id).update(followup_next_check_on=clinic_today())
+    pending: _Deferred | None = getattr(_deferred, "current", None)
+    if pending is not None:
+        pending.followup_patient_ids.add(patient_id)
+    else:
+        _followup_changed_now({patient_id})
+
+
+def _followup_changed_now(patient_ids: set[Any]) -> None:
+    Patient.objects.filter(pk__in=patient_ids).update(followup_next_check_on=clinic_today())
+    ids = sorted(str(p) for p in patient_ids)
 
     def queue() -> None:
         from registry.tasks import followup_reevaluate
 
         try:
-            followup_reevaluate.delay(str(patient_id))
-        except Exception as exc:  # broker down: the sweep picks the patient up
-            logger.warning("followup_reevaluate not queued patient=%s: %s", patient_id,
+            if len(ids) == 1:
+                followup_reevaluate.delay(ids[0])
+            else:  # one message for many patients (Celery chunks), not one per patient
+                followup_reevaluate.chunks([(i,) for i in ids], 100).apply_async()
+        except Exception as exc:  # broker down: the sweep picks the patients up
+            logger.warning("followup_reevaluate not queued for %s patient(s): %s", len(ids),
                            type(exc).__name__)
 
     transaction.on_commit(queue)
@@ -135,6 +187,31 @@ def _aware(moment: dt.datetime, field: str) -> dt.datetime:
     return moment
 
 
+def patient_check(
+    *,
+    identifiers: Sequence[Identifier],
+    sex: str,
+    birth_date: dt.date | None,
+    deceased_on: dt.date | None,
+) -> None:
+    """Validate a patient's identifiers, sex and dates (single and bulk write paths)."""
+    if not identifiers:
+        raise RegistryValidationError("at least one identifier is required", field="identifier")
+    for ident in identifiers:
+        if not ident.system or not ident.value:
+            raise RegistryValidationError(
+                "identifier needs both system and value", field="identifier"
+            )
+    if sex not in Sex.values:
+        raise RegistryValidationError(f"unknown sex {sex!r}", field="gender")
+    _check_not_future(birth_date, "birthDate")
+    _check_not_future(deceased_on, "deceasedDateTime")
+    if birth_date and deceased_on and deceased_on < birth_date:
+        raise RegistryValidationError(
+            "deceased date is before birth date", field="deceasedDateTime", code="before-birth"
+        )
+
+
 @transaction.atomic
 def patient_upsert(
     *,
@@ -156,22 +233,8 @@ def patient_upsert(
     ``RegistryValidationError`` when identifiers are missing, belong to two different
     patients, or dates are impossible.
     """
-    if not identifiers:
-        raise RegistryValidationError("at least one identifier is required", field="identifier")
-    for ident in identifiers:
-        if not ident.system or not ident.value:
-            raise RegistryValidationError(
-                "identifier needs both system and value", field="identifier"
-            )
-    if sex not in Sex.values:
-        raise RegistryValidationError(f"unknown sex {sex!r}", field="gender")
-    _check_not_future(birth_date, "birthDate")
-    _check_not_future(deceased_on, "deceasedDateTime")
-    if birth_date and deceased_on and deceased_on < birth_date:
-        raise RegistryValidationError(
-            "deceased date is before birth date", field="deceasedDateTime", code="before-birth"
-        )
-
+    patient_check(identifiers=identifiers, sex=sex, birth_date=birth_date,
+                  deceased_on=deceased_on)
     keys = {(i.system, i.value) for i in identifiers}
     known = list(
         PatientIdentifier.objects.select_for_update()
@@ -278,6 +341,42 @@ def _upsert_sourced(model: type, identifier: Identifier | None, values: dict[str
     return obj, created
 
 
+def procedure_values(
+    *,
+    patient: Patient,
+    code_system: str,
+    code: str,
+    performed_at: dt.datetime,
+    code_display: str = "",
+    levels: Iterable[str] = (),
+    record_status: str = RecordStatus.ACTIVE,
+) -> dict[str, Any]:
+    """Validate a vertebroplasty/kyphoplasty and return the Procedure's field values.
+    Raises for a non-qualifying code or bad dates. Shared by the single and bulk write paths."""
+    kind = codes.procedure_kind(code_system, code)
+    if kind is None:
+        raise RegistryValidationError(
+            f"{code_system}|{code} is not a vertebroplasty/kyphoplasty code",
+            field="code",
+            code="code-invalid",
+        )
+    performed_at = _aware(performed_at, "performedDateTime")
+    performed_on = clinic_date(performed_at)
+    _check_not_future(performed_on, "performedDateTime")
+    _check_after_birth(patient, performed_on, "performedDateTime")
+    return {
+        "patient": patient,
+        "kind": ProcedureKind(kind),
+        "code_system": code_system,
+        "code": code,
+        "code_display": code_display,
+        "performed_at": performed_at,
+        "performed_on": performed_on,
+        "levels": _validate_levels(levels, "bodySite"),
+        "record_status": record_status,
+    }
+
+
 @transaction.atomic
 def procedure_record(
     *,
@@ -292,28 +391,10 @@ def procedure_record(
     actor: Actor = SYSTEM_ACTOR,
 ) -> tuple[Procedure, bool]:
     """Record a vertebroplasty/kyphoplasty. Raises for a non-qualifying code or bad dates."""
-    kind = codes.procedure_kind(code_system, code)
-    if kind is None:
-        raise RegistryValidationError(
-            f"{code_system}|{code} is not a vertebroplasty/kyphoplasty code",
-            field="code",
-            code="code-invalid",
-        )
-    performed_at = _aware(performed_at, "performedDateTime")
-    performed_on = clinic_date(performed_at)
-    _check_not_future(performed_on, "performedDateTime")
-    _check_after_birth(patient, performed_on, "performedDateTime")
-    values = {
-        "patient": patient,
-        "kind": ProcedureKind(kind),
-        "code_system": code_system,
-        "code": code,
-        "code_display": code_display,
-        "performed_at": performed_at,
-        "performed_on": performed_on,
-        "levels": _validate_levels(levels, "bodySite"),
-        "record_status": record_status,
-    }
+    values = procedure_values(
+        patient=patient, code_system=code_system, code=code, performed_at=performed_at,
+        code_display=code_display, levels=levels, record_status=record_status,
+    )
     proc, created = _upsert_sourced(Procedure, identifier, values)
     audit_record(
         actor=actor,
@@ -324,6 +405,44 @@ def procedure_record(
     )
     followup_changed(patient.pk)
     return proc, created
+
+
+def fracture_values(
+    *,
+    patient: Patient,
+    site: str,
+    diagnosed_at: dt.datetime,
+    vertebral_level: str = "",
+    code_system: str = "",
+    code: str = "",
+    code_display: str = "",
+    record_status: str = RecordStatus.ACTIVE,
+) -> dict[str, Any]:
+    """Validate a fragility fracture diagnosis and return the Fracture's field values."""
+    if site not in FractureSite.values:
+        raise RegistryValidationError(f"unknown fracture site {site!r}", field="bodySite")
+    level = ""
+    if vertebral_level:
+        if site != FractureSite.VERTEBRAL:
+            raise RegistryValidationError(
+                "a vertebral level is only valid for a vertebral fracture", field="bodySite"
+            )
+        level = _validate_levels([vertebral_level], "bodySite")[0]
+    diagnosed_at = _aware(diagnosed_at, "onsetDateTime")
+    diagnosed_on = clinic_date(diagnosed_at)
+    _check_not_future(diagnosed_on, "onsetDateTime")
+    _check_after_birth(patient, diagnosed_on, "onsetDateTime")
+    return {
+        "patient": patient,
+        "site": site,
+        "vertebral_level": level,
+        "code_system": code_system,
+        "code": code,
+        "code_display": code_display,
+        "diagnosed_at": diagnosed_at,
+        "diagnosed_on": diagnosed_on,
+        "record_status": record_status,
+    }
 
 
 @transaction.atomic
@@ -341,30 +460,11 @@ def fracture_record(
     actor: Actor = SYSTEM_ACTOR,
 ) -> tuple[Fracture, bool]:
     """Record a fragility fracture diagnosis."""
-    if site not in FractureSite.values:
-        raise RegistryValidationError(f"unknown fracture site {site!r}", field="bodySite")
-    level = ""
-    if vertebral_level:
-        if site != FractureSite.VERTEBRAL:
-            raise RegistryValidationError(
-                "a vertebral level is only valid for a vertebral fracture", field="bodySite"
-            )
-        level = _validate_levels([vertebral_level], "bodySite")[0]
-    diagnosed_at = _aware(diagnosed_at, "onsetDateTime")
-    diagnosed_on = clinic_date(diagnosed_at)
-    _check_not_future(diagnosed_on, "onsetDateTime")
-    _check_after_birth(patient, diagnosed_on, "onsetDateTime")
-    values = {
-        "patient": patient,
-        "site": site,
-        "vertebral_level": level,
-        "code_system": code_system,
-        "code": code,
-        "code_display": code_display,
-        "diagnosed_at": diagnosed_at,
-        "diagnosed_on": diagnosed_on,
-        "record_status": record_status,
-    }
+    values = fracture_values(
+        patient=patient, site=site, diagnosed_at=diagnosed_at, vertebral_level=vertebral_level,
+        code_system=code_system, code=code, code_display=code_display,
+        record_status=record_status,
+    )
     fracture, created = _upsert_sourced(Fracture, identifier, values)
     audit_record(
         actor=actor,
@@ -375,6 +475,46 @@ def fracture_record(
     )
     followup_changed(patient.pk)
     return fracture, created
+
+
+def therapy_values(
+    *,
+    patient: Patient,
+    agent: str,
+    kind: str,
+    start_on: dt.date,
+    end_on: dt.date | None = None,
+    status: str = ExposureStatus.ACTIVE,
+    route: str = "",
+    rxnorm_code: str = "",
+    atc_code: str = "",
+    record_status: str = RecordStatus.ACTIVE,
+) -> dict[str, Any]:
+    """Validate an anti-osteoporosis medication exposure and return its field values."""
+    if agent not in codes.AGENTS:
+        raise RegistryValidationError(
+            f"{agent!r} is not an anti-osteoporosis agent", field="medication"
+        )
+    if kind not in ExposureKind.values:
+        raise RegistryValidationError(f"unknown exposure kind {kind!r}", field="resourceType")
+    if status not in ExposureStatus.values:
+        raise RegistryValidationError(f"unknown status {status!r}", field="status")
+    _check_not_future(start_on, "effective")
+    _check_after_birth(patient, start_on, "effective")
+    if end_on is not None and end_on < start_on:
+        raise RegistryValidationError("end is before start", field="effective.end")
+    return {
+        "patient": patient,
+        "agent": agent,
+        "kind": kind,
+        "status": status,
+        "route": route,
+        "rxnorm_code": rxnorm_code,
+        "atc_code": atc_code,
+        "start_on": start_on,
+        "end_on": end_on,
+        "record_status": record_status,
+    }
 
 
 @transaction.atomic
@@ -394,30 +534,11 @@ def therapy_record(
     actor: Actor = SYSTEM_ACTOR,
 ) -> tuple[TherapyExposure, bool]:
     """Record an anti-osteoporosis medication exposure (order, dispense, administration...)."""
-    if agent not in codes.AGENTS:
-        raise RegistryValidationError(
-            f"{agent!r} is not an anti-osteoporosis agent", field="medication"
-        )
-    if kind not in ExposureKind.values:
-        raise RegistryValidationError(f"unknown exposure kind {kind!r}", field="resourceType")
-    if status not in ExposureStatus.values:
-        raise RegistryValidationError(f"unknown status {status!r}", field="status")
-    _check_not_future(start_on, "effective")
-    _check_after_birth(patient, start_on, "effective")
-    if end_on is not None and end_on < start_on:
-        raise RegistryValidationError("end is before start", field="effective.end")
-    values = {
-        "patient": patient,
-        "agent": agent,
-        "kind": kind,
-        "status": status,
-        "route": route,
-        "rxnorm_code": rxnorm_code,
-        "atc_code": atc_code,
-        "start_on": start_on,
-        "end_on": end_on,
-        "record_status": record_status,
-    }
+    values = therapy_values(
+        patient=patient, agent=agent, kind=kind, start_on=start_on, end_on=end_on,
+        status=status, route=route, rxnorm_code=rxnorm_code, atc_code=atc_code,
+        record_status=record_status,
+    )
     exposure, created = _upsert_sourced(TherapyExposure, identifier, values)
     audit_record(
         actor=actor,
@@ -492,6 +613,10 @@ def feed_authenticate(*, token: str) -> Feed | None:
     if not token:
         return None
     feed = Feed.objects.filter(token_hash=_hash_token(token), is_active=True).first()
-    if feed is not None:
-        Feed.objects.filter(pk=feed.pk).update(last_used_at=timezone.now())
+    now = timezone.now()
+    # ``last_used_at`` is kept to the minute: not one extra committed write per request.
+    if feed is not None and (feed.last_used_at is None
+                             or now - feed.last_used_at > dt.timedelta(seconds=60)):
+        Feed.objects.filter(pk=feed.pk).update(last_used_at=now)
+        feed.last_used_at = now
     return feed

@@ -1,9 +1,11 @@
 """Apply FHIR resources and bundles to the registry.
 
 - One resource: parse (fhir.resources) → mapper → registry services.
-- Transaction bundle: every entry in ONE database transaction; any bad entry rolls back all
-  and the error names the entry index. Patients are processed first so ``urn:uuid`` fullUrl
-  references inside the bundle resolve.
+- Transaction bundle: every entry parsed once, then applied in ONE database transaction; any
+  bad entry rolls back all and the error names the entry index. Patients are processed first so
+  ``urn:uuid`` fullUrl references inside the bundle resolve. Writes are collected and handed to
+  the bulk services (``registry.services_bulk``), audit rows written in one INSERT and follow-up
+  re-evaluation queued once per patient (``deferred_side_effects``).
 - Batch bundle: each entry in its own savepoint; good entries are kept, bad ones answer their
   own status and OperationOutcome.
 - Held references: a resource naming an unknown patient is stored as ``HeldResource`` and
@@ -16,13 +18,22 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import IntegrityError, OperationalError, transaction
+from django.db import IntegrityError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from integrations.fhir.errors import FhirError, Issue
-from integrations.fhir.mappers import MAPPERS, Context, HeldReference, MapResult, reference_key
+from integrations.fhir.mappers import (
+    MAPPERS,
+    Context,
+    HeldReference,
+    MapResult,
+    flush_pending,
+    prefetch_patients,
+    reference_key,
+)
 from integrations.fhir.parse import parse_resource
 from integrations.models import HeldResource
+from registry.services import deferred_side_effects
 
 logger = logging.getLogger(__name__)
 ORDER = {"Patient": 0}
@@ -40,9 +51,20 @@ class EntryOutcome:
             self.status, str(self.status))
 
 
-def apply_resource(data: dict[str, Any], ctx: Context, *, allowed: Any,
-                   expression_prefix: str = "", full_url: str = "") -> EntryOutcome:
-    """Validate and apply one resource (inside the caller's transaction)."""
+def commit_without_waiting() -> None:
+    """Let the current PostgreSQL transaction commit without waiting for its WAL flush.
+
+    Only for a transaction that is followed, before anything is answered, by a synchronous
+    commit on the same connection (the view's final InboundMessage outcome update): PostgreSQL
+    flushes WAL in order, so that commit makes this one durable too. One disk flush per request
+    instead of three, and nothing is acknowledged before it is on disk."""
+    if connection.vendor == "postgresql" and connection.in_atomic_block:
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL synchronous_commit TO OFF")
+
+
+def parse_entry(data: Any, *, allowed: Any, expression_prefix: str = "") -> Any:
+    """Check the type is supported and allowed for the feed; validate with fhir.resources."""
     resource_type = data.get("resourceType") if isinstance(data, dict) else None
     if isinstance(resource_type, str) and resource_type not in MAPPERS and resource_type:
         raise FhirError.single(400, "not-supported",
@@ -55,8 +77,15 @@ def apply_resource(data: dict[str, Any], ctx: Context, *, allowed: Any,
         raise FhirError.single(403, "forbidden",
                                f"this feed may not submit {resource_type} resources",
                                expression_prefix or resource_type)
+    return model
+
+
+def map_entry(model: Any, data: dict[str, Any], ctx: Context, *, expression_prefix: str = ""
+              ) -> MapResult | EntryOutcome:
+    """Run the mapper of a parsed resource. A reference to an unknown patient is held (202)."""
+    resource_type = model.get_resource_type()
     try:
-        result: MapResult = MAPPERS[resource_type](model, ctx)
+        return MAPPERS[resource_type](model, ctx)
     except (AttributeError, TypeError, KeyError) as exc:
         # A resource shape the mapper does not handle: refuse it clearly, write nothing.
         logger.exception("mapper %s failed", resource_type)
@@ -70,36 +99,60 @@ def apply_resource(data: dict[str, Any], ctx: Context, *, allowed: Any,
             "information", "informational",
             "the referenced patient is not in the registry yet: the resource is held and will "
             "be applied when the Patient arrives")])
+
+
+def entry_outcome(result: MapResult | EntryOutcome) -> EntryOutcome:
+    if isinstance(result, EntryOutcome):
+        return result
     if result.ignored_reason:
         return EntryOutcome(200, issues=[Issue("information", "informational",
                                                result.ignored_reason)])
-    if resource_type == "Patient" and result.patient is not None:
+    return EntryOutcome(201 if result.created else 200,
+                        f"{result.resource_type}/{result.object_id}")
+
+
+def apply_resource(data: dict[str, Any], ctx: Context, *, allowed: Any,
+                   expression_prefix: str = "", full_url: str = "") -> EntryOutcome:
+    """Validate and apply one resource (inside the caller's transaction)."""
+    model = parse_entry(data, allowed=allowed, expression_prefix=expression_prefix)
+    result = map_entry(model, data, ctx, expression_prefix=expression_prefix)
+    if (isinstance(result, MapResult) and result.resource_type == "Patient"
+            and result.patient is not None):
         if full_url:
             ctx.bundle_patients[full_url] = result.patient
-        release_held(result.patient, model, ctx, allowed)
-    return EntryOutcome(201 if result.created else 200, f"{resource_type}/{result.object_id}")
+        release_held([(result.patient, model)], ctx, allowed)
+    return entry_outcome(result)
 
 
-def release_held(patient: Any, model: Any, ctx: Context, allowed: Any) -> int:
-    """Apply resources held for this Patient (by feed-scoped id or business identifier)."""
-    keys = []
-    if model.id:
-        keys.append(reference_key(ctx, f"Patient/{model.id}"))
-    keys += [f"identifier|{i.system}|{i.value}" for i in model.identifier or []
-             if i.system and i.value]
+def _held_keys(model: Any, ctx: Context) -> list[str]:
+    keys = [reference_key(ctx, f"Patient/{model.id}")] if model.id else []
+    return keys + [f"identifier|{i.system}|{i.value}" for i in model.identifier or []
+                   if i.system and i.value]
+
+
+def release_held(patients: list[tuple[Any, Any]], ctx: Context, allowed: Any) -> int:
+    """Apply resources held for these (patient, Patient model) pairs (by feed-scoped id or
+    business identifier): one query to find them, then each in its own savepoint."""
+    keys = [key for _, model in patients for key in _held_keys(model, ctx)]
+    if not keys:
+        return 0
     applied = 0
-    for held in HeldResource.objects.select_for_update().filter(
-        reference_key__in=keys, applied_at__isnull=True
-    ):
-        try:
-            with transaction.atomic():
-                apply_resource(held.resource, ctx, allowed=allowed)
-            held.applied_at = timezone.now()
-            held.error = ""
-            applied += 1
-        except FhirError as exc:
-            held.error = str(exc)[:500]
-        held.save(update_fields=["applied_at", "error"])
+    pending, ctx.pending = ctx.pending, None  # held resources are applied one by one
+    try:
+        for held in HeldResource.objects.select_for_update().filter(
+            reference_key__in=keys, applied_at__isnull=True
+        ):
+            try:
+                with transaction.atomic():
+                    apply_resource(held.resource, ctx, allowed=allowed)
+                held.applied_at = timezone.now()
+                held.error = ""
+                applied += 1
+            except FhirError as exc:
+                held.error = str(exc)[:500]
+            held.save(update_fields=["applied_at", "error"])
+    finally:
+        ctx.pending = pending
     return applied
 
 
@@ -118,23 +171,24 @@ def _entries(bundle: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
 
 def process_transaction(bundle: dict[str, Any], ctx: Context, allowed: Any,
                         attempts: int = 3) -> list[tuple[int, EntryOutcome]]:
-    """All-or-nothing. Retries a few times on a concurrent-writer conflict."""
-    entries = _entries(bundle)
-    for attempt in range(attempts):
-        ctx.bundle_patients.clear()
+    """All-or-nothing. Every entry is parsed once, before the transaction; the writes go
+    through the bulk services (a constant number of queries per bundle, not per entry).
+    Retries a few times on a concurrent-writer conflict."""
+    parsed = []
+    for i, entry in _entries(bundle):
+        prefix = f"Bundle.entry[{i}].resource"
         try:
-            with transaction.atomic():
-                results = []
-                for i, entry in entries:
-                    prefix = f"Bundle.entry[{i}].resource"
-                    try:
-                        outcome = apply_resource(entry["resource"], ctx, allowed=allowed,
-                                                 expression_prefix=prefix,
-                                                 full_url=str(entry.get("fullUrl") or ""))
-                    except FhirError as exc:
-                        raise exc.prefixed(f"Bundle.entry[{i}]") from exc
-                    results.append((i, outcome))
-                return sorted(results, key=lambda r: r[0])
+            model = parse_entry(entry["resource"], allowed=allowed, expression_prefix=prefix)
+        except FhirError as exc:
+            raise exc.prefixed(f"Bundle.entry[{i}]") from exc
+        parsed.append((i, entry, model))
+    for attempt in range(attempts):
+        ctx.reset()
+        try:
+            with transaction.atomic(), deferred_side_effects():
+                if ctx.durable_later:
+                    commit_without_waiting()
+                return _apply_transaction(parsed, ctx, allowed)
         except (IntegrityError, OperationalError) as exc:
             if attempt == attempts - 1:
                 raise FhirError.single(409, "conflict", "a concurrent update conflicted with "
@@ -142,6 +196,38 @@ def process_transaction(bundle: dict[str, Any], ctx: Context, allowed: Any,
             logger.info("transaction bundle retry %s after %s", attempt + 1,
                         type(exc).__name__)
     return []
+
+
+def _apply_transaction(parsed: list[tuple[int, dict[str, Any], Any]], ctx: Context,
+                       allowed: Any) -> list[tuple[int, EntryOutcome]]:
+    """Patients first (written together, then held resources released in one query), then
+    every other entry, with its patients looked up in one query and written together."""
+    results: dict[int, MapResult | EntryOutcome] = {}
+    patients = [p for p in parsed if p[2].get_resource_type() == "Patient"]
+    others = [p for p in parsed if p[2].get_resource_type() != "Patient"]
+    for group in (patients, others):
+        if group is others:
+            prefetch_patients(ctx, [model for _, _, model in others])
+        ctx.pending = []
+        for i, entry, model in group:
+            ctx.entry_where = f"Bundle.entry[{i}]"
+            try:
+                results[i] = map_entry(model, entry["resource"], ctx,
+                                       expression_prefix=f"Bundle.entry[{i}].resource")
+            except FhirError as exc:
+                raise exc.prefixed(f"Bundle.entry[{i}]") from exc
+        flush_pending(ctx)
+        ctx.pending = None
+        if group is patients:
+            written = []
+            for i, entry, model in patients:
+                result = results[i]
+                if isinstance(result, MapResult) and result.patient is not None:
+                    if entry.get("fullUrl"):
+                        ctx.bundle_patients[str(entry["fullUrl"])] = result.patient
+                    written.append((result.patient, model))
+            release_held(written, ctx, allowed)
+    return sorted((i, entry_outcome(r)) for i, r in results.items())
 
 
 def process_batch(bundle: dict[str, Any], ctx: Context, allowed: Any

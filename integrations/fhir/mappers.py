@@ -5,6 +5,10 @@ ignored). It raises ``FhirError`` for invalid content, or ``HeldReference`` when
 names a patient the registry does not know yet (the caller stores it and applies it when that
 Patient arrives). Upserts go by business identifier; a resource without one gets a feed-scoped
 identifier from its logical id, so a resend updates rather than duplicates.
+
+Writes go through ``_write``: one registry service call per resource, or, when the context
+collects writes (``Context.pending``, a transaction bundle), a ``PendingWrite`` that
+``flush_pending`` hands to the bulk variant of the same service (``registry.services_bulk``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,12 @@ from registry.services import (
     procedure_record,
     therapy_record,
 )
+from registry.services_bulk import (
+    fracture_record_many,
+    patient_upsert_many,
+    procedure_record_many,
+    therapy_record_many,
+)
 from registry.timeutil import start_of_clinic_day
 
 LEVEL_RE = re.compile(r"\b([CTL][1-9][0-2]?|S1)\b")
@@ -43,20 +53,137 @@ class HeldReference(Exception):
 
 
 @dataclass
-class Context:
-    feed_name: str
-    actor: Actor
-    bundle_patients: dict[str, Patient] = field(default_factory=dict)  # fullUrl → patient
-    contained_medications: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class MapResult:
     resource_type: str
     object_id: str = ""
     created: bool = False
     ignored_reason: str = ""
     patient: Patient | None = None
+
+
+@dataclass
+class PendingWrite:
+    """A write collected for a bulk service call; ``result`` is filled by ``flush_pending``."""
+
+    kind: str  # patient | procedure | fracture | therapy | imaging
+    kwargs: dict[str, Any]
+    result: MapResult
+    where: str  # the entry's expression prefix, to name it in an error
+
+
+@dataclass
+class Context:
+    feed_name: str
+    actor: Actor
+    bundle_patients: dict[str, Patient] = field(default_factory=dict)  # fullUrl → patient
+    contained_medications: dict[str, Any] = field(default_factory=dict)
+    # Collect writes for bulk services instead of writing each resource (None: write each).
+    pending: list[PendingWrite] | None = None
+    entry_where: str = ""  # expression prefix of the entry being mapped
+    # (system, value) → patient (None: not in the registry), filled by ``prefetch_patients``.
+    patient_cache: dict[tuple[str, str], Patient | None] = field(default_factory=dict)
+    # The caller commits synchronously after the bundle, before answering (see
+    # ``ingest.commit_without_waiting``).
+    durable_later: bool = False
+
+    def reset(self) -> None:
+        self.bundle_patients.clear()
+        self.patient_cache.clear()
+        self.pending = None
+        self.entry_where = ""
+
+
+def _imaging_single(**kwargs: Any) -> tuple[Any, bool]:
+    from scoring.services import imaging_study_upsert
+
+    return imaging_study_upsert(**kwargs)
+
+
+def _imaging_many(**kwargs: Any) -> list[tuple[Any, bool]]:
+    from scoring.services_bulk import imaging_study_upsert_many
+
+    return imaging_study_upsert_many(**kwargs)
+
+
+SINGLE: dict[str, Callable[..., tuple[Any, bool]]] = {
+    "patient": patient_upsert, "procedure": procedure_record, "fracture": fracture_record,
+    "therapy": therapy_record, "imaging": _imaging_single,
+}
+BULK: dict[str, Callable[..., list[tuple[Any, bool]]]] = {
+    "patient": patient_upsert_many, "procedure": procedure_record_many,
+    "fracture": fracture_record_many, "therapy": therapy_record_many, "imaging": _imaging_many,
+}
+
+
+def _write(ctx: Context, resource_type: str, kind: str, kwargs: dict[str, Any],
+           patient: Patient | None = None) -> MapResult:
+    """Write one mapped resource now, or collect it when the context collects writes."""
+    if ctx.pending is not None:
+        result = MapResult(resource_type, patient=patient)
+        ctx.pending.append(PendingWrite(kind, kwargs, result, ctx.entry_where))
+        return result
+    try:
+        obj, created = SINGLE[kind](**kwargs, actor=ctx.actor)
+    except RegistryValidationError as exc:
+        raise _business_error(exc, resource_type) from exc
+    return MapResult(resource_type, str(obj.pk), created, patient=patient or (
+        obj if kind == "patient" else None))
+
+
+def flush_pending(ctx: Context) -> None:
+    """Write the collected resources: one bulk service call per kind. A validation error names
+    its entry (``FhirError`` with the entry's expression prefix); nothing is half-written
+    because the caller's transaction rolls back."""
+    pending, ctx.pending = ctx.pending or [], []
+    by_kind: dict[str, list[PendingWrite]] = {}
+    for write in pending:
+        by_kind.setdefault(write.kind, []).append(write)
+    for kind in ("patient", "procedure", "fracture", "therapy", "imaging"):
+        writes = by_kind.get(kind)
+        if not writes:
+            continue
+        try:
+            results = BULK[kind](items=[w.kwargs for w in writes], actor=ctx.actor)
+        except RegistryValidationError as exc:
+            write = writes[getattr(exc, "index", 0)]
+            error = _business_error(exc, write.result.resource_type)
+            raise (error.prefixed(write.where) if write.where else error) from exc
+        for write, (obj, created) in zip(writes, results, strict=True):
+            write.result.object_id = str(getattr(obj, "pk", obj))
+            write.result.created = created
+            if kind == "patient":
+                write.result.patient = obj
+
+
+def _subject_keys(ctx: Context, ref: Any) -> tuple[str, str] | None:
+    """The (system, value) of the PatientIdentifier a reference points to, if it needs one."""
+    if ref is None:
+        return None
+    if ref.reference:
+        text = str(ref.reference)
+        if text in ctx.bundle_patients or text.startswith("urn:uuid:"):
+            return None
+        tail = text.rsplit("Patient/", 1)
+        if len(tail) != 2 or not tail[1]:
+            return None
+        return logical_id_system(ctx, "Patient"), tail[1].split("/")[0]
+    if ref.identifier and ref.identifier.system and ref.identifier.value:
+        return str(ref.identifier.system), str(ref.identifier.value)
+    return None
+
+
+def prefetch_patients(ctx: Context, resources: list[Any]) -> None:
+    """Look up every patient the resources' ``subject`` names in ONE query, so that
+    ``resolve_patient`` needs none."""
+    keys = {k for r in resources
+            if (k := _subject_keys(ctx, getattr(r, "subject", None))) is not None}
+    keys -= set(ctx.patient_cache)
+    if not keys:
+        return
+    found = {(i.system, i.value): i.patient for i in PatientIdentifier.objects.select_related(
+        "patient").filter(system__in={k[0] for k in keys}, value__in={k[1] for k in keys})}
+    for key in keys:
+        ctx.patient_cache[key] = found.get(key)
 
 
 def logical_id_system(ctx: Context, resource_type: str) -> str:
@@ -113,20 +240,25 @@ def resolve_patient(ctx: Context, ref: Any, where: str) -> Patient:
         if len(tail) != 2 or not tail[1]:
             raise FhirError.single(400, "invalid", f"{text} is not a Patient reference",
                                    f"{where}.reference")
-        ident = PatientIdentifier.objects.select_related("patient").filter(
-            system=logical_id_system(ctx, "Patient"), value=tail[1].split("/")[0]
-        ).first()
-        if ident is None:
+        patient = _lookup(ctx, logical_id_system(ctx, "Patient"), tail[1].split("/")[0])
+        if patient is None:
             raise HeldReference(reference_key(ctx, text))
-        return _live(ident.patient)
+        return _live(patient)
     if ref.identifier and ref.identifier.system and ref.identifier.value:
-        ident = PatientIdentifier.objects.select_related("patient").filter(
-            system=str(ref.identifier.system), value=str(ref.identifier.value)).first()
-        if ident is None:
+        patient = _lookup(ctx, str(ref.identifier.system), str(ref.identifier.value))
+        if patient is None:
             raise HeldReference(f"identifier|{ref.identifier.system}|{ref.identifier.value}")
-        return _live(ident.patient)
+        return _live(patient)
     raise FhirError.single(400, "required", "the reference has neither reference nor identifier",
                            where)
+
+
+def _lookup(ctx: Context, system: str, value: str) -> Patient | None:
+    if (system, value) in ctx.patient_cache:
+        return ctx.patient_cache[(system, value)]
+    ident = PatientIdentifier.objects.select_related("patient").filter(
+        system=system, value=value).first()
+    return ident.patient if ident is not None else None
 
 
 def _live(patient: Patient) -> Patient:
@@ -171,31 +303,36 @@ def map_patient(resource: Any, ctx: Context) -> MapResult:
     name = next((n for n in resource.name or [] if n.use == "official"),
                 (resource.name or [None])[0])
     deceased = fhir_datetime(resource.deceasedDateTime)
+    kwargs = {
+        "identifiers": identifiers,
+        "family_name": str(name.family or "") if name else "",
+        "given_name": " ".join(name.given or []) if name else "",
+        "birth_date": fhir_datetime(resource.birthDate),
+        "sex": GENDER.get(str(resource.gender or "unknown"), "unknown"),
+        "deceased_on": deceased.date() if isinstance(deceased, dt.datetime) else deceased,
+    }
+    links = [link for link in resource.link or []
+             if str(link.type) == "replaced-by" and link.other is not None]
+    if not links:
+        return _write(ctx, "Patient", "patient", kwargs)
+    if ctx.pending is not None:  # a merge needs the earlier patients written first
+        flush_pending(ctx)
+        pending, ctx.pending = ctx.pending, None
+        try:
+            return map_patient(resource, ctx)
+        finally:
+            ctx.pending = pending
+    patient = _write(ctx, "Patient", "patient", kwargs).patient
     try:
-        patient, created = patient_upsert(
-            identifiers=identifiers,
-            family_name=str(name.family or "") if name else "",
-            given_name=" ".join(name.given or []) if name else "",
-            birth_date=fhir_datetime(resource.birthDate),  # type: ignore[arg-type]
-            sex=GENDER.get(str(resource.gender or "unknown"), "unknown"),
-            deceased_on=deceased.date() if isinstance(deceased, dt.datetime) else deceased,
-            actor=ctx.actor,
-        )
+        target = resolve_patient(ctx, links[0].other, "Patient.link.other")
+    except HeldReference as exc:
+        raise FhirError.single(422, "not-found", "the replacing Patient is not in the "
+                               "registry; send it first", "Patient.link.other") from exc
+    try:
+        patient_merge(source=patient, target=target, actor=ctx.actor)
     except RegistryValidationError as exc:
         raise _business_error(exc, "Patient") from exc
-    for link in resource.link or []:
-        if str(link.type) == "replaced-by" and link.other is not None:
-            try:
-                target = resolve_patient(ctx, link.other, "Patient.link.other")
-            except HeldReference as exc:
-                raise FhirError.single(422, "not-found", "the replacing Patient is not in the "
-                                       "registry; send it first", "Patient.link.other") from exc
-            try:
-                patient_merge(source=patient, target=target, actor=ctx.actor)
-            except RegistryValidationError as exc:
-                raise _business_error(exc, "Patient") from exc
-            return MapResult("Patient", str(target.pk), False, patient=target)
-    return MapResult("Patient", str(patient.pk), created, patient=patient)
+    return MapResult("Patient", str(target.pk), False, patient=target)
 
 
 def _type_code(ident: Any) -> str:
@@ -228,17 +365,13 @@ def map_procedure(resource: Any, ctx: Context) -> MapResult:
         resource.performedPeriod.start if resource.performedPeriod else None)
     at = _moment(performed, "Procedure.performedDateTime")
     levels = _levels(*(_text(b) for b in resource.bodySite or []), _text(resource.code))
-    try:
-        proc, created = procedure_record(
-            patient=patient, code_system=coding[0], code=coding[1], code_display=coding[2],
-            performed_at=at, levels=levels, identifier=_identifier(resource, ctx),
-            record_status=RecordStatus.ENTERED_IN_ERROR if status == "entered-in-error"
-            else RecordStatus.ACTIVE,
-            actor=ctx.actor,
-        )
-    except RegistryValidationError as exc:
-        raise _business_error(exc, "Procedure") from exc
-    return MapResult("Procedure", str(proc.pk), created, patient=patient)
+    return _write(ctx, "Procedure", "procedure", {
+        "patient": patient, "code_system": coding[0], "code": coding[1],
+        "code_display": coding[2], "performed_at": at, "levels": levels,
+        "identifier": _identifier(resource, ctx),
+        "record_status": RecordStatus.ENTERED_IN_ERROR if status == "entered-in-error"
+        else RecordStatus.ACTIVE,
+    }, patient)
 
 
 # --- Condition / Encounter (fractures) ---------------------------------------------------------
@@ -263,18 +396,13 @@ def _record_fracture(resource_type: str, resource: Any, ctx: Context, codings: l
     if site == "vertebral":
         level = codes.fracture_level_from_code(coding[0], coding[1]) or next(
             iter(_levels(*body_texts, coding[2])), "")
-    try:
-        fracture, created = fracture_record(
-            patient=patient, site=site, vertebral_level=level,
-            diagnosed_at=_moment(when, when_path), code_system=coding[0], code=coding[1],
-            code_display=coding[2], identifier=_identifier(resource, ctx),
-            record_status=RecordStatus.ENTERED_IN_ERROR if entered_in_error
-            else RecordStatus.ACTIVE,
-            actor=ctx.actor,
-        )
-    except RegistryValidationError as exc:
-        raise _business_error(exc, resource_type) from exc
-    return MapResult(resource_type, str(fracture.pk), created, patient=patient)
+    return _write(ctx, resource_type, "fracture", {
+        "patient": patient, "site": site, "vertebral_level": level,
+        "diagnosed_at": _moment(when, when_path), "code_system": coding[0], "code": coding[1],
+        "code_display": coding[2], "identifier": _identifier(resource, ctx),
+        "record_status": RecordStatus.ENTERED_IN_ERROR if entered_in_error
+        else RecordStatus.ACTIVE,
+    }, patient)
 
 
 def map_condition(resource: Any, ctx: Context) -> MapResult:
@@ -395,19 +523,15 @@ def map_medication(resource: Any, ctx: Context) -> MapResult:
     if isinstance(end_day, dt.datetime):
         end_day = end_day.date()
     status = str(resource.status)
-    try:
-        exposure, created = therapy_record(
-            patient=patient, agent=agent, kind=KIND[resource_type],
-            start_on=start_day, end_on=end_day, status=STATUS.get(status, ExposureStatus.UNKNOWN),
-            route=_route(resource, agent), rxnorm_code=rxnorm, atc_code=atc,
-            identifier=_identifier(resource, ctx),
-            record_status=RecordStatus.ENTERED_IN_ERROR if status == "entered-in-error"
-            else RecordStatus.ACTIVE,
-            actor=ctx.actor,
-        )
-    except RegistryValidationError as exc:
-        raise _business_error(exc, resource_type) from exc
-    return MapResult(resource_type, str(exposure.pk), created, patient=patient)
+    return _write(ctx, resource_type, "therapy", {
+        "patient": patient, "agent": agent, "kind": KIND[resource_type],
+        "start_on": start_day, "end_on": end_day,
+        "status": STATUS.get(status, ExposureStatus.UNKNOWN),
+        "route": _route(resource, agent), "rxnorm_code": rxnorm, "atc_code": atc,
+        "identifier": _identifier(resource, ctx),
+        "record_status": RecordStatus.ENTERED_IN_ERROR if status == "entered-in-error"
+        else RecordStatus.ACTIVE,
+    }, patient)
 
 
 # --- ImagingStudy -------------------------------------------------------------------------------
@@ -416,7 +540,7 @@ def _uid(value: str) -> str:
 
 
 def map_imaging_study(resource: Any, ctx: Context) -> MapResult:
-    from scoring.services import SeriesInput, imaging_study_upsert
+    from scoring.services import SeriesInput
 
     uid = next((_uid(str(i.value)) for i in resource.identifier or []
                 if str(i.system or "") == "urn:dicom:uid" and i.value), "")
@@ -438,18 +562,13 @@ def map_imaging_study(resource: Any, ctx: Context) -> MapResult:
         for s in resource.series or []
     ]
     started = _moment(resource.started, "ImagingStudy.started") if resource.started else None
-    try:
-        study, created = imaging_study_upsert(
-            study_instance_uid=uid, patient=patient, source="fhir", started_at=started,
-            modality=",".join(modalities), description=str(resource.description or ""),
-            endpoint_url=endpoint, series=series,
-            record_status="entered-in-error" if str(resource.status) == "entered-in-error"
-            else "active",
-            actor=ctx.actor,
-        )
-    except RegistryValidationError as exc:
-        raise _business_error(exc, "ImagingStudy") from exc
-    return MapResult("ImagingStudy", str(study.pk), created, patient=patient)
+    return _write(ctx, "ImagingStudy", "imaging", {
+        "study_instance_uid": uid, "patient": patient, "source": "fhir", "started_at": started,
+        "modality": ",".join(modalities), "description": str(resource.description or ""),
+        "endpoint_url": endpoint, "series": series,
+        "record_status": "entered-in-error" if str(resource.status) == "entered-in-error"
+        else "active",
+    }, patient)
 
 
 MAPPERS: dict[str, Callable[[Any, Context], MapResult]] = {

@@ -26,6 +26,7 @@ from integrations.fhir.errors import FhirError, Issue, operation_outcome
 from integrations.fhir.ingest import (
     EntryOutcome,
     apply_resource,
+    commit_without_waiting,
     process_batch,
     process_transaction,
 )
@@ -84,8 +85,11 @@ def _body(request: HttpRequest) -> Any:
 
 
 def _store_raw(request: HttpRequest, feed: Feed | None) -> InboundMessage:
+    """Committed before parsing. Its WAL flush is left to ``_finish``, the synchronous commit
+    that always follows before the answer (``commit_without_waiting``)."""
     raw = request.body
     with transaction.atomic():
+        commit_without_waiting()
         return InboundMessage.objects.create(
             feed=feed, channel="fhir-rest", content_type=(request.content_type or "")[:100],
             sha256=hashlib.sha256(raw).hexdigest(), size_bytes=len(raw),
@@ -94,6 +98,8 @@ def _store_raw(request: HttpRequest, feed: Feed | None) -> InboundMessage:
 
 
 def _finish(message: InboundMessage | None, status: int, summary: dict[str, Any]) -> None:
+    """Record the outcome: a synchronous commit, which also makes the raw payload and the
+    bundle's writes durable before the answer is sent."""
     if message is None:
         return
     outcome = (InboundMessage.Outcome.ACCEPTED if status < 300 else
@@ -123,13 +129,17 @@ def _guarded(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse
         except FhirError as exc:
             _finish(message, exc.status, {"error": str(exc)[:500]})
             return _outcome(exc)
+        except Exception as exc:  # a bug: still record it (and make the raw body durable)
+            _finish(message, 500, {"error": type(exc).__name__})
+            raise
 
     return csrf_exempt(login_not_required(view))
 
 
 def _ctx(request: HttpRequest) -> tuple[Context, Callable[[str], bool]]:
     feed: Feed = request.feed  # type: ignore[attr-defined]
-    return Context(feed_name=feed.name, actor=Actor(feed_id=feed.pk, via="fhir")), feed.allows
+    return Context(feed_name=feed.name, actor=Actor(feed_id=feed.pk, via="fhir"),
+                   durable_later=True), feed.allows
 
 
 def _bundle_response(kind: str, results: list[tuple[int, EntryOutcome]]) -> HttpResponse:

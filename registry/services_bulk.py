@@ -1,0 +1,282 @@
+"""Bulk variants of the registry write paths, for feeds that send many records at once (a FHIR
+transaction bundle, a Bulk Data import batch).
+
+Same validation as the single-record services (``patient_check``, ``procedure_values``, ...) and
+the same rows, audit events and follow-up re-evaluations, but a constant number of queries per
+call instead of several per record:
+
+- patients: one locked SELECT of the known identifiers, one INSERT of the new patients, one
+  UPDATE of the known ones, one INSERT of the new identifiers;
+- procedures, fractures, therapy: one ``INSERT ... ON CONFLICT (identifier) DO UPDATE ...
+  RETURNING`` per model on PostgreSQL (a concurrent sender's row is updated, not duplicated);
+  other databases fall back to the single-record upsert per row;
+- audit rows and follow-up re-evaluation (once per patient) through ``deferred_side_effects``.
+
+Items are dicts of the single service's keyword arguments (without ``actor``). An item that fails
+validation raises ``RegistryValidationError`` with ``index`` set to its position in ``items``,
+before anything is written. Call inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from django.db import IntegrityError, connection, models, transaction
+from django.utils import timezone
+
+from registry.models import (
+    AuditAction,
+    Fracture,
+    Patient,
+    PatientIdentifier,
+    Procedure,
+    TherapyExposure,
+)
+from registry.services import (
+    SYSTEM_ACTOR,
+    Actor,
+    ConcurrentWriteError,
+    RegistryValidationError,
+    _earliest_event_date,
+    audit_record,
+    deferred_side_effects,
+    followup_changed,
+    fracture_values,
+    patient_check,
+    procedure_values,
+    therapy_values,
+)
+
+# The partial unique index of SourcedRecord identifiers (``condition=~Q(identifier_value="")``).
+SOURCED_CONFLICT = ["identifier_system", "identifier_value"]
+SOURCED_CONFLICT_WHERE = "NOT (\"identifier_value\" = '')"
+CHUNK = 500
+
+
+def _indexed(exc: RegistryValidationError, index: int) -> RegistryValidationError:
+    exc.index = index  # type: ignore[attr-defined]
+    return exc
+
+
+def upsert_returning(
+    model: type[models.Model],
+    rows: Sequence[dict[str, Any]],
+    *,
+    conflict: Sequence[str],
+    update: Sequence[str],
+    conflict_where: str = "",
+) -> list[tuple[Any, bool]]:
+    """Insert ``rows`` (dicts of field name → value), updating the row that already holds the
+    same ``conflict`` key. Returns ``(pk, created)`` for every row, in order. Rows with the same
+    non-empty key are written once (the last one wins) and share its result."""
+    if not rows:
+        return []
+    slot_of: list[int] = []
+    unique: list[dict[str, Any]] = []
+    seen: dict[tuple[Any, ...], int] = {}
+    for row in rows:
+        key = tuple(row[c] for c in conflict)
+        if all(key) and key in seen:
+            unique[seen[key]] = row
+            slot_of.append(seen[key])
+            continue
+        if all(key):
+            seen[key] = len(unique)
+        slot_of.append(len(unique))
+        unique.append(row)
+    if connection.vendor == "postgresql":
+        results: list[tuple[Any, bool]] = []
+        for start in range(0, len(unique), CHUNK):
+            results += _pg_upsert(model, unique[start:start + CHUNK], conflict, update,
+                                  conflict_where)
+    else:
+        results = [_orm_upsert(model, row, conflict) for row in unique]
+    out, used = [], set()
+    for slot in slot_of:  # a repeated key: created once, then updated
+        pk, created = results[slot]
+        out.append((pk, created and slot not in used))
+        used.add(slot)
+    return out
+
+
+def _pg_upsert(model: type[models.Model], rows: Sequence[dict[str, Any]],
+               conflict: Sequence[str], update: Sequence[str], where: str
+               ) -> list[tuple[Any, bool]]:
+    """One ``INSERT ... SELECT FROM unnest(<one array per column>) ON CONFLICT DO UPDATE``:
+    a handful of parameters whatever the number of rows. ``xmax = 0`` marks inserted rows."""
+    meta = model._meta
+    qn = connection.ops.quote_name
+    now = timezone.now()
+    fields = [f for f in meta.concrete_fields
+              if not (f.primary_key and f.name not in rows[0] and f.attname not in rows[0])]
+    columns: list[list[Any]] = [[] for _ in fields]
+    for row in rows:
+        for f, column in zip(fields, columns, strict=True):
+            if getattr(f, "auto_now", False) or getattr(f, "auto_now_add", False):
+                value = now
+            elif f.name in row or f.attname in row:
+                value = row[f.name] if f.name in row else row[f.attname]
+                if isinstance(value, models.Model):
+                    value = value.pk
+            else:
+                value = f.get_default()
+            column.append(f.get_db_prep_save(value, connection))
+    arrays = ", ".join(f"%s::{f.db_type(connection)}[]" for f in fields)
+    sets = [meta.get_field(n).column for n in update] + [
+        f.column for f in fields if getattr(f, "auto_now", False)]
+    # Table, column and type names come from the model's metadata; every value is a parameter.
+    sql = (
+        f"INSERT INTO {qn(meta.db_table)} ({', '.join(qn(f.column) for f in fields)}) "  # noqa: S608
+        f"SELECT * FROM unnest({arrays}) "
+        f"ON CONFLICT ({', '.join(qn(meta.get_field(c).column) for c in conflict)}) "
+        f"{'WHERE ' + where if where else ''} "
+        f"DO UPDATE SET {', '.join(f'{qn(c)} = EXCLUDED.{qn(c)}' for c in sets)} "
+        f"RETURNING {qn(meta.pk.column)}, (xmax = 0)"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, columns)
+        return [(pk, bool(inserted)) for pk, inserted in cursor.fetchall()]
+
+
+def _orm_upsert(model: type[models.Model], row: dict[str, Any], conflict: Sequence[str]
+                ) -> tuple[Any, bool]:
+    key = {c: row[c] for c in conflict}
+    defaults = {k: v for k, v in row.items() if k not in key}
+    if not all(key.values()):
+        return model._default_manager.create(**row).pk, True
+    obj, created = model._default_manager.select_for_update().update_or_create(
+        **key, defaults=defaults)
+    return obj.pk, created
+
+
+# --- Patients -----------------------------------------------------------------------------------
+PATIENT_FIELDS = ("family_name", "given_name", "birth_date", "sex", "deceased_on",
+                  "last_contact_on", "bmi_kg_m2", "care_team", "is_synthetic")
+
+
+def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR
+                        ) -> list[tuple[Patient, bool]]:
+    """``patient_upsert`` for many patients: ``(patient, created)`` per item, in order. Two
+    items sharing an identifier are the same patient (the later values win)."""
+    from decimal import Decimal
+
+    for n, item in enumerate(items):
+        try:
+            patient_check(identifiers=item["identifiers"], sex=item.get("sex", "unknown"),
+                          birth_date=item.get("birth_date"), deceased_on=item.get("deceased_on"))
+        except RegistryValidationError as exc:
+            raise _indexed(exc, n) from exc
+    keys = {(i.system, i.value) for item in items for i in item["identifiers"]}
+    owner_of: dict[tuple[str, str], Patient] = {}
+    if keys:
+        for known in (PatientIdentifier.objects.select_for_update()
+                      .filter(system__in={k[0] for k in keys}, value__in={k[1] for k in keys})
+                      .select_related("patient")):
+            if (known.system, known.value) in keys:
+                owner_of[(known.system, known.value)] = known.patient
+    new: dict[Any, Patient] = {}
+    changed: dict[Any, Patient] = {}
+    new_identifiers: list[PatientIdentifier] = []
+    results: list[tuple[Patient, bool]] = []
+    for n, item in enumerate(items):
+        item_keys = [(i.system, i.value) for i in item["identifiers"]]
+        owners = {owner_of[k].pk: owner_of[k] for k in item_keys if k in owner_of}
+        if len(owners) > 1:
+            raise _indexed(RegistryValidationError(
+                "identifiers belong to different registry patients (merge them first)",
+                field="identifier", code="conflict"), n)
+        values = {name: item.get(name) for name in PATIENT_FIELDS}
+        values.update(sex=item.get("sex") or "unknown", family_name=values["family_name"] or "",
+                      given_name=values["given_name"] or "", care_team=values["care_team"] or "",
+                      is_synthetic=bool(values["is_synthetic"]))
+        if values["bmi_kg_m2"] is not None:
+            values["bmi_kg_m2"] = Decimal(str(values["bmi_kg_m2"]))
+        created = not owners
+        if created:
+            patient = Patient(**values)
+            new[patient.pk] = patient
+        else:
+            patient = next(iter(owners.values()))
+            birth = values["birth_date"]
+            if (patient.pk not in new and birth and birth != patient.birth_date
+                    and (earliest := _earliest_event_date(patient)) and birth > earliest):
+                raise _indexed(RegistryValidationError(
+                    "birth date is after recorded procedures or fractures", field="birthDate",
+                    code="before-birth"), n)
+            if any(getattr(patient, name) != value for name, value in values.items()):
+                for name, value in values.items():
+                    setattr(patient, name, value)
+                if patient.pk not in new:
+                    changed[patient.pk] = patient
+        for ident, key in zip(item["identifiers"], item_keys, strict=True):
+            if key not in owner_of:
+                owner_of[key] = patient
+                new_identifiers.append(PatientIdentifier(
+                    patient=patient, system=ident.system, value=ident.value, use=ident.use,
+                    type_code=ident.type_code))
+        results.append((patient, created))
+    # New and changed patients in one statement (unchanged ones are not rewritten).
+    upsert_returning(Patient, [{f.attname: getattr(p, f.attname) for f in Patient._meta.
+                                concrete_fields} for p in [*new.values(), *changed.values()]],
+                     conflict=["id"], update=PATIENT_FIELDS)
+    if new_identifiers:
+        try:
+            with transaction.atomic():
+                PatientIdentifier.objects.bulk_create(new_identifiers)
+        except IntegrityError as exc:  # a concurrent writer attached one first
+            raise ConcurrentWriteError(
+                "identifier was claimed concurrently; retry the transaction") from exc
+    with deferred_side_effects():
+        for patient, created in results:
+            audit_record(actor=actor, action=AuditAction.CREATE if created
+                         else AuditAction.UPDATE, object_type="Patient",
+                         object_id=str(patient.pk), patient_id=patient.pk)
+            if patient.deceased_on is not None and not created:
+                followup_changed(patient.pk)
+    return results
+
+
+# --- Sourced clinical records -------------------------------------------------------------------
+def _sourced_many(model: type[models.Model], build: Callable[..., dict[str, Any]],
+                  items: Sequence[dict[str, Any]], actor: Actor) -> list[tuple[Any, bool]]:
+    rows = []
+    for n, item in enumerate(items):
+        kwargs = dict(item)
+        identifier = kwargs.pop("identifier", None)
+        try:
+            values = build(**kwargs)
+        except RegistryValidationError as exc:
+            raise _indexed(exc, n) from exc
+        has_id = identifier is not None and bool(identifier.value)
+        values["identifier_system"] = identifier.system if has_id else ""
+        values["identifier_value"] = identifier.value if has_id else ""
+        rows.append(values)
+    update = [name for name in rows[0] if name not in SOURCED_CONFLICT] if rows else []
+    results = upsert_returning(model, rows, conflict=SOURCED_CONFLICT, update=update,
+                               conflict_where=SOURCED_CONFLICT_WHERE)
+    with deferred_side_effects():
+        for (pk, created), values in zip(results, rows, strict=True):
+            audit_record(actor=actor, action=AuditAction.CREATE if created
+                         else AuditAction.UPDATE, object_type=model.__name__,
+                         object_id=str(pk), patient_id=values["patient"].pk)
+            followup_changed(values["patient"].pk)
+    return results
+
+
+def procedure_record_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR
+                          ) -> list[tuple[Any, bool]]:
+    """``procedure_record`` for many procedures: ``(procedure pk, created)`` per item."""
+    return _sourced_many(Procedure, procedure_values, items, actor)
+
+
+def fracture_record_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR
+                         ) -> list[tuple[Any, bool]]:
+    """``fracture_record`` for many fractures: ``(fracture pk, created)`` per item."""
+    return _sourced_many(Fracture, fracture_values, items, actor)
+
+
+def therapy_record_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR
+                        ) -> list[tuple[Any, bool]]:
+    """``therapy_record`` for many exposures: ``(exposure pk, created)`` per item."""
+    return _sourced_many(TherapyExposure, therapy_values, items, actor)

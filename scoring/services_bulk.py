@@ -1,0 +1,81 @@
+"""Bulk variant of ``scoring.services.imaging_study_upsert`` for feeds that send many studies
+at once (a FHIR transaction bundle): one upsert of the studies and one of their series, the same
+audit events and the same ``study_received`` task queued after commit for each active study."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from django.db import transaction
+
+from registry.services import SYSTEM_ACTOR, Actor, audit_record, deferred_side_effects
+from registry.services_bulk import upsert_returning
+from registry.timeutil import clinic_date
+from scoring.models import ImagingSeries, ImagingStudy
+
+STUDY_FIELDS = ["patient", "source", "started_at", "started_on", "modality", "description",
+                "endpoint_url", "identifier_system", "identifier_value", "record_status"]
+logger = logging.getLogger(__name__)
+SERIES_FIELDS = ["study_id", "modality", "description", "number", "body_part", "instance_count"]
+
+
+def imaging_study_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR
+                              ) -> list[tuple[Any, bool]]:
+    """Items are ``imaging_study_upsert`` keyword arguments; returns ``(study pk, created)``
+    per item, in order (studies by Study Instance UID, series by Series Instance UID)."""
+    rows = []
+    for item in items:
+        started_at = item.get("started_at")
+        patient = item.get("patient")
+        rows.append({
+            "study_instance_uid": item["study_instance_uid"],
+            "patient": patient,
+            "source": item["source"],
+            "started_at": started_at,
+            "started_on": clinic_date(started_at) if started_at else None,
+            "modality": item.get("modality", ""),
+            "description": item.get("description", ""),
+            "endpoint_url": item.get("endpoint_url", ""),
+            "identifier_system": item.get("identifier_system", ""),
+            "identifier_value": item.get("identifier_value", ""),
+            "record_status": item.get("record_status", "active"),
+        })
+    results = upsert_returning(ImagingStudy, rows, conflict=["study_instance_uid"],
+                               update=STUDY_FIELDS)
+    series_rows = [
+        {"series_instance_uid": s.series_instance_uid, "study_id": study_pk,
+         "modality": s.modality, "description": s.description, "number": s.number,
+         "body_part": s.body_part, "instance_count": s.instance_count}
+        for (study_pk, _), item in zip(results, items, strict=True)
+        for s in item.get("series", ())
+    ]
+    upsert_returning(ImagingSeries, series_rows, conflict=["series_instance_uid"],
+                     update=SERIES_FIELDS)
+    with deferred_side_effects():
+        for (study_pk, created), row in zip(results, rows, strict=True):
+            patient = row["patient"]
+            audit_record(actor=actor, action="create" if created else "update",
+                         object_type="ImagingStudy", object_id=str(study_pk),
+                         patient_id=patient.pk if patient else None)
+    active = list(dict.fromkeys(pk for (pk, _), row in zip(results, rows, strict=True)
+                                if row["record_status"] == "active"))
+    if active:
+        transaction.on_commit(lambda: _queue_studies(active))
+    return results
+
+
+def _queue_studies(study_ids: list[Any]) -> None:
+    """After commit: ``study_received`` for every study, in one message (Celery chunks) rather
+    than one per study. A broker that is down is logged, not raised: the rows are committed."""
+    from scoring.tasks import study_received
+
+    try:
+        if len(study_ids) == 1:
+            study_received.delay(study_ids[0])
+        else:
+            study_received.chunks([(pk,) for pk in study_ids], 100).apply_async()
+    except Exception as exc:
+        logger.warning("study_received not queued for %s study(ies): %s", len(study_ids),
+                       type(exc).__name__)
