@@ -124,9 +124,9 @@ class DicomUploadApi(APIView):
                     if study.patient_id is None or study.patient_id != patient.pk:
                         study.patient = patient
                         study.save(update_fields=["patient"])
-                        from scoring.tasks import study_received
+                        from scoring.tasks import enqueue_study_received
 
-                        transaction.on_commit(lambda pk=study.pk: study_received.delay(pk))
+                        transaction.on_commit(lambda pk=study.pk: enqueue_study_received(pk))
                     registered.append(study.pk)
         return Response({"stored": stored, "rejected": rejected, "studies": registered},
                         status=status.HTTP_201_CREATED)

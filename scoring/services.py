@@ -17,6 +17,9 @@ from registry.services import SYSTEM_ACTOR, Actor, audit_record
 from registry.timeutil import clinic_date
 from scoring.models import ImagingSeries, ImagingStudy
 
+# Link reason of a study whose linking (``study_received``) has not run yet.
+LINK_PENDING = "linking pending"
+
 
 @dataclass(frozen=True)
 class SeriesInput:
@@ -46,8 +49,11 @@ def imaging_study_upsert(
 ) -> tuple[ImagingStudy, bool]:
     """Create or update a study (by Study Instance UID) and its series (by Series UID).
 
-    Returns ``(study, created)``. Queueing of VBQ jobs for new series happens on commit
-    (see ``scoring.tasks``).
+    Returns ``(study, created)``. Linking and queueing of VBQ jobs happen after commit in
+    ``study_received``. The study row is the outbox of that step: it is written with
+    ``link_reason = LINK_PENDING`` in this transaction, and a broker outage at commit time is
+    logged, not raised, so the ingest still succeeds; ``vbq_requeue_stale`` links studies
+    still pending a few minutes later.
     """
     study, created = ImagingStudy.objects.select_for_update().update_or_create(
         study_instance_uid=study_instance_uid,
@@ -62,6 +68,7 @@ def imaging_study_upsert(
             "identifier_system": identifier_system,
             "identifier_value": identifier_value,
             "record_status": record_status,
+            **({"link_reason": LINK_PENDING} if record_status == "active" else {}),
         },
     )
     for s in series:
@@ -84,9 +91,9 @@ def imaging_study_upsert(
         patient_id=patient.pk if patient else None,
     )
     if record_status == "active":
-        from scoring.tasks import study_received
+        from scoring.tasks import enqueue_study_received
 
-        study_received.delay_on_commit(study.pk)
+        transaction.on_commit(lambda pk=study.pk: enqueue_study_received(pk))
     return study, created
 
 

@@ -3,8 +3,11 @@
 ``vbq_compute`` claims its VbqResult row with a conditional update (queued → running), so a
 duplicate delivery computes nothing twice; it is ``acks_late`` with ``reject_on_worker_lost``
 (a killed worker's job is re-delivered) and retries only transient fetch errors, with backoff.
-The queued row is the outbox: ``vbq_requeue_stale`` re-sends queued rows whose message may have
-been lost (broker down at commit time) and recovers ``running`` rows of dead workers.
+Outbox: the rows themselves. A study written by ``imaging_study_upsert`` carries
+``link_reason = LINK_PENDING`` until ``study_received`` links it, and a job is a ``queued``
+VbqResult until a worker claims it. Sending after commit never fails the write (a broker outage
+is logged); the periodic ``vbq_requeue_stale`` links studies still pending, re-sends queued jobs
+whose message may have been lost, and recovers ``running`` rows of dead workers.
 """
 
 from __future__ import annotations
@@ -30,6 +33,15 @@ def enqueue_vbq_compute(result_id: int) -> None:
         vbq_compute.delay(result_id)
     except Exception as exc:
         logger.warning("vbq_compute not queued result=%s: %s", result_id, type(exc).__name__)
+
+
+def enqueue_study_received(study_id: int) -> None:
+    """Send ``study_received``; a broker outage must not fail the ingest (the study stays
+    ``LINK_PENDING`` and ``vbq_requeue_stale`` links it later)."""
+    try:
+        study_received.delay(study_id)
+    except Exception as exc:
+        logger.warning("study_received not queued study=%s: %s", study_id, type(exc).__name__)
 
 
 @shared_task(name="scoring.study_received")
@@ -128,9 +140,11 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
 @shared_task(name="scoring.vbq_requeue_stale")
 def vbq_requeue_stale(stuck_after_seconds: float | None = None,
                       requeue_after_seconds: float | None = None) -> dict:
-    """Outbox sweep: re-send queued jobs older than a few minutes; recover jobs stuck in
-    ``running`` (their worker died: a re-delivered message skips a row it cannot claim)."""
-    from scoring.models import VbqResult
+    """Outbox sweep: link studies still ``LINK_PENDING`` or never linked (their message was
+    lost); re-send queued jobs older than a few minutes; recover jobs stuck in ``running``
+    (their worker died: a re-delivered message skips a row it cannot claim)."""
+    from scoring.models import ImagingStudy, VbqResult
+    from scoring.services import LINK_PENDING
 
     now = timezone.now()
     stuck_after = STUCK_AFTER if stuck_after_seconds is None else dt.timedelta(
@@ -140,9 +154,15 @@ def vbq_requeue_stale(stuck_after_seconds: float | None = None,
     stuck = VbqResult.objects.filter(status=VbqResult.Status.RUNNING,
                                      started_at__lt=now - stuck_after)
     recovered = stuck.update(status=VbqResult.Status.QUEUED)
+    # "" = never linked (a study row written without the marker, e.g. by a bulk upsert).
+    pending = list(ImagingStudy.objects.filter(
+        record_status="active", link_reason__in=[LINK_PENDING, ""],
+        updated_at__lt=now - requeue_after).values_list("pk", flat=True)[:200])
+    for pk in pending:
+        study_received(pk)  # in this worker: the original message may never come
     stale = list(VbqResult.objects.filter(status=VbqResult.Status.QUEUED,
                                           queued_at__lt=now - requeue_after)
                  .values_list("pk", flat=True)[:500])
     for pk in stale:
         enqueue_vbq_compute(pk)
-    return {"recovered": recovered, "requeued": len(stale)}
+    return {"recovered": recovered, "linked": len(pending), "requeued": len(stale)}

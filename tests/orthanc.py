@@ -28,8 +28,9 @@ def _free_port() -> int:
 
 
 class Orthanc:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, verbose: bool = False) -> None:
         self.workdir = workdir
+        self.verbose = verbose  # logs every HTTP request: see ``requests_logged``
         self.http_port = _free_port()
         self.dicom_port = _free_port()
         self.proc: subprocess.Popen | None = None
@@ -55,7 +56,8 @@ class Orthanc:
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(config))
         self.log = open(self.workdir / "orthanc.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([BINARY, str(path)], stdout=self.log,
+        flags = ["--verbose"] if self.verbose else []
+        self.proc = subprocess.Popen([BINARY, *flags, str(path)], stdout=self.log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -75,6 +77,12 @@ class Orthanc:
                 self.proc.kill()
         if getattr(self, "log", None):
             self.log.close()
+
+    def requests_logged(self, method: str, path: str) -> int:
+        """How many ``method path`` HTTP requests Orthanc logged (needs ``verbose=True``)."""
+        needle = f"(http) {method} {path}".encode()
+        return sum(line.rstrip().endswith(needle)
+                   for line in (self.workdir / "orthanc.log").read_bytes().splitlines())
 
     def upload(self, datasets) -> None:
         """Store pydicom Datasets through Orthanc's REST API (POST /instances)."""

@@ -1,0 +1,270 @@
+"""Imaging pipeline fault tests with real processes: a PRIVATE redis-server as the broker (never
+the shared one), real Celery workers, a real Orthanc (verbose, so its request log counts the
+fetches) and the test PostgreSQL database. All data is SYNTHETIC (phantoms, synthetic patients).
+
+- Orthanc serving a corrupt instance: the job ends ``failed`` with the reason after ONE fetch;
+  neither Celery retries nor the outbox sweep fetch it again.
+- Redis down when the ImagingStudy arrives through /fhir: the ingest answers 200, the study
+  waits as ``linking pending`` (the outbox row), and once Redis is back the sweep the beat
+  sends links it and the job runs, exactly once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from registry.services import Identifier, feed_create, procedure_record
+from registry.timeutil import clinic_today, start_of_clinic_day
+from scoring.engine import compute_vbq
+from scoring.engine.phantom import make_phantom
+from scoring.models import ImagingStudy, VbqResult
+from scoring.services import LINK_PENDING, SeriesInput, imaging_study_upsert
+from scoring.tasks import study_received, vbq_compute, vbq_requeue_stale
+from tests import orthanc as orthanc_mod
+from tests.conftest import ROOT, CeleryWorker, test_database_url
+from tests.factories import PatientFactory
+
+pytestmark = [pytest.mark.orthanc, pytest.mark.slow,
+              pytest.mark.skipif(not shutil.which("redis-server"),
+                                 reason="redis-server not installed")]
+TERMINAL = ("succeeded", "needs_review", "failed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateRedis:
+    """A throwaway redis-server on a free port; created stopped (the broker is "down")."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+             str(self.directory), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert _wait(lambda: _listening(self.port), 20), "redis-server did not start"
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _wait(predicate, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.25)
+    return bool(predicate())
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    if not orthanc_mod.available():
+        if os.environ.get("REQUIRE_SERVICES") in {"1", "true"}:
+            pytest.fail("REQUIRE_SERVICES=1 but Orthanc is not installed")
+        pytest.skip("Orthanc (Debian orthanc + orthanc-dicomweb) is not installed")
+    server = orthanc_mod.Orthanc(tmp_path_factory.mktemp("orthanc-faults"), verbose=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    redis = PrivateRedis(tmp_path)
+    yield redis
+    redis.stop()
+
+
+def _worker_env(broker_url: str) -> dict[str, str]:
+    return {**os.environ, "DATABASE_URL": test_database_url(), "CELERY_BROKER_URL": broker_url,
+            "PYTHONUNBUFFERED": "1"}
+
+
+def _send(broker_url: str, task, **options) -> None:
+    from config.celery import app
+
+    with app.connection_for_write(broker_url) as conn:
+        task.apply_async(connection=conn, **options)
+
+
+def _series_path(ds) -> str:
+    return f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+
+
+def test_orthanc_serving_a_corrupt_instance_fails_the_job_with_the_reason_and_fetches_once(
+    orthanc, broker, transactional_db, tmp_path
+):
+    phantom = make_phantom(131, slices=7)
+    corrupt = phantom.datasets[3]
+    corrupt.PixelData = corrupt.PixelData[: len(corrupt.PixelData) // 3]  # truncated pixels
+    orthanc.upload(phantom.datasets)  # Orthanc stores it and serves it back as it is
+    patient = PatientFactory()
+    index_day = clinic_today() - dt.timedelta(days=5)
+    procedure_record(patient=patient, code_system="http://www.ama-assn.org/go/cpt",
+                     code="22511", performed_at=start_of_clinic_day(index_day)
+                     + dt.timedelta(hours=10), identifier=Identifier("urn:t", "corrupt-1"))
+    ds = phantom.datasets[0]
+    study, _ = imaging_study_upsert(
+        study_instance_uid=str(ds.StudyInstanceUID), patient=patient, source="fhir",
+        started_at=start_of_clinic_day(index_day - dt.timedelta(days=15)), modality="MR",
+        endpoint_url=orthanc.dicomweb,
+        series=[SeriesInput(str(ds.SeriesInstanceUID), "MR", str(ds.SeriesDescription))])
+    study_received(study.pk)
+    result = VbqResult.objects.get(series__study=study)
+
+    broker.start()
+    worker = CeleryWorker(_worker_env(broker.url), tmp_path / "worker.log", ["--pool", "solo"])
+    worker.start()
+    try:
+        _send(broker.url, vbq_compute, args=(result.pk,))
+        assert _wait(lambda: VbqResult.objects.get(pk=result.pk).status in TERMINAL, 45), (
+            worker.log_path.read_text()[-3000:])
+        # A retry storm would show up now: Celery retries (5 s countdown) and the outbox
+        # sweep (which re-sends queued and recovers running rows) get their chance.
+        _send(broker.url, vbq_requeue_stale,
+              kwargs={"stuck_after_seconds": 0, "requeue_after_seconds": 0})
+        time.sleep(7)
+    finally:
+        worker.stop()
+    result.refresh_from_db()
+    assert (result.status, result.error_code) == ("failed", "unreadable-dicom")
+    assert "pixel data" in result.error_message
+    assert result.finished_at is not None
+    assert result.attempts == 1
+    assert orthanc.requests_logged("GET", _series_path(ds)) == 1
+    log = worker.log_path.read_text()
+    assert len(re.findall(r"Task scoring\.vbq_compute\[[^\]]+\] received", log)) == 1, log
+    assert "retry" not in log.lower(), log[-3000:]
+
+
+def _bundle(ds, orthanc, index_day: dt.date) -> dict:
+    patient_ref = "urn:uuid:22222222-2222-4222-8222-222222222222"
+    return {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": patient_ref, "resource": {
+            "resourceType": "Patient", "identifier": [{"system": "urn:syn",
+                                                       "value": "SYN-REDIS-DOWN"}],
+            "birthDate": "1951-02-03", "gender": "female"}},
+        {"resource": {"resourceType": "Procedure", "status": "completed",
+                      "identifier": [{"system": "urn:syn-proc", "value": "REDIS-DOWN-1"}],
+                      "code": {"coding": [{"system": "http://www.ama-assn.org/go/cpt",
+                                           "code": "22511"}]},
+                      "subject": {"reference": patient_ref},
+                      "performedDateTime": f"{index_day.isoformat()}T10:00:00-05:00"}},
+        {"resource": {"resourceType": "ImagingStudy", "status": "available",
+                      "identifier": [{"system": "urn:dicom:uid",
+                                      "value": f"urn:oid:{ds.StudyInstanceUID}"}],
+                      "contained": [{"resourceType": "Endpoint", "id": "pacs",
+                                     "status": "active", "connectionType": {
+                                         "system": "http://terminology.hl7.org/CodeSystem/"
+                                         "endpoint-connection-type", "code": "dicom-wado-rs"},
+                                     "payloadType": [{"text": "DICOM"}],
+                                     "address": orthanc.dicomweb}],
+                      "endpoint": [{"reference": "#pacs"}],
+                      "subject": {"reference": patient_ref},
+                      "started": f"{(index_day - dt.timedelta(days=9)).isoformat()}"
+                                 "T09:00:00-05:00",
+                      "series": [{"uid": str(ds.SeriesInstanceUID), "description": "SAG T1",
+                                  "modality": {"system": "http://dicom.nema.org/resources/"
+                                               "ontology/DCM", "code": "MR"}}]}},
+    ]}
+
+
+def test_an_imaging_study_ingested_while_redis_is_down_is_scored_once_redis_is_back(
+    orthanc, broker, transactional_db, tmp_path
+):
+    phantom = make_phantom(132, slices=7)
+    orthanc.upload(phantom.datasets)
+    ds = phantom.datasets[0]
+    _, token = feed_create(name="redis-down-ehr")
+    env = {**_worker_env(broker.url), "DEBUG": "false", "ALLOWED_HOSTS": "127.0.0.1",
+           "VAR_DIR": str(tmp_path)}
+    port = _free_port()
+    web = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--config", "docker/gunicorn.conf.py", "--bind",
+         f"127.0.0.1:{port}", "--workers", "1", "config.wsgi:application"],
+        cwd=ROOT, env=env, stdout=(tmp_path / "web.log").open("wb"), stderr=subprocess.STDOUT)
+    worker = None
+    try:
+        assert _wait(lambda: _listening(port), 60), (tmp_path / "web.log").read_text()[-2000:]
+        assert not _listening(broker.port)  # the broker is down
+        started = time.monotonic()
+        response = requests.post(
+            f"http://127.0.0.1:{port}/fhir",
+            data=json.dumps(_bundle(ds, orthanc, clinic_today() - dt.timedelta(days=4))),
+            headers={"Authorization": f"Bearer {token}",
+                     "Content-Type": "application/fhir+json"}, timeout=60)
+        ingest_seconds = time.monotonic() - started
+        assert response.status_code == 200, response.text[:1000]
+        assert ingest_seconds < 20, ingest_seconds  # the broker outage costs seconds, not more
+        study = ImagingStudy.objects.get(study_instance_uid=str(ds.StudyInstanceUID))
+        # The outbox row, committed with the ingest: not linked yet ("" when a bulk upsert
+        # wrote it without the marker; the sweep takes both).
+        assert study.link_reason in (LINK_PENDING, "")
+        assert study.linked_procedure is None
+        assert not VbqResult.objects.filter(series__study=study).exists()
+
+        broker.start()  # Redis is back
+        worker = CeleryWorker(env, tmp_path / "worker.log", ["--pool", "solo"])
+        worker.start()
+        # What the beat sends every 120 s (CELERY_BEAT_SCHEDULE "vbq-requeue-stale"), sent
+        # now with a zero age threshold instead of waiting minutes.
+        _send(broker.url, vbq_requeue_stale, kwargs={"requeue_after_seconds": 0})
+        assert _wait(lambda: VbqResult.objects.filter(series__study=study,
+                                                      status__in=TERMINAL).exists(), 60), (
+            worker.log_path.read_text()[-3000:])
+    finally:
+        if worker:
+            worker.stop()
+        web.terminate()
+        web.wait(timeout=30)
+    study.refresh_from_db()
+    assert study.linked_procedure is not None
+    assert study.link_reason.startswith("nearest lumbar MRI")
+    result = VbqResult.objects.get(series__study=study)  # exactly one job
+    expected = compute_vbq(phantom.datasets)  # the engine's own answer for this series
+    assert result.status == expected.status
+    assert result.attempts == 1
+    assert orthanc.requests_logged("GET", _series_path(ds)) == 1
+
+
+def test_the_beat_sends_the_outbox_sweep_every_few_minutes():
+    from django.conf import settings
+
+    entry = settings.CELERY_BEAT_SCHEDULE["vbq-requeue-stale"]
+    assert entry["task"] == vbq_requeue_stale.name
+    assert float(entry["schedule"]) <= 300
