@@ -1,0 +1,293 @@
+"""Benchmark: the imaging pipeline end to end against the engine alone (issue 5). SYNTHETIC data.
+
+N phantom series (default 200; ``--series N`` or ``VBQ_BENCH_SERIES=N`` for a quick check),
+sagittal T1, ``--rows``x``--rows`` pixels, ``--slices`` slices (default 256x256x11: a realistic
+but modest lumbar sagittal T1), are stored in a PRIVATE Orthanc through STOW-RS (one request per
+series). Everything runs on private services started and stopped here: a redis-server on a free
+port (the Celery broker), a throw-away PostgreSQL database ``vbq_bench_pipeline`` on the local
+server, and 2 real Celery worker processes (solo pool each).
+
+Timed, in the same run:
+- ``engine``: ``compute_vbq(folder)`` for every series, sequentially, in this process, from the
+  same files on local disk (reading the DICOM files is part of the engine).
+- ``e2e``: wall time from the first ImagingStudy ingest (``imaging_study_upsert``, as the FHIR
+  mapper and the DICOM receiver call it) to the last VbqResult stored (its ``finished_at``);
+  in between: ``study_received`` links the study and queues the job, ``vbq_compute`` claims it,
+  fetches the series from Orthanc over WADO-RS, runs the engine, stores the result and its
+  levels and re-evaluates the patient's follow-up (which queues one more task per patient).
+
+``ratio = e2e / (engine / 2)``: the 2 workers could at best split the engine time in two, so
+1.0 means no pipeline overhead at all. Target <= 1.5. The machine is shared: figures are noisy,
+but both sides come from the same run.
+
+Run: ``.venv/bin/python bench/imaging_pipeline.py [--series 200]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DB_NAME = "vbq_bench_pipeline"
+TERMINAL = ("succeeded", "needs_review", "failed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _stow(dicomweb: str, paths: list[Path]) -> None:
+    """STOW-RS one series in one request, each part a complete DICOM PS3.10 file (with its
+    preamble; dicomweb-client's own STOW encoder drops it, and its WADO-RS reader then refuses
+    the files Orthanc hands back)."""
+    import uuid
+
+    import requests
+
+    boundary = uuid.uuid4().hex
+    body = b"".join(b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
+                    + path.read_bytes() + b"\r\n" for path in paths)
+    body += b"--" + boundary.encode() + b"--\r\n"
+    response = requests.post(
+        f"{dicomweb}/studies", data=body, timeout=120,
+        headers={"Content-Type": f'multipart/related; type="application/dicom"; '
+                                 f"boundary={boundary}", "Accept": "application/dicom+json"})
+    response.raise_for_status()
+
+
+def _engine_on(folders: list[str]) -> list[str]:
+    from scoring.engine import compute_vbq
+
+    return [compute_vbq(folder).status for folder in folders]
+
+
+def _engine_parallel(folders: list[Path], processes: int) -> float:
+    """Wall time of the engine alone over the same series split across ``processes``
+    processes (the machine's real parallel speed-up, whatever else is running on it)."""
+    import multiprocessing
+
+    chunks = [[str(f) for f in folders[i::processes]] for i in range(processes)]
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        pool.map(_engine_on, [chunks[0][:1]] * processes)  # imports, outside the timing
+        started = time.perf_counter()
+        pool.map(_engine_on, chunks)
+        return time.perf_counter() - started
+
+
+def _recreate_database(drop_only: bool = False) -> None:
+    import psycopg
+
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres",
+                         autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {DB_NAME} WITH (FORCE)")
+        if not drop_only:
+            conn.execute(f"CREATE DATABASE {DB_NAME}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--series", type=int,
+                        default=int(os.environ.get("VBQ_BENCH_SERIES", "200")))
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--slices", type=int, default=11)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="execution slots per worker process (1: solo pool)")
+    parser.add_argument("--log-dir", type=Path, default=None,
+                        help="keep the workers' JSON logs (per-task runtime_ms) here")
+    args = parser.parse_args()
+    n = args.series
+
+    work = Path(tempfile.mkdtemp(prefix="vbq-bench-pipeline-"))
+    redis_port = _free_port()
+    broker_url = f"redis://127.0.0.1:{redis_port}/0"
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{DB_NAME}",
+        "CELERY_BROKER_URL": broker_url, "VAR_DIR": str(work / "var"),
+        "DJANGO_SETTINGS_MODULE": "config.settings", "LOG_LEVEL": "WARNING",
+        "SECRET_KEY": os.environ.get("SECRET_KEY",
+                                     "bench-only-secret-key-not-for-production-0123456789"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    os.environ.update(env)
+    processes: list[subprocess.Popen] = []
+    orthanc = None
+    try:
+        redis = subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(work)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        processes.append(redis)
+        _wait(lambda: _listening(redis_port), 20, "redis-server")
+        _recreate_database()
+        subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=ROOT,
+                       env=env, check=True, timeout=600)
+
+        import django
+
+        django.setup()
+        from registry.services import Identifier, procedure_record
+        from registry.timeutil import clinic_today, start_of_clinic_day
+        from scoring.engine import ALGORITHM_VERSION, compute_vbq
+        from scoring.engine.phantom import make_phantom
+        from scoring.models import VbqResult
+        from scoring.services import SeriesInput, imaging_study_upsert
+        from tests.factories import PatientFactory
+        from tests.orthanc import Orthanc
+
+        orthanc = Orthanc(work / "orthanc")
+        orthanc.start()
+
+        # --- data: SYNTHETIC phantoms, on disk (engine baseline) and in Orthanc (STOW-RS) ----
+        started = time.perf_counter()
+        series = []
+        for i in range(n):
+            phantom = make_phantom(10_000 + i, rows=args.rows, cols=args.rows,
+                                   slices=args.slices)
+            folder = work / "series" / f"{i:04d}"
+            _stow(orthanc.dicomweb, phantom.write(folder))
+            series.append((phantom.datasets[0], folder))
+        load_s = time.perf_counter() - started
+
+        # --- baseline: the engine alone, sequential, same series ------------------------------
+        started = time.perf_counter()
+        engine_status: dict[str, str] = {}
+        for ds, folder in series:
+            engine_status[str(ds.SeriesInstanceUID)] = compute_vbq(folder).status
+        engine_s = time.perf_counter() - started
+        engine_parallel_s = _engine_parallel([folder for _, folder in series], args.workers)
+
+        # --- patients with their index procedure (setup, not timed) ---------------------------
+        index_day = clinic_today() - dt.timedelta(days=5)
+        patients = []
+        for i in range(n):
+            patient = PatientFactory()
+            procedure_record(patient=patient, code_system="http://www.ama-assn.org/go/cpt",
+                             code="22511", performed_at=start_of_clinic_day(index_day)
+                             + dt.timedelta(hours=10),
+                             identifier=Identifier("urn:bench", f"proc-{i}"))
+            patients.append(patient)
+
+        # --- 2 real workers, modules imported at start-up (a long-running worker is warm) -----
+        for w in range(args.workers):
+            log = ((args.log_dir or work) / f"worker{w}.log").open("wb")
+            worker_env = ({**env, "LOG_LEVEL": "INFO", "LOG_FORMAT": "json"} if args.log_dir
+                          else env)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "config", "worker",
+                 *(["--pool", "solo"] if args.concurrency == 1 else
+                   ["--pool", "threads", "--concurrency", str(args.concurrency)]),
+                 "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
+                 "--without-heartbeat", "-n", f"bench{w}@%h",
+                 "--include", "scoring.engine,integrations.dicom.dicomweb,registry.followup"],
+                cwd=ROOT, env=worker_env, stdout=log, stderr=subprocess.STDOUT)
+            processes.append(proc)
+        from config.celery import app
+
+        _wait(lambda: len(app.control.ping(timeout=0.5) or []) >= args.workers, 90,
+              "the workers")
+        # The setup's own follow-up re-evaluations (one per procedure) drain before timing.
+        import redis as redis_client
+
+        broker = redis_client.Redis(port=redis_port)
+        _wait(lambda: broker.llen("celery") == 0 and broker.hlen("unacked") == 0, 120,
+              "the setup tasks to drain")
+
+        # --- end to end ------------------------------------------------------------------------
+        t0 = time.time()
+        for (ds, _), patient in zip(series, patients, strict=True):
+            imaging_study_upsert(
+                study_instance_uid=str(ds.StudyInstanceUID), patient=patient, source="fhir",
+                started_at=start_of_clinic_day(index_day - dt.timedelta(days=14)),
+                modality="MR", endpoint_url=orthanc.dicomweb,
+                series=[SeriesInput(str(ds.SeriesInstanceUID), "MR",
+                                    str(ds.SeriesDescription))])
+        ingest_s = time.time() - t0
+        _wait(lambda: VbqResult.objects.filter(status__in=TERMINAL).count() >= n, 60 + 5 * n,
+              "every VbqResult")
+        rows = list(VbqResult.objects.select_related("series"))  # a fresh database
+        versions = sorted({r.algorithm_version for r in rows})
+        e2e_s = max(r.finished_at.timestamp() for r in rows) - t0
+        mismatched = sum(engine_status[r.series.series_instance_uid] != r.status
+                         for r in rows)
+        running_ms = [(r.finished_at - r.started_at).total_seconds() * 1000 for r in rows]
+        queue_ms = [(r.started_at - r.queued_at).total_seconds() * 1000 for r in rows]
+        statuses = {s: sum(r.status == s for r in rows) for s in TERMINAL}
+        errors = sorted({f"{r.error_code}: {r.error_message[:200]}" for r in rows
+                         if r.error_code})
+    finally:
+        for proc in reversed(processes):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        if orthanc is not None:
+            orthanc.stop()
+        from django.db import connections
+
+        connections.close_all()
+        _recreate_database(drop_only=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+    if len(rows) != n:
+        print(f"ERROR: {len(rows)} results for {n} series; outcomes {statuses}; "
+              f"errors {errors[:5]}")
+        return 1
+    if mismatched:  # the engine is deterministic: its code changed during the run
+        print(f"WARNING: {mismatched} of {n} outcomes differ from the in-process engine "
+              f"(engine code edited during the run?); errors {errors[:5]}")
+    baseline_s = engine_s / args.workers
+    print(f"series={n} matrix={args.rows}x{args.rows}x{args.slices} (SYNTHETIC phantoms) "
+          f"engine={ALGORITHM_VERSION} (workers: {','.join(versions)}) "
+          f"workers={args.workers} x {args.concurrency} slot(s)")
+    print(f"load into Orthanc (STOW-RS, untimed setup): {load_s:.1f} s")
+    print(f"engine only, sequential in-process: {engine_s:.2f} s "
+          f"({1000 * engine_s / n:.1f} ms/series); /{args.workers} workers = {baseline_s:.2f} s")
+    print(f"end to end (ingest -> link -> queue -> WADO-RS fetch -> engine -> stored): "
+          f"{e2e_s:.2f} s = {60 * n / e2e_s:.0f} series/min (ingest loop {ingest_s:.2f} s)")
+    print(f"per job: running median {statistics.median(running_ms):.1f} ms, "
+          f"queued->started median {statistics.median(queue_ms):.0f} ms; outcomes {statuses}")
+    print(f"engine only, {args.workers} processes in parallel (same series): "
+          f"{engine_parallel_s:.2f} s -> end to end / that = {e2e_s / engine_parallel_s:.2f}")
+    ratio = e2e_s / baseline_s
+    print(f"ratio={ratio:.2f} end-to-end wall / (engine-only sequential / {args.workers}); "
+          f"target <= 1.5; {60 * n / e2e_s:.0f} series/min; shared machine, same-run figures")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
