@@ -31,10 +31,11 @@
         bar.value = 100;
         status.textContent = "Stored " + json.stored + " file(s)" +
           (json.rejected ? ", skipped " + json.rejected + " non-DICOM file(s)" : "") +
-          ". Scoring is queued: see the jobs page.";
+          ". Scoring is queued: ";
         const a = document.createElement("a");
-        a.href = form.dataset.jobsUrl; a.textContent = " Open the jobs page";
+        a.href = form.dataset.jobsUrl; a.textContent = "follow it on the jobs page";
         status.appendChild(a);
+        status.appendChild(document.createTextNode("."));
       } else {
         bar.value = 0;
         status.textContent = "Upload refused (" + xhr.status + "): " + (json.detail || "unexpected answer");

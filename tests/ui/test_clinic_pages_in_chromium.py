@@ -10,6 +10,7 @@ Every patient and image here is SYNTHETIC. Select with ``-m browser``.
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import os
 import re
@@ -18,13 +19,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from django.utils import timezone
 from playwright.sync_api import expect
 
 from registry.models import Alert, AuditEvent
 from registry.sweep import followup_sweep
 from scoring.engine.phantom import make_phantom
 from scoring.models import VbqResult
-from tests.factories import PatientFactory
+from tests.factories import FractureFactory, PatientFactory
 from tests.registry.followup_helpers import high_vbq_patient
 from tests.ui.data import reviewable_result
 
@@ -67,8 +69,13 @@ def _login(browser, live_server, username):
 
 
 def _shot(page, name):
+    """A viewport screenshot, palette-reduced so the committed PNGs stay small."""
+    from PIL import Image
+
     SHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"))
+    picture = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
+    picture.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(
+        SHOTS / f"{name}.png", optimize=True)
 
 
 @pytest.fixture
@@ -83,6 +90,10 @@ def clinic(transactional_db, role_user, tmp_path, settings):
     names = ["Ada", "Beatrix", "Clara", "Dora", "Edith", "Flora", "Greta"]
     patients = [high_vbq_patient(62 + 9 * i, vbq=3.1 + 0.25 * i, given_name=n)
                 for i, n in enumerate(names)]
+    low = [high_vbq_patient(70 + 40 * i, vbq=2.2 + 0.12 * i, given_name=f"Low{i}")
+           for i in range(6)]
+    for p, days in ((patients[2], 20), (patients[5], 45), (low[4], 60)):
+        FractureFactory(patient=p, diagnosed_at=timezone.now() - dt.timedelta(days=days))
     followup_sweep()
     target = patients[0]
     result = reviewable_result(target, tmp_path / "dicom", seed=11)
@@ -99,6 +110,7 @@ def test_coordinator_works_an_alert_opens_the_patient_uploads_and_downloads_the_
         browser, live_server, clinic):
     page = _login(browser, live_server, "demo-coordinator")
     alert = clinic["alert"]
+    assert clinic["alert"].status == "open"
     page.goto(f"{live_server.url}/worklist/")
     row = page.locator(f'tr[data-alert="{alert.pk}"]')
     assert "Ada" in row.inner_text()
@@ -154,8 +166,11 @@ def test_coordinator_works_an_alert_opens_the_patient_uploads_and_downloads_the_
     assert download.suggested_filename.startswith("vbq-cohort-identified-")
     rows = list(csv.reader(io.StringIO(Path(download.path()).read_text())))
     assert rows[0][0] == "patient_id"
-    assert len(rows) == 1 + 7  # header + the seven patients with an index procedure
+    assert len(rows) == 1 + 13  # header + the 13 patients with an index procedure
     assert str(alert.patient_id) in {r[0] for r in rows[1:]}
+    page.get_by_role("link", name="Printable summary").click()
+    page.wait_for_url("**/reports/summary/**")
+    expect(page.locator("h1")).to_contain_text("summary", ignore_case=True)
     page.context.close()
 
 
