@@ -10,6 +10,7 @@ a new event, or NULL — so a steady-state daily sweep costs O(patients due), no
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import uuid
 from collections import defaultdict
@@ -183,8 +184,11 @@ def followup_sweep(*, today: dt.date | None = None, batch_size: int = 1000,
                    max_batches: int | None = None) -> SweepStats:
     """Evaluate every due patient. Safe to run concurrently with itself.
 
-    Per batch: one indexed claim query, a fixed number of fact queries, and bulk writes for the
-    alerts it opens; patients with no decision cost no query of their own.
+    Per batch on PostgreSQL: ONE statement claims the due patients on the partial index
+    ``patient_followup_due_idx`` (``FOR UPDATE SKIP LOCKED``) and returns their facts, and ONE
+    statement writes the batch (alerts + history + audit + outbox + next dates); patients with
+    no decision cost no query of their own. Escalations and resolutions go through the alert
+    services one patient at a time (rare: events resolve alerts as they happen).
     """
     today = today or clinic_today()
     config = config_from_settings()
@@ -192,21 +196,15 @@ def followup_sweep(*, today: dt.date | None = None, batch_size: int = 1000,
     batches = 0
     while max_batches is None or batches < max_batches:
         with transaction.atomic():
-            ids = list(
-                Patient.objects.select_for_update(skip_locked=True)
-                .filter(followup_next_check_on__lte=today)
-                .order_by("followup_next_check_on")
-                .values_list("id", flat=True)[:batch_size]
-            )
-            if not ids:
+            facts = claim_due(today, batch_size)
+            if not facts:
                 break
-            facts = load_facts(ids)
             next_dates: dict[Any, dt.date | None] = {}
             to_open: list[tuple[Any, Any]] = []  # (patient id, decision)
             other: dict[Any, Evaluation] = {}
-            for pid in ids:
+            for pid, patient_facts in facts.items():
                 try:
-                    evaluation = evaluate(facts[pid], today, config)
+                    evaluation = evaluate(patient_facts, today, config)
                 except Exception:  # one bad record must not stop the sweep
                     logger.exception("followup evaluation failed patient=%s", pid)
                     stats.errors += 1
@@ -220,17 +218,192 @@ def followup_sweep(*, today: dt.date | None = None, batch_size: int = 1000,
                 rest = [d for d in evaluation.decisions if d not in simple_opens]
                 if rest:
                     other[pid] = Evaluation(rest, evaluation.next_check_on)
-            stats.opened += _bulk_open(to_open, teams={
-                pid: f.care_team for pid, f in facts.items()})
+            stats.opened += _write_batch(to_open, teams={
+                pid: f.care_team for pid, f in facts.items()}, next_dates=next_dates)
             if other:
                 patients = Patient.objects.in_bulk(list(other))
                 for pid, evaluation in other.items():
                     with transaction.atomic():
                         apply_evaluation(patients[pid], evaluation, stats)
-            _set_next_dates(next_dates)
         batches += 1
+        if len(facts) < batch_size:
+            # Every unlocked due patient was in this batch; locked ones belong to a concurrent
+            # sweep's batch. No need for another (empty) claim.
+            break
     logger.info("followup sweep today=%s %s", today, stats)
     return stats
+
+
+def claim_due(today: dt.date, limit: int) -> dict[Any, PatientFacts]:
+    """Lock up to ``limit`` due patients (skipping ones a concurrent sweep holds) and return
+    their facts. Must run inside a transaction; the locks last until it ends."""
+    if connection.vendor == "postgresql":
+        sql, params = due_facts_sql(today, limit)
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return {row[0]: _facts_from_row(row) for row in cursor.fetchall()}
+    ids = list(
+        Patient.objects.select_for_update(skip_locked=True)
+        .filter(followup_next_check_on__lte=today)
+        .order_by("followup_next_check_on")
+        .values_list("id", flat=True)[:limit]
+    )
+    return load_facts(ids) if ids else {}
+
+
+def due_facts_sql(today: dt.date, limit: int) -> tuple[str, dict[str, Any]]:
+    """The sweep's single read per batch (PostgreSQL): claim due patients through
+    ``patient_followup_due_idx`` and gather each one's facts with per-patient index lookups
+    (procedure, VBQ, therapy, fractures, unresolved alerts). Exposed so the bench can EXPLAIN
+    exactly what the sweep runs."""
+    from scoring.models import VbqResult
+
+    sql = f"""
+WITH due AS MATERIALIZED (
+    SELECT p.id, p.deceased_on, p.care_team
+    FROM {Patient._meta.db_table} p
+    WHERE p.followup_next_check_on <= %(today)s
+    ORDER BY p.followup_next_check_on
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+SELECT d.id, d.deceased_on, d.care_team, ix.performed_on, ix.levels::text,
+    v.vbq_all_levels, v.vbq_excluding_fractured,
+    (SELECT json_agg(json_build_array(t.agent, t.route, t.start_on, t.end_on, t.status))::text
+     FROM {TherapyExposure._meta.db_table} t
+     WHERE t.patient_id = d.id AND t.record_status = %(active)s),
+    (SELECT json_agg(json_build_array(f.diagnosed_on, f.site, f.vertebral_level))::text
+     FROM {Fracture._meta.db_table} f
+     WHERE f.patient_id = d.id AND f.record_status = %(active)s),
+    (SELECT json_agg(json_build_array(a.rule_id, a.status, a.due_on, a.escalation_level,
+                                      a.escalated_for_fracture, a.snoozed_until))::text
+     FROM {Alert._meta.db_table} a
+     WHERE a.patient_id = d.id AND a.status = ANY(%(unresolved)s))
+FROM due d
+LEFT JOIN LATERAL (
+    SELECT pr.performed_on, pr.levels FROM {Procedure._meta.db_table} pr
+    WHERE pr.patient_id = d.id AND pr.record_status = %(active)s
+    ORDER BY pr.performed_at, pr.id LIMIT 1
+) ix ON true
+LEFT JOIN LATERAL (
+    SELECT r.vbq_all_levels, r.vbq_excluding_fractured FROM {VbqResult._meta.db_table} r
+    WHERE r.patient_id = d.id AND (r.review_status = %(accepted)s
+        OR (r.status = %(succeeded)s AND r.review_status = %(pending)s))
+    ORDER BY r.queued_at DESC, r.id DESC LIMIT 1
+) v ON true
+"""  # noqa: S608 - table names come from model metadata; every value is a bound parameter
+    return sql, {
+        "today": today, "limit": limit, "active": RecordStatus.ACTIVE.value,
+        "unresolved": [str(s) for s in OPEN_ALERT_STATUSES],
+        "accepted": VbqResult.Review.ACCEPTED.value, "pending": VbqResult.Review.PENDING.value,
+        "succeeded": VbqResult.Status.SUCCEEDED.value,
+    }
+
+
+def _day(value: str | None) -> dt.date | None:
+    return dt.date.fromisoformat(value) if value else None
+
+
+def _facts_from_row(row: tuple[Any, ...]) -> PatientFacts:
+    (_pid, deceased_on, care_team, index_date, levels, all_levels, excluding, therapy,
+     fractures, alerts) = row
+    exposures = []
+    for agent, route, start, end, status in json.loads(therapy) if therapy else ():
+        interval = codes.dose_interval_days(agent, route) if agent in codes.AGENTS else 0
+        exposures.append(Exposure(agent, route, _day(start), _day(end), status, interval))
+    return PatientFacts(
+        index_date=index_date,
+        index_levels=frozenset(json.loads(levels) or []) if levels else frozenset(),
+        vbq_all_levels=all_levels,
+        vbq_excluding_fractured=excluding,
+        exposures=tuple(exposures),
+        fractures=tuple(FractureFact(_day(day), site, level)
+                        for day, site, level in (json.loads(fractures) if fractures else ())),
+        deceased_on=deceased_on,
+        care_team=care_team,
+        open_alerts=tuple(
+            OpenAlert(rule, status, _day(opened), level, for_fx, _day(snoozed))
+            for rule, status, opened, level, for_fx, snoozed
+            in (json.loads(alerts) if alerts else ())),
+    )
+
+
+def _write_batch(to_open: list[tuple[Any, Any]], teams: dict[Any, str],
+                 next_dates: dict[Any, dt.date | None]) -> int:
+    """Write a batch's outcome; returns the number of alerts opened.
+
+    PostgreSQL: ONE statement (data-modifying CTEs) sets every patient's next check date and
+    opens the alerts with their history, audit and outbox rows. Alerts that conflict with an
+    existing unresolved one (a concurrent sweep or an event) are skipped by the partial unique
+    index, and so are their history/audit/outbox rows. Other databases: the ORM path."""
+    if connection.vendor != "postgresql":
+        opened = _bulk_open(to_open, teams)
+        _set_next_dates(next_dates)
+        return opened
+    from django.utils import timezone
+
+    from registry.alerts import _channels
+    from registry.models import AlertDelivery, AlertEvent, AuditEvent
+
+    q = connection.ops.quote_name
+    params: list[Any] = [list(next_dates), list(next_dates.values())]
+    # Table and column names come from model metadata; every value is a bound parameter.
+    sql = (
+        "WITH nxt(id, day) AS (SELECT * FROM unnest(%s::uuid[], %s::date[])), "  # noqa: S608
+        f"upd AS (UPDATE {q(Patient._meta.db_table)} AS p "
+        f"SET {q('followup_next_check_on')} = nxt.day FROM nxt WHERE p.id = nxt.id)"
+    )
+    if not to_open:
+        with connection.cursor() as cursor:
+            cursor.execute(sql + " SELECT 0", params)
+        return 0
+    now = timezone.now()
+    params += [
+        [pid for pid, _ in to_open], [d.rule_id for _, d in to_open],
+        [d.rule_version for _, d in to_open], [d.reason[:300] for _, d in to_open],
+        [d.vbq_value for _, d in to_open],
+        [teams.get(pid) or settings.DEFAULT_CARE_TEAM for pid, _ in to_open],
+        [d.due_on for _, d in to_open],
+    ]
+    sql += (
+        ", v(patient_id, rule_id, rule_version, reason, vbq_value, care_team, due_on) AS ("
+        "SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::text[], %s::float8[], "
+        "%s::text[], %s::date[]))"
+    )
+    for name, model, source, exprs, template, tail in (
+        ("ins", Alert, "v", {name: f"v.{name}" for name in (
+            "patient_id", "rule_id", "rule_version", "reason", "vbq_value", "care_team",
+            "due_on")},
+         Alert(status="open", vbq_threshold=settings.VBQ_HIGH_THRESHOLD, opened_at=now),
+         " ON CONFLICT DO NOTHING RETURNING id, patient_id, reason"),
+        ("ev", AlertEvent, "ins", {"alert_id": "ins.id", "note": "ins.reason"},
+         AlertEvent(at=now, action="open", to_status="open"), ""),
+        ("au", AuditEvent, "ins", {"patient_id": "ins.patient_id", "object_id": "ins.id::text"},
+         AuditEvent(at=now, action="create", object_type="Alert", via="task",
+                    detail={"alert_action": "open"}), ""),
+        ("de", AlertDelivery, "ins CROSS JOIN unnest(%s::text[]) AS ch(channel)",
+         {"alert_id": "ins.id", "channel": "ch.channel",
+          "idempotency_key": "'alert-' || ins.id || '-opened-0-' || ch.channel"},
+         AlertDelivery(event="opened", next_attempt_at=now), " ON CONFLICT DO NOTHING"),
+    ):
+        columns, values = [], []
+        for field in model._meta.concrete_fields:
+            if field.primary_key:
+                continue
+            columns.append(q(field.column))
+            if field.attname in exprs:
+                values.append(exprs[field.attname])
+            else:
+                values.append("%s")
+                params.append(field.get_db_prep_save(getattr(template, field.attname),
+                                                     connection))
+        if name == "de":
+            params.append([str(c) for c in _channels()])
+        sql += (f", {name} AS (INSERT INTO {q(model._meta.db_table)} ({', '.join(columns)}) "  # noqa: S608
+                f"SELECT {', '.join(values)} FROM {source}{tail})")
+    with connection.cursor() as cursor:
+        cursor.execute(sql + " SELECT count(*) FROM ins", params)  # noqa: S608
+        return int(cursor.fetchone()[0])
 
 
 def _insert_alerts(rows: list[Alert]) -> list[Alert]:

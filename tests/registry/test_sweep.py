@@ -4,15 +4,27 @@ import datetime as dt
 import os
 import threading
 import time
+from zoneinfo import ZoneInfo
 
 import pytest
-from django.db import connection
+from django.conf import settings
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 
-from registry.models import Alert, Patient
+from registry.models import Alert, AlertDelivery, AlertEvent, AuditEvent, Patient
 from registry.services import therapy_record
-from registry.sweep import followup_evaluate, followup_sweep
-from registry.timeutil import clinic_today
+from registry.sweep import (
+    _write_batch,
+    claim_due,
+    due_facts_sql,
+    followup_evaluate,
+    followup_sweep,
+    load_facts,
+)
+from registry.timeutil import clinic_today, start_of_clinic_day
+from scoring.models import VbqResult
 from tests.conftest import CeleryWorker, test_database_url
+from tests.factories import FractureFactory, ProcedureFactory, TherapyExposureFactory
 from tests.registry.followup_helpers import high_vbq_patient
 
 pytestmark = pytest.mark.django_db
@@ -39,14 +51,154 @@ def test_sweep_only_reads_due_patients():
 def test_sweep_plan_uses_the_due_date_index():
     if connection.vendor != "postgresql":
         pytest.skip("plan check is PostgreSQL-specific")
+    sql, params = due_facts_sql(clinic_today(), 500)  # exactly what the sweep runs
     with connection.cursor() as cursor:
-        cursor.execute("SET enable_seqscan = off")
-        cursor.execute(
-            "EXPLAIN SELECT id FROM registry_patient WHERE followup_next_check_on <= %s "
-            "ORDER BY followup_next_check_on LIMIT 500", [clinic_today()])
+        cursor.execute("SET enable_seqscan = off")  # a test database is too small to matter
+        cursor.execute("EXPLAIN " + sql, params)
         plan = "\n".join(row[0] for row in cursor.fetchall())
         cursor.execute("RESET enable_seqscan")
     assert "patient_followup_due_idx" in plan
+    assert "Seq Scan on registry_patient" not in plan
+
+
+def _statements(ctx):
+    return [q["sql"] for q in ctx.captured_queries
+            if q["sql"].split()[0].upper() not in {"BEGIN", "COMMIT", "SAVEPOINT", "RELEASE"}]
+
+
+@pytest.mark.postgres
+def test_a_batch_costs_two_statements_whatever_the_number_of_due_patients():
+    for n in (2, 9):
+        for _ in range(n):
+            high_vbq_patient(70)
+        with CaptureQueriesContext(connection) as ctx:
+            stats = followup_sweep()
+        assert stats.opened == n
+        assert len(_statements(ctx)) == 2, _statements(ctx)  # claim+facts, then writes
+
+
+@pytest.mark.postgres
+def test_the_sweeps_sql_facts_match_the_orm_facts():
+    """The one-statement claim returns what ``load_facts`` (ORM, event path) reads."""
+    patient = high_vbq_patient(70, vbq=3.2)
+    today = clinic_today()
+    ProcedureFactory(patient=patient, levels=["L2", "L3"],
+                     performed_at=start_of_clinic_day(today - dt.timedelta(days=40)))
+    ProcedureFactory(patient=patient, record_status="entered-in-error",
+                     performed_at=start_of_clinic_day(today - dt.timedelta(days=300)))
+    VbqResult.objects.create(patient=patient, algorithm_version="test-2", source="manual",
+                             status="succeeded", review_status="pending", vbq_all_levels=2.7,
+                             vbq_excluding_fractured=None)
+    VbqResult.objects.create(patient=patient, algorithm_version="test-3", source="manual",
+                             status="succeeded", review_status="rejected", vbq_all_levels=9.0)
+    TherapyExposureFactory(patient=patient, agent="zoledronic_acid", route="iv",
+                           start_on=today - dt.timedelta(days=400))
+    TherapyExposureFactory(patient=patient, agent="denosumab", route="sc", status="declined",
+                           start_on=today - dt.timedelta(days=3),
+                           end_on=today - dt.timedelta(days=1))
+    FractureFactory(patient=patient, site="vertebral", vertebral_level="L4", code="S32.040A",
+                    diagnosed_at=start_of_clinic_day(today - dt.timedelta(days=20)))
+    Alert.objects.create(patient=patient, rule_id="vbq-missing", reason="r", status="snoozed",
+                         opened_at=start_of_clinic_day(today), due_on=today,
+                         snoozed_until=today + dt.timedelta(days=3), escalation_level=1)
+    Alert.objects.create(patient=patient, rule_id="secondary-fracture", reason="r",
+                         status="resolved", opened_at=start_of_clinic_day(today),
+                         resolved_at=start_of_clinic_day(today))
+    other = high_vbq_patient(5)
+    Patient.objects.filter(pk=patient.pk).update(deceased_on=today, care_team="spine")
+    with transaction.atomic():
+        claimed = claim_due(today, 10)
+    expected = load_facts([patient.pk, other.pk])
+    assert set(claimed) == {patient.pk, other.pk}
+    for pid in claimed:
+        got, want = claimed[pid], expected[pid]
+        assert (got.index_date, got.index_levels, got.vbq_all_levels,
+                got.vbq_excluding_fractured, got.deceased_on, got.care_team) == (
+            want.index_date, want.index_levels, want.vbq_all_levels,
+            want.vbq_excluding_fractured, want.deceased_on, want.care_team)
+        assert sorted(got.exposures, key=repr) == sorted(want.exposures, key=repr)
+        assert sorted(got.fractures, key=repr) == sorted(want.fractures, key=repr)
+        assert sorted(got.open_alerts, key=repr) == sorted(want.open_alerts, key=repr)
+    facts = claimed[patient.pk]
+    assert facts.vbq_all_levels == 2.7  # the latest usable result, not the rejected one
+    assert len(facts.exposures) == 2
+    assert len(facts.fractures) == 1
+    assert [a.rule_id for a in facts.open_alerts] == ["vbq-missing"]
+
+
+def test_an_alert_opened_by_the_sweep_has_its_history_audit_and_outbox_rows():
+    patient = high_vbq_patient(70)
+    followup_sweep()
+    alert = Alert.objects.get(patient=patient)
+    assert (alert.status, alert.rule_id, alert.escalation_level) == ("open",
+                                                                     "high-vbq-untreated-60d", 0)
+    assert (alert.vbq_value, alert.vbq_threshold) == (pytest.approx(3.6), 3.0)
+    assert alert.due_on == clinic_today()
+    assert alert.care_team == (patient.care_team or settings.DEFAULT_CARE_TEAM)
+    event = AlertEvent.objects.get(alert=alert)
+    assert (event.action, event.to_status, event.note) == ("open", "open", alert.reason)
+    audit = AuditEvent.objects.get(object_type="Alert", object_id=str(alert.pk))
+    assert (audit.action, audit.via, audit.patient_id, audit.detail) == (
+        "create", "task", patient.pk, {"alert_action": "open"})
+    keys = set(AlertDelivery.objects.filter(alert=alert).values_list("idempotency_key",
+                                                                      flat=True))
+    assert keys == {f"alert-{alert.pk}-opened-0-in-app", f"alert-{alert.pk}-opened-0-email"}
+    assert set(AlertDelivery.objects.filter(alert=alert).values_list("status", flat=True)) == {
+        "pending"}
+
+
+def test_a_batch_write_racing_an_existing_alert_adds_nothing_for_it():
+    """An event opened the alert between the claim and the write: the unique index skips the
+    duplicate, and no history, audit or outbox row is written for it."""
+    patient = high_vbq_patient(70)
+    followup_evaluate([patient.pk])  # the event path opens the alert
+    counts = (AlertEvent.objects.count(), AuditEvent.objects.count(),
+              AlertDelivery.objects.count())
+    from registry.followup import HIGH_VBQ, Decision
+
+    decision = Decision(HIGH_VBQ, "open", "race", vbq_value=3.6, due_on=clinic_today())
+    nxt = clinic_today() + dt.timedelta(days=9)
+    assert _write_batch([(patient.pk, decision)], {}, {patient.pk: nxt}) == 0
+    assert Alert.objects.filter(patient=patient).count() == 1
+    assert (AlertEvent.objects.count(), AuditEvent.objects.count(),
+            AlertDelivery.objects.count()) == counts
+    patient.refresh_from_db()
+    assert patient.followup_next_check_on == nxt
+
+
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+@pytest.mark.parametrize(
+    ("sweep_at_utc", "clinic_day", "opens"),
+    [
+        # Procedure at 23:30 New York time on 8 Jan 2025 (04:30 UTC on 9 Jan): day 60 in clinic
+        # time is 9 March 2025, the spring-forward day (23 hours long).
+        (dt.datetime(2025, 3, 9, 4, 59, tzinfo=dt.UTC), 59, False),  # 23:59 EST, 8 March
+        (dt.datetime(2025, 3, 9, 5, 0, tzinfo=dt.UTC), 60, True),  # 00:00 EST, 9 March
+        (dt.datetime(2025, 3, 10, 3, 59, tzinfo=dt.UTC), 60, True),  # 23:59 EDT, 9 March
+        (dt.datetime(2025, 3, 10, 4, 0, tzinfo=dt.UTC), 61, True),  # 00:00 EDT, 10 March
+    ],
+)
+def test_the_sweep_counts_days_in_the_clinic_zone_across_the_dst_change(
+    settings, monkeypatch, sweep_at_utc, clinic_day, opens
+):
+    from django.utils import timezone
+
+    settings.CLINIC_TIME_ZONE = "America/New_York"
+    patient = high_vbq_patient(70)
+    patient.procedures.all().delete()
+    ProcedureFactory(patient=patient,
+                     performed_at=dt.datetime(2025, 1, 8, 23, 30, tzinfo=NEW_YORK))
+    monkeypatch.setattr(timezone, "now", lambda: sweep_at_utc)
+    today = clinic_today()
+    assert (today - dt.date(2025, 1, 8)).days == clinic_day
+    Patient.objects.filter(pk=patient.pk).update(followup_next_check_on=today)
+    stats = followup_sweep()  # the beat task's call: no explicit date
+    assert stats.opened == (1 if opens else 0)
+    patient.refresh_from_db()
+    if not opens:
+        assert patient.followup_next_check_on == dt.date(2025, 3, 9)
 
 
 def test_therapy_recorded_resolves_the_open_alert_on_re_evaluation():
