@@ -24,6 +24,12 @@ from registry.models import OPEN_ALERT_STATUSES, Alert, Procedure, RecordStatus
 from registry.services import Actor, RegistryValidationError
 from registry.timeutil import clinic_today
 
+SORTS = {
+    "due": ("Due date (most urgent first)", ("due_on", "-escalation_level", "pk")),
+    "vbq": ("VBQ (highest first)", ("-vbq_value", "due_on", "pk")),
+    "days": ("Days since procedure (longest first)", ("index_on", "due_on", "pk")),
+    "patient": ("Patient name", ("patient__family_name", "patient__given_name", "pk")),
+}
 RULE_LABELS = {
     "high-vbq-untreated-60d": "High VBQ, untreated at day 60",
     "secondary-fracture": "Secondary fracture, untreated",
@@ -47,7 +53,10 @@ def worklist(request: HttpRequest) -> HttpResponse:
         qs = qs.filter(assignee=request.user)
     if mrn:
         qs = qs.filter(patient__identifiers__value=mrn)
-    qs = qs.order_by("due_on", "-escalation_level", "pk")
+    sort = request.GET.get("sort", "due")
+    if sort not in SORTS:
+        sort = "due"
+    qs = qs.order_by(*SORTS[sort][1])
     counts = _counts()
     paginator = Paginator(qs, 25)
     if not (rule or mine or mrn):
@@ -61,6 +70,7 @@ def worklist(request: HttpRequest) -> HttpResponse:
     return render(request, "worklist/list.html", {
         "rows": rows, "page": page, "status": status, "rule": rule, "mine": mine, "mrn": mrn,
         "counts": counts, "rules": RULE_LABELS, **_row_context(today),
+        "sort": sort, "sorts": {k: label for k, (label, _) in SORTS.items()},
         "unresolved_count": counts["unresolved"],
     })
 

@@ -110,3 +110,14 @@ def test_the_worklist_page_runs_the_same_few_queries_for_3_or_30_alerts(client, 
     assert (rows_few, rows_many) == (3, 25)
     assert many == few  # no query per row (no N+1, no deferred field loaded per row)
     assert many <= 7  # session, user, 2 x permissions, status counts, the page, session save
+
+
+def test_the_worklist_sorts_by_vbq_when_asked(client, role_user):
+    client.force_login(role_user("coordinator"))
+    for i, vbq in enumerate((3.2, 4.4, 3.7)):
+        high_vbq_patient(70 + i, vbq=vbq, mrn=f"SYN-SORT-{i}", given_name=f"Sort{i}")
+    followup_sweep()
+    html = client.get(reverse("worklist"), {"sort": "vbq"}).content.decode()
+    assert html.index("Sort1") < html.index("Sort2") < html.index("Sort0")
+    html = client.get(reverse("worklist"), {"sort": "bogus"}).content.decode()
+    assert html.count('<tr data-alert="') == 3
