@@ -141,6 +141,7 @@ def _valley(image: np.ndarray) -> np.ndarray:
     mean = ndimage.uniform_filter1d(image, 8, axis=1, mode="nearest")
     out = np.zeros_like(image)
     w = image.shape[1]
+    tissue = 0.5 * float(threshold_otsu(image))  # walls must be tissue, not air
     for gap in (10, 13, 16):
         left = np.empty_like(mean)
         right = np.empty_like(mean)
@@ -150,7 +151,7 @@ def _valley(image: np.ndarray) -> np.ndarray:
         right[:, w - gap:] = mean[:, -1:]
         sides = np.minimum(left, right)
         depth = 1.0 - centre / np.maximum(sides, 1e-6)
-        out = np.maximum(out, np.where(sides > 0, depth, 0.0))
+        out = np.maximum(out, np.where(sides > tissue, depth, 0.0))
     return np.clip(out, 0.0, 1.0)
 
 
@@ -232,13 +233,30 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
     central = volume[max(0, centre - half): centre + half + 1].mean(axis=0)
     grid = ndimage.gaussian_filter(_resample(central, fr.spacing), 1.0)
     valley = ndimage.gaussian_filter1d(_valley(grid), 10.0, axis=0)
-    path_x = _best_path(valley, margin=20)
     rows_idx = np.arange(grid.shape[0])
-    along = valley[rows_idx, path_x]
-    run = _longest_run(along > 0.4 * np.percentile(along, 75), bridge=12)
-    if run is None or run[1] - run[0] < 120 or float(np.percentile(along, 75)) < 0.05:
+    wide_dark = ndimage.uniform_filter1d(grid, 7, axis=1, mode="nearest")  # canal ≥ 7 mm wide
+    candidates = []
+    masked = valley.copy()
+    for _ in range(4):
+        # the canal, and other long dark bands (muscle between the spinous processes and the
+        # subcutaneous fat, vessels): the canal holds CSF, the darkest of them on T1
+        cand = _best_path(masked, margin=20)
+        along_c = masked[rows_idx, cand]
+        strong = float(np.percentile(along_c, 75))
+        run_c = _longest_run(along_c > 0.4 * strong, bridge=12)
+        if run_c is not None and run_c[1] - run_c[0] >= 120 and strong >= 0.05:
+            seg_rows = rows_idx[run_c[0]: run_c[1] + 1]
+            darkness = float(np.median(wide_dark[seg_rows, cand[seg_rows]]))
+            candidates.append((darkness, cand, run_c, float(np.mean(along_c[seg_rows]))
+                               * len(seg_rows)))
+        cols = np.arange(grid.shape[1])[None, :]
+        masked = np.where(np.abs(cols - cand[:, None]) <= 8, 0.0, masked)
+    if not candidates:
         raise LocalisationError("the spinal canal was not found (no long dark band between "
                                 "the vertebral bodies and the posterior elements)")
+    top_score = max(c[3] for c in candidates)
+    _, path_x, run, _ = min((c for c in candidates if c[3] >= 0.5 * top_score),
+                            key=lambda c: c[0])
     top, bottom = run
     ys = rows_idx[top: bottom + 1].astype(float)
     xs = ndimage.gaussian_filter1d(path_x[top: bottom + 1].astype(float), 6.0, mode="nearest")
@@ -352,11 +370,38 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
             merged[-1] = (merged[-1][0], b)
         else:
             merged.append((a, b))
-    lower = [i for i in range(5, len(merged))]
-    longest = max(lower, key=lambda i: merged[i][1] - merged[i][0]) if lower else -1
-    sacral = longest >= 0 and merged[longest][1] - merged[longest][0] + 1 >= 1.4 * body_len
+    # 2-D: the sacrum is bone that goes on below S1's body (turning posteriorly), so S1 is
+    # the highest body (from the sixth on) whose bright 2-D component reaches well below it.
+    trend = _smooth_nan(prof_t, 25.0)
+    flat2d = detect / np.where(np.isfinite(trend), trend, np.nan)[:, None]
+    bone = ndimage.binary_opening(np.nan_to_num(flat2d, nan=0.0) > thr, np.ones((3, 3)))
+    bone_lab, _ = ndimage.label(bone)
+    band_k = k_wall + 10
+    sacral_i = -1
+
+    def component(i: int) -> np.ndarray | None:
+        a, b = merged[i]
+        lab = bone_lab[(a + b) // 2, band_k]
+        return None if lab == 0 else bone_lab == lab
+
+    for i in range(5, len(merged)):
+        a, b = merged[i]
+        comp = component(i)
+        below = comp is not None and np.flatnonzero(comp.any(axis=1))[-1] >= b + 0.6 * body_len
+        nxt = component(i + 1) if i + 1 < len(merged) else None
+        # the next bright run is the sacrum turning posteriorly across the canal line
+        if nxt is not None:
+            na = merged[i + 1][0]
+            cols_n = np.flatnonzero(nxt[na: int(na + 0.5 * body_len) + 1].any(axis=0))
+        tail = nxt is not None and cols_n.size > 0 and cols_n[0] < k_wall - 4
+        if below or tail or b - a + 1 >= 1.6 * body_len:
+            sacral_i = i
+            break
+    sacral = sacral_i >= 0
+    if debug is not None:
+        debug.update(bone=bone, merged=merged, sacral_i=sacral_i)
     if sacral:
-        segments = merged[: longest + 1]
+        segments = merged[: sacral_i + 1]
     else:
         segments = merged
         while len(segments) > 6 and segments[-1][1] - segments[-1][0] + 1 < 0.6 * body_len:
@@ -455,8 +500,8 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
         suggested = False
         if h and lv != "S1":
             ref_list = [h[0]]
-            for nb in (_neighbour(lv, -1), _neighbour(lv, 1)):
-                nh = heights.get(nb) if nb else None
+            for near in (_neighbour(lv, -1), _neighbour(lv, 1)):
+                nh = heights.get(near) if near else None
                 if nh:
                     ref_list.append(nh[0])
             ratio = float(min(h) / max(np.median(ref_list), 1e-6))
