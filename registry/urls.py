@@ -1,10 +1,20 @@
-from django.urls import path
+from django.contrib.auth import views as auth_views
+from django.urls import path, reverse_lazy
 
 from registry import ui_views, views
 from scoring import views as scoring_views
 
 urlpatterns = [
     path("", views.home, name="home"),
+    # Password reset by email (Django's views: no account enumeration, one-time tokens).
+    path("accounts/password-reset/", auth_views.PasswordResetView.as_view(
+        success_url=reverse_lazy("password_reset_done")), name="password_reset"),
+    path("accounts/password-reset/sent/", auth_views.PasswordResetDoneView.as_view(),
+         name="password_reset_done"),
+    path("accounts/reset/<uidb64>/<token>/", auth_views.PasswordResetConfirmView.as_view(
+        success_url=reverse_lazy("password_reset_complete")), name="password_reset_confirm"),
+    path("accounts/reset/done/", auth_views.PasswordResetCompleteView.as_view(),
+         name="password_reset_complete"),
     path("patients/", views.patient_list, name="patient-list"),
     path("worklist/", ui_views.worklist, name="worklist"),
     path("worklist/<int:alert_id>/<slug:action>/", ui_views.worklist_action,
