@@ -296,21 +296,32 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
         inside = (cy >= 0) & (cy <= image.shape[0] - 1) & (cx >= 0) & (cx <= image.shape[1] - 1)
         return np.where(inside, out, np.nan)
 
-    # 3. mid-sagittal slice: the canal deepest along the path
+    # 3. mid-sagittal slice: where the canal interior is darkest against the bodies. The
+    # interior (CSF, not the cortex lining it) comes from the central slices' AP profile.
     sl = slice(canal_t[0], canal_t[1] + 1)
+    central_s = straighten(central)[sl]
+    prof_c = np.nanmedian(central_s, axis=0)
+    wide_c = ndimage.median_filter(np.nan_to_num(prof_c, nan=float(np.nanmax(prof_c))), 5)
+    trough_k = k0 - 12 + int(np.argmin(wide_c[k0 - 12: k0 + 13]))
+    level = float(wide_c[trough_k])
+    ant = float(np.max(wide_c[trough_k: trough_k + 30]))
+    inner_mask = wide_c < level + 0.3 * (ant - level)
+    inner_run = [r for r in _runs(inner_mask) if r[0] <= trough_k <= r[1]]
+    k_in = (np.arange(inner_run[0][0] + 1, inner_run[0][1]) if inner_run and
+            inner_run[0][1] - inner_run[0][0] >= 3 else np.array([trough_k]))
+    above_c = np.flatnonzero(wide_c[trough_k:] >= (level + ant) / 2)
+    k_body = trough_k + (int(above_c[0]) if above_c.size else 8) + np.arange(6, 20)
+    rows_sel = np.arange(sl.start, sl.stop, 2)
     depth = []
     for s in range(n_slices):
-        iy = py[sl] / fr.spacing[0]
-        rows_c = []
-        for k in (-14, -11, -2, -1, 0, 1, 2, 11, 14):
-            cy = (py[sl] + k * ny[sl]) / fr.spacing[0]
-            cx = (px[sl] + k * nx[sl]) / fr.spacing[1]
-            rows_c.append(ndimage.map_coordinates(volume[s], [cy, cx], order=1, mode="nearest"))
-        del iy
-        arr = np.array(rows_c)
-        inner = arr[2:7].mean(axis=0)
-        wall = np.minimum(arr[:2].mean(axis=0), arr[7:].mean(axis=0))
-        depth.append(float(np.median(1.0 - inner / np.maximum(wall, 1e-6))))
+        def sample(k_idx: np.ndarray, s: int = s) -> np.ndarray:
+            kk = ks[k_idx][None, :]
+            cy = (py[rows_sel][:, None] + kk * ny[rows_sel][:, None]) / fr.spacing[0]
+            cx = (px[rows_sel][:, None] + kk * nx[rows_sel][:, None]) / fr.spacing[1]
+            return ndimage.map_coordinates(volume[s], [cy, cx], order=1, mode="nearest")
+        inner_v = float(np.median(sample(k_in)))
+        body_v = float(np.median(sample(k_body[k_body < len(ks)])))
+        depth.append(1.0 - inner_v / max(body_v, 1e-6))
     depth_arr = np.array(depth)
     mid = int(np.argmax(depth_arr))
     lo_s, hi_s = max(0, mid - 1), min(n_slices, mid + 2)
