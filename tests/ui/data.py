@@ -60,6 +60,7 @@ def reviewable_result(patient, folder: Path, *, seed: int = 7, with_rois: bool =
                      pixel_count=m.pixel_count, roi=m.roi.__dict__) for m in rows])
         result.refresh_from_db()
     result.truth = phantom.truth  # type: ignore[attr-defined]
+    result.series_cols = int(phantom.datasets[0].Columns)  # type: ignore[attr-defined]
     return result
 
 

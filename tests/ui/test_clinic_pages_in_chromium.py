@@ -97,13 +97,13 @@ def clinic(transactional_db, role_user, tmp_path, settings):
     followup_sweep()
     target = patients[0]
     result = reviewable_result(target, tmp_path / "dicom", seed=11)
-    reviewable_result(PatientFactory(given_name="Hilda"), tmp_path / "dicom", seed=5,
-                      with_rois=False)
+    bare = reviewable_result(PatientFactory(given_name="Hilda"), tmp_path / "dicom", seed=5,
+                             with_rois=False)
     VbqResult.objects.create(patient=patients[3], algorithm_version="0.1.0", source="auto",
                              status="failed", error_code="pacs-unavailable",
                              error_message="the PACS did not answer (SYNTHETIC example)")
     return {"users": users, "patient": target, "alert": Alert.objects.get(patient=target),
-            "result": result, "tmp": tmp_path}
+            "result": result, "bare": bare, "tmp": tmp_path}
 
 
 def test_coordinator_works_an_alert_opens_the_patient_uploads_and_downloads_the_csv(
@@ -212,6 +212,23 @@ def test_clinician_drags_an_roi_sees_the_vbq_change_and_saves_a_corrected_result
     assert result.review_status == "rejected"
     assert AuditEvent.objects.filter(object_type="VbqResult", object_id=str(saved.pk),
                                      action="create", actor__username="demo-clinician").exists()
+
+    # A result without localisation: the reviewer places the five ROIs by clicking.
+    bare = clinic["bare"]
+    page.goto(f"{live_server.url}/vbq/review/{bare.pk}/")
+    expect(page.locator("#vbq-state")).to_contain_text("Place the CSF ROI")
+    svg = page.locator("#viewer").bounding_box()
+    scale = svg["width"] / bare.series_cols
+    targets = {lv: bare.truth["centres_px"][lv][1:] for lv in ("L1", "L2", "L3", "L4")}
+    row, col = targets["L3"]
+    targets["csf"] = (row, col + 27 / bare.truth["spacing_mm"])
+    for level, (row, col) in targets.items():
+        page.select_option("#place-level", level)
+        page.mouse.click(svg["x"] + col * scale, svg["y"] + row * scale)
+    expect(page.locator("#roi-layer .roi")).to_have_count(5)
+    expect(page.locator("#vbq-state")).to_contain_text("Recomputed")
+    placed = float(page.locator("#vbq-all").inner_text())
+    assert 0.5 < placed < 10
     page.context.close()
 
 
