@@ -225,16 +225,25 @@ def _locked(result: VbqResult) -> VbqResult:
     return VbqResult.objects.select_for_update().get(pk=result.pk)
 
 
-@transaction.atomic
 def review_save_corrected(*, result: VbqResult, rois: Mapping[str, Roi],
                           fractured_levels: Iterable[str], actor: Actor, note: str = ""
                           ) -> VbqResult:
-    """Recompute with the reviewer's ROIs and save a NEW manual result (next revision)."""
+    """Recompute with the reviewer's ROIs and save a NEW manual result (next revision).
+
+    The images are read and measured before the transaction opens (a PACS fetch never holds
+    row locks); the writes are one transaction."""
     fractured = parse_levels(fractured_levels)
     measurement = review_preview(result=result, rois=rois, fractured_levels=fractured)
     if measurement.vbq_all_levels is None:
         reasons = "; ".join(f.message for f in measurement.qc_flags) or "no VBQ"
         raise ReviewError(f"the corrected ROIs give no VBQ: {reasons}", code="no-vbq")
+    with transaction.atomic():
+        return _save_corrected(result=result, measurement=measurement, rois=rois, actor=actor,
+                               note=note)
+
+
+def _save_corrected(*, result: VbqResult, measurement: VbqMeasurement, rois: Mapping[str, Roi],
+                    actor: Actor, note: str) -> VbqResult:
     original = _locked(result)
     revision = (VbqResult.objects.filter(
         series_id=original.series_id, algorithm_version=measurement.algorithm_version,
