@@ -111,7 +111,7 @@ def review_image(request: HttpRequest, result_id: int) -> HttpResponse:
     except review.ReviewError as exc:
         return HttpResponse(exc.messages[0], status=404, content_type="text/plain")
     response = HttpResponse(png, content_type="image/png")
-    response["Cache-Control"] = "private, max-age=300"
+    response["Cache-Control"] = "private, no-store"  # patient images stay off shared disks
     return response
 
 
@@ -198,8 +198,12 @@ def job_list(request: HttpRequest) -> HttpResponse:
         qs = qs.filter(status=status)
     else:
         status = ""
+    jobs = list(qs[:50])
+    for job in jobs:
+        job.run_seconds = ((job.finished_at - job.started_at).total_seconds()
+                           if job.started_at and job.finished_at else None)
     return render(request, "scoring/jobs.html", {
-        "jobs": list(qs[:50]), "status": status, "statuses": VbqResult.Status.choices,
+        "jobs": jobs, "status": status, "statuses": VbqResult.Status.choices,
         "api_url": reverse("api-vbq-job-list"),
     })
 

@@ -142,3 +142,20 @@ def test_coordinator_may_not_review_but_sees_jobs_and_the_upload_page(client, ro
     response = client.get(reverse("imaging-upload", args=[result.patient_id]))
     assert response.status_code == 200
     assert b"upload-progress" in response.content
+
+
+def test_jobs_page_shows_status_run_time_and_error(client, role_user):
+    import datetime as dt
+
+    from django.utils import timezone
+
+    client.force_login(role_user("coordinator"))
+    start = timezone.now() - dt.timedelta(minutes=1)
+    VbqResult.objects.create(patient=PatientFactory(), algorithm_version="0.1.0",
+                             source="auto", status="failed", started_at=start,
+                             finished_at=start + dt.timedelta(seconds=2.5),
+                             error_code="not-an-image", error_message="SYNTHETIC: no pixels")
+    html = client.get(reverse("vbq-jobs"), {"status": "failed"}).content.decode()
+    assert "2.5 s" in html
+    assert "not-an-image" in html
+    assert 'data-api="/api/imaging/jobs/"' in html
