@@ -258,6 +258,11 @@ def evaluate(facts: PatientFacts, today: dt.date, config: FollowupConfig) -> Eva
         else:
             candidates.append(missing_due)
 
+    # An alert opened now escalates if still unacknowledged after ``escalate_after_days``: the
+    # sweep must come back then (without this the patient would never be due again).
+    if any(d.action == OPEN for d in decisions):
+        candidates.append(today + dt.timedelta(days=config.escalate_after_days))
+
     # Unacknowledged escalation (once), for alerts not resolved by a decision above.
     resolved_now = {d.rule_id for d in decisions if d.action == RESOLVE}
     escalating = {d.rule_id for d in decisions if d.action == ESCALATE}

@@ -39,6 +39,7 @@ from registry.followup import (
 from registry.models import (
     OPEN_ALERT_STATUSES,
     Alert,
+    AlertStatus,
     Fracture,
     Patient,
     Procedure,
@@ -201,6 +202,7 @@ def followup_sweep(*, today: dt.date | None = None, batch_size: int = 1000,
                 break
             next_dates: dict[Any, dt.date | None] = {}
             to_open: list[tuple[Any, Any]] = []  # (patient id, decision)
+            to_escalate: list[tuple[Any, Any]] = []
             other: dict[Any, Evaluation] = {}
             for pid, patient_facts in facts.items():
                 try:
@@ -212,14 +214,21 @@ def followup_sweep(*, today: dt.date | None = None, batch_size: int = 1000,
                     continue
                 stats.evaluated += 1
                 next_dates[pid] = evaluation.next_check_on
-                simple_opens = [d for d in evaluation.decisions
-                                if d.action == OPEN and not d.for_fracture]
-                to_open.extend((pid, d) for d in simple_opens)
-                rest = [d for d in evaluation.decisions if d not in simple_opens]
+                rest = []
+                for d in evaluation.decisions:
+                    if d.action == OPEN and not d.for_fracture:
+                        to_open.append((pid, d))
+                    elif d.action == ESCALATE and not d.for_fracture:
+                        to_escalate.append((pid, d))
+                    else:
+                        rest.append(d)
                 if rest:
                     other[pid] = Evaluation(rest, evaluation.next_check_on)
-            stats.opened += _write_batch(to_open, teams={
-                pid: f.care_team for pid, f in facts.items()}, next_dates=next_dates)
+            opened, escalated = _write_batch(
+                to_open, teams={pid: f.care_team for pid, f in facts.items()},
+                next_dates=next_dates, to_escalate=to_escalate)
+            stats.opened += opened
+            stats.escalated += escalated
             if other:
                 patients = Patient.objects.in_bulk(list(other))
                 for pid, evaluation in other.items():
@@ -329,23 +338,33 @@ def _facts_from_row(row: tuple[Any, ...]) -> PatientFacts:
 
 
 def _write_batch(to_open: list[tuple[Any, Any]], teams: dict[Any, str],
-                 next_dates: dict[Any, dt.date | None]) -> int:
-    """Write a batch's outcome; returns the number of alerts opened.
+                 next_dates: dict[Any, dt.date | None],
+                 to_escalate: list[tuple[Any, Any]] | None = None) -> tuple[int, int]:
+    """Write a batch's outcome; returns (alerts opened, alerts escalated).
 
-    PostgreSQL: ONE statement (data-modifying CTEs) sets every patient's next check date and
-    opens the alerts with their history, audit and outbox rows. Alerts that conflict with an
-    existing unresolved one (a concurrent sweep or an event) are skipped by the partial unique
-    index, and so are their history/audit/outbox rows. Other databases: the ORM path."""
+    PostgreSQL: ONE statement (data-modifying CTEs) sets every patient's next check date, opens
+    the alerts and escalates the unacknowledged ones, each with its history, audit and outbox
+    rows. An alert that conflicts with an existing unresolved one (a concurrent sweep or an
+    event got there first) is skipped by the partial unique index, and an escalation whose
+    alert was meanwhile acknowledged, escalated or resolved matches no row; either way no
+    history/audit/outbox row is written for it. Other databases: the ORM path."""
+    to_escalate = to_escalate or []
     if connection.vendor != "postgresql":
         opened = _bulk_open(to_open, teams)
         _set_next_dates(next_dates)
-        return opened
+        stats = SweepStats()
+        patients = Patient.objects.in_bulk([pid for pid, _ in to_escalate])
+        for pid, decision in to_escalate:
+            apply_evaluation(patients[pid], Evaluation([decision]), stats)
+        return opened, stats.escalated
     from django.utils import timezone
 
     from registry.alerts import _channels
     from registry.models import AlertDelivery, AlertEvent, AuditEvent
 
     q = connection.ops.quote_name
+    now = timezone.now()
+    channels = [str(c) for c in _channels()]
     params: list[Any] = [list(next_dates), list(next_dates.values())]
     # Table and column names come from model metadata; every value is a bound parameter.
     sql = (
@@ -353,39 +372,9 @@ def _write_batch(to_open: list[tuple[Any, Any]], teams: dict[Any, str],
         f"upd AS (UPDATE {q(Patient._meta.db_table)} AS p "
         f"SET {q('followup_next_check_on')} = nxt.day FROM nxt WHERE p.id = nxt.id)"
     )
-    if not to_open:
-        with connection.cursor() as cursor:
-            cursor.execute(sql + " SELECT 0", params)
-        return 0
-    now = timezone.now()
-    params += [
-        [pid for pid, _ in to_open], [d.rule_id for _, d in to_open],
-        [d.rule_version for _, d in to_open], [d.reason[:300] for _, d in to_open],
-        [d.vbq_value for _, d in to_open],
-        [teams.get(pid) or settings.DEFAULT_CARE_TEAM for pid, _ in to_open],
-        [d.due_on for _, d in to_open],
-    ]
-    sql += (
-        ", v(patient_id, rule_id, rule_version, reason, vbq_value, care_team, due_on) AS ("
-        "SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::text[], %s::float8[], "
-        "%s::text[], %s::date[]))"
-    )
-    for name, model, source, exprs, template, tail in (
-        ("ins", Alert, "v", {name: f"v.{name}" for name in (
-            "patient_id", "rule_id", "rule_version", "reason", "vbq_value", "care_team",
-            "due_on")},
-         Alert(status="open", vbq_threshold=settings.VBQ_HIGH_THRESHOLD, opened_at=now),
-         " ON CONFLICT DO NOTHING RETURNING id, patient_id, reason"),
-        ("ev", AlertEvent, "ins", {"alert_id": "ins.id", "note": "ins.reason"},
-         AlertEvent(at=now, action="open", to_status="open"), ""),
-        ("au", AuditEvent, "ins", {"patient_id": "ins.patient_id", "object_id": "ins.id::text"},
-         AuditEvent(at=now, action="create", object_type="Alert", via="task",
-                    detail={"alert_action": "open"}), ""),
-        ("de", AlertDelivery, "ins CROSS JOIN unnest(%s::text[]) AS ch(channel)",
-         {"alert_id": "ins.id", "channel": "ch.channel",
-          "idempotency_key": "'alert-' || ins.id || '-opened-0-' || ch.channel"},
-         AlertDelivery(event="opened", next_attempt_at=now), " ON CONFLICT DO NOTHING"),
-    ):
+
+    def insert_from(name: str, model: Any, source: str, exprs: dict[str, str], template: Any,
+                    tail: str = "", source_params: list[Any] | None = None) -> str:
         columns, values = [], []
         for field in model._meta.concrete_fields:
             if field.primary_key:
@@ -397,13 +386,75 @@ def _write_batch(to_open: list[tuple[Any, Any]], teams: dict[Any, str],
                 values.append("%s")
                 params.append(field.get_db_prep_save(getattr(template, field.attname),
                                                      connection))
-        if name == "de":
-            params.append([str(c) for c in _channels()])
-        sql += (f", {name} AS (INSERT INTO {q(model._meta.db_table)} ({', '.join(columns)}) "  # noqa: S608
+        params.extend(source_params or [])
+        return (f", {name} AS (INSERT INTO {q(model._meta.db_table)} ({', '.join(columns)}) "  # noqa: S608
                 f"SELECT {', '.join(values)} FROM {source}{tail})")
+
+    counts = ["0", "0"]
+    if to_open:
+        params += [
+            [pid for pid, _ in to_open], [d.rule_id for _, d in to_open],
+            [d.rule_version for _, d in to_open], [d.reason[:300] for _, d in to_open],
+            [d.vbq_value for _, d in to_open],
+            [teams.get(pid) or settings.DEFAULT_CARE_TEAM for pid, _ in to_open],
+            [d.due_on for _, d in to_open],
+        ]
+        sql += (
+            ", v(patient_id, rule_id, rule_version, reason, vbq_value, care_team, due_on) AS ("
+            "SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::text[], %s::float8[], "
+            "%s::text[], %s::date[]))"
+        )
+        sql += insert_from(
+            "ins", Alert, "v", {name: f"v.{name}" for name in (
+                "patient_id", "rule_id", "rule_version", "reason", "vbq_value", "care_team",
+                "due_on")},
+            Alert(status="open", vbq_threshold=settings.VBQ_HIGH_THRESHOLD, opened_at=now),
+            " ON CONFLICT DO NOTHING RETURNING id, patient_id, reason")
+        sql += insert_from("ev", AlertEvent, "ins", {"alert_id": "ins.id", "note": "ins.reason"},
+                           AlertEvent(at=now, action="open", to_status="open"))
+        sql += insert_from("au", AuditEvent, "ins",
+                           {"patient_id": "ins.patient_id", "object_id": "ins.id::text"},
+                           AuditEvent(at=now, action="create", object_type="Alert", via="task",
+                                      detail={"alert_action": "open"}))
+        sql += insert_from("de", AlertDelivery, "ins CROSS JOIN unnest(%s::text[]) AS ch(channel)",
+                           {"alert_id": "ins.id", "channel": "ch.channel",
+                            "idempotency_key": "'alert-' || ins.id || '-opened-0-' || ch.channel"},
+                           AlertDelivery(event="opened", next_attempt_at=now),
+                           " ON CONFLICT DO NOTHING", [channels])
+        counts[0] = "(SELECT count(*) FROM ins)"
+    if to_escalate:
+        # Same effect as alerts.alert_escalate for an unacknowledged alert (no fracture).
+        params += [[pid for pid, _ in to_escalate], [d.rule_id for _, d in to_escalate],
+                   [d.reason for _, d in to_escalate], AlertStatus.OPEN.value]
+        sql += (
+            ", e(patient_id, rule_id, reason) AS ("  # noqa: S608
+            "SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[])), "
+            f"esc AS (UPDATE {q(Alert._meta.db_table)} AS a "
+            "SET escalation_level = a.escalation_level + 1 FROM e "
+            "WHERE a.patient_id = e.patient_id AND a.rule_id = e.rule_id AND a.status = %s "
+            "AND a.escalation_level = 0 "
+            "RETURNING a.id, a.patient_id, a.status, a.escalation_level, e.reason)"
+        )
+        sql += insert_from("eve", AlertEvent, "esc",
+                           {"alert_id": "esc.id", "note": "esc.reason",
+                            "from_status": "esc.status", "to_status": "esc.status"},
+                           AlertEvent(at=now, action="escalate"))
+        sql += insert_from("aue", AuditEvent, "esc",
+                           {"patient_id": "esc.patient_id", "object_id": "esc.id::text"},
+                           AuditEvent(at=now, action="update", object_type="Alert", via="task",
+                                      detail={"alert_action": "escalate"}))
+        sql += insert_from("dee", AlertDelivery,
+                           "esc CROSS JOIN unnest(%s::text[]) AS ch(channel)",
+                           {"alert_id": "esc.id", "channel": "ch.channel",
+                            "idempotency_key": "'alert-' || esc.id || '-escalated-' || "
+                                               "esc.escalation_level || '-' || ch.channel"},
+                           AlertDelivery(event="escalated", next_attempt_at=now),
+                           " ON CONFLICT DO NOTHING", [channels])
+        counts[1] = "(SELECT count(*) FROM esc)"
     with connection.cursor() as cursor:
-        cursor.execute(sql + " SELECT count(*) FROM ins", params)  # noqa: S608
-        return int(cursor.fetchone()[0])
+        cursor.execute(f"{sql} SELECT {counts[0]}, {counts[1]}", params)
+        opened, escalated = cursor.fetchone()
+    return int(opened), int(escalated)
 
 
 def _insert_alerts(rows: list[Alert]) -> list[Alert]:

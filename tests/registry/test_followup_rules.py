@@ -142,6 +142,23 @@ def test_next_check_is_when_long_acting_cover_runs_out():
     assert evaluate(patient, day(60), CFG).next_check_on == day(-30) + dt.timedelta(days=365)
 
 
+@pytest.mark.parametrize(
+    ("case", "patient", "today"),
+    [
+        ("high-VBQ alert opened on day 60", facts(), day(60)),
+        ("vbq-missing work item opened on day 14",
+         facts(vbq_all_levels=None, vbq_excluding_fractured=None), day(14)),
+        ("secondary-fracture alert opened",
+         facts(vbq_all_levels=2.5, vbq_excluding_fractured=2.5,
+               fractures=[FractureFact(day(30), "hip")]), day(31)),
+    ],
+)
+def test_an_alert_opened_today_is_checked_again_on_its_escalation_day(case, patient, today):
+    evaluation = evaluate(patient, today, CFG)
+    assert [d.action for d in evaluation.decisions] == ["open"], case
+    assert evaluation.next_check_on == today + dt.timedelta(days=7), case
+
+
 def test_nothing_left_to_check_for_a_normal_vbq_patient():
     patient = facts(vbq_all_levels=2.2, vbq_excluding_fractured=2.2)
     assert evaluate(patient, day(60), CFG).next_check_on is None

@@ -147,6 +147,36 @@ def test_an_alert_opened_by_the_sweep_has_its_history_audit_and_outbox_rows():
         "pending"}
 
 
+def test_an_unacknowledged_alert_escalates_once_at_the_sweep_a_week_later():
+    ignored, acknowledged = high_vbq_patient(70), high_vbq_patient(70)
+    today = clinic_today()
+    assert followup_sweep(today=today).opened == 2
+    ack_alert = Alert.objects.get(patient=acknowledged)
+    from registry.alerts import alert_acknowledge
+    from registry.services import Actor
+
+    alert_acknowledge(alert=ack_alert, actor=Actor(via="api"))
+    assert followup_sweep(today=today + dt.timedelta(days=6)).evaluated == 0  # not due yet
+    with CaptureQueriesContext(connection) as ctx:
+        week = followup_sweep(today=today + dt.timedelta(days=7))
+    assert (week.evaluated, week.escalated) == (2, 1)
+    assert len(_statements(ctx)) == 2
+    alert = Alert.objects.get(patient=ignored)
+    assert (alert.status, alert.escalation_level) == ("open", 1)
+    assert Alert.objects.get(patient=acknowledged).escalation_level == 0
+    event = AlertEvent.objects.get(alert=alert, action="escalate")
+    assert (event.from_status, event.to_status, event.note) == ("open", "open",
+                                                                "not acknowledged within 7 days")
+    assert AuditEvent.objects.filter(object_id=str(alert.pk),
+                                     detail={"alert_action": "escalate"}).count() == 1
+    assert set(AlertDelivery.objects.filter(alert=alert, event="escalated").values_list(
+        "idempotency_key", flat=True)) == {f"alert-{alert.pk}-escalated-1-in-app",
+                                           f"alert-{alert.pk}-escalated-1-email"}
+    later = followup_sweep(today=today + dt.timedelta(days=30))
+    assert later.escalated == 0
+    assert Alert.objects.get(patient=ignored).escalation_level == 1
+
+
 def test_a_batch_write_racing_an_existing_alert_adds_nothing_for_it():
     """An event opened the alert between the claim and the write: the unique index skips the
     duplicate, and no history, audit or outbox row is written for it."""
@@ -158,7 +188,7 @@ def test_a_batch_write_racing_an_existing_alert_adds_nothing_for_it():
 
     decision = Decision(HIGH_VBQ, "open", "race", vbq_value=3.6, due_on=clinic_today())
     nxt = clinic_today() + dt.timedelta(days=9)
-    assert _write_batch([(patient.pk, decision)], {}, {patient.pk: nxt}) == 0
+    assert _write_batch([(patient.pk, decision)], {}, {patient.pk: nxt}) == (0, 0)
     assert Alert.objects.filter(patient=patient).count() == 1
     assert (AlertEvent.objects.count(), AuditEvent.objects.count(),
             AlertDelivery.objects.count()) == counts
