@@ -19,64 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scoring.engine import compute_vbq
-from scoring.engine.phantom import random_phantom
-
-REFUSALS = ({"contrast": "t2"}, "t2-like"), ({"fat_suppressed": True}, "fat-suppressed"), (
-    {"plane": "axial"}, "not-sagittal")
-
-
-def labels_correct(result, truth) -> bool:
-    """Every labelled L1–S1 body lies within half a level spacing of its true centre."""
-    spacing = truth["spacing_rc_mm"]
-    pitch = truth["body_height_mm"]["L3"] * 1.2
-    for level, m in result.levels.items():
-        if level not in truth["centres_px"]:
-            continue
-        _, r, c = truth["centres_px"][level]
-        dr = (m.centroid_pixel[1] - r) * spacing[0]
-        dc = (m.centroid_pixel[2] - c) * spacing[1]
-        if (dr * dr + dc * dc) ** 0.5 > pitch / 2:
-            return False
-    return bool(result.levels)
-
-
-def run(n: int, seed0: int = 0, verbose: bool = False) -> dict:
-    stats = {"n": 0, "labelled": 0, "label_ok": 0, "flagged": 0, "unflagged": 0, "within": 0,
-             "errors": [], "refusals_ok": 0, "refusals": 0, "seconds": 0.0, "bad": []}
-    for i in range(n):
-        seed = seed0 + i
-        phantom = random_phantom(seed)
-        start = time.perf_counter()
-        result = compute_vbq(phantom.datasets, fractured_levels=phantom.truth["fractured"])
-        stats["seconds"] += time.perf_counter() - start
-        truth = phantom.truth
-        stats["n"] += 1
-        if result.levels:
-            stats["labelled"] += 1
-            stats["label_ok"] += labels_correct(result, truth)
-        if result.status != "succeeded":
-            stats["flagged"] += 1
-            if verbose:
-                print(f"  seed {seed}: {result.status} {[f.code for f in result.qc_flags]}")
-            continue
-        stats["unflagged"] += 1
-        err = result.vbq_all_levels / truth["vbq_all_levels"] - 1
-        stats["errors"].append(err)
-        ok = abs(err) <= 0.03 and labels_correct(result, truth)
-        stats["within"] += ok
-        if not ok:
-            stats["bad"].append(seed)
-            if verbose:
-                print(f"  seed {seed}: error {err:+.2%} labels_ok={labels_correct(result, truth)}"
-                      f" {[f.code for f in result.qc_flags]}")
-    for j in range(max(1, n // 20)):
-        for variant, code in REFUSALS:
-            result = compute_vbq(random_phantom(seed0 + 10_000 + j, **variant).datasets)
-            stats["refusals"] += 1
-            stats["refusals_ok"] += result.status == "failed" and code in {
-                f.code for f in result.qc_flags if f.severity == "refusal"}
-    return stats
+from scoring.engine.accuracy import run
 
 
 def main() -> None:

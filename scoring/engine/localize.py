@@ -399,13 +399,17 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
         a, b = merged[i]
         comp = component(i)
         below = comp is not None and np.flatnonzero(comp.any(axis=1))[-1] >= b + 0.6 * body_len
-        nxt = component(i + 1) if i + 1 < len(merged) else None
-        # the next bright run is the sacrum turning posteriorly across the canal line
-        if nxt is not None:
-            na = merged[i + 1][0]
-            cols_n = np.flatnonzero(nxt[na: int(na + 0.5 * body_len) + 1].any(axis=0))
-        tail = nxt is not None and cols_n.size > 0 and cols_n[0] < k_wall - 4
-        if below or tail or b - a + 1 >= 1.6 * body_len:
+        if below or b - a + 1 >= 1.6 * body_len:
+            sacral_i = i
+            break
+    for i in range(5, len(merged) - 1 if sacral_i < 0 else 0):
+        # else: the next bright run is the sacrum turning posteriorly across the canal line
+        nxt = component(i + 1)
+        if nxt is None:
+            continue
+        na = merged[i + 1][0]
+        cols_n = np.flatnonzero(nxt[na: int(na + 0.5 * body_len) + 1].any(axis=0))
+        if cols_n.size > 0 and cols_n[0] < k_wall - 4:
             sacral_i = i
             break
     sacral = sacral_i >= 0
@@ -426,6 +430,7 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
     items: list[tuple[float, float, bool]] = []  # (start, end, inferred)
     a, b = segments[-1]
     segments[-1] = (a, int(min(b, a + body_len * 1.1)))  # S1 body, not the whole sacrum
+    spacing = float(np.median(np.diff([(a + b) / 2 for a, b in segments])))
     for i, (a, b) in enumerate(segments):
         if i and (a + b) / 2 - (segments[i - 1][0] + segments[i - 1][1]) / 2 > 1.55 * spacing:
             pa, pb = segments[i - 1]
