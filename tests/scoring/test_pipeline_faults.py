@@ -28,7 +28,7 @@ import requests
 
 from registry.services import Identifier, feed_create, procedure_record
 from registry.timeutil import clinic_today, start_of_clinic_day
-from scoring.engine import compute_vbq
+from scoring.engine import EngineError, compute_vbq
 from scoring.engine.phantom import make_phantom
 from scoring.models import ImagingStudy, VbqResult
 from scoring.services import LINK_PENDING, SeriesInput, imaging_study_upsert
@@ -162,14 +162,17 @@ def test_orthanc_serving_a_corrupt_instance_fails_the_job_with_the_reason_and_fe
     finally:
         worker.stop()
     result.refresh_from_db()
-    assert (result.status, result.error_code) == ("failed", "unreadable-dicom")
-    assert "pixel data" in result.error_message
+    with pytest.raises(EngineError) as expected:  # the engine's own verdict on these bytes
+        compute_vbq(phantom.datasets)
+    assert (result.status, result.error_code) == ("failed", expected.value.code)
+    assert result.error_message == str(expected.value)
+    assert "pixel data" in result.error_message  # says what is wrong, for the clinic
     assert result.finished_at is not None
     assert result.attempts == 1
     assert orthanc.requests_logged("GET", _series_path(ds)) == 1
     log = worker.log_path.read_text()
     assert len(re.findall(r"Task scoring\.vbq_compute\[[^\]]+\] received", log)) == 1, log
-    assert "retry" not in log.lower(), log[-3000:]
+    assert not re.search(r"vbq_compute\[[^\]]+\] retry", log), log[-3000:]
 
 
 def _bundle(ds, orthanc, index_day: dt.date) -> dict:
