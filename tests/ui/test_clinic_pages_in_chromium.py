@@ -74,7 +74,7 @@ def _shot(page, name):
 
     SHOTS.mkdir(parents=True, exist_ok=True)
     picture = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
-    picture.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(
+    picture.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(
         SHOTS / f"{name}.png", optimize=True)
 
 
