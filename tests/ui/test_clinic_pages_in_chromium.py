@@ -60,6 +60,10 @@ def _login(browser, live_server, username):
     context = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
     context.set_default_timeout(15_000)
     page = context.new_page()
+    # Script errors and Content-Security-Policy violations show up here: none is allowed.
+    page.problems = []
+    page.on("console", lambda m: m.type == "error" and page.problems.append(m.text))
+    page.on("pageerror", lambda e: page.problems.append(str(e)))
     page.goto(f"{live_server.url}/accounts/login/")
     page.fill("#id_username", username)
     page.fill("#id_password", PASSWORD)
@@ -171,6 +175,7 @@ def test_coordinator_works_an_alert_opens_the_patient_uploads_and_downloads_the_
     page.get_by_role("link", name="Printable summary").click()
     page.wait_for_url("**/reports/summary/**")
     expect(page.locator("h1")).to_contain_text("summary", ignore_case=True)
+    assert page.problems == []
     page.context.close()
 
 
@@ -229,6 +234,7 @@ def test_clinician_drags_an_roi_sees_the_vbq_change_and_saves_a_corrected_result
     expect(page.locator("#vbq-state")).to_contain_text("Recomputed")
     placed = float(page.locator("#vbq-all").inner_text())
     assert 0.5 < placed < 10
+    assert page.problems == []
     page.context.close()
 
 
