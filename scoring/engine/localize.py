@@ -80,6 +80,7 @@ class Localisation:
     confidence: float
     flags: list[QcFlag] = field(default_factory=list)
     canal_path_px: list[tuple[float, float]] = field(default_factory=list)  # original (row, col)
+    si_direction_px: tuple[float, float] = (1.0, 0.0)  # superior→inferior, original pixels
 
 
 @dataclass
@@ -552,7 +553,8 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
     path = [fr.to_original(float(y / fr.spacing[0]), float(x / fr.spacing[1]))
             for y, x in zip(py[sl][::5], px[sl][::5], strict=True)]
     return Localisation(mid_slice=mid, bodies=bodies, csf_roi=csf_roi, csf_level=csf_level,
-                        confidence=confidence, flags=flags, canal_path_px=path)
+                        confidence=confidence, flags=flags, canal_path_px=path,
+                        si_direction_px=fr.direction_to_original(1.0, 0.0))
 
 
 def _neighbour(level: str, step: int) -> str | None:

@@ -183,6 +183,7 @@ def make_phantom(
     klass = np.full((rows, cols), FIXED, np.int8)
     lat_map = np.zeros((rows, cols))
     core_masks: dict[str, np.ndarray] = {}
+    body_masks: dict[str, np.ndarray] = {}
     csf_interior: dict[str, np.ndarray] = {}
     conus_y = ys[3] + float(rng.uniform(-0.2, 1.2)) * (ys[4] - ys[3])
     fr_loss: dict[str, float] = {}
@@ -231,6 +232,7 @@ def make_phantom(
         paint(inside, level_marrow[level], BODY, lateral[i])
         paint(vein, tissue["vein"], BODY, lateral[i])
         paint(rim, tissue["cortex"], BODY, lateral[i])
+        body_masks[level] = inside.copy()
         core_masks[level] = interior & (np.abs(u) <= 0.3 * local_h) & (np.abs(v) <= 0.3 * w) & (
             ~vein)
         # canal (thecal sac) and posterior elements behind the body
@@ -308,6 +310,8 @@ def make_phantom(
         "masks": {**{lv: core_masks[lv][:, ::-1] if ap_flip else core_masks[lv]
                      for lv in ("L1", "L2", "L3", "L4")},
                   "csf": csf_interior["L3"][:, ::-1] if ap_flip else csf_interior["L3"]},
+        "body_masks": {lv: body_masks[lv][:, ::-1] if ap_flip else body_masks[lv]
+                       for lv in LEVELS},
     }
     stack = np.stack(volume)
     if ap_flip:
@@ -321,7 +325,7 @@ def _to_dicom(volume: np.ndarray, seed: int, spacing: tuple[float, float], thick
               offsets: np.ndarray, plane: str, contrast: str, fat_suppressed: bool,
               gadolinium: bool, field_t: float, tr: float, te: float,
               ap_flip: bool = False) -> list[Dataset]:
-    study_uid, series_uid = generate_uid(), generate_uid()
+    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
     scale = 4000.0 / max(float(volume.max()), 1.0)
     pixels = np.clip(np.round(volume * scale), 0, 65535).astype(np.uint16)
     rows, cols = pixels.shape[1:]
@@ -347,9 +351,13 @@ def _to_dicom(volume: np.ndarray, seed: int, spacing: tuple[float, float], thick
         ds.SOPClassUID = MRImageStorage
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.FrameOfReferenceUID = frame_uid
         ds.Modality = "MR"
         ds.PatientName = "SYNTHETIC^Phantom"
         ds.PatientID = f"SYN-{seed:06d}"
+        ds.PatientBirthDate, ds.PatientSex = "", "O"
+        ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "SYN", "", ""
+        ds.StudyTime = "000000"
         ds.StudyDescription = "SYNTHETIC MR LUMBAR SPINE"
         ds.SeriesDescription = description
         ds.StudyDate = dt.date(2025, 1, 1).strftime("%Y%m%d")

@@ -14,6 +14,7 @@ VBQ = median(median SI of L1, L2, L3, L4 ROIs) / median SI of the CSF ROI at L3 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from scoring.engine.model import (
     Roi,
     VbqMeasurement,
 )
+from scoring.engine.segimport import rois_from_segmentation
 
 TR_RANGE_MS = (350.0, 900.0)
 TE_RANGE_MS = (6.0, 25.0)
@@ -121,12 +123,18 @@ def compute_vbq(
     *,
     fractured_levels: Iterable[str] = (),
     manual_rois: Mapping[str, Roi] | None = None,
+    segmentation: str | Path | None = None,
+    segmentation_labels: str | Mapping[Any, str] | None = None,
 ) -> VbqMeasurement:
     """Measure VBQ on ``source`` (folder, file paths, or pydicom Datasets).
 
+    Three paths, one result type: ``manual_rois`` (level → ``Roi`` incl. ``"csf"``), an
+    external ``segmentation`` (NIfTI label map with ``segmentation_labels``, or DICOM SEG; the
+    CSF ROI then comes from our localisation), or neither (automatic).
+
     Raises a typed ``EngineError`` for unreadable/empty/non-image/wrong-modality input or
-    invalid ROIs. Protocol problems do not raise: they come back as ``status="failed"`` with
-    ``qc_flags`` of severity ``refusal``.
+    invalid ROIs / segmentation. Protocol problems do not raise: they come back as
+    ``status="failed"`` with ``qc_flags`` of severity ``refusal``.
     """
     series = read_series(source)
     fractured = sorted({lv.strip().upper() for lv in fractured_levels})
@@ -136,10 +144,13 @@ def compute_vbq(
         return VbqMeasurement(series_instance_uid=series.series_instance_uid,
                               acquisition=series.acquisition, fractured_levels=fractured, **kw)
 
+    source = "manual" if manual_rois else "external-seg" if segmentation else "auto"
     if any(f.severity == "refusal" for f in flags):
-        return result(status="failed", source="manual" if manual_rois else "auto",
+        return result(status="failed", source=source,
                       vbq_all_levels=None, vbq_excluding_fractured=None, confidence=0.0,
                       qc_flags=flags)
+    if segmentation and not manual_rois:
+        return _external(series, fractured, flags, result, segmentation, segmentation_labels)
     if not manual_rois:
         return _auto(series, fractured, flags, result)
     rois = {k.strip(): v for k, v in manual_rois.items()}
@@ -168,6 +179,35 @@ def _finish(result: Any, source: str, levels: dict[str, LevelMeasurement],
                                  confidence=round(confidence, 3), qc_flags=flags,
                                  levels=levels, csf=csf)
     return out
+
+
+def _external(series: Series, fractured: list[str], flags: list[QcFlag], result: Any,
+              segmentation: str | Path, labels: str | Mapping[Any, str] | None
+              ) -> VbqMeasurement:
+    """Bodies from an external segmentation, CSF from our localisation."""
+    try:
+        loc = localize(series)
+    except LocalisationError as exc:
+        flags.append(QcFlag("localisation-failed", f"the CSF could not be localised: {exc}. "
+                            "Place the CSF ROI by hand", "warning"))
+        out: VbqMeasurement = result(status="needs_review", source="external-seg",
+                                     vbq_all_levels=None, vbq_excluding_fractured=None,
+                                     confidence=0.0, qc_flags=flags)
+        return out
+    rois = rois_from_segmentation(segmentation, series, loc.mid_slice, loc.si_direction_px,
+                                  labels)
+    confidence = 1.0
+    for flag in loc.flags:
+        if flag.code in ("csf-unclear", "csf-not-at-l3"):
+            flags.append(flag)
+            confidence -= 0.3 if flag.code == "csf-unclear" else 0.1
+    missing = [lv for lv in VBQ_LEVELS if lv not in rois]
+    if missing:
+        flags.append(QcFlag("missing-levels", f"the segmentation has no {', '.join(missing)}"))
+        confidence -= 0.4
+    levels = {lv: measure_roi(series, lv, roi, lv in fractured) for lv, roi in rois.items()}
+    csf = measure_roi(series, "csf", loc.csf_roi)
+    return _finish(result, "external-seg", levels, csf, fractured, flags, max(0.0, confidence))
 
 
 def _auto(series: Series, fractured: list[str], flags: list[QcFlag], result: Any
