@@ -1,4 +1,7 @@
-"""CLI: ``python -m scoring.engine PATH [--fractured L2] [--rois rois.json] [--json]``."""
+"""CLI: ``python -m scoring.engine PATH [--fractured L2] [--rois rois.json] [--seg FILE
+[--seg-labels totalsegmentator|spineps|table.json]] [--png out.png] [--json]``.
+
+Exit codes: 0 measured (succeeded or needs_review), 1 refused by protocol QC, 2 input error."""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import json
 import sys
 
 from scoring.engine import EngineError, Roi, compute_vbq
+from scoring.engine.dicom_io import read_series
+from scoring.engine.render import render_png
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +22,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="a fractured level to exclude (repeatable), e.g. L2")
     parser.add_argument("--rois", help="JSON file: {level: {slice_index, row, col, "
                         "half_height, half_width}} including 'csf'")
+    parser.add_argument("--seg", help="external segmentation: NIfTI label map or DICOM SEG")
+    parser.add_argument("--seg-labels", default=None,
+                        help="label table of a NIfTI map: totalsegmentator (default), spineps, "
+                        "or a JSON file {id: level}")
+    parser.add_argument("--png", help="write the slice with ROIs, labels and VBQ to this PNG")
     parser.add_argument("--json", action="store_true", help="print the JSON contract")
     args = parser.parse_args(argv)
     rois = None
@@ -24,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.rois, encoding="utf-8") as handle:
             rois = {k: Roi(**v) for k, v in json.load(handle).items()}
     try:
-        result = compute_vbq(args.path, fractured_levels=args.fractured, manual_rois=rois)
+        series = read_series(args.path)
+        result = compute_vbq(series.datasets, fractured_levels=args.fractured,
+                             manual_rois=rois, segmentation=args.seg,
+                             segmentation_labels=args.seg_labels)
+        if args.png:
+            render_png(series, result, args.png)
     except EngineError as exc:
         print(f"error [{exc.code}]: {exc}", file=sys.stderr)
         return 2

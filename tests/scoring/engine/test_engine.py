@@ -149,3 +149,31 @@ def test_phantoms_are_labelled_synthetic():
     assert "SYNTHETIC" in str(ds.PatientName)
     assert str(ds.PatientID).startswith("SYN-")
     assert np.isfinite(make_phantom(21).truth["vbq_all_levels"])
+
+
+def test_cli_writes_the_overlay_png_and_the_json_of_an_automatic_measurement(tmp_path, capsys):
+    from PIL import Image
+
+    phantom = make_phantom(22, fractured=())
+    phantom.write(tmp_path / "series")
+    png = tmp_path / "vbq.png"
+    assert cli([str(tmp_path / "series"), "--png", str(png), "--json", "--fractured", "L2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["source"] == "auto"
+    assert out["fractured_levels"] == ["L2"]
+    for key in ("status", "qc_flags", "confidence", "algorithm_version", "series_instance_uid",
+                "vbq_all_levels", "vbq_excluding_fractured"):
+        assert key in out
+    for level in ("L1", "L2", "L3", "L4", "L5", "S1"):
+        assert set(out["levels"][level]) >= {"median_si", "pixel_count", "centroid_pixel",
+                                              "centroid_lps_mm"}
+    assert len(out["csf"]["centroid_lps_mm"]) == 3
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+        assert image.size[1] >= 512
+
+
+def test_cli_reports_an_unreadable_input_as_an_error_code(tmp_path, capsys):
+    (tmp_path / "x.dcm").write_bytes(b"garbage")
+    assert cli([str(tmp_path)]) == 2
+    assert "unreadable-dicom" in capsys.readouterr().err
