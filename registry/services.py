@@ -102,7 +102,11 @@ def deferred_side_effects() -> Iterator[None]:
     finally:
         _deferred.current = None
     if pending.audits:
-        AuditEvent.objects.bulk_create(pending.audits)
+        from registry.services_bulk import insert_rows
+
+        insert_rows(AuditEvent, [{f.attname: getattr(a, f.attname) for f in
+                                  AuditEvent._meta.concrete_fields if not f.primary_key}
+                                 for a in pending.audits])
     if pending.followup_patient_ids:
         _followup_changed_now(pending.followup_patient_ids)
 

@@ -5,11 +5,12 @@ Same validation as the single-record services (``patient_check``, ``procedure_va
 the same rows, audit events and follow-up re-evaluations, but a constant number of queries per
 call instead of several per record:
 
-- patients: one locked SELECT of the known identifiers, one INSERT of the new patients, one
-  UPDATE of the known ones, one INSERT of the new identifiers;
-- procedures, fractures, therapy: one ``INSERT ... ON CONFLICT (identifier) DO UPDATE ...
-  RETURNING`` per model on PostgreSQL (a concurrent sender's row is updated, not duplicated);
-  other databases fall back to the single-record upsert per row;
+- patients: one locked SELECT of the known identifiers, one upsert of the new and changed
+  patients (unchanged ones are not rewritten), one INSERT of the new identifiers;
+- procedures, fractures, therapy: one ``INSERT ... SELECT FROM json_populate_recordset(...)
+  ON CONFLICT (identifier) DO UPDATE ... RETURNING`` per model on PostgreSQL (a concurrent
+  sender's row is updated, not duplicated); other databases fall back to the single-record
+  upsert per row;
 - audit rows and follow-up re-evaluation (once per patient) through ``deferred_side_effects``.
 
 Items are dicts of the single service's keyword arguments (without ``actor``). An item that fails
@@ -19,10 +20,14 @@ before anything is written. Call inside the caller's transaction.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import uuid
 from collections.abc import Callable, Sequence
+from decimal import Decimal
 from typing import Any
 
-from django.db import IntegrityError, connection, models, transaction
+from django.db import IntegrityError, connection, models
 from django.utils import timezone
 
 from registry.models import (
@@ -88,8 +93,8 @@ def upsert_returning(
     if connection.vendor == "postgresql":
         results: list[tuple[Any, bool]] = []
         for start in range(0, len(unique), CHUNK):
-            results += _pg_upsert(model, unique[start:start + CHUNK], conflict, update,
-                                  conflict_where)
+            results += _pg_write(model, unique[start:start + CHUNK], conflict, update,
+                                 conflict_where)
     else:
         results = [_orm_upsert(model, row, conflict) for row in unique]
     out, used = [], set()
@@ -100,42 +105,69 @@ def upsert_returning(
     return out
 
 
-def _pg_upsert(model: type[models.Model], rows: Sequence[dict[str, Any]],
-               conflict: Sequence[str], update: Sequence[str], where: str
-               ) -> list[tuple[Any, bool]]:
-    """One ``INSERT ... SELECT FROM unnest(<one array per column>) ON CONFLICT DO UPDATE``:
-    a handful of parameters whatever the number of rows. ``xmax = 0`` marks inserted rows."""
+def insert_rows(model: type[models.Model], rows: Sequence[dict[str, Any]]) -> None:
+    """Plain INSERT of many rows (dicts of field name → value) in one statement."""
+    if not rows:
+        return
+    if connection.vendor != "postgresql":
+        model._default_manager.bulk_create([model(**row) for row in rows])
+        return
+    for start in range(0, len(rows), CHUNK):
+        _pg_write(model, rows[start:start + CHUNK], (), (), "")
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID | Decimal):
+        return str(value)
+    raise TypeError(f"cannot send {type(value).__name__} to PostgreSQL as JSON")
+
+
+def _pg_write(model: type[models.Model], rows: Sequence[dict[str, Any]],
+              conflict: Sequence[str], update: Sequence[str], where: str
+              ) -> list[tuple[Any, bool]]:
+    """One ``INSERT ... SELECT FROM json_populate_recordset(<the rows as one JSON document>)
+    [ON CONFLICT DO UPDATE]``: PostgreSQL converts each value to its column's type, and the
+    statement has one parameter whatever the number of rows. ``xmax = 0`` marks the rows that
+    were inserted rather than updated."""
     meta = model._meta
     qn = connection.ops.quote_name
     now = timezone.now()
     fields = [f for f in meta.concrete_fields
               if not (f.primary_key and f.name not in rows[0] and f.attname not in rows[0])]
-    columns: list[list[Any]] = [[] for _ in fields]
+    getters = []
+    for f in fields:
+        name = f.name if f.name in rows[0] else f.attname
+        if getattr(f, "auto_now", False) or getattr(f, "auto_now_add", False):
+            getters.append((f.column, None, now))
+        elif name not in rows[0]:
+            getters.append((f.column, None, f.get_default()))
+        else:
+            getters.append((f.column, name, None))
+    records = []
     for row in rows:
-        for f, column in zip(fields, columns, strict=True):
-            if getattr(f, "auto_now", False) or getattr(f, "auto_now_add", False):
-                value = now
-            elif f.name in row or f.attname in row:
-                value = row[f.name] if f.name in row else row[f.attname]
-                if isinstance(value, models.Model):
-                    value = value.pk
-            else:
-                value = f.get_default()
-            column.append(f.get_db_prep_save(value, connection))
-    arrays = ", ".join(f"%s::{f.db_type(connection)}[]" for f in fields)
-    sets = [meta.get_field(n).column for n in update] + [
-        f.column for f in fields if getattr(f, "auto_now", False)]
-    # Table, column and type names come from the model's metadata; every value is a parameter.
-    sql = (
-        f"INSERT INTO {qn(meta.db_table)} ({', '.join(qn(f.column) for f in fields)}) "  # noqa: S608
-        f"SELECT * FROM unnest({arrays}) "
-        f"ON CONFLICT ({', '.join(qn(meta.get_field(c).column) for c in conflict)}) "
-        f"{'WHERE ' + where if where else ''} "
-        f"DO UPDATE SET {', '.join(f'{qn(c)} = EXCLUDED.{qn(c)}' for c in sets)} "
-        f"RETURNING {qn(meta.pk.column)}, (xmax = 0)"
+        record = {}
+        for column, name, constant in getters:
+            value = constant if name is None else row[name]
+            record[column] = value.pk if isinstance(value, models.Model) else value
+        records.append(record)
+    columns = ", ".join(qn(f.column) for f in fields)
+    sql = (  # names from the model's metadata; the rows are the one parameter
+        f"INSERT INTO {qn(meta.db_table)} ({columns}) "  # noqa: S608
+        f"SELECT {columns} FROM json_populate_recordset(NULL::{qn(meta.db_table)}, %s::json) "
     )
+    if conflict:
+        sets = [meta.get_field(n).column for n in update] + [
+            f.column for f in fields if getattr(f, "auto_now", False)]
+        sql += (
+            f"ON CONFLICT ({', '.join(qn(meta.get_field(c).column) for c in conflict)}) "
+            f"{'WHERE ' + where if where else ''} "
+            f"DO UPDATE SET {', '.join(f'{qn(c)} = EXCLUDED.{qn(c)}' for c in sets)} "
+        )
+    sql += f"RETURNING {qn(meta.pk.column)}, (xmax = 0)"
     with connection.cursor() as cursor:
-        cursor.execute(sql, columns)
+        cursor.execute(sql, [json.dumps(records, default=_json_value)])
         return [(pk, bool(inserted)) for pk, inserted in cursor.fetchall()]
 
 
@@ -159,8 +191,6 @@ def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTE
                         ) -> list[tuple[Patient, bool]]:
     """``patient_upsert`` for many patients: ``(patient, created)`` per item, in order. Two
     items sharing an identifier are the same patient (the later values win)."""
-    from decimal import Decimal
-
     for n, item in enumerate(items):
         try:
             patient_check(identifiers=item["identifiers"], sex=item.get("sex", "unknown"),
@@ -177,7 +207,7 @@ def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTE
                 owner_of[(known.system, known.value)] = known.patient
     new: dict[Any, Patient] = {}
     changed: dict[Any, Patient] = {}
-    new_identifiers: list[PatientIdentifier] = []
+    new_identifiers: list[dict[str, Any]] = []
     results: list[tuple[Patient, bool]] = []
     for n, item in enumerate(items):
         item_keys = [(i.system, i.value) for i in item["identifiers"]]
@@ -212,18 +242,17 @@ def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTE
         for ident, key in zip(item["identifiers"], item_keys, strict=True):
             if key not in owner_of:
                 owner_of[key] = patient
-                new_identifiers.append(PatientIdentifier(
-                    patient=patient, system=ident.system, value=ident.value, use=ident.use,
-                    type_code=ident.type_code))
+                new_identifiers.append({
+                    "patient": patient, "system": ident.system, "value": ident.value,
+                    "use": ident.use, "type_code": ident.type_code})
         results.append((patient, created))
     # New and changed patients in one statement (unchanged ones are not rewritten).
     upsert_returning(Patient, [{f.attname: getattr(p, f.attname) for f in Patient._meta.
                                 concrete_fields} for p in [*new.values(), *changed.values()]],
                      conflict=["id"], update=PATIENT_FIELDS)
     if new_identifiers:
-        try:
-            with transaction.atomic():
-                PatientIdentifier.objects.bulk_create(new_identifiers)
+        try:  # no savepoint: on a conflict the caller retries the whole transaction
+            insert_rows(PatientIdentifier, new_identifiers)
         except IntegrityError as exc:  # a concurrent writer attached one first
             raise ConcurrentWriteError(
                 "identifier was claimed concurrently; retry the transaction") from exc

@@ -39,7 +39,7 @@ from registry.services_bulk import (
     procedure_record_many,
     therapy_record_many,
 )
-from registry.timeutil import start_of_clinic_day
+from registry.timeutil import clinic_date, clinic_today, start_of_clinic_day
 
 LEVEL_RE = re.compile(r"\b([CTL][1-9][0-2]?|S1)\b")
 
@@ -562,6 +562,14 @@ def map_imaging_study(resource: Any, ctx: Context) -> MapResult:
         for s in resource.series or []
     ]
     started = _moment(resource.started, "ImagingStudy.started") if resource.started else None
+    if started is not None:
+        day = clinic_date(started)
+        if day > clinic_today():
+            raise FhirError.single(422, "business-rule", "ImagingStudy.started is in the future",
+                                   "ImagingStudy.started")
+        if patient.birth_date and day < patient.birth_date:
+            raise FhirError.single(422, "business-rule", "ImagingStudy.started is before the "
+                                   "patient's birth date", "ImagingStudy.started")
     return _write(ctx, "ImagingStudy", "imaging", {
         "study_instance_uid": uid, "patient": patient, "source": "fhir", "started_at": started,
         "modality": ",".join(modalities), "description": str(resource.description or ""),

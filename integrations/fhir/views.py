@@ -129,8 +129,12 @@ def _guarded(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse
         except FhirError as exc:
             _finish(message, exc.status, {"error": str(exc)[:500]})
             return _outcome(exc)
-        except Exception as exc:  # a bug: still record it (and make the raw body durable)
-            _finish(message, 500, {"error": type(exc).__name__})
+        except Exception as exc:  # a bug or the database gone: record it if we still can
+            try:
+                _finish(message, 500, {"error": type(exc).__name__})
+            except Exception:  # the original exception is the one to raise
+                logger.warning("inbound message %s outcome not recorded",
+                               message.pk if message else None)
             raise
 
     return csrf_exempt(login_not_required(view))

@@ -1,0 +1,159 @@
+"""Transaction bundles go through the bulk write path: the HL7 example shapes, repeated
+identifiers inside one bundle, held references, audit rows and follow-up marks (PostgreSQL)."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from integrations.models import HeldResource
+from registry.models import (
+    AuditEvent,
+    Fracture,
+    Patient,
+    PatientIdentifier,
+    Procedure,
+    TherapyExposure,
+)
+from registry.services import feed_create
+from registry.timeutil import clinic_today
+from scoring.models import ImagingSeries, ImagingStudy
+
+pytestmark = pytest.mark.django_db
+FIXTURES = Path(__file__).parent / "fixtures"
+FHIR = "application/fhir+json"
+
+
+def _hl7():
+    return json.loads((FIXTURES / "transaction-hl7-example-shapes.json").read_text())
+
+
+@pytest.fixture
+def token(db):
+    return feed_create(name="bulk-ehr")[1]
+
+
+def post(client, token, body):
+    return client.post("/fhir", data=json.dumps(body), content_type=FHIR,
+                       HTTP_AUTHORIZATION=f"Bearer {token}")
+
+
+def _statuses(response):
+    return [e["response"]["status"] for e in response.json()["entry"]]
+
+
+def test_the_hl7_example_shapes_become_registry_rows_and_the_other_examples_are_ignored(
+    client, token
+):
+    response = post(client, token, _hl7())
+    assert response.status_code == 200, response.json()
+    # Patient, vertebroplasty, appendectomy (ignored), fracture, burn (ignored), order, MRI
+    assert _statuses(response) == ["201 Created", "201 Created", "200 OK", "201 Created",
+                                   "200 OK", "201 Created", "201 Created"]
+    ignored = response.json()["entry"][2]["response"]["outcome"]["issue"][0]
+    assert ignored["severity"] == "information"
+    patient = PatientIdentifier.objects.get(value="SYN-HL7-0001").patient
+    assert (patient.birth_date.isoformat(), patient.sex) == ("1944-12-25", "female")
+    assert sorted(patient.identifiers.values_list("value", flat=True)) == [
+        "SYN-738472983", "SYN-HL7-0001", "syn-hl7-pat"]
+    procedure = Procedure.objects.get(patient=patient)
+    assert (procedure.kind, procedure.levels, procedure.code) == (
+        "vertebroplasty", ["L2"], "392010000")
+    fracture = Fracture.objects.get(patient=patient)
+    assert (fracture.site, fracture.vertebral_level) == ("vertebral", "L2")
+    therapy = TherapyExposure.objects.get(patient=patient)
+    assert (therapy.agent, therapy.route, therapy.kind, therapy.rxnorm_code) == (
+        "alendronate", "oral", "order", "46041")
+    assert therapy.start_on.isoformat() == "2024-04-02"  # the dosage's boundsPeriod.start
+    study = ImagingStudy.objects.get(patient=patient)
+    assert study.study_instance_uid == "2.25.318927364530917365214011"
+    assert study.endpoint_url == "http://127.0.0.1:8042/dicom-web"
+    assert sorted(study.series.values_list("description", "body_part")) == [
+        ("AX T2", "Lumbar spine"), ("SAG T1", "Lumbar spine")]
+    locations = [e["response"].get("location") for e in response.json()["entry"]]
+    assert locations[1] == f"Procedure/{procedure.pk}"
+    assert locations[6] == f"ImagingStudy/{study.pk}"
+
+
+def test_replaying_the_hl7_bundle_three_times_updates_the_same_rows(client, token):
+    for attempt in range(3):
+        response = post(client, token, _hl7())
+        assert response.status_code == 200, response.json()
+        if attempt:
+            assert set(_statuses(response)) == {"200 OK"}
+    assert Patient.objects.count() == 1
+    assert PatientIdentifier.objects.count() == 3
+    assert (Procedure.objects.count(), Fracture.objects.count(),
+            TherapyExposure.objects.count(), ImagingStudy.objects.count(),
+            ImagingSeries.objects.count()) == (1, 1, 1, 1, 2)
+
+
+def test_every_written_resource_has_an_audit_row_and_its_patient_is_due_for_follow_up(
+    client, token
+):
+    post(client, token, _hl7())
+    patient = PatientIdentifier.objects.get(value="SYN-HL7-0001").patient
+    created = AuditEvent.objects.filter(patient=patient, action="create", via="fhir")
+    assert sorted(created.values_list("object_type", flat=True)) == [
+        "Fracture", "ImagingStudy", "Patient", "Procedure", "TherapyExposure"]
+    assert Patient.objects.get(pk=patient.pk).followup_next_check_on == clinic_today()
+    post(client, token, _hl7())
+    assert AuditEvent.objects.filter(patient=patient, action="update").count() == 5
+
+
+def test_the_same_identifier_twice_in_one_bundle_is_one_row_with_the_later_values(
+    client, token
+):
+    bundle = _hl7()
+    later = copy.deepcopy(bundle["entry"][1])
+    later["resource"]["bodySite"] = [{"text": "L3"}]
+    later["resource"]["code"]["text"] = "Vertebroplasty L3"
+    bundle["entry"].append(later)
+    response = post(client, token, bundle)
+    assert response.status_code == 200, response.json()
+    statuses = _statuses(response)
+    assert (statuses[1], statuses[-1]) == ("201 Created", "200 OK")
+    assert Procedure.objects.get().levels == ["L3"]
+
+
+def test_a_transaction_entry_naming_an_unknown_patient_is_held_then_applied(client, token):
+    bundle = _hl7()
+    order = copy.deepcopy(bundle["entry"][5])
+    order["resource"]["identifier"][0]["value"] = "SYN-HL7-RX-LATER"
+    order["resource"]["subject"] = {"reference": "Patient/syn-hl7-later"}
+    held = {"resourceType": "Bundle", "type": "transaction", "entry": [order]}
+    response = post(client, token, held)
+    assert _statuses(response) == ["202 Accepted"]
+    assert HeldResource.objects.filter(applied_at__isnull=True).count() == 1
+    patient = copy.deepcopy(bundle["entry"][0])
+    patient["resource"].update(id="syn-hl7-later", identifier=[{
+        "system": "https://vbq-registry.example.org/fhir/sid/synthetic-mrn",
+        "value": "SYN-HL7-0002"}])
+    assert post(client, token, {"resourceType": "Bundle", "type": "transaction",
+                                "entry": [patient]}).status_code == 200
+    therapy = TherapyExposure.objects.get(identifier_value="SYN-HL7-RX-LATER")
+    assert therapy.patient == PatientIdentifier.objects.get(value="SYN-HL7-0002").patient
+    assert HeldResource.objects.get().applied_at is not None
+
+
+@pytest.mark.parametrize(
+    ("entry", "mutate", "status"),
+    [
+        (5, lambda r: r.update(authoredOn="1930-01-01") or r["dosageInstruction"][0].pop(
+            "timing"), 422),  # therapy before birth: found while writing the therapy group
+        (6, lambda r: r.update(started="2999-01-01T10:00:00Z"), 422),  # study in the future
+        (3, lambda r: r.update(onsetDateTime="2024-01-20T10:00:00"), 400),  # no time zone
+    ],
+)
+def test_a_bad_entry_found_in_the_bulk_write_names_its_index_and_writes_nothing(
+    client, token, entry, mutate, status
+):
+    bundle = _hl7()
+    mutate(bundle["entry"][entry]["resource"])
+    response = post(client, token, bundle)
+    body = response.json()
+    assert response.status_code == status, body
+    assert body["issue"][0]["expression"][0].startswith(f"Bundle.entry[{entry}]")
+    assert Patient.objects.count() == 0
+    assert AuditEvent.objects.filter(via="fhir").count() == 0
