@@ -143,7 +143,7 @@ def read_series(source: Any) -> Series:
                                        f"({type(exc).__name__}: {str(exc)[:120]})") from exc
         slope = _float(ds, "RescaleSlope") or 1.0
         intercept = _float(ds, "RescaleIntercept") or 0.0
-        arrays.append(arr * slope + intercept)
+        arrays.append(arr * slope + intercept if (slope, intercept) != (1.0, 0.0) else arr)
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise InconsistentSeriesError(f"the images differ in size: {sorted(shapes)}")

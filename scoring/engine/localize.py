@@ -287,15 +287,16 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
     ks = np.arange(-30.0, 91.0, 1.0)
     k0 = 30  # index of k = 0
 
+    cy_grid = (py[:, None] + ks[None, :] * ny[:, None]) / fr.spacing[0]
+    cx_grid = (px[:, None] + ks[None, :] * nx[:, None]) / fr.spacing[1]
+    inside_grid = ((cy_grid >= 0) & (cy_grid <= fr.shape[0] - 1) & (cx_grid >= 0)
+                   & (cx_grid <= fr.shape[1] - 1))
+
     def straighten(image: np.ndarray, sigma_mm: float = 0.8) -> np.ndarray:
-        smooth = ndimage.gaussian_filter(image, (sigma_mm / fr.spacing[0],
-                                                 sigma_mm / fr.spacing[1]))
-        cy = (py[:, None] + ks[None, :] * ny[:, None]) / fr.spacing[0]
-        cx = (px[:, None] + ks[None, :] * nx[:, None]) / fr.spacing[1]
-        out = ndimage.map_coordinates(smooth, [cy, cx], order=1, mode="constant",
-                                      cval=np.nan)
-        inside = (cy >= 0) & (cy <= image.shape[0] - 1) & (cx >= 0) & (cx <= image.shape[1] - 1)
-        return np.where(inside, out, np.nan)
+        """Sample along the path (1 mm grid), then smooth there (cheaper than the image)."""
+        out = ndimage.map_coordinates(image, [cy_grid, cx_grid], order=1, mode="nearest")
+        out = ndimage.gaussian_filter(out, sigma_mm / GRID_MM)
+        return np.where(inside_grid, out, np.nan)
 
     # 3. mid-sagittal slice: where the canal interior is darkest against the bodies. The
     # interior (CSF, not the cortex lining it) comes from the central slices' AP profile.

@@ -78,7 +78,16 @@ def protocol_qc(series: Series) -> list[QcFlag]:
 
 
 def roi_mask(shape: tuple[int, int], roi: Roi) -> np.ndarray:
-    rr, cc = np.ogrid[: shape[0], : shape[1]]
+    """Boolean mask of the ROI (computed inside its bounding box only)."""
+    mask = np.zeros(shape, bool)
+    reach = float(np.hypot(roi.half_height, roi.half_width)) + 1.0
+    if not (np.isfinite(reach) and np.isfinite(roi.row) and np.isfinite(roi.col)):
+        return mask
+    r0, r1 = max(0, int(roi.row - reach)), min(shape[0], int(roi.row + reach) + 2)
+    c0, c1 = max(0, int(roi.col - reach)), min(shape[1], int(roi.col + reach) + 2)
+    if r0 >= r1 or c0 >= c1:
+        return mask
+    rr, cc = np.ogrid[r0:r1, c0:c1]
     dr, dc = rr - roi.row, cc - roi.col
     if roi.angle_deg:
         a = np.radians(roi.angle_deg)
@@ -87,8 +96,11 @@ def roi_mask(shape: tuple[int, int], roi: Roi) -> np.ndarray:
     else:
         u, v = dr, dc
     if roi.shape == "box":
-        return (np.abs(u) <= roi.half_height) & (np.abs(v) <= roi.half_width)
-    return (u / max(roi.half_height, 0.5)) ** 2 + (v / max(roi.half_width, 0.5)) ** 2 <= 1.0
+        inside = (np.abs(u) <= roi.half_height) & (np.abs(v) <= roi.half_width)
+    else:
+        inside = (u / max(roi.half_height, 0.5)) ** 2 + (v / max(roi.half_width, 0.5)) ** 2 <= 1.0
+    mask[r0:r1, c0:c1] = inside
+    return mask
 
 
 def measure_roi(series: Series, level: str, roi: Roi, fractured: bool = False
