@@ -43,6 +43,8 @@ def main() -> None:
     print(f"flagged needs_review: {flagged:.1%} (target <= 5 %)")
     print(f"refused with the right reason (T2 / fat-sat / axial): {s['refusals_ok']}/"
           f"{s['refusals']}")
+    print(f"height-loss fracture suggestion: {s['fractures_found']}/{s['fractures']} wedge "
+          f"fractures found; {s['intact_flagged']}/{s['intact']} intact L1-L4 bodies flagged")
     if s["bad"]:
         print(f"outside 3 % (seeds): {s['bad'][:30]}")
     print(f"ratio={within:.4f} within-3% of non-flagged; labels={label_acc:.4f} "

@@ -31,7 +31,8 @@ def labels_correct(result: Any, truth: dict) -> bool:
 def run(n: int, seed0: int = 0, verbose: bool = False) -> dict[str, Any]:
     stats: dict[str, Any] = {
         "n": 0, "labelled": 0, "label_ok": 0, "flagged": 0, "unflagged": 0, "within": 0,
-        "errors": [], "refusals_ok": 0, "refusals": 0, "seconds": 0.0, "bad": []}
+        "errors": [], "refusals_ok": 0, "refusals": 0, "seconds": 0.0, "bad": [],
+        "fractures": 0, "fractures_found": 0, "intact": 0, "intact_flagged": 0}
     for i in range(n):
         seed = seed0 + i
         phantom = random_phantom(seed)
@@ -40,6 +41,15 @@ def run(n: int, seed0: int = 0, verbose: bool = False) -> dict[str, Any]:
         stats["seconds"] += time.perf_counter() - start
         truth = phantom.truth
         stats["n"] += 1
+        for level in ("L1", "L2", "L3", "L4"):
+            if level in result.levels:
+                suggested = result.levels[level].suggested_fractured
+                if level in truth["fractured"]:
+                    stats["fractures"] += 1
+                    stats["fractures_found"] += suggested
+                else:
+                    stats["intact"] += 1
+                    stats["intact_flagged"] += suggested
         if result.levels:
             stats["labelled"] += 1
             stats["label_ok"] += labels_correct(result, truth)

@@ -105,6 +105,10 @@ def read_series(source: Any) -> Series:
     if not datasets:
         raise EmptySeriesError("the series contains no DICOM files")
     modalities = {str(ds.get("Modality", "")) for ds in datasets}
+    if "" in modalities:
+        missing = sum(1 for ds in datasets if not str(ds.get("Modality", "")))
+        raise UnreadableDicomError(f"{missing} file(s) carry no modality: truncated, or not "
+                                   "DICOM images")
     if modalities != {"MR"}:
         raise WrongModalityError(f"VBQ needs an MR series; this one is {sorted(modalities)}")
     uids = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}

@@ -497,7 +497,7 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
         hs: list[float] = []
         if level_si > disc_level * 1.08:
             cut = (level_si + disc_level) / 2
-            for f in (0.2, 0.5, 0.85):
+            for f in (0.25, 0.5, 0.75):
                 col = detect[:, k_wall + round(f * dep)]
                 col = ndimage.uniform_filter1d(np.nan_to_num(col, nan=0.0), 3)
                 run_len = _run_around(col, tc, cut, int(0.9 * spacing))

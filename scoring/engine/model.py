@@ -36,6 +36,10 @@ class InconsistentSeriesError(EngineError):
     code = "inconsistent-series"
 
 
+class TooFewSlicesError(EngineError):
+    code = "too-few-slices"
+
+
 @dataclass(frozen=True)
 class Roi:
     """An ellipse or box in pixel coordinates of one slice.

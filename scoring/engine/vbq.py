@@ -27,6 +27,7 @@ from scoring.engine.model import (
     LevelMeasurement,
     QcFlag,
     Roi,
+    TooFewSlicesError,
     VbqMeasurement,
 )
 from scoring.engine.segimport import rois_from_segmentation
@@ -149,6 +150,10 @@ def compute_vbq(
     ``status="failed"`` with ``qc_flags`` of severity ``refusal``.
     """
     series = read_series(source)
+    if series.pixels.shape[0] < MIN_SLICES:
+        raise TooFewSlicesError(f"the series has {series.pixels.shape[0]} image(s); VBQ needs a "
+                                f"sagittal series of at least {MIN_SLICES} slices to find the "
+                                "mid-sagittal slice")
     fractured = sorted({lv.strip().upper() for lv in fractured_levels})
     flags = protocol_qc(series)
 

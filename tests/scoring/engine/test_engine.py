@@ -8,7 +8,9 @@ import pytest
 from scoring.engine import (
     EmptySeriesError,
     EngineError,
+    NotAnImageError,
     Roi,
+    TooFewSlicesError,
     UnreadableDicomError,
     VbqMeasurement,
     WrongModalityError,
@@ -83,9 +85,27 @@ def test_wrong_protocols_are_refused_with_the_reason(variant, code):
     assert code in {f.code for f in result.qc_flags if f.severity == "refusal"}
 
 
-def test_a_single_slice_is_refused():
-    result = compute_vbq(make_phantom(15, slices=1).datasets)
-    assert "too-few-slices" in {f.code for f in result.qc_flags}
+def test_a_single_slice_raises_a_typed_error_a_clinician_can_read():
+    with pytest.raises(TooFewSlicesError, match="at least 3 slices") as err:
+        compute_vbq(make_phantom(15, slices=1).datasets)
+    assert err.value.code == "too-few-slices"
+
+
+def test_a_dicom_without_pixels_raises_a_typed_error():
+    datasets = make_phantom(15, slices=3).datasets
+    for ds in datasets:
+        del ds.PixelData
+    with pytest.raises(NotAnImageError, match="no image pixels"):
+        compute_vbq(datasets)
+
+
+def test_a_truncated_file_on_disk_raises_a_typed_error(tmp_path):
+    paths = make_phantom(16, slices=4).write(tmp_path)
+    paths[1].write_bytes(paths[1].read_bytes()[:300])
+    with pytest.raises(EngineError) as err:
+        compute_vbq(tmp_path)
+    assert err.value.code in ("unreadable-dicom", "inconsistent-series", "not-an-image")
+    assert str(err.value)
 
 
 def test_corrupt_and_non_dicom_files_raise_a_typed_error(tmp_path):
