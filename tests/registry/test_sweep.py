@@ -286,6 +286,39 @@ def test_worker_resolves_the_alert_within_seconds_of_a_therapy_order(celery_work
 
 
 @pytest.mark.slow
+def test_a_medication_request_posted_to_fhir_resolves_the_alert_through_the_worker(
+    client, celery_worker_process
+):
+    """End to end: the EHR posts the order to /fhir; the commit queues the re-evaluation and the
+    real worker resolves the alert (nothing here calls the rules directly)."""
+    import copy
+    import json
+    from pathlib import Path
+
+    from registry.services import feed_create
+
+    patient = high_vbq_patient(70, mrn="SYN-ALERT-W1")
+    followup_sweep()
+    assert Alert.objects.get(patient=patient).status == "open"
+    token = feed_create(name="test-ehr-worker")[1]
+    fixtures = Path(__file__).resolve().parents[1] / "integrations" / "fhir" / "fixtures"
+    bundle = json.loads((fixtures / "transaction-vertebroplasty.json").read_text())
+    order = copy.deepcopy(next(e["resource"] for e in bundle["entry"]
+                               if e["resource"]["resourceType"] == "MedicationRequest"))
+    order["subject"] = {"identifier": {
+        "system": "https://vbq-registry.example.org/fhir/sid/synthetic-mrn",
+        "value": "SYN-ALERT-W1"}}
+    order["authoredOn"] = clinic_today().isoformat()
+    response = client.post("/fhir/MedicationRequest", data=json.dumps(order),
+                           content_type="application/fhir+json",
+                           HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert response.status_code == 201, response.content[:500]
+    assert _wait(lambda: Alert.objects.get(patient=patient).status == "resolved", 30), \
+        celery_worker_process.log_path.read_text()[-2000:]
+    assert Alert.objects.get(patient=patient).resolution_reason == "therapy-started"
+
+
+@pytest.mark.slow
 def test_beat_runs_the_sweep_and_two_workers_open_one_alert_per_patient(
     transactional_db, tmp_path
 ):
