@@ -75,6 +75,11 @@ class Actor:
 
 
 SYSTEM_ACTOR = Actor(via="command")
+# Choice values as sets (``Choices.values`` builds a new list on every access).
+_SEXES = frozenset(Sex.values)
+_FRACTURE_SITES = frozenset(FractureSite.values)
+_EXPOSURE_KINDS = frozenset(ExposureKind.values)
+_EXPOSURE_STATUSES = frozenset(ExposureStatus.values)
 
 
 @dataclass
@@ -206,7 +211,7 @@ def patient_check(
             raise RegistryValidationError(
                 "identifier needs both system and value", field="identifier"
             )
-    if sex not in Sex.values:
+    if sex not in _SEXES:
         raise RegistryValidationError(f"unknown sex {sex!r}", field="gender")
     _check_not_future(birth_date, "birthDate")
     _check_not_future(deceased_on, "deceasedDateTime")
@@ -423,7 +428,7 @@ def fracture_values(
     record_status: str = RecordStatus.ACTIVE,
 ) -> dict[str, Any]:
     """Validate a fragility fracture diagnosis and return the Fracture's field values."""
-    if site not in FractureSite.values:
+    if site not in _FRACTURE_SITES:
         raise RegistryValidationError(f"unknown fracture site {site!r}", field="bodySite")
     level = ""
     if vertebral_level:
@@ -499,9 +504,9 @@ def therapy_values(
         raise RegistryValidationError(
             f"{agent!r} is not an anti-osteoporosis agent", field="medication"
         )
-    if kind not in ExposureKind.values:
+    if kind not in _EXPOSURE_KINDS:
         raise RegistryValidationError(f"unknown exposure kind {kind!r}", field="resourceType")
-    if status not in ExposureStatus.values:
+    if status not in _EXPOSURE_STATUSES:
         raise RegistryValidationError(f"unknown status {status!r}", field="status")
     _check_not_future(start_on, "effective")
     _check_after_birth(patient, start_on, "effective")

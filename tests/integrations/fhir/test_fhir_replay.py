@@ -22,10 +22,11 @@ def _counts():
 
 @pytest.mark.django_db
 def test_replaying_every_fixture_bundle_three_times_keeps_one_row_per_identifier(client):
-    """The generated SYNTHETIC demo bundles (60 patients) plus the hand-written fixture."""
+    """The generated SYNTHETIC demo bundles (60 patients) plus the hand-written fixtures."""
     _, token = feed_create(name="replay-ehr")
     bundles = json.loads((FIXTURES / "demo-cohort-bundles.json").read_text())
     bundles.append(json.loads((FIXTURES / "transaction-vertebroplasty.json").read_text()))
+    bundles.append(json.loads((FIXTURES / "transaction-hl7-example-shapes.json").read_text()))
     counts = []
     for _ in range(3):
         for bundle in bundles:
@@ -34,16 +35,21 @@ def test_replaying_every_fixture_bundle_three_times_keeps_one_row_per_identifier
             assert response.status_code == 200, response.json()
         counts.append(_counts())
     assert counts[0] == counts[1] == counts[2]
-    assert counts[0][0] == 61
-    assert PatientIdentifier.objects.filter(system__endswith="synthetic-mrn").count() == 61
+    assert counts[0][0] == 62
+    assert PatientIdentifier.objects.filter(system__endswith="synthetic-mrn").count() == 62
+    for model in (Procedure, Fracture, TherapyExposure):  # one row per business identifier
+        assert model.objects.values("identifier_system", "identifier_value").distinct().count() \
+            == model.objects.count()
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("fixture", ["transaction-vertebroplasty.json",
+                                     "transaction-hl7-example-shapes.json"])
 def test_eight_concurrent_clients_sending_the_same_transaction_create_one_row_each(
-    live_server, transactional_db
+    live_server, transactional_db, fixture
 ):
     _, token = feed_create(name="concurrent-ehr")
-    bundle = json.loads((FIXTURES / "transaction-vertebroplasty.json").read_text())
+    bundle = json.loads((FIXTURES / fixture).read_text())
     statuses: list[int] = []
     barrier = threading.Barrier(8)
 

@@ -157,3 +157,73 @@ def test_a_bad_entry_found_in_the_bulk_write_names_its_index_and_writes_nothing(
     assert body["issue"][0]["expression"][0].startswith(f"Bundle.entry[{entry}]")
     assert Patient.objects.count() == 0
     assert AuditEvent.objects.filter(via="fhir").count() == 0
+
+
+def _subject():
+    return {"reference": "urn:uuid:5f0c1b2e-7d3a-4c11-9a60-000000000101"}
+
+
+def test_encounter_medication_statement_and_dispense_are_recorded(client, token):
+    bundle = _hl7()
+    bundle["entry"] = [
+        bundle["entry"][0],
+        {"resource": {
+            "resourceType": "Encounter", "id": "syn-enc-1", "status": "finished",
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                      "code": "EMER", "display": "emergency"},
+            "identifier": [{"system": "https://ehr.example.org/fhir/sid/encounter",
+                            "value": "SYN-ENC-1"}],
+            "subject": _subject(),
+            "period": {"start": "2024-06-01T08:10:00-04:00",
+                       "end": "2024-06-01T13:00:00-04:00"},
+            "reasonCode": [{"coding": [
+                {"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "S52.501A",
+                 "display": "Unspecified fracture of the lower end of right radius"},
+                {"system": "http://snomed.info/sct", "code": "263225007",
+                 "display": "Fracture of distal end of radius"}]}]},
+         "request": {"method": "POST", "url": "Encounter"}},
+        {"resource": {
+            "resourceType": "MedicationStatement", "id": "syn-ms-1", "status": "active",
+            "identifier": [{"system": "https://ehr.example.org/fhir/sid/med-statement",
+                            "value": "SYN-MS-1"}],
+            "medicationCodeableConcept": {"coding": [
+                {"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "993449",
+                 "display": "denosumab"}], "text": "Prolia 60 mg every 6 months"},
+            "subject": _subject(),
+            "effectivePeriod": {"start": "2024-07-01", "end": "2024-12-31"},
+            "dosage": [{"route": {"coding": [{"system": "http://snomed.info/sct",
+                                              "code": "34206005",
+                                              "display": "Subcutaneous route"}]}}]},
+         "request": {"method": "POST", "url": "MedicationStatement"}},
+        {"resource": {
+            "resourceType": "MedicationDispense", "id": "syn-md-1", "status": "completed",
+            "identifier": [{"system": "https://ehr.example.org/fhir/sid/dispense",
+                            "value": "SYN-MD-1"}],
+            "contained": [{"resourceType": "Medication", "id": "m1", "code": {"coding": [
+                {"system": "http://www.whocc.no/atc", "code": "M05BA07"}]}}],
+            "medicationReference": {"reference": "#m1"},
+            "subject": _subject(), "whenHandedOver": "2024-08-03T10:00:00-04:00"},
+         "request": {"method": "POST", "url": "MedicationDispense"}},
+        {"resource": {
+            "resourceType": "Procedure", "status": "completed",
+            "identifier": [{"system": "https://ehr.example.org/fhir/sid/procedure",
+                            "value": "SYN-PROC-LOCAL"}],
+            "code": {"coding": [{"system": "urn:oid:1.2.3.4.5.SYNTHETIC-local-codes",
+                                 "code": "VP-1", "display": "vertebroplasty (local code)"}]},
+            "subject": _subject(), "performedDateTime": "2024-02-05"},
+         "request": {"method": "POST", "url": "Procedure"}},
+    ]
+    response = post(client, token, bundle)
+    assert response.status_code == 200, response.json()
+    assert _statuses(response) == ["201 Created"] * 4 + ["200 OK"]
+    unknown = response.json()["entry"][4]["response"]["outcome"]["issue"][0]
+    assert unknown["severity"] == "information"  # an unknown code system: recorded as ignored
+    patient = PatientIdentifier.objects.get(value="SYN-HL7-0001").patient
+    fracture = Fracture.objects.get(patient=patient)
+    assert (fracture.site, fracture.identifier_value) == ("wrist", "SYN-ENC-1")
+    therapies = {t.identifier_value: t for t in TherapyExposure.objects.filter(patient=patient)}
+    statement, dispense = therapies["SYN-MS-1"], therapies["SYN-MD-1"]
+    assert (statement.agent, statement.kind, statement.route) == ("denosumab", "statement", "sc")
+    assert statement.end_on.isoformat() == "2024-12-31"
+    assert (dispense.agent, dispense.kind) == ("risedronate", "dispense")
+    assert not Procedure.objects.exists()
