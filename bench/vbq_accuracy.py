@@ -45,6 +45,8 @@ def main() -> None:
           f"{s['refusals']}")
     print(f"height-loss fracture suggestion: {s['fractures_found']}/{s['fractures']} wedge "
           f"fractures found; {s['intact_flagged']}/{s['intact']} intact L1-L4 bodies flagged")
+    if s["label_bad"]:
+        print(f"wrong labels (seeds): {s['label_bad'][:30]}")
     if s["bad"]:
         print(f"outside 3 % (seeds): {s['bad'][:30]}")
     print(f"ratio={within:.4f} within-3% of non-flagged; labels={label_acc:.4f} "

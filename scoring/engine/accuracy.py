@@ -31,7 +31,7 @@ def labels_correct(result: Any, truth: dict) -> bool:
 def run(n: int, seed0: int = 0, verbose: bool = False) -> dict[str, Any]:
     stats: dict[str, Any] = {
         "n": 0, "labelled": 0, "label_ok": 0, "flagged": 0, "unflagged": 0, "within": 0,
-        "errors": [], "refusals_ok": 0, "refusals": 0, "seconds": 0.0, "bad": [],
+        "errors": [], "refusals_ok": 0, "refusals": 0, "seconds": 0.0, "bad": [], "label_bad": [],
         "fractures": 0, "fractures_found": 0, "intact": 0, "intact_flagged": 0}
     for i in range(n):
         seed = seed0 + i
@@ -52,7 +52,10 @@ def run(n: int, seed0: int = 0, verbose: bool = False) -> dict[str, Any]:
                     stats["intact_flagged"] += suggested
         if result.levels:
             stats["labelled"] += 1
-            stats["label_ok"] += labels_correct(result, truth)
+            ok_labels = labels_correct(result, truth)
+            stats["label_ok"] += ok_labels
+            if not ok_labels:
+                stats["label_bad"].append(seed)
         if result.status != "succeeded":
             stats["flagged"] += 1
             if verbose:

@@ -347,7 +347,7 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
     prof_t = np.full(len(band), np.nan)
     if ok_rows.any():
         prof_t[ok_rows] = np.median(band[ok_rows], axis=1)
-    flat = prof_t / _smooth_nan(prof_t, 25.0)
+    flat = prof_t / _smooth_nan(prof_t, 50.0)  # bias varies slowly; a dark body must stay dark
     vals = flat[np.isfinite(flat)]
     if vals.size < 100:
         raise LocalisationError("the vertebral column is too short in this image")
@@ -385,7 +385,7 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
             merged.append((a, b))
     # 2-D: the sacrum is bone that goes on below S1's body (turning posteriorly), so S1 is
     # the highest body (from the sixth on) whose bright 2-D component reaches well below it.
-    trend = _smooth_nan(prof_t, 25.0)
+    trend = _smooth_nan(prof_t, 50.0)
     flat2d = detect / np.where(np.isfinite(trend), trend, np.nan)[:, None]
     bone = ndimage.binary_opening(np.nan_to_num(flat2d, nan=0.0) > thr, np.ones((3, 3)))
     bone_lab, _ = ndimage.label(bone)
@@ -397,11 +397,14 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
         lab = bone_lab[(a + b) // 2, band_k]
         return None if lab == 0 else bone_lab == lab
 
-    for i in range(5, len(merged)):
-        a, b = merged[i]
+    for i in range(5, len(merged)):  # S1 and sacrum in one run
+        if merged[i][1] - merged[i][0] + 1 >= 1.6 * body_len:
+            sacral_i = i
+            break
+    for i in range(5, len(merged) if sacral_i < 0 else 0):  # S1's bone goes on below it
         comp = component(i)
-        below = comp is not None and np.flatnonzero(comp.any(axis=1))[-1] >= b + 0.6 * body_len
-        if below or b - a + 1 >= 1.6 * body_len:
+        if comp is not None and np.flatnonzero(comp.any(axis=1))[-1] >= (
+                merged[i][1] + 0.6 * body_len):
             sacral_i = i
             break
     for i in range(5, len(merged) - 1 if sacral_i < 0 else 0):
@@ -447,6 +450,12 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
     if any(lv not in labels for lv in REQUIRED):
         raise LocalisationError("fewer than six bodies above the sacrum: L1 to S1 are not all "
                                 "in the image")
+    merged_runs = [lv for lv, it in labels.items()
+                   if lv != "S1" and not it[2] and it[1] - it[0] + 1 >= 1.5 * body_len]
+    if merged_runs:
+        flags.append(QcFlag("merged-bodies", f"{', '.join(merged_runs)}: longer than 1.5 "
+                            "bodies (two bodies without a visible disc?): check the labels"))
+        penalties.append(0.3)
     inferred = [lv for lv, it in labels.items() if it[2]]
     if inferred:
         flags.append(QcFlag("inferred-body", f"{', '.join(inferred)}: body too dark to "
