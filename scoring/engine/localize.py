@@ -166,13 +166,11 @@ def _best_path(score: np.ndarray, margin: int) -> np.ndarray:
     back = np.zeros((h, w), np.int8)
     neg = np.full(1, -np.inf)
     for r in range(1, h):
-        stay = acc
         left = np.concatenate([neg, acc[:-1]]) - 0.02
         right = np.concatenate([acc[1:], neg]) - 0.02
-        stacked = np.stack([left, stay, right])
-        idx = np.argmax(stacked, axis=0)
-        acc = stacked[idx, np.arange(w)] + s[r]
-        back[r] = idx - 1
+        best = np.maximum(np.maximum(left, acc), right)
+        back[r] = np.where(best == acc, 0, np.where(best == left, -1, 1))
+        acc = best + s[r]
     path = np.zeros(h, int)
     path[-1] = int(np.argmax(acc))
     for r in range(h - 1, 0, -1):
@@ -223,7 +221,11 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
     Raises ``LocalisationError`` when the canal or the lumbar column cannot be found.
     """
     fr = _frame(series)
-    volume = np.stack([fr.canon(s) for s in series.pixels]).astype(np.float32)
+    volume = series.pixels.transpose(0, 2, 1) if fr.transpose else series.pixels  # views
+    if fr.flip_r:
+        volume = volume[:, ::-1]
+    if fr.flip_c:
+        volume = volume[:, :, ::-1]
     n_slices = volume.shape[0]
     flags: list[QcFlag] = []
     penalties: list[float] = []
@@ -241,7 +243,11 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
     for _ in range(4):
         # the canal, and other long dark bands (muscle between the spinous processes and the
         # subcutaneous fat, vessels): the canal holds CSF, the darkest of them on T1
-        cand = _best_path(masked, margin=20)
+        coarse = _best_path(masked[::2, ::2], margin=10)  # 2 mm grid: 4x cheaper
+        cand = np.clip(np.rint(np.interp(rows_idx, rows_idx[::2], coarse * 2.0)).astype(int),
+                       2, masked.shape[1] - 3)
+        local = np.stack([masked[rows_idx, cand + d] for d in (-2, -1, 0, 1, 2)])
+        cand = cand + np.argmax(local, axis=0) - 2
         along_c = masked[rows_idx, cand]
         strong = float(np.percentile(along_c, 75))
         run_c = _longest_run(along_c > 0.4 * strong, bridge=12)
@@ -321,8 +327,10 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
             cy = (py[rows_sel][:, None] + kk * ny[rows_sel][:, None]) / fr.spacing[0]
             cx = (px[rows_sel][:, None] + kk * nx[rows_sel][:, None]) / fr.spacing[1]
             return ndimage.map_coordinates(volume[s], [cy, cx], order=1, mode="nearest")
-        inner_v = float(np.median(sample(k_in)))
-        body_v = float(np.median(sample(k_body[k_body < len(ks)])))
+        k_b = k_body[k_body < len(ks)]
+        both = sample(np.concatenate([k_in, k_b]))
+        inner_v = float(np.median(both[:, : len(k_in)]))
+        body_v = float(np.median(both[:, len(k_in):]))
         depth.append(1.0 - inner_v / max(body_v, 1e-6))
     depth_arr = np.array(depth)
     mid = int(np.argmax(depth_arr))
