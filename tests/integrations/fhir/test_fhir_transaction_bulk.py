@@ -227,3 +227,20 @@ def test_encounter_medication_statement_and_dispense_are_recorded(client, token)
     assert statement.end_on.isoformat() == "2024-12-31"
     assert (dispense.agent, dispense.kind) == ("risedronate", "dispense")
     assert not Procedure.objects.exists()
+
+
+def test_a_patient_merge_inside_a_transaction_moves_the_records_to_the_survivor(client, token):
+    assert post(client, token, _hl7()).status_code == 200
+    survivor = {"resourceType": "Patient", "id": "syn-hl7-survivor", "identifier": [
+        {"system": "https://vbq-registry.example.org/fhir/sid/synthetic-mrn",
+         "value": "SYN-HL7-0009"}], "gender": "female", "birthDate": "1944-12-25"}
+    old = copy.deepcopy(_hl7()["entry"][0]["resource"])
+    old["link"] = [{"other": {"reference": "Patient/syn-hl7-survivor"}, "type": "replaced-by"}]
+    response = post(client, token, {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": survivor, "request": {"method": "POST", "url": "Patient"}},
+        {"resource": old, "request": {"method": "PUT", "url": "Patient/syn-hl7-pat"}}]})
+    assert response.status_code == 200, response.json()
+    target = PatientIdentifier.objects.get(value="SYN-HL7-0009").patient
+    assert Procedure.objects.get().patient == target
+    assert PatientIdentifier.objects.get(value="SYN-HL7-0001").patient == target
+    assert Patient.objects.filter(merged_into=target).count() == 1
