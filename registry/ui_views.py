@@ -8,9 +8,11 @@ from __future__ import annotations
 import datetime as dt
 
 from django.contrib import messages
+from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import permission_required
+from django.contrib.auth.models import Permission
 from django.core.paginator import Paginator
-from django.db.models import Count, Min, OuterRef, Subquery
+from django.db.models import Count, Min, OuterRef, Q, Subquery
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
@@ -81,7 +83,18 @@ def _row_context(today: dt.date) -> dict:
         "reason_options": format_html_join(
             "", '<option value="{}">{}</option>', RESOLUTION_REASONS.items()),
         "snooze_default": (today + dt.timedelta(days=14)).isoformat(),
+        "assignee_options": format_html_join(
+            "", '<option value="{}">{}</option>', _alert_workers().values_list("pk", "username")),
     }
+
+
+def _alert_workers():  # type: ignore[no-untyped-def]
+    """Active users who may work alerts (the only people an alert can be assigned to)."""
+    perm = Permission.objects.filter(codename="work_alerts", content_type__app_label="registry")
+    return get_user_model().objects.filter(
+        Q(groups__permissions__in=perm) | Q(user_permissions__in=perm) | Q(is_superuser=True),
+        is_active=True,
+    ).distinct().order_by("username")
 
 
 def _row_queryset():  # type: ignore[no-untyped-def]
@@ -171,13 +184,22 @@ def worklist_action(request: HttpRequest, alert_id: int, action: str) -> HttpRes
             alert_services.alert_snooze(alert=alert, until=until, actor=actor, note=note)
         elif action == "assign-me":
             alert_services.alert_assign(alert=alert, actor=actor, assignee_id=request.user.pk)
+        elif action == "assign":
+            assignee_id = int(request.POST.get("assignee", ""))
+            if not _alert_workers().filter(pk=assignee_id).exists():
+                raise RegistryValidationError("choose a colleague who can work alerts",
+                                              field="assignee")
+            alert_services.alert_assign(alert=alert, actor=actor, assignee_id=assignee_id)
+        elif action == "note":
+            alert_services.alert_add_note(alert=alert, note=note, actor=actor)
         else:
             return HttpResponse("Unknown action", status=404)
         text = f"Alert {alert.pk}: {action.replace('-', ' ')} done."
     except RegistryValidationError as exc:
         ok, text = False, f"Alert {alert.pk}: {exc.messages[0]}"
     except ValueError:
-        ok, text = False, f"Alert {alert.pk}: enter a valid date."
+        what = "colleague" if action == "assign" else "date"
+        ok, text = False, f"Alert {alert.pk}: enter a valid {what}."
     if _wants_fragment(request):
         # Progressive enhancement (static/js/worklist.js): answer the re-rendered row.
         today = clinic_today()

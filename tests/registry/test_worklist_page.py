@@ -109,7 +109,9 @@ def test_the_worklist_page_runs_the_same_few_queries_for_3_or_30_alerts(client, 
     many, rows_many = queries_for_page()
     assert (rows_few, rows_many) == (3, 25)
     assert many == few  # no query per row (no N+1, no deferred field loaded per row)
-    assert many <= 7  # session, user, 2 x permissions, status counts, the page, session save
+    # session, user, 2 x permissions, status counts, the page, the colleagues an alert can be
+    # assigned to, session save
+    assert many <= 8
 
 
 def test_the_worklist_sorts_by_vbq_when_asked(client, role_user):
@@ -121,3 +123,39 @@ def test_the_worklist_sorts_by_vbq_when_asked(client, role_user):
     assert html.index("Sort1") < html.index("Sort2") < html.index("Sort0")
     html = client.get(reverse("worklist"), {"sort": "bogus"}).content.decode()
     assert html.count('<tr data-alert="') == 3
+
+
+def test_an_alert_is_assigned_to_a_colleague_and_the_change_is_in_its_history(
+        client, role_user, alert):
+    coordinator, colleague = role_user("coordinator"), role_user("clinician")
+    client.force_login(coordinator)
+    html = client.get(reverse("worklist")).content.decode()
+    assert f'<option value="{colleague.pk}">' in html
+    client.post(reverse("worklist-action", args=[alert.pk, "assign"]),
+                {"assignee": colleague.pk})
+    alert.refresh_from_db()
+    assert alert.assignee_id == colleague.pk
+    assert AlertEvent.objects.filter(alert=alert, action="assign").exists()
+
+
+def test_an_alert_cannot_be_assigned_to_someone_who_cannot_work_alerts(
+        client, role_user, alert):
+    client.force_login(role_user("coordinator"))
+    analyst = role_user("qi_analyst")
+    response = client.post(reverse("worklist-action", args=[alert.pk, "assign"]),
+                           {"assignee": analyst.pk}, headers={"X-Requested-With": "fetch"})
+    assert response.status_code == 400
+    assert "colleague" in response.json()["message"]
+    alert.refresh_from_db()
+    assert alert.assignee_id is None
+
+
+def test_a_note_added_from_the_worklist_is_kept_in_the_alert_history(client, role_user, alert):
+    client.force_login(role_user("coordinator"))
+    client.post(reverse("worklist-action", args=[alert.pk, "note"]),
+                {"note": "Called the GP; DXA booked (SYNTHETIC)."})
+    event = AlertEvent.objects.get(alert=alert, action="note")
+    assert event.note.startswith("Called the GP")
+    response = client.post(reverse("worklist-action", args=[alert.pk, "note"]), {"note": "  "},
+                           headers={"X-Requested-With": "fetch"})
+    assert response.status_code == 400
