@@ -37,7 +37,7 @@ def main() -> None:
     p95 = errs[int(0.95 * (len(errs) - 1))] if errs else float("nan")
     print(f"phantoms: {s['n']} (SYNTHETIC), engine {s['seconds'] / max(s['n'], 1):.3f} s/series,"
           f" wall {time.perf_counter() - t0:.0f} s")
-    print(f"level labels correct: {label_acc:.1%} of {s['labelled']} labelled (target >= 98 %)")
+    print(f"level labels correct: {label_acc:.2%} of {s['labelled']} labelled (target >= 98 %)")
     print(f"non-flagged within 3 % of true VBQ: {within:.1%} of {s['unflagged']} "
           f"(target >= 95 %); 95th percentile |error| {p95:.2%}")
     print(f"flagged needs_review: {flagged:.1%} (target <= 5 %)")

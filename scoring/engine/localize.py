@@ -230,14 +230,22 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
     flags: list[QcFlag] = []
     penalties: list[float] = []
 
-    # 2. canal on the mean of the central third of the slices
+    # 2. canal on the central third of the slices, each slice on its own (averaging would
+    # dilute a canal that is only a few slices wide); per pixel the best slice counts
     half = max(0, n_slices // 6)
     centre = n_slices // 2
-    central = volume[max(0, centre - half): centre + half + 1].mean(axis=0)
-    grid = ndimage.gaussian_filter(_resample(central, fr.spacing), 1.0)
-    valley = ndimage.gaussian_filter1d(_valley(grid), 10.0, axis=0)
+    central_idx = range(max(0, centre - half), min(n_slices, centre + half + 1))
+    central = volume[central_idx.start: central_idx.stop].mean(axis=0)
+    grids = [ndimage.gaussian_filter(_resample(volume[i], fr.spacing), 1.0) for i in central_idx]
+    grid = np.minimum.reduce(grids)
+    valley = ndimage.gaussian_filter1d(np.maximum.reduce([_valley(g) for g in grids]), 10.0,
+                                       axis=0)
     rows_idx = np.arange(grid.shape[0])
     wide_dark = ndimage.uniform_filter1d(grid, 7, axis=1, mode="nearest")  # canal ≥ 7 mm wide
+    # the canal is a midline structure: laterally (pedicles, foramina) the band is brighter
+    outer = _resample(0.5 * (volume[0] + volume[-1]), fr.spacing)
+    wide_outer = ndimage.uniform_filter1d(ndimage.gaussian_filter(outer, 1.0), 7, axis=1,
+                                          mode="nearest")
     candidates = []
     masked = valley.copy()
     for _ in range(4):
@@ -253,17 +261,33 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
         run_c = _longest_run(along_c > 0.4 * strong, bridge=12)
         if run_c is not None and run_c[1] - run_c[0] >= 120 and strong >= 0.05:
             seg_rows = rows_idx[run_c[0]: run_c[1] + 1]
-            darkness = float(np.median(wide_dark[seg_rows, cand[seg_rows]]))
+            # darkest 7 mm window within 6 mm of the path (the path may hug a wall)
+            near = np.clip(cand[seg_rows][:, None] + np.arange(-6, 7)[None, :], 0,
+                           grid.shape[1] - 1)
+            centre_dark = wide_dark[seg_rows[:, None], near]
+            pick = np.argmin(centre_dark, axis=1)
+            darkness = float(np.median(centre_dark[np.arange(len(seg_rows)), pick]))
+            outer_v = wide_outer[seg_rows, near[np.arange(len(seg_rows)), pick]]
+            lateral = darkness / max(float(np.median(outer_v)), 1e-6)
             candidates.append((darkness, cand, run_c, float(np.mean(along_c[seg_rows]))
-                               * len(seg_rows)))
+                               * len(seg_rows), lateral))
         cols = np.arange(grid.shape[1])[None, :]
         masked = np.where(np.abs(cols - cand[:, None]) <= 8, 0.0, masked)
     if not candidates:
         raise LocalisationError("the spinal canal was not found (no long dark band between "
                                 "the vertebral bodies and the posterior elements)")
+    if debug is not None:
+        debug["candidates"] = [(round(c[0]), round(c[3]), round(c[4], 3), int(np.median(c[1])))
+                               for c in candidates]
     top_score = max(c[3] for c in candidates)
-    _, path_x, run, _ = min((c for c in candidates if c[3] >= 0.5 * top_score),
-                            key=lambda c: c[0])
+    strong_c = [c for c in candidates if c[3] >= 0.5 * top_score]
+    midline = [c for c in strong_c if c[4] < 0.9] if n_slices >= 5 else strong_c
+    if not midline:
+        midline = strong_c
+        flags.append(QcFlag("canal-uncertain", "the darkest long band does not fade "
+                            "laterally like the spinal canal: check the slice and the levels"))
+        penalties.append(0.3)
+    _, path_x, run, _, _ = min(midline, key=lambda c: c[0])
     top, bottom = run
     ys = rows_idx[top: bottom + 1].astype(float)
     xs = ndimage.gaussian_filter1d(path_x[top: bottom + 1].astype(float), 6.0, mode="nearest")
