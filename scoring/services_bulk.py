@@ -1,6 +1,8 @@
 """Bulk variant of ``scoring.services.imaging_study_upsert`` for feeds that send many studies
 at once (a FHIR transaction bundle): one upsert of the studies and one of their series, the same
-audit events and the same ``study_received`` task queued after commit for each active study."""
+audit events, the same outbox marker (every active study, new or updated, is written with
+``link_reason = LINK_PENDING`` until ``study_received`` links it) and the same
+``study_received`` task queued after commit for each active study."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from registry.services import SYSTEM_ACTOR, Actor, audit_record, deferred_side_e
 from registry.services_bulk import upsert_returning
 from registry.timeutil import clinic_date
 from scoring.models import ImagingSeries, ImagingStudy
+from scoring.services import LINK_PENDING
 
 STUDY_FIELDS = ["patient", "source", "started_at", "started_on", "modality", "description",
                 "endpoint_url", "identifier_system", "identifier_value", "record_status"]
@@ -62,6 +65,9 @@ def imaging_study_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor =
     active = list(dict.fromkeys(pk for (pk, _), row in zip(results, rows, strict=True)
                                 if row["record_status"] == "active"))
     if active:
+        # The outbox marker, as in ``imaging_study_upsert``: an updated study keeps its old
+        # reason otherwise, and the sweep would never re-link it if the broker is down now.
+        ImagingStudy.objects.filter(pk__in=active).update(link_reason=LINK_PENDING)
         transaction.on_commit(lambda: _queue_studies(active))
     return results
 
