@@ -3,6 +3,9 @@
 ``vbq_compute`` claims its VbqResult row with a conditional update (queued → running), so a
 duplicate delivery computes nothing twice; it is ``acks_late`` with ``reject_on_worker_lost``
 (a killed worker's job is re-delivered) and retries only transient fetch errors, with backoff.
+It re-evaluates the patient's follow-up itself, in the transaction that stores the result (no
+second task: an alert the result opens or resolves commits with it; if the evaluation fails the
+patient is marked due today for the sweep).
 Outbox: the rows themselves. A study written by ``imaging_study_upsert`` carries
 ``link_reason = LINK_PENDING`` until ``study_received`` links it, and a job is a ``queued``
 VbqResult until a worker claims it. Sending after commit never fails the write (a broker outage
@@ -14,10 +17,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 from celery import shared_task
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -46,58 +51,139 @@ def enqueue_study_received(study_id: int) -> None:
 
 @shared_task(name="scoring.study_received")
 def study_received(study_id: int) -> dict:
-    """A study arrived or changed: link it to the index procedure and queue VBQ jobs."""
+    """A study arrived or changed: link it to the index procedure and queue VBQ jobs.
+
+    One transaction: the link and its jobs are written together (a worker dying in between
+    cannot leave a study linked without its job) and committed once."""
     from scoring.linking import link_study
     from scoring.models import ImagingStudy
     from scoring.services import vbq_jobs_create
 
-    study = ImagingStudy.objects.filter(pk=study_id).select_related("patient").first()
-    if study is None or study.record_status != "active":
-        return {"study": study_id, "jobs": 0}
-    linked = link_study(study)
-    jobs = vbq_jobs_create(study=study) if linked else []
+    with transaction.atomic():
+        study = (ImagingStudy.objects.select_for_update(of=("self",))
+                 .filter(pk=study_id).select_related("patient").first())
+        if study is None or study.record_status != "active":
+            return {"study": study_id, "jobs": 0}
+        linked = link_study(study)
+        jobs = vbq_jobs_create(study=study) if linked else []
     return {"study": study_id, "linked": linked, "jobs": len(jobs)}
 
 
-def _load_source(result):  # type: ignore[no-untyped-def]
+@dataclass(frozen=True)
+class _Claimed:
+    """What a claimed job needs, read by the claiming statement itself."""
+
+    patient_id: Any
+    local_path: str
+    study_instance_uid: str
+    series_instance_uid: str
+    endpoint_url: str
+    fractured_levels: list[str]
+
+
+def _claim(result_id: int) -> _Claimed | None:
+    """Claim the job with one conditional UPDATE (queued → running) that also returns its
+    series, its study and the patient's fractured L1–L4 levels; ``None`` if it is not queued
+    (done, running elsewhere or unknown)."""
+    from registry.models import Fracture
+    from scoring.models import ImagingSeries, ImagingStudy, VbqResult
+
+    if connection.vendor != "postgresql":
+        return _claim_orm(result_id)
+    sql = f"""
+        WITH claimed AS (
+            UPDATE {VbqResult._meta.db_table} SET status = %s, started_at = %s,
+                   attempts = attempts + 1
+            WHERE id = %s AND status = %s
+            RETURNING patient_id, series_id)
+        SELECT c.patient_id, coalesce(s.local_path, ''), coalesce(st.study_instance_uid, ''),
+               coalesce(s.series_instance_uid, ''), coalesce(st.endpoint_url, ''),
+               ARRAY(SELECT DISTINCT f.vertebral_level FROM {Fracture._meta.db_table} f
+                     WHERE f.patient_id = c.patient_id AND f.site = 'vertebral'
+                       AND f.record_status = 'active'
+                       AND f.vertebral_level IN ('L1', 'L2', 'L3', 'L4'))
+        FROM claimed c
+        LEFT JOIN {ImagingSeries._meta.db_table} s ON s.id = c.series_id
+        LEFT JOIN {ImagingStudy._meta.db_table} st ON st.id = s.study_id
+    """  # noqa: S608 (table names from the models' metadata; values are parameters)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [VbqResult.Status.RUNNING, timezone.now(), result_id,
+                             VbqResult.Status.QUEUED])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    patient_id, local_path, study_uid, series_uid, endpoint, fractured = row
+    return _Claimed(patient_id, local_path, study_uid, series_uid, endpoint,
+                    sorted(fractured or []))
+
+
+def _claim_orm(result_id: int) -> _Claimed | None:
+    """``_claim`` in three ORM statements (databases other than PostgreSQL)."""
+    from registry.models import Fracture
+    from scoring.models import VbqResult
+
+    claimed = VbqResult.objects.filter(pk=result_id, status=VbqResult.Status.QUEUED).update(
+        status=VbqResult.Status.RUNNING, started_at=timezone.now(), attempts=F("attempts") + 1)
+    if not claimed:
+        return None
+    result = VbqResult.objects.select_related("series__study").get(pk=result_id)
+    series = result.series
+    fractured = set(Fracture.objects.filter(
+        patient_id=result.patient_id, site="vertebral", record_status="active",
+        vertebral_level__in=["L1", "L2", "L3", "L4"]).values_list("vertebral_level", flat=True))
+    return _Claimed(result.patient_id, series.local_path if series else "",
+                    series.study.study_instance_uid if series else "",
+                    series.series_instance_uid if series else "",
+                    series.study.endpoint_url if series else "", sorted(fractured))
+
+
+def _load_source(job: _Claimed):  # type: ignore[no-untyped-def]
     from pathlib import Path
 
-    from integrations.dicom.dicomweb import fetch_series
+    from integrations.dicom.dicomweb import PermanentFetchError, fetch_series
 
-    series = result.series
-    if series.local_path and Path(series.local_path).is_dir():
-        return series.local_path
-    base = series.study.endpoint_url or settings.PACS_DICOMWEB_URL
-    if not base:
-        from integrations.dicom.dicomweb import PermanentFetchError
-
+    if job.local_path and Path(job.local_path).is_dir():
+        return job.local_path
+    base = job.endpoint_url or settings.PACS_DICOMWEB_URL
+    if not base or not job.series_instance_uid:
         raise PermanentFetchError("no PACS endpoint and no local copy for this series")
-    return fetch_series(base, series.study.study_instance_uid, series.series_instance_uid,
+    return fetch_series(base, job.study_instance_uid, job.series_instance_uid,
                         username=settings.PACS_DICOMWEB_USERNAME,
                         password=settings.PACS_DICOMWEB_PASSWORD)
+
+
+def _reevaluate_followup(patient_id: Any) -> None:
+    """Re-evaluate the patient's follow-up now, inside the caller's transaction (the result
+    and its alerts commit together), in a savepoint: if the evaluation fails, the result is
+    still stored and the patient is marked due today, so the sweep evaluates them instead."""
+    from registry.models import Patient
+    from registry.sweep import followup_evaluate
+    from registry.timeutil import clinic_today
+
+    try:
+        with transaction.atomic():
+            followup_evaluate([patient_id])
+    except Exception:
+        logger.exception("follow-up re-evaluation failed patient=%s; left to the sweep",
+                         patient_id)
+        Patient.objects.filter(pk=patient_id).update(followup_next_check_on=clinic_today())
 
 
 @shared_task(name="scoring.vbq_compute", bind=True, acks_late=True, reject_on_worker_lost=True,
              max_retries=6)
 def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
+    """Claim, fetch, score, store, and re-evaluate the patient's follow-up, in this task (no
+    second message: the alert a result opens or resolves commits with the result)."""
     from integrations.dicom.dicomweb import PermanentFetchError, TransientFetchError
-    from registry.models import Fracture
-    from registry.services import followup_changed
     from scoring.engine import EngineError, compute_vbq
     from scoring.models import VbqLevel, VbqResult
 
-    claimed = VbqResult.objects.filter(pk=result_id, status=VbqResult.Status.QUEUED).update(
-        status=VbqResult.Status.RUNNING, started_at=timezone.now(), attempts=F("attempts") + 1)
-    if not claimed:
+    job = _claim(result_id)
+    if job is None:
         return {"result": result_id, "skipped": "not queued (done, running or unknown)"}
-    result = VbqResult.objects.select_related("series__study").get(pk=result_id)
     try:
-        source = _load_source(result)
-        fractured = sorted(set(Fracture.objects.filter(
-            patient_id=result.patient_id, site="vertebral", record_status="active",
-            vertebral_level__in=["L1", "L2", "L3", "L4"],
-        ).values_list("vertebral_level", flat=True)))
-        measurement = compute_vbq(source, fractured_levels=fractured)
+        source = _load_source(job)
+        measurement = compute_vbq(source, fractured_levels=job.fractured_levels)
     except TransientFetchError as exc:
         VbqResult.objects.filter(pk=result_id, status=VbqResult.Status.RUNNING).update(
             status=VbqResult.Status.QUEUED, error_code="pacs-unavailable",
@@ -133,7 +219,7 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
                      roi=m.roi.__dict__, fractured=m.fractured)
             for m in rows if m.level in {"L1", "L2", "L3", "L4", "L5", "S1", "csf"}
         ])
-        followup_changed(result.patient_id)
+        _reevaluate_followup(job.patient_id)
     return {"result": result_id, "status": measurement.status}
 
 

@@ -351,3 +351,99 @@ def test_orthanc_stopped_during_a_job_is_retried_and_succeeds_when_back(orthanc)
     assert vbq_compute(result.pk)["status"] == expected
     result.refresh_from_db()
     assert (result.status, result.attempts) == (expected, 2)
+
+
+def _local_study(tmp_path, phantom, *, index_days_ago, mri_days_before):
+    """A linked study whose series has a local copy (no PACS fetch), and its queued job."""
+    from scoring.models import ImagingSeries
+
+    patient = PatientFactory()
+    index_day = clinic_today() - dt.timedelta(days=index_days_ago)
+    procedure_record(patient=patient, code_system="http://www.ama-assn.org/go/cpt",
+                     code="22511", performed_at=start_of_clinic_day(index_day)
+                     + dt.timedelta(hours=10), identifier=Identifier("urn:t", str(patient.pk)))
+    ds = phantom.datasets[0]
+    study, _ = imaging_study_upsert(
+        study_instance_uid=str(ds.StudyInstanceUID), patient=patient, source="upload",
+        started_at=start_of_clinic_day(index_day - dt.timedelta(days=mri_days_before)),
+        modality="MR",
+        series=[SeriesInput(str(ds.SeriesInstanceUID), "MR", str(ds.SeriesDescription))])
+    phantom.write(tmp_path / "series")
+    ImagingSeries.objects.filter(study=study).update(local_path=str(tmp_path / "series"))
+    study_received(study.pk)
+    return patient, VbqResult.objects.get(series__study=study)
+
+
+@pytest.mark.django_db
+def test_a_stored_result_re_evaluates_the_follow_up_in_the_same_task(tmp_path):
+    """No second task: under ``django_db`` nothing queued after commit ever runs, so the
+    alerts below can only come from ``vbq_compute`` itself."""
+    from registry.models import Alert
+    from registry.tasks import followup_reevaluate
+
+    phantom = make_phantom(130, slices=9)
+    expected = _engine_outcome(phantom)
+    assert expected.status == "succeeded"
+    assert expected.vbq_excluding_fractured >= 3.0
+    patient, result = _local_study(tmp_path, phantom, index_days_ago=70, mri_days_before=10)
+    followup_reevaluate(str(patient.pk))  # day 70, no VBQ yet: a vbq-missing work item
+    assert Alert.objects.get(patient=patient).rule_id == "vbq-missing"
+
+    assert vbq_compute(result.pk)["status"] == "succeeded"
+    alerts = {a.rule_id: a for a in Alert.objects.filter(patient=patient)}
+    assert (alerts["vbq-missing"].status, alerts["vbq-missing"].resolution_reason) == (
+        "resolved", "vbq-obtained")
+    assert alerts["high-vbq-untreated-60d"].status == "open"
+    assert alerts["high-vbq-untreated-60d"].vbq_value == pytest.approx(
+        expected.vbq_excluding_fractured)
+    patient.refresh_from_db()
+    assert patient.followup_next_check_on != clinic_today()  # evaluated, not left to the sweep
+
+
+@pytest.mark.django_db
+def test_a_failing_follow_up_evaluation_keeps_the_result_and_leaves_the_patient_to_the_sweep(
+    tmp_path, monkeypatch
+):
+    import registry.sweep
+    from registry.models import Alert
+
+    phantom = make_phantom(131, slices=9)
+    expected = _engine_outcome(phantom)
+    patient, result = _local_study(tmp_path, phantom, index_days_ago=70, mri_days_before=10)
+    patient.followup_next_check_on = None
+    patient.save(update_fields=["followup_next_check_on"])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("SYNTHETIC evaluation failure")
+
+    monkeypatch.setattr(registry.sweep, "evaluate", broken)
+    assert vbq_compute(result.pk)["status"] == expected.status
+    result.refresh_from_db()
+    assert (result.status, result.vbq_all_levels) == (expected.status, expected.vbq_all_levels)
+    assert result.levels.count() >= 5
+    patient.refresh_from_db()
+    assert patient.followup_next_check_on == clinic_today()  # the sweep's safety net
+    assert not Alert.objects.filter(patient=patient).exists()
+
+
+@pytest.mark.django_db
+def test_a_study_is_linked_together_with_its_job_or_not_at_all(monkeypatch):
+    """``study_received`` is one transaction: if creating the job fails, the study is not left
+    linked without a job; it stays ``linking pending`` for the sweep."""
+    import scoring.services
+    from scoring.services import LINK_PENDING
+
+    study = _study(None, make_phantom(132, slices=5), endpoint="http://127.0.0.1:9/dicom-web")
+
+    def broken(**kwargs):
+        raise RuntimeError("SYNTHETIC job creation failure")
+
+    monkeypatch.setattr(scoring.services, "vbq_jobs_create", broken)
+    with pytest.raises(RuntimeError):
+        study_received(study.pk)
+    study.refresh_from_db()
+    assert (study.link_reason, study.linked_procedure_id) == (LINK_PENDING, None)
+    monkeypatch.undo()
+    assert study_received(study.pk)["jobs"] == 1
+    study.refresh_from_db()
+    assert study.linked_procedure_id is not None
