@@ -19,7 +19,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from registry import codes
@@ -84,7 +84,7 @@ _EXPOSURE_STATUSES = frozenset(ExposureStatus.values)
 
 @dataclass
 class _Deferred:
-    audits: list[AuditEvent] = field(default_factory=list)
+    audits: list[dict[str, Any]] = field(default_factory=list)  # AuditEvent rows (attnames)
     followup_patient_ids: set[Any] = field(default_factory=set)
 
 
@@ -106,12 +106,24 @@ def deferred_side_effects() -> Iterator[None]:
         yield
     finally:
         _deferred.current = None
-    if pending.audits:
+    rows = pending.audits
+    if rows and pending.followup_patient_ids and connection.vendor == "postgresql":
+        # One statement (a data-modifying CTE): the audit rows and the patients' due dates.
+        from registry.services_bulk import insert_rows_sql
+
+        insert_sql, param = insert_rows_sql(AuditEvent, rows)
+        ids = [str(p) for p in pending.followup_patient_ids]
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"WITH audit AS ({insert_sql}) "  # noqa: S608 (model metadata only)
+                f"UPDATE {Patient._meta.db_table} SET followup_next_check_on = %s "
+                "WHERE id = ANY(%s::uuid[])", [param, clinic_today(), ids])
+        _queue_followup(ids)
+        return
+    if rows:
         from registry.services_bulk import insert_rows
 
-        insert_rows(AuditEvent, [{f.attname: getattr(a, f.attname) for f in
-                                  AuditEvent._meta.concrete_fields if not f.primary_key}
-                                 for a in pending.audits])
+        insert_rows(AuditEvent, rows)
     if pending.followup_patient_ids:
         _followup_changed_now(pending.followup_patient_ids)
 
@@ -124,9 +136,18 @@ def audit_record(
     object_id: str = "",
     patient_id: Any = None,
     detail: dict[str, Any] | None = None,
-) -> AuditEvent:
+) -> AuditEvent | None:
     """Append one AuditEvent. ``detail`` must hold ids and codes only, never PHI.
-    Inside ``deferred_side_effects()`` the row is written at the end of that block."""
+    Inside ``deferred_side_effects()`` the row is written at the end of that block (and None
+    is returned: the row is kept as a plain dict, no model instance is built)."""
+    pending: _Deferred | None = getattr(_deferred, "current", None)
+    if pending is not None:
+        pending.audits.append({
+            "at": None, "actor_id": actor.user_id, "feed_id": actor.feed_id, "action": action,
+            "patient_id": patient_id, "object_type": object_type, "object_id": str(object_id),
+            "via": actor.via, "detail": detail or {},
+        })
+        return None
     event = AuditEvent(
         actor_id=actor.user_id,
         feed_id=actor.feed_id,
@@ -137,11 +158,7 @@ def audit_record(
         via=actor.via,
         detail=detail or {},
     )
-    pending: _Deferred | None = getattr(_deferred, "current", None)
-    if pending is not None:
-        pending.audits.append(event)
-    else:
-        event.save(force_insert=True)
+    event.save(force_insert=True)
     return event
 
 
@@ -161,6 +178,11 @@ def followup_changed(patient_id: Any) -> None:
 
 def _followup_changed_now(patient_ids: set[Any]) -> None:
     Patient.objects.filter(pk__in=patient_ids).update(followup_next_check_on=clinic_today())
+    _queue_followup(patient_ids)
+
+
+def _queue_followup(patient_ids: Any) -> None:
+    """After commit: one re-evaluation per patient (one Celery message for many)."""
     ids = sorted(str(p) for p in patient_ids)
 
     def queue() -> None:
@@ -170,7 +192,8 @@ def _followup_changed_now(patient_ids: set[Any]) -> None:
             if len(ids) == 1:
                 followup_reevaluate.delay(ids[0])
             else:  # one message for many patients (Celery chunks), not one per patient
-                followup_reevaluate.chunks([(i,) for i in ids], 100).apply_async()
+                followup_reevaluate.chunks([(i,) for i in ids], 100).apply_async(
+                    argsrepr=f"({len(ids)} patients)")
         except Exception as exc:  # broker down: the sweep picks the patients up
             logger.warning("followup_reevaluate not queued for %s patient(s): %s", len(ids),
                            type(exc).__name__)

@@ -116,6 +116,14 @@ def insert_rows(model: type[models.Model], rows: Sequence[dict[str, Any]]) -> No
         _pg_write(model, rows[start:start + CHUNK], (), (), "")
 
 
+def insert_rows_sql(model: type[models.Model], rows: Sequence[dict[str, Any]]
+                    ) -> tuple[str, str]:
+    """The PostgreSQL ``INSERT ... SELECT FROM json_populate_recordset(%s::json)`` of ``rows``
+    (no RETURNING) and its one parameter, to embed in a larger statement (e.g. a CTE)."""
+    sql, records = _pg_insert_sql(model, rows, (), (), "")
+    return sql, json.dumps(records, default=_json_value)
+
+
 def _json_value(value: Any) -> Any:
     if isinstance(value, dt.datetime | dt.date):
         return value.isoformat()
@@ -131,6 +139,16 @@ def _pg_write(model: type[models.Model], rows: Sequence[dict[str, Any]],
     [ON CONFLICT DO UPDATE]``: PostgreSQL converts each value to its column's type, and the
     statement has one parameter whatever the number of rows. ``xmax = 0`` marks the rows that
     were inserted rather than updated."""
+    sql, records = _pg_insert_sql(model, rows, conflict, update, where)
+    sql += f"RETURNING {connection.ops.quote_name(model._meta.pk.column)}, (xmax = 0)"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [json.dumps(records, default=_json_value)])
+        return [(pk, bool(inserted)) for pk, inserted in cursor.fetchall()]
+
+
+def _pg_insert_sql(model: type[models.Model], rows: Sequence[dict[str, Any]],
+                   conflict: Sequence[str], update: Sequence[str], where: str
+                   ) -> tuple[str, list[dict[str, Any]]]:
     meta = model._meta
     qn = connection.ops.quote_name
     now = timezone.now()
@@ -165,10 +183,7 @@ def _pg_write(model: type[models.Model], rows: Sequence[dict[str, Any]],
             f"{'WHERE ' + where if where else ''} "
             f"DO UPDATE SET {', '.join(f'{qn(c)} = EXCLUDED.{qn(c)}' for c in sets)} "
         )
-    sql += f"RETURNING {qn(meta.pk.column)}, (xmax = 0)"
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [json.dumps(records, default=_json_value)])
-        return [(pk, bool(inserted)) for pk, inserted in cursor.fetchall()]
+    return sql, records
 
 
 def _orm_upsert(model: type[models.Model], row: dict[str, Any], conflict: Sequence[str]
@@ -247,9 +262,24 @@ def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTE
                     "use": ident.use, "type_code": ident.type_code})
         results.append((patient, created))
     # New and changed patients in one statement (unchanged ones are not rewritten).
-    upsert_returning(Patient, [{f.attname: getattr(p, f.attname) for f in Patient._meta.
-                                concrete_fields} for p in [*new.values(), *changed.values()]],
-                     conflict=["id"], update=PATIENT_FIELDS)
+    patient_rows = [{f.attname: getattr(p, f.attname) for f in Patient._meta.concrete_fields}
+                    for p in [*new.values(), *changed.values()]]
+    if patient_rows and new_identifiers and connection.vendor == "postgresql":
+        # Patients and their new identifiers in ONE statement (a data-modifying CTE; the
+        # identifiers' foreign key is checked at commit).
+        p_sql, p_records = _pg_insert_sql(Patient, patient_rows, ["id"], PATIENT_FIELDS, "")
+        i_sql, i_records = _pg_insert_sql(PatientIdentifier, new_identifiers, (), (), "")
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(f"WITH patients AS ({p_sql}) {i_sql}", [
+                    json.dumps(p_records, default=_json_value),
+                    json.dumps(i_records, default=_json_value)])
+        except IntegrityError as exc:  # a concurrent writer attached an identifier first
+            raise ConcurrentWriteError(
+                "identifier was claimed concurrently; retry the transaction") from exc
+        new_identifiers = []
+    else:
+        upsert_returning(Patient, patient_rows, conflict=["id"], update=PATIENT_FIELDS)
     if new_identifiers:
         try:  # no savepoint: on a conflict the caller retries the whole transaction
             insert_rows(PatientIdentifier, new_identifiers)

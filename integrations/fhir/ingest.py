@@ -185,10 +185,14 @@ def process_transaction(bundle: dict[str, Any], ctx: Context, allowed: Any,
     for attempt in range(attempts):
         ctx.reset()
         try:
-            with transaction.atomic(), deferred_side_effects():
-                if ctx.durable_later:
+            with transaction.atomic():
+                if ctx.durable_later and ctx.before_commit is None:
                     commit_without_waiting()
-                return _apply_transaction(parsed, ctx, allowed)
+                with deferred_side_effects():
+                    results = _apply_transaction(parsed, ctx, allowed)
+                if ctx.before_commit is not None:  # then this commit is the synchronous one
+                    ctx.before_commit(results)
+                return results
         except (IntegrityError, OperationalError) as exc:
             if attempt == attempts - 1:
                 raise FhirError.single(409, "conflict", "a concurrent update conflicted with "

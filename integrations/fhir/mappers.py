@@ -85,6 +85,9 @@ class Context:
     # The caller commits synchronously after the bundle, before answering (see
     # ``ingest.commit_without_waiting``).
     durable_later: bool = False
+    # Called with the entry outcomes as the last statement inside a transaction bundle's
+    # database transaction (the view records the InboundMessage outcome there).
+    before_commit: Callable[[list[tuple[int, Any]]], None] | None = None
 
     def reset(self) -> None:
         self.bundle_patients.clear()

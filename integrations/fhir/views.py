@@ -16,8 +16,9 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
-from django.db import transaction
+from django.db import connection, transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from config.ratelimit import RateLimited, feed_from_request
@@ -85,29 +86,68 @@ def _body(request: HttpRequest) -> Any:
 
 
 def _store_raw(request: HttpRequest, feed: Feed | None) -> InboundMessage:
-    """Committed before parsing. Its WAL flush is left to ``_finish``, the synchronous commit
-    that always follows before the answer (``commit_without_waiting``)."""
+    """Committed before parsing. Its WAL flush is left to the synchronous commit that always
+    follows before the answer (the transaction bundle's, or ``_finish``'s; see
+    ``commit_without_waiting``). On PostgreSQL outside a transaction this is ONE round trip: an
+    autocommit INSERT that sets ``synchronous_commit`` off for its own implicit transaction."""
     raw = request.body
-    with transaction.atomic():
-        commit_without_waiting()
-        return InboundMessage.objects.create(
-            feed=feed, channel="fhir-rest", content_type=(request.content_type or "")[:100],
-            sha256=hashlib.sha256(raw).hexdigest(), size_bytes=len(raw),
-            body=raw.decode("utf-8", "replace"),
-        )
+    message = InboundMessage(
+        feed=feed, channel="fhir-rest", content_type=(request.content_type or "")[:100],
+        sha256=hashlib.sha256(raw).hexdigest(), size_bytes=len(raw),
+        body=raw.decode("utf-8", "replace"),
+    )
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        with transaction.atomic():
+            commit_without_waiting()
+            message.save(force_insert=True)
+        return message
+    message.received_at = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO integrations_inboundmessage (feed_id, channel, received_at, "
+            "content_type, sha256, size_bytes, body, outcome, summary) "
+            "SELECT %s, %s, %s, %s, %s, %s, %s, %s, '{}'::jsonb "
+            "FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit "
+            "RETURNING id",
+            [feed.pk if feed else None, message.channel, message.received_at,
+             message.content_type, message.sha256, message.size_bytes, message.body,
+             message.outcome])
+        message.pk = cursor.fetchone()[0]
+    message._state.adding = False
+    return message
 
 
-def _finish(message: InboundMessage | None, status: int, summary: dict[str, Any]) -> None:
-    """Record the outcome: a synchronous commit, which also makes the raw payload and the
-    bundle's writes durable before the answer is sent."""
-    if message is None:
-        return
+def _outcome_fields(status: int, summary: dict[str, Any]) -> dict[str, Any]:
     outcome = (InboundMessage.Outcome.ACCEPTED if status < 300 else
                InboundMessage.Outcome.REJECTED)
     if summary.get("partial"):
         outcome = InboundMessage.Outcome.PARTIAL
-    InboundMessage.objects.filter(pk=message.pk).update(outcome=outcome, status_code=status,
-                                                        summary=summary)
+    return {"outcome": outcome, "status_code": status, "summary": summary}
+
+
+def _finish(message: InboundMessage | None, status: int, summary: dict[str, Any]) -> None:
+    """Record the outcome: a synchronous commit, which also makes the raw payload and the
+    bundle's writes durable before the answer is sent. Skipped when the transaction bundle
+    already recorded it inside its own (synchronous) commit."""
+    if message is None or getattr(message, "outcome_recorded", False):
+        return
+    InboundMessage.objects.filter(pk=message.pk).update(**_outcome_fields(status, summary))
+
+
+def _record_in_transaction(message: InboundMessage | None
+                           ) -> Callable[[list[tuple[int, EntryOutcome]]], None] | None:
+    """For a transaction bundle: the outcome UPDATE as the last statement of the bundle's own
+    transaction, whose commit is then the one synchronous commit (one round trip and one
+    transaction fewer). ``outcome_recorded`` is set only once that commit has happened."""
+    if message is None:
+        return None
+
+    def record(results: list[tuple[int, EntryOutcome]]) -> None:
+        InboundMessage.objects.filter(pk=message.pk).update(
+            **_outcome_fields(200, _summary(results)))
+        transaction.on_commit(lambda: setattr(message, "outcome_recorded", True))
+
+    return record
 
 
 def _guarded(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
@@ -122,6 +162,7 @@ def _guarded(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse
                     raise FhirError.single(413, "too-costly", "the payload is too large")
                 message = _store_raw(request, feed)
             request.feed = feed  # type: ignore[attr-defined]
+            request.inbound_message = message  # type: ignore[attr-defined]
             response = handler(request, *args, **kwargs)
             _finish(message, response.status_code,
                     getattr(response, "vbq_summary", {"status": response.status_code}))
@@ -146,6 +187,15 @@ def _ctx(request: HttpRequest) -> tuple[Context, Callable[[str], bool]]:
                    durable_later=True), feed.allows
 
 
+def _summary(results: list[tuple[int, EntryOutcome]]) -> dict[str, Any]:
+    return {
+        "entries": len(results),
+        "statuses": sorted({o.status for _, o in results}),
+        "partial": any(o.status >= 400 for _, o in results)
+        and any(o.status < 300 for _, o in results),
+    }
+
+
 def _bundle_response(kind: str, results: list[tuple[int, EntryOutcome]]) -> HttpResponse:
     entries = []
     for _, outcome in results:
@@ -156,12 +206,7 @@ def _bundle_response(kind: str, results: list[tuple[int, EntryOutcome]]) -> Http
             response["outcome"] = operation_outcome(outcome.issues)
         entries.append({"response": response})
     http = _response({"resourceType": "Bundle", "type": f"{kind}-response", "entry": entries})
-    http.vbq_summary = {  # type: ignore[attr-defined]
-        "entries": len(results),
-        "statuses": sorted({o.status for _, o in results}),
-        "partial": any(o.status >= 400 for _, o in results)
-        and any(o.status < 300 for _, o in results),
-    }
+    http.vbq_summary = _summary(results)  # type: ignore[attr-defined]
     return http
 
 
@@ -176,6 +221,8 @@ def root(request: HttpRequest) -> HttpResponse:
     kind = data.get("type")
     ctx, allowed = _ctx(request)
     if kind == "transaction":
+        ctx.before_commit = _record_in_transaction(
+            getattr(request, "inbound_message", None))
         return _bundle_response("transaction", process_transaction(data, ctx, allowed))
     if kind == "batch":
         return _bundle_response("batch", process_batch(data, ctx, allowed))
