@@ -43,6 +43,7 @@ the pixel spacing, so neither the matrix nor the intensity scale matters.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -219,7 +220,15 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
     """Find the mid-sagittal slice, label T12–S1, and place body and CSF ROIs.
 
     Raises ``LocalisationError`` when the canal or the lumbar column cannot be found.
+    ``debug`` (optional) receives intermediate arrays for inspection.
     """
+    with warnings.catch_warnings():
+        # all-NaN rows (outside the image after straightening) are expected and handled
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _localize(series, debug)
+
+
+def _localize(series: Series, debug: dict | None) -> Localisation:
     fr = _frame(series)
     volume = series.pixels.transpose(0, 2, 1) if fr.transpose else series.pixels  # views
     if fr.flip_r:

@@ -1,8 +1,12 @@
-"""The automatic path on seeded random SYNTHETIC phantoms meets the issue's accuracy targets.
+"""The automatic path on 300 seeded random SYNTHETIC phantoms meets the issue's targets.
 
-A smaller sample than bench/vbq_accuracy.py (which runs 300) so the suite stays fast; the
-phantoms are generated in the test from their seeds (seeds 1000+ are not the bench's 0–299).
+The phantoms are generated in the test from their seeds (about 1.5 min on one core). Seeds
+5000–5299 are a held-out set: the algorithm was developed looking at seeds 0–299 (the bench's
+default) and a few others, never at these. ``VBQ_ACCURACY_PHANTOMS`` lowers the count for a
+quick local run.
 """
+
+import os
 
 import pytest
 
@@ -10,10 +14,14 @@ from scoring.engine.accuracy import REFUSALS, run
 from scoring.engine.phantom import random_phantom
 from scoring.engine.vbq import compute_vbq
 
+PHANTOMS = int(os.environ.get("VBQ_ACCURACY_PHANTOMS", "300"))
+
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def sample():
-    return run(40, seed0=1000)
+    return run(PHANTOMS, seed0=5000)
 
 
 def test_level_labels_are_correct_in_at_least_98_percent(sample):
