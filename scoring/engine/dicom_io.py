@@ -139,20 +139,24 @@ def read_series(source: Any) -> Series:
     images = [images[i] for i in order]
     positions = positions[order]
     arrays = []
+    rescale = []
     for ds in images:
         try:
-            arr = ds.pixel_array.astype(np.float32)
+            arrays.append(ds.pixel_array)
         except Exception as exc:  # truncated data, missing codec, bad lengths...
             raise UnreadableDicomError(f"the pixel data cannot be decoded "
                                        f"({type(exc).__name__}: {str(exc)[:120]})") from exc
-        slope = _float(ds, "RescaleSlope") or 1.0
-        intercept = _float(ds, "RescaleIntercept") or 0.0
-        arrays.append(arr * slope + intercept if (slope, intercept) != (1.0, 0.0) else arr)
+        rescale.append((_float(ds, "RescaleSlope") or 1.0, _float(ds, "RescaleIntercept") or 0.0))
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise InconsistentSeriesError(f"the images differ in size: {sorted(shapes)}")
+    pixels = np.empty((len(arrays), *next(iter(shapes))), np.float32)
+    for i, (arr, (slope, intercept)) in enumerate(zip(arrays, rescale, strict=True)):
+        pixels[i] = arr  # one conversion to float32, no intermediate copies
+        if (slope, intercept) != (1.0, 0.0):
+            pixels[i] = pixels[i] * slope + intercept
     return Series(
-        datasets=images, pixels=np.stack(arrays), orientation=orientation, normal=normal,
+        datasets=images, pixels=pixels, orientation=orientation, normal=normal,
         positions=positions, pixel_spacing_mm=(pixel_spacing[0], pixel_spacing[1]),
         series_instance_uid=str(images[0].get("SeriesInstanceUID", "")),
         acquisition=acquisition_of(images[0]),
