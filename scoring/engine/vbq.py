@@ -224,6 +224,7 @@ def _external(series: Series, fractured: list[str], flags: list[QcFlag], result:
         confidence -= 0.4
     levels = {lv: measure_roi(series, lv, roi, lv in fractured) for lv, roi in rois.items()}
     csf = measure_roi(series, "csf", loc.csf_roi)
+    confidence -= _signal_voids(series, levels, csf, flags)
     return _finish(result, "external-seg", levels, csf, fractured, flags, max(0.0, confidence))
 
 
@@ -266,4 +267,26 @@ def _auto(series: Series, fractured: list[str], flags: list[QcFlag], result: Any
         confidence -= 0.5
         flags.append(QcFlag("weak-marrow-contrast", "marrow is not brighter than CSF as on a "
                             "T1 image: check the series and the ROIs"))
+    confidence -= _signal_voids(series, levels, csf, flags)
     return _finish(result, "auto", levels, csf, fractured, flags, max(0.0, confidence))
+
+
+def _signal_voids(series: Series, levels: Mapping[str, LevelMeasurement],
+                  csf: LevelMeasurement, flags: list[QcFlag]) -> float:
+    """Flag L1–L4 ROIs that are largely darker than half the CSF: on T1 that is a signal void
+    (cement, hardware, sclerosis), not marrow. The level is kept in the value but the result
+    goes to review; returns the confidence penalty."""
+    void_levels = []
+    for lv in VBQ_LEVELS:
+        if lv not in levels:
+            continue
+        m = levels[lv]
+        values = series.pixels[m.roi.slice_index][roi_mask(
+            series.pixels.shape[1:], m.roi)]
+        if values.size and float(np.mean(values < 0.5 * csf.median_si)) > 0.3:
+            void_levels.append(lv)
+    if not void_levels:
+        return 0.0
+    flags.append(QcFlag("signal-void", f"{', '.join(void_levels)}: large signal void in the "
+                        "ROI (cement or hardware?): exclude the level or place ROIs by hand"))
+    return 0.4

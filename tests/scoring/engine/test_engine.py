@@ -197,3 +197,20 @@ def test_cli_reports_an_unreadable_input_as_an_error_code(tmp_path, capsys):
     (tmp_path / "x.dcm").write_bytes(b"garbage")
     assert cli([str(tmp_path)]) == 2
     assert "unreadable-dicom" in capsys.readouterr().err
+
+
+def test_a_signal_void_in_a_body_sends_the_result_to_review():
+    """SYNTHETIC stand-in for cement: a near-zero block over the middle of L2."""
+    phantom = make_phantom(23, fractured=())
+    mid = phantom.truth["mid_slice"]
+    _, row, col = phantom.truth["centres_px"]["L2"]
+    half = int(8 / phantom.truth["spacing_mm"])
+    for index in (mid - 1, mid, mid + 1):
+        arr = phantom.datasets[index].pixel_array.copy()
+        arr[int(row) - half: int(row) + half, int(col) - 2 * half: int(col) + 2 * half] = 5
+        phantom.datasets[index].PixelData = arr.tobytes()
+    result = compute_vbq(phantom.datasets)
+    assert result.status == "needs_review"
+    void = [f for f in result.qc_flags if f.code == "signal-void"]
+    assert void
+    assert "L2" in void[0].message
