@@ -21,6 +21,7 @@ gives the ratio against the stricter per-resource baseline too.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -52,7 +53,14 @@ def bundles(seed: int = 1, target: int = TARGET) -> list[dict]:
         cohort = generate_demo_cohort(27, seed=seed, today=dt.date(2026, 11, 1), recent=0)
         entries = []
         for p in cohort:
-            p.key = f"SYN-{seed:04d}{p.key[4:]}"
+            old_key, p.key = p.key, f"SYN-{seed:04d}{p.key[4:]}"
+            # fracture and therapy identifiers too, so that every resource is new (with the
+            # demo keys they were the same 27 rows in every bundle: updates, and row locks
+            # contended by the two workers)
+            p.fractures = [dataclasses.replace(fx, key=p.key + fx.key[len(old_key):])
+                           for fx in p.fractures]
+            p.therapies = [dataclasses.replace(rx, key=p.key + rx.key[len(old_key):])
+                           for rx in p.therapies]
             entries.extend(demo_bundle(p)["entry"])
         out.append({"resourceType": "Bundle", "type": "transaction", "entry": entries})
         total += len(entries)

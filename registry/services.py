@@ -109,15 +109,13 @@ def deferred_side_effects() -> Iterator[None]:
     rows = pending.audits
     if rows and pending.followup_patient_ids and connection.vendor == "postgresql":
         # One statement (a data-modifying CTE): the audit rows and the patients' due dates.
-        from registry.services_bulk import insert_rows_sql
+        from registry.services_bulk import insert_rows_sql, pg_execute
 
         insert_sql, param = insert_rows_sql(AuditEvent, rows)
         ids = [str(p) for p in pending.followup_patient_ids]
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"WITH audit AS ({insert_sql}) "  # noqa: S608 (model metadata only)
-                f"UPDATE {Patient._meta.db_table} SET followup_next_check_on = %s "
-                "WHERE id = ANY(%s::uuid[])", [param, clinic_today(), ids])
+        pg_execute(f"WITH audit AS ({insert_sql}) "  # noqa: S608 (model metadata only)
+                   f"UPDATE {Patient._meta.db_table} SET followup_next_check_on = %s "
+                   "WHERE id = ANY(%s::uuid[])", [param, clinic_today(), ids])
         _queue_followup(ids)
         return
     if rows:

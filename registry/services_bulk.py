@@ -124,6 +124,21 @@ def insert_rows_sql(model: type[models.Model], rows: Sequence[dict[str, Any]]
     return sql, json.dumps(records, default=_json_value)
 
 
+def pg_execute(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Run one PostgreSQL statement with SERVER-side parameter binding and return its rows.
+
+    Django's psycopg cursor binds client-side (each value escaped into the SQL text); for the
+    large JSON documents and raw payloads of a FHIR bundle, sending them as bound parameters
+    halves the round trip. Errors are Django's (``IntegrityError``...), as with a Django cursor.
+    """
+    import psycopg
+
+    connection.ensure_connection()
+    with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall() if cursor.description else []
+
+
 def _json_value(value: Any) -> Any:
     if isinstance(value, dt.datetime | dt.date):
         return value.isoformat()
@@ -141,9 +156,8 @@ def _pg_write(model: type[models.Model], rows: Sequence[dict[str, Any]],
     were inserted rather than updated."""
     sql, records = _pg_insert_sql(model, rows, conflict, update, where)
     sql += f"RETURNING {connection.ops.quote_name(model._meta.pk.column)}, (xmax = 0)"
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [json.dumps(records, default=_json_value)])
-        return [(pk, bool(inserted)) for pk, inserted in cursor.fetchall()]
+    return [(pk, bool(inserted)) for pk, inserted in
+            pg_execute(sql, [json.dumps(records, default=_json_value)])]
 
 
 def _pg_insert_sql(model: type[models.Model], rows: Sequence[dict[str, Any]],
@@ -270,10 +284,9 @@ def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTE
         p_sql, p_records = _pg_insert_sql(Patient, patient_rows, ["id"], PATIENT_FIELDS, "")
         i_sql, i_records = _pg_insert_sql(PatientIdentifier, new_identifiers, (), (), "")
         try:
-            with connection.cursor() as cursor:
-                cursor.execute(f"WITH patients AS ({p_sql}) {i_sql}", [
-                    json.dumps(p_records, default=_json_value),
-                    json.dumps(i_records, default=_json_value)])
+            pg_execute(f"WITH patients AS ({p_sql}) {i_sql}", [
+                json.dumps(p_records, default=_json_value),
+                json.dumps(i_records, default=_json_value)])
         except IntegrityError as exc:  # a concurrent writer attached an identifier first
             raise ConcurrentWriteError(
                 "identifier was claimed concurrently; retry the transaction") from exc
@@ -297,8 +310,8 @@ def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTE
 
 
 # --- Sourced clinical records -------------------------------------------------------------------
-def _sourced_many(model: type[models.Model], build: Callable[..., dict[str, Any]],
-                  items: Sequence[dict[str, Any]], actor: Actor) -> list[tuple[Any, bool]]:
+def _sourced_rows(build: Callable[..., dict[str, Any]], items: Sequence[dict[str, Any]]
+                  ) -> list[dict[str, Any]]:
     rows = []
     for n, item in enumerate(items):
         kwargs = dict(item)
@@ -311,16 +324,111 @@ def _sourced_many(model: type[models.Model], build: Callable[..., dict[str, Any]
         values["identifier_system"] = identifier.system if has_id else ""
         values["identifier_value"] = identifier.value if has_id else ""
         rows.append(values)
-    update = [name for name in rows[0] if name not in SOURCED_CONFLICT] if rows else []
-    results = upsert_returning(model, rows, conflict=SOURCED_CONFLICT, update=update,
-                               conflict_where=SOURCED_CONFLICT_WHERE)
+    return rows
+
+
+def _sourced_side_effects(model: type[models.Model], results: Sequence[tuple[Any, bool]],
+                          rows: Sequence[dict[str, Any]], actor: Actor) -> None:
     with deferred_side_effects():
         for (pk, created), values in zip(results, rows, strict=True):
             audit_record(actor=actor, action=AuditAction.CREATE if created
                          else AuditAction.UPDATE, object_type=model.__name__,
                          object_id=str(pk), patient_id=values["patient"].pk)
             followup_changed(values["patient"].pk)
+
+
+def _sourced_many(model: type[models.Model], build: Callable[..., dict[str, Any]],
+                  items: Sequence[dict[str, Any]], actor: Actor) -> list[tuple[Any, bool]]:
+    rows = _sourced_rows(build, items)
+    update = [name for name in rows[0] if name not in SOURCED_CONFLICT] if rows else []
+    results = upsert_returning(model, rows, conflict=SOURCED_CONFLICT, update=update,
+                               conflict_where=SOURCED_CONFLICT_WHERE)
+    _sourced_side_effects(model, results, rows, actor)
     return results
+
+
+def _dedupe(rows: Sequence[dict[str, Any]], conflict: Sequence[str]
+            ) -> tuple[list[int], list[dict[str, Any]]]:
+    """Rows with the same non-empty key are written once (the last one wins)."""
+    slot_of: list[int] = []
+    unique: list[dict[str, Any]] = []
+    seen: dict[tuple[Any, ...], int] = {}
+    for row in rows:
+        key = tuple(row[c] for c in conflict)
+        if all(key) and key in seen:
+            unique[seen[key]] = row
+            slot_of.append(seen[key])
+            continue
+        if all(key):
+            seen[key] = len(unique)
+        slot_of.append(len(unique))
+        unique.append(row)
+    return slot_of, unique
+
+
+def _expand(slot_of: Sequence[int], results: Sequence[tuple[Any, bool]]
+            ) -> list[tuple[Any, bool]]:
+    out, used = [], set()
+    for slot in slot_of:  # a repeated key: created once, then updated
+        pk, created = results[slot]
+        out.append((pk, created and slot not in used))
+        used.add(slot)
+    return out
+
+
+SOURCED_KINDS: dict[str, tuple[type[models.Model], Callable[..., dict[str, Any]]]] = {
+    "procedure": (Procedure, procedure_values),
+    "fracture": (Fracture, fracture_values),
+    "therapy": (TherapyExposure, therapy_values),
+}
+
+
+def sourced_record_many(*, groups: dict[str, Sequence[dict[str, Any]]],
+                        actor: Actor = SYSTEM_ACTOR) -> dict[str, list[tuple[Any, bool]]]:
+    """``procedure_record_many`` / ``fracture_record_many`` / ``therapy_record_many`` at once
+    (``groups``: kind → items): on PostgreSQL ONE statement, each model's upsert a
+    data-modifying CTE. ``(pk, created)`` per item, by kind. A validation error carries
+    ``kind`` and ``index``; nothing is written then."""
+    prepared: dict[str, list[dict[str, Any]]] = {}
+    for kind, items in groups.items():
+        if not items:
+            continue
+        try:
+            prepared[kind] = _sourced_rows(SOURCED_KINDS[kind][1], items)
+        except RegistryValidationError as exc:
+            exc.kind = kind  # type: ignore[attr-defined]
+            raise
+    if connection.vendor != "postgresql" or len(prepared) < 2:
+        out = {}
+        for kind, rows in prepared.items():
+            model = SOURCED_KINDS[kind][0]
+            update = [name for name in rows[0] if name not in SOURCED_CONFLICT]
+            out[kind] = upsert_returning(model, rows, conflict=SOURCED_CONFLICT, update=update,
+                                         conflict_where=SOURCED_CONFLICT_WHERE)
+            _sourced_side_effects(model, out[kind], rows, actor)
+        return out
+    ctes, params, plans = [], [], []
+    for n, (kind, rows) in enumerate(prepared.items()):
+        model = SOURCED_KINDS[kind][0]
+        slot_of, unique = _dedupe(rows, SOURCED_CONFLICT)
+        update = [name for name in rows[0] if name not in SOURCED_CONFLICT]
+        sql, records = _pg_insert_sql(model, unique, SOURCED_CONFLICT, update,
+                                      SOURCED_CONFLICT_WHERE)
+        ctes.append(f"c{n} AS ({sql}RETURNING {n} AS k, "
+                    f"{connection.ops.quote_name(model._meta.pk.column)} AS pk, "
+                    "(xmax = 0) AS inserted)")
+        params.append(json.dumps(records, default=_json_value))
+        plans.append((kind, model, rows, slot_of))
+    union = " UNION ALL ".join(f"SELECT k, pk, inserted FROM c{n}"  # noqa: S608
+                               for n in range(len(ctes)))
+    by_k: dict[int, list[tuple[Any, bool]]] = {n: [] for n in range(len(ctes))}
+    for k, pk, inserted in pg_execute(f"WITH {', '.join(ctes)} {union}", params):
+        by_k[k].append((pk, bool(inserted)))
+    out = {}
+    for n, (kind, model, rows, slot_of) in enumerate(plans):
+        out[kind] = _expand(slot_of, by_k[n])
+        _sourced_side_effects(model, out[kind], rows, actor)
+    return out
 
 
 def procedure_record_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR

@@ -34,9 +34,11 @@ from registry.services import (
     therapy_record,
 )
 from registry.services_bulk import (
+    SOURCED_KINDS,
     fracture_record_many,
     patient_upsert_many,
     procedure_record_many,
+    sourced_record_many,
     therapy_record_many,
 )
 from registry.timeutil import clinic_date, clinic_today, start_of_clinic_day
@@ -141,12 +143,22 @@ def flush_pending(ctx: Context) -> None:
     by_kind: dict[str, list[PendingWrite]] = {}
     for write in pending:
         by_kind.setdefault(write.kind, []).append(write)
+    done: dict[str, list[tuple[Any, bool]]] = {}
+    sourced = {k: [w.kwargs for w in by_kind[k]] for k in SOURCED_KINDS if by_kind.get(k)}
+    if len(sourced) > 1:  # procedures, fractures and therapy in one statement
+        try:
+            done = sourced_record_many(groups=sourced, actor=ctx.actor)
+        except RegistryValidationError as exc:
+            write = by_kind[getattr(exc, "kind", next(iter(sourced)))][getattr(exc, "index", 0)]
+            error = _business_error(exc, write.result.resource_type)
+            raise (error.prefixed(write.where) if write.where else error) from exc
     for kind in ("patient", "procedure", "fracture", "therapy", "imaging"):
         writes = by_kind.get(kind)
         if not writes:
             continue
         try:
-            results = BULK[kind](items=[w.kwargs for w in writes], actor=ctx.actor)
+            results = done[kind] if kind in done else BULK[kind](
+                items=[w.kwargs for w in writes], actor=ctx.actor)
         except RegistryValidationError as exc:
             write = writes[getattr(exc, "index", 0)]
             error = _business_error(exc, write.result.resource_type)

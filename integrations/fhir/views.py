@@ -35,6 +35,7 @@ from integrations.fhir.mappers import MAPPERS, Context
 from integrations.models import InboundMessage
 from registry.models import AuditAction, Feed
 from registry.services import Actor, audit_record
+from registry.services_bulk import pg_execute
 
 logger = logging.getLogger(__name__)
 FHIR_JSON = "application/fhir+json"
@@ -102,17 +103,15 @@ def _store_raw(request: HttpRequest, feed: Feed | None) -> InboundMessage:
             message.save(force_insert=True)
         return message
     message.received_at = timezone.now()
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "INSERT INTO integrations_inboundmessage (feed_id, channel, received_at, "
-            "content_type, sha256, size_bytes, body, outcome, summary) "
-            "SELECT %s, %s, %s, %s, %s, %s, %s, %s, '{}'::jsonb "
-            "FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit "
-            "RETURNING id",
-            [feed.pk if feed else None, message.channel, message.received_at,
-             message.content_type, message.sha256, message.size_bytes, message.body,
-             message.outcome])
-        message.pk = cursor.fetchone()[0]
+    ((message.pk,),) = pg_execute(  # server-side binding: the body is not escaped into SQL
+        "INSERT INTO integrations_inboundmessage (feed_id, channel, received_at, "
+        "content_type, sha256, size_bytes, body, outcome, summary) "
+        "SELECT %s::bigint, %s, %s, %s, %s, %s, %s, %s, '{}'::jsonb "
+        "FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit "
+        "RETURNING id",
+        [feed.pk if feed else None, message.channel, message.received_at,
+         message.content_type, message.sha256, message.size_bytes, message.body,
+         message.outcome])
     message._state.adding = False
     return message
 
