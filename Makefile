@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 run: venv
 	DEMO_MODE=true DEBUG=true $(PY) manage.py migrate --noinput
-	DEMO_MODE=true DEBUG=true $(PY) manage.py demo_cohort --if-empty
+	DEMO_MODE=true DEBUG=true $(PY) manage.py demo_cohort --if-empty --phantoms 8
 	DEMO_MODE=true DEBUG=true $(PY) manage.py followup_sweep
 	DEMO_MODE=true DEBUG=true $(PY) manage.py ensure_demo_users
 	DEMO_MODE=true DEBUG=true $(PY) manage.py run_embedded --addr $(ADDR)

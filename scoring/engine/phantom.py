@@ -56,11 +56,14 @@ class Phantom:
         return paths
 
 
-def _tissues(rng: np.random.Generator, kind: str, fat_suppressed: bool) -> dict[str, float]:
+def _tissues(rng: np.random.Generator, kind: str, fat_suppressed: bool,
+             marrow_csf_ratio: float | None = None) -> dict[str, float]:
     """Tissue intensities drawn per phantom (T1 physics: CSF darkest fluid, marrow brighter than
     disc and muscle, fat bright)."""
     csf = float(rng.uniform(120, 420))
-    ratio = float(rng.uniform(1.5, 5.0))
+    ratio = float(rng.uniform(1.5, 5.0))  # drawn even when overridden: seeds stay stable
+    if marrow_csf_ratio is not None:
+        ratio = float(marrow_csf_ratio)
     marrow = csf * ratio
     upper = min(2.0, ratio / 1.15)
     muscle = csf * float(rng.uniform(1.12, max(1.13, upper)))
@@ -110,8 +113,13 @@ def make_phantom(
     fractured: tuple[str, ...] | None = None,
     gadolinium: bool = False,
     ap_flip: bool = False,
+    marrow_csf_ratio: float | None = None,
 ) -> Phantom:
-    """Draw one SYNTHETIC series. Random choices come from ``seed``; explicit keywords override."""
+    """Draw one SYNTHETIC series. Random choices come from ``seed``; explicit keywords override.
+
+    ``marrow_csf_ratio`` fixes the marrow/CSF signal ratio (the true VBQ then lands near it,
+    give or take the per-level variation and bias field); the demo cohort uses it.
+    """
     rng = np.random.default_rng(seed)
     fov_mm = float(rng.uniform(290, 360))
     spacing_r = fov_mm / rows
@@ -120,7 +128,7 @@ def make_phantom(
     field_t = float(rng.choice([1.5, 3.0]))
     tr = float(rng.uniform(420, 800)) if contrast == "t1" else float(rng.uniform(2500, 4500))
     te = float(rng.uniform(8, 18)) if contrast == "t1" else float(rng.uniform(80, 110))
-    tissue = _tissues(rng, contrast, fat_suppressed)
+    tissue = _tissues(rng, contrast, fat_suppressed, marrow_csf_ratio)
     if fractured is None:
         fractured = tuple(rng.choice(["L1", "L2", "L3", "L4"], size=1)) if rng.random() < 0.3 \
             else ()

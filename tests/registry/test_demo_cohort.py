@@ -41,3 +41,30 @@ def test_demo_cohort_command_loads_60_synthetic_patients_once():
     call_command("demo_cohort", "--if-empty")
     assert Patient.objects.count() == 60
     assert Patient.objects.filter(is_synthetic=True).count() == 60
+
+
+@pytest.mark.django_db
+def test_demo_phantoms_are_written_as_the_announced_series_and_queued_for_scoring(
+        settings, tmp_path):
+    from registry.management.commands.demo_cohort import demo_phantom_patients
+    from registry.timeutil import clinic_today
+    from scoring.engine import compute_vbq
+    from scoring.models import ImagingSeries, VbqResult
+
+    settings.DICOM_STORAGE_ROOT = tmp_path
+    settings.PACS_DICOMWEB_URL = ""
+    call_command("demo_cohort", patients=12, phantoms=2)
+    chosen = demo_phantom_patients(generate_demo_cohort(12, seed=2025, today=clinic_today()), 2)
+    jobs = VbqResult.objects.filter(source=VbqResult.Source.AUTO)
+    assert jobs.count() == len(chosen) == 2
+    assert set(jobs.values_list("status", flat=True)) == {VbqResult.Status.QUEUED}
+    for demo in chosen:
+        uid = f"2.25.{int(demo.key[4:]) + 10**12}.1"
+        series = ImagingSeries.objects.get(series_instance_uid=uid)
+        assert jobs.filter(series=series).exists()
+        measured = compute_vbq(series.local_path)
+        assert measured.series_instance_uid == series.series_instance_uid
+        # The engine's own measurement of the written SYNTHETIC series lands near the demo value
+        # and on the same side of the 3.0 threshold.
+        assert measured.vbq_all_levels == pytest.approx(demo.vbq_all_levels, rel=0.08)
+        assert (measured.vbq_all_levels >= 3.0) == (demo.vbq_all_levels >= 3.0)

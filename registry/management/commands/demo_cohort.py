@@ -28,6 +28,11 @@ class Command(BaseCommand):
         parser.add_argument(
             "--if-empty", action="store_true", help="Do nothing if any patient exists"
         )
+        parser.add_argument(
+            "--phantoms", type=int, default=0,
+            help="Write a SYNTHETIC MRI phantom for this many patients into the local DICOM "
+                 "store and queue real VBQ jobs for them (the worker scores them)",
+        )
 
     def handle(self, *args, **options) -> None:
         if options["if_empty"] and Patient.objects.exists():
@@ -40,6 +45,52 @@ class Command(BaseCommand):
             load_demo_patient_via_fhir(demo)
         self.stdout.write(self.style.SUCCESS(
             f"Loaded {len(cohort)} SYNTHETIC patients through FHIR ingestion."))
+        if options["phantoms"]:
+            jobs = [job for demo in demo_phantom_patients(cohort, options["phantoms"])
+                    for job in write_demo_phantom(demo)]
+            self.stdout.write(self.style.SUCCESS(
+                f"Wrote SYNTHETIC MRI phantoms and queued {len(jobs)} VBQ job(s)."))
+
+
+def demo_phantom_patients(cohort: list[DemoPatient], count: int) -> list[DemoPatient]:
+    """Patients whose demo VBQ is clearly high or clearly normal (at least 0.3 from the
+    threshold), alternating groups, so a few percent of measurement difference between the
+    phantom and the demo value never moves a patient across the threshold."""
+    high = [d for d in cohort if d.vbq_excluding_fractured >= 3.3 and d.vbq_all_levels >= 3.3]
+    normal = [d for d in cohort if d.vbq_excluding_fractured <= 2.7 and d.vbq_all_levels <= 2.7]
+    mixed = [d for pair in zip(high, normal, strict=False) for d in pair]
+    return mixed[:count]
+
+
+def write_demo_phantom(demo: DemoPatient) -> list[int]:
+    """Write a SYNTHETIC sagittal T1 phantom whose marrow/CSF ratio matches the patient's demo
+    VBQ as the series the demo ImagingStudy announced, then queue its VBQ job through the
+    normal pipeline (``vbq_jobs_create``). Returns the queued job ids."""
+    from django.conf import settings
+
+    from scoring.engine.phantom import make_phantom
+    from scoring.models import ImagingSeries
+    from scoring.services import vbq_jobs_create
+
+    seed = int(demo.key[4:])
+    lumbar = demo.index_level if demo.index_level in ("L1", "L2", "L3", "L4") else None
+    fractured = (lumbar,) if lumbar else ()
+    target = demo.vbq_all_levels
+    phantom = make_phantom(seed, marrow_csf_ratio=target, fractured=fractured)
+    # The true VBQ lands a few percent off the ratio (per-level spread, bias field): rescale once.
+    phantom = make_phantom(seed, fractured=fractured,
+                           marrow_csf_ratio=target * target / phantom.truth["vbq_all_levels"])
+    series = ImagingSeries.objects.select_related("study").get(
+        series_instance_uid=f"2.25.{seed + 10**12}.1")
+    for ds in phantom.datasets:
+        ds.StudyInstanceUID = series.study.study_instance_uid
+        ds.SeriesInstanceUID = series.series_instance_uid
+        ds.PatientID = demo.key
+        ds.MagneticFieldStrength = demo.field_strength_t
+    folder = settings.DICOM_STORAGE_ROOT / "demo" / series.series_instance_uid
+    phantom.write(folder)
+    ImagingSeries.objects.filter(pk=series.pk).update(local_path=str(folder))
+    return vbq_jobs_create(study=series.study)
 
 
 @transaction.atomic
