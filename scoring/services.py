@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from django.db import transaction
 
 from registry.models import Patient
-from registry.services import SYSTEM_ACTOR, Actor, audit_record
-from registry.timeutil import clinic_date
+from registry.services import SYSTEM_ACTOR, Actor
 from scoring.models import ImagingSeries, ImagingStudy
 
 # Link reason of a study whose linking (``study_received``) has not run yet.
@@ -55,46 +54,17 @@ def imaging_study_upsert(
     logged, not raised, so the ingest still succeeds; ``vbq_requeue_stale`` links studies
     still pending a few minutes later.
     """
-    study, created = ImagingStudy.objects.select_for_update().update_or_create(
-        study_instance_uid=study_instance_uid,
-        defaults={
-            "patient": patient,
-            "source": source,
-            "started_at": started_at,
-            "started_on": clinic_date(started_at) if started_at else None,
-            "modality": modality,
-            "description": description,
-            "endpoint_url": endpoint_url,
-            "identifier_system": identifier_system,
-            "identifier_value": identifier_value,
-            "record_status": record_status,
-            **({"link_reason": LINK_PENDING} if record_status == "active" else {}),
-        },
-    )
-    for s in series:
-        ImagingSeries.objects.update_or_create(
-            series_instance_uid=s.series_instance_uid,
-            defaults={
-                "study": study,
-                "modality": s.modality,
-                "description": s.description,
-                "number": s.number,
-                "body_part": s.body_part,
-                "instance_count": s.instance_count,
-            },
-        )
-    audit_record(
-        actor=actor,
-        action="create" if created else "update",
-        object_type="ImagingStudy",
-        object_id=str(study.pk),
-        patient_id=patient.pk if patient else None,
-    )
-    if record_status == "active":
-        from scoring.tasks import enqueue_study_received
+    from scoring.services_bulk import imaging_study_upsert_many
 
-        transaction.on_commit(lambda pk=study.pk: enqueue_study_received(pk))
-    return study, created
+    # One path for one study or many: an INSERT .. ON CONFLICT of the study, one of its series,
+    # the audit row and the outbox marker (a few statements instead of a get-then-write per row).
+    [(pk, created)] = imaging_study_upsert_many(items=[{
+        "study_instance_uid": study_instance_uid, "patient": patient, "source": source,
+        "started_at": started_at, "modality": modality, "description": description,
+        "endpoint_url": endpoint_url, "identifier_system": identifier_system,
+        "identifier_value": identifier_value, "series": series,
+        "record_status": record_status}], actor=actor)
+    return ImagingStudy.objects.get(pk=pk), created
 
 
 def _looks_scorable(series: ImagingSeries) -> bool:
