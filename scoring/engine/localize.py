@@ -128,12 +128,54 @@ def _frame(series: Series) -> _Frame:
     return _Frame(transpose, bool(si_vec[2] > 0), bool(ap_vec[1] < 0), shape, spacing)
 
 
+def _axis_weights(n: int, spacing: float) -> tuple[np.ndarray, np.ndarray]:
+    """Lower sample index and weight of a GRID_MM grid along an axis of ``n`` pixels."""
+    pos = np.arange(0, (n - 1) * spacing + 1e-6, GRID_MM) / spacing
+    i0 = np.clip(np.floor(pos).astype(int), 0, max(n - 2, 0))
+    return i0, np.clip(pos - i0, 0.0, 1.0)
+
+
 def _resample(image: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
-    """Canonical image on a GRID_MM grid (bilinear)."""
-    ys = np.arange(0, (image.shape[0] - 1) * spacing[0] + 1e-6, GRID_MM) / spacing[0]
-    xs = np.arange(0, (image.shape[1] - 1) * spacing[1] + 1e-6, GRID_MM) / spacing[1]
-    yy, xx = np.meshgrid(ys, xs, indexing="ij")
-    return ndimage.map_coordinates(image, [yy, xx], order=1, mode="nearest")
+    """Canonical image(s) on a GRID_MM grid (bilinear, separable: rows then columns). The last
+    two axes are (rows, cols); leading axes (slices) are resampled together."""
+    i0, w = _axis_weights(image.shape[-2], spacing[0])
+    j0, v = _axis_weights(image.shape[-1], spacing[1])
+    i1 = np.minimum(i0 + 1, image.shape[-2] - 1)
+    j1 = np.minimum(j0 + 1, image.shape[-1] - 1)
+    image = np.asarray(image, np.float32)
+    rows = image[..., i0, :]
+    rows += (image[..., i1, :] - rows) * w.astype(np.float32)[:, None]
+    out = rows[..., j0]
+    out += (rows[..., j1] - out) * v.astype(np.float32)
+    return out
+
+
+def _bilinear(stack: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
+    """Bilinear samples of every image of ``stack`` (slices, rows, cols) at the points (cy, cx)
+    (pixels; outside points take the nearest edge value, as ``map_coordinates(order=1,
+    mode="nearest")``). Returns (slices, *cy.shape) float32."""
+    h, w = stack.shape[-2:]
+    y = np.clip(cy, 0.0, h - 1.0)
+    x = np.clip(cx, 0.0, w - 1.0)
+    y0 = np.minimum(np.floor(y).astype(int), max(h - 2, 0))
+    x0 = np.minimum(np.floor(x).astype(int), max(w - 2, 0))
+    fy, fx = (y - y0).astype(np.float32), (x - x0).astype(np.float32)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    if stack.flags.c_contiguous:  # gather from the flat images (faster than 2-D indexing)
+        flat = stack.reshape(stack.shape[0], -1)
+
+        def at(yi: np.ndarray, xi: np.ndarray) -> np.ndarray:
+            return flat[:, yi * w + xi]
+    else:  # a flipped / transposed view: index it as it is rather than copy the volume
+
+        def at(yi: np.ndarray, xi: np.ndarray) -> np.ndarray:
+            return stack[:, yi, xi]
+    top = at(y0, x0)
+    top += (at(y0, x1) - top) * fx
+    bottom = at(y1, x0)
+    bottom += (at(y1, x1) - bottom) * fx
+    top += (bottom - top) * fy
+    return top.astype(np.float32, copy=False)
 
 
 def _valley(image: np.ndarray) -> np.ndarray:
@@ -165,13 +207,17 @@ def _best_path(score: np.ndarray, margin: int) -> np.ndarray:
     s[:, w - margin:] = -1.0
     acc = s[0].copy()
     back = np.zeros((h, w), np.int8)
-    neg = np.full(1, -np.inf)
+    # moves in tie order: stay, then left neighbour, then right neighbour
+    cand = np.full((3, w), -np.inf)
+    step = np.array([0, -1, 1], np.int8)
+    cols = np.arange(w)
     for r in range(1, h):
-        left = np.concatenate([neg, acc[:-1]]) - 0.02
-        right = np.concatenate([acc[1:], neg]) - 0.02
-        best = np.maximum(np.maximum(left, acc), right)
-        back[r] = np.where(best == acc, 0, np.where(best == left, -1, 1))
-        acc = best + s[r]
+        cand[0] = acc
+        np.subtract(acc[:-1], 0.02, out=cand[1, 1:])
+        np.subtract(acc[1:], 0.02, out=cand[2, :-1])
+        pick = cand.argmax(axis=0)
+        back[r] = step[pick]
+        acc = cand[pick, cols] + s[r]
     path = np.zeros(h, int)
     path[-1] = int(np.argmax(acc))
     for r in range(h - 1, 0, -1):
@@ -245,7 +291,8 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     centre = n_slices // 2
     central_idx = range(max(0, centre - half), min(n_slices, centre + half + 1))
     central = volume[central_idx.start: central_idx.stop].mean(axis=0)
-    grids = [ndimage.gaussian_filter(_resample(volume[i], fr.spacing), 1.0) for i in central_idx]
+    grids = list(ndimage.gaussian_filter(
+        _resample(volume[central_idx.start: central_idx.stop], fr.spacing), (0.0, 1.0, 1.0)))
     grid = np.minimum.reduce(grids)
     valley = ndimage.gaussian_filter1d(np.maximum.reduce([_valley(g) for g in grids]), 10.0,
                                        axis=0)
@@ -353,18 +400,13 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     above_c = np.flatnonzero(wide_c[trough_k:] >= (level + ant) / 2)
     k_body = trough_k + (int(above_c[0]) if above_c.size else 8) + np.arange(6, 20)
     rows_sel = np.arange(sl.start, sl.stop, 2)
-    depth = []
-    for s in range(n_slices):
-        def sample(k_idx: np.ndarray, s: int = s) -> np.ndarray:
-            kk = ks[k_idx][None, :]
-            cy = (py[rows_sel][:, None] + kk * ny[rows_sel][:, None]) / fr.spacing[0]
-            cx = (px[rows_sel][:, None] + kk * nx[rows_sel][:, None]) / fr.spacing[1]
-            return ndimage.map_coordinates(volume[s], [cy, cx], order=1, mode="nearest")
-        k_b = k_body[k_body < len(ks)]
-        both = sample(np.concatenate([k_in, k_b]))
-        inner_v = float(np.median(both[:, : len(k_in)]))
-        body_v = float(np.median(both[:, len(k_in):]))
-        depth.append(1.0 - inner_v / max(body_v, 1e-6))
+    # every slice sampled at once on the same points (bilinear, edges replicated)
+    kk = ks[np.concatenate([k_in, k_body[k_body < len(ks)]])][None, :]
+    both = _bilinear(volume, (py[rows_sel][:, None] + kk * ny[rows_sel][:, None]) / fr.spacing[0],
+                     (px[rows_sel][:, None] + kk * nx[rows_sel][:, None]) / fr.spacing[1])
+    inner_v = np.median(both[:, :, : len(k_in)].reshape(n_slices, -1), axis=1)
+    body_v = np.median(both[:, :, len(k_in):].reshape(n_slices, -1), axis=1)
+    depth = 1.0 - inner_v.astype(float) / np.maximum(body_v.astype(float), 1e-6)
     depth_arr = np.array(depth)
     mid = int(np.argmax(depth_arr))
     lo_s, hi_s = max(0, mid - 1), min(n_slices, mid + 2)
