@@ -180,19 +180,24 @@ def _bilinear(stack: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
 
 def _valley(image: np.ndarray) -> np.ndarray:
     """How much darker a 5 mm wide band is than tissue 6–20 mm away on both sides along the AP
-    axis (0–1). The width requirement ignores thin dark lines (cortex, ligaments)."""
-    centre = ndimage.uniform_filter1d(image, 5, axis=1, mode="nearest")
-    mean = ndimage.uniform_filter1d(image, 8, axis=1, mode="nearest")
+    axis (0–1). The width requirement ignores thin dark lines (cortex, ligaments). ``image``:
+    (rows, cols), or (slices, rows, cols) for each slice on its own."""
+    centre = ndimage.uniform_filter1d(image, 5, axis=-1, mode="nearest")
+    mean = ndimage.uniform_filter1d(image, 8, axis=-1, mode="nearest")
     out = np.zeros_like(image)
-    w = image.shape[1]
-    tissue = 0.5 * float(threshold_otsu(image))  # walls must be tissue, not air
+    w = image.shape[-1]
+    if image.ndim == 2:  # walls must be tissue, not air
+        tissue: float | np.ndarray = 0.5 * float(threshold_otsu(image))
+    else:
+        tissue = np.array([0.5 * float(threshold_otsu(im)) for im in image],
+                          np.float32)[:, None, None]
     for gap in (10, 13, 16):
         left = np.empty_like(mean)
         right = np.empty_like(mean)
-        left[:, gap:] = mean[:, : w - gap]
-        left[:, :gap] = mean[:, :1]
-        right[:, : w - gap] = mean[:, gap:]
-        right[:, w - gap:] = mean[:, -1:]
+        left[..., gap:] = mean[..., : w - gap]
+        left[..., :gap] = mean[..., :1]
+        right[..., : w - gap] = mean[..., gap:]
+        right[..., w - gap:] = mean[..., -1:]
         sides = np.minimum(left, right)
         depth = 1.0 - centre / np.maximum(sides, 1e-6)
         out = np.maximum(out, np.where(sides > tissue, depth, 0.0))
@@ -291,11 +296,10 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     centre = n_slices // 2
     central_idx = range(max(0, centre - half), min(n_slices, centre + half + 1))
     central = volume[central_idx.start: central_idx.stop].mean(axis=0)
-    grids = list(ndimage.gaussian_filter(
-        _resample(volume[central_idx.start: central_idx.stop], fr.spacing), (0.0, 1.0, 1.0)))
-    grid = np.minimum.reduce(grids)
-    valley = ndimage.gaussian_filter1d(np.maximum.reduce([_valley(g) for g in grids]), 10.0,
-                                       axis=0)
+    grids = ndimage.gaussian_filter(
+        _resample(volume[central_idx.start: central_idx.stop], fr.spacing), (0.0, 1.0, 1.0))
+    grid = grids.min(axis=0)
+    valley = ndimage.gaussian_filter1d(_valley(grids).max(axis=0), 10.0, axis=0)
     rows_idx = np.arange(grid.shape[0])
     wide_dark = ndimage.uniform_filter1d(grid, 7, axis=1, mode="nearest")  # canal ≥ 7 mm wide
     # the canal is a midline structure: laterally (pedicles, foramina) the band is brighter
@@ -378,11 +382,19 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     inside_grid = ((cy_grid >= 0) & (cy_grid <= fr.shape[0] - 1) & (cx_grid >= 0)
                    & (cx_grid <= fr.shape[1] - 1))
 
-    def straighten(image: np.ndarray, sigma_mm: float = 0.8) -> np.ndarray:
-        """Sample along the path (1 mm grid), then smooth there (cheaper than the image)."""
-        out = ndimage.map_coordinates(image, [cy_grid, cx_grid], order=1, mode="nearest")
+    def straighten(image: np.ndarray, sigma_mm: float = 0.8,
+                   rows: tuple[int, int] | None = None) -> np.ndarray:
+        """Sample along the path (1 mm grid), then smooth there (cheaper than the image).
+        ``rows`` (start, stop) along the path: only those, with a margin wider than the
+        smoothing kernel so the values equal those of the full straightened image."""
+        lo, hi = (0, len(cy_grid)) if rows is None else rows
+        pad = int(4.0 * sigma_mm / GRID_MM + 0.5) + 1
+        a, b = (0, len(cy_grid)) if rows is None else (max(0, lo - pad),
+                                                       min(len(cy_grid), hi + pad))
+        out = ndimage.map_coordinates(image, [cy_grid[a:b], cx_grid[a:b]], order=1,
+                                      mode="nearest")
         out = ndimage.gaussian_filter(out, sigma_mm / GRID_MM)
-        return np.where(inside_grid, out, np.nan)
+        return np.where(inside_grid[a:b], out, np.nan)[lo - a: hi - a]
 
     # 3. mid-sagittal slice: where the canal interior is darkest against the bodies. The
     # interior (CSF, not the cortex lining it) comes from the central slices' AP profile.
@@ -682,8 +694,9 @@ def _csf_roi(fr: _Frame, volume: np.ndarray, straighten, py, px, ty, tx, ny, nx,
     half_t = 0.3 * (b0 - a0 + 1)
     best: tuple[float, Roi, float, list[str]] | None = None
     for s in range(max(0, mid - 1), min(n_slices, mid + 2)):
-        img = straighten(volume[s], 0.6)
-        rows = img[round(tc - half_t): round(tc + half_t) + 1]
+        r0, r1 = round(tc - half_t), round(tc + half_t) + 1
+        rows = (straighten(volume[s], 0.6, (r0, r1)) if r0 >= 0 else
+                straighten(volume[s], 0.6)[r0:r1])
         if rows.size == 0:
             continue
         prof = np.nanmedian(rows, axis=0)
