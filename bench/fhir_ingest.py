@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import requests
@@ -172,6 +173,7 @@ def main() -> None:
     ingest_rate = n_resources / ingest_s
     print(f"bundles={len(payloads)} resources={n_resources} "
           f"entries/bundle={n_resources / len(payloads):.0f} errors={len(errors)} "
+          f"{dict(Counter(errors)) if errors else ''}"
           f"(alternating slices of {SLICE} bundles)")
     print(f"baseline bundle parse+validate (Bundle.model_validate_json): {parse_s:.2f} s = "
           f"{parse_rate:.0f} resources/s (1 thread)")
