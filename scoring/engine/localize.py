@@ -178,19 +178,34 @@ def _bilinear(stack: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
     return top.astype(np.float32, copy=False)
 
 
+def _nanmedian_rows(a: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(a, axis=0)`` for a 2-D array, by one sort (NaN sorts last) instead of
+    numpy's masked-array path; all-NaN columns give NaN."""
+    if a.shape[0] == 0:
+        return np.nanmedian(a, axis=0)
+    srt = np.sort(a, axis=0)
+    n = np.count_nonzero(~np.isnan(a), axis=0)
+    lo = np.take_along_axis(srt, np.maximum((n - 1) // 2, 0)[None, :], axis=0)[0]
+    hi = np.take_along_axis(srt, np.maximum(n // 2, 0)[None, :], axis=0)[0]
+    mid = (lo + hi) / 2
+    return np.where(n > 0, mid, np.nan)
+
+
 def _valley(image: np.ndarray) -> np.ndarray:
     """How much darker a 5 mm wide band is than tissue 6–20 mm away on both sides along the AP
     axis (0–1). The width requirement ignores thin dark lines (cortex, ligaments). ``image``:
     (rows, cols), or (slices, rows, cols) for each slice on its own."""
     centre = ndimage.uniform_filter1d(image, 5, axis=-1, mode="nearest")
     mean = ndimage.uniform_filter1d(image, 8, axis=-1, mode="nearest")
-    out = np.zeros_like(image)
     w = image.shape[-1]
     if image.ndim == 2:  # walls must be tissue, not air
         tissue: float | np.ndarray = 0.5 * float(threshold_otsu(image))
     else:
         tissue = np.array([0.5 * float(threshold_otsu(im)) for im in image],
                           np.float32)[:, None, None]
+    # the depth 1 - centre / sides grows with the sides, so the deepest of the three gaps is the
+    # one with the brightest sides among those that are tissue: one division, not three
+    brightest = np.full_like(mean, -np.inf)
     for gap in (10, 13, 16):
         left = np.empty_like(mean)
         right = np.empty_like(mean)
@@ -198,10 +213,11 @@ def _valley(image: np.ndarray) -> np.ndarray:
         left[..., :gap] = mean[..., :1]
         right[..., : w - gap] = mean[..., gap:]
         right[..., w - gap:] = mean[..., -1:]
-        sides = np.minimum(left, right)
-        depth = 1.0 - centre / np.maximum(sides, 1e-6)
-        out = np.maximum(out, np.where(sides > tissue, depth, 0.0))
-    return np.clip(out, 0.0, 1.0)
+        sides = np.minimum(left, right, out=left)
+        np.maximum(brightest, np.where(sides > tissue, sides, -np.inf), out=brightest)
+    seen = np.isfinite(brightest)
+    depth = 1.0 - centre / np.maximum(np.where(seen, brightest, 1.0), 1e-6)
+    return np.clip(np.where(seen, depth, 0.0), 0.0, 1.0)
 
 
 def _best_path(score: np.ndarray, margin: int) -> np.ndarray:
@@ -296,10 +312,11 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     centre = n_slices // 2
     central_idx = range(max(0, centre - half), min(n_slices, centre + half + 1))
     central = volume[central_idx.start: central_idx.stop].mean(axis=0)
-    grids = ndimage.gaussian_filter(
-        _resample(volume[central_idx.start: central_idx.stop], fr.spacing), (0.0, 1.0, 1.0))
-    grid = grids.min(axis=0)
-    valley = ndimage.gaussian_filter1d(_valley(grids).max(axis=0), 10.0, axis=0)
+    # slice by slice: each 2-D image stays in the cache (faster than one 3-D pass)
+    grids = [ndimage.gaussian_filter(_resample(volume[i], fr.spacing), 1.0) for i in central_idx]
+    grid = np.minimum.reduce(grids)
+    valley = ndimage.gaussian_filter1d(np.maximum.reduce([_valley(g) for g in grids]), 10.0,
+                                       axis=0)
     rows_idx = np.arange(grid.shape[0])
     wide_dark = ndimage.uniform_filter1d(grid, 7, axis=1, mode="nearest")  # canal ≥ 7 mm wide
     # the canal is a midline structure: laterally (pedicles, foramina) the band is brighter
@@ -400,7 +417,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     # interior (CSF, not the cortex lining it) comes from the central slices' AP profile.
     sl = slice(canal_t[0], canal_t[1] + 1)
     central_s = straighten(central)[sl]
-    prof_c = np.nanmedian(central_s, axis=0)
+    prof_c = _nanmedian_rows(central_s)
     wide_c = ndimage.median_filter(np.nan_to_num(prof_c, nan=float(np.nanmax(prof_c))), 5)
     trough_k = k0 - 12 + int(np.argmin(wide_c[k0 - 12: k0 + 13]))
     level = float(wide_c[trough_k])
@@ -427,7 +444,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     # 4. canal walls from the AP profile
     valid_t = np.isfinite(detect[:, k0])
     canal_rows = detect[canal_t[0]: canal_t[1] + 1]
-    prof = np.nanmedian(canal_rows, axis=0)
+    prof = _nanmedian_rows(canal_rows)
     centre_k = k0 - 6 + int(np.nanargmin(prof[k0 - 6: k0 + 7]))
     canal_si = float(prof[centre_k])
     body_level = float(np.nanpercentile(prof[centre_k: centre_k + 40], 75))
@@ -580,7 +597,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     for lv, (a0, b0, _inf) in labels.items():
         tc = round((a0 + b0) / 2)
         rows_b = detect[max(0, tc - 4): tc + 5]
-        ap = np.nanmedian(rows_b, axis=0) if rows_b.size else np.full(len(ks), np.nan)
+        ap = _nanmedian_rows(rows_b) if rows_b.size else np.full(len(ks), np.nan)
         ap = ndimage.uniform_filter1d(np.nan_to_num(ap, nan=0.0), 3)
         level_si = float(np.median(ap[k_wall + 2: k_wall + 12]))
         depth_mm: float | None = None
@@ -699,7 +716,7 @@ def _csf_roi(fr: _Frame, volume: np.ndarray, straighten, py, px, ty, tx, ny, nx,
                 straighten(volume[s], 0.6)[r0:r1])
         if rows.size == 0:
             continue
-        prof = np.nanmedian(rows, axis=0)
+        prof = _nanmedian_rows(rows)
         if not np.isfinite(prof[k0 - 25: k_wall + 4]).all():
             continue
         lo_k = k0 - 25
