@@ -44,16 +44,26 @@ VIEWPORT = {"width": 1366, "height": 860}
 @pytest.fixture(scope="module")
 def browser():
     if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
+        if os.environ.get("REQUIRE_SERVICES") in {"1", "true", "yes"}:
+            pytest.fail("REQUIRE_SERVICES=1 but Debian chromium is not installed")
         pytest.skip("Debian chromium is not installed (/usr/bin/chromium)")
     # Playwright's sync API runs an event loop in this thread; the ORM calls of the test
-    # itself (fixtures, assertions) are still synchronous.
+    # itself (fixtures, assertions) are still synchronous. Only for these tests: the variable
+    # must not leak into later tests (check --deploy refuses it, rightly).
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
     os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        yield chromium
-        chromium.close()
+    try:
+        with sync_playwright() as pw:
+            chromium = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            yield chromium
+            chromium.close()
+    finally:
+        if previous is None:
+            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        else:
+            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
 
 
 def _login(browser, live_server, username):
