@@ -194,14 +194,15 @@ def _nanmedian_rows(a: np.ndarray) -> np.ndarray:
 def _valley(image: np.ndarray) -> np.ndarray:
     """How much darker a 5 mm wide band is than tissue 6–20 mm away on both sides along the AP
     axis (0–1). The width requirement ignores thin dark lines (cortex, ligaments). ``image``:
-    (rows, cols), or (slices, rows, cols) for each slice on its own."""
+    (rows, cols), or (slices, rows, cols) for each slice on its own. The tissue gate (half the
+    Otsu threshold) comes from every second pixel of the (smoothed, 1 mm) image: 4x cheaper."""
     centre = ndimage.uniform_filter1d(image, 5, axis=-1, mode="nearest")
     mean = ndimage.uniform_filter1d(image, 8, axis=-1, mode="nearest")
     w = image.shape[-1]
     if image.ndim == 2:  # walls must be tissue, not air
-        tissue: float | np.ndarray = 0.5 * float(threshold_otsu(image))
+        tissue: float | np.ndarray = 0.5 * float(threshold_otsu(image[::2, ::2]))
     else:
-        tissue = np.array([0.5 * float(threshold_otsu(im)) for im in image],
+        tissue = np.array([0.5 * float(threshold_otsu(im[::2, ::2])) for im in image],
                           np.float32)[:, None, None]
     # the depth 1 - centre / sides grows with the sides, so the deepest of the three gaps is the
     # one with the brightest sides among those that are tissue: one division, not three
