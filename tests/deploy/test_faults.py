@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,52 +30,13 @@ import requests
 
 from registry.models import Patient, WorkerProbe
 from tests.conftest import CeleryWorker, test_database_url
+from tests.redis_server import PrivateRedis, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_DISRUPTIVE = os.environ.get("RUN_DISRUPTIVE") == "1"
 disruptive = pytest.mark.skipif(
     not RUN_DISRUPTIVE, reason="restarts the shared PostgreSQL; set RUN_DISRUPTIVE=1"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """A private redis-server configured like docker/compose.yml (AOF on)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = _free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync", "always",
-             "--save", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
 
 
 def _wait_until(predicate, seconds: float) -> bool:
@@ -109,7 +68,7 @@ def _done(probes: list[int]) -> int:
 def test_jobs_queued_before_a_redis_crash_are_all_done_after_it_restarts(
     transactional_db, tmp_path
 ):
-    redis = RedisServer(tmp_path)
+    redis = PrivateRedis(tmp_path, appendonly=True)
     redis.start()
     worker = None
     try:
@@ -163,7 +122,7 @@ class PrivatePostgres:
 
     def __init__(self) -> None:
         self.bin = _pg_bin()
-        self.port = _free_port()
+        self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="vbq-fault-pg-", dir="/tmp"))
         self.data = self.dir / "data"
         self.as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -327,7 +286,7 @@ def _fhir_restart_and_replay(env: dict[str, str], restart, count) -> None:
     token = subprocess.run([sys.executable, "manage.py", "shell", "-c", script], cwd=ROOT,
                            env=env, check=True, capture_output=True, text=True,
                            timeout=120).stdout.strip().splitlines()[-1]
-    port = _free_port()
+    port = free_port()
     server_env = {**env, "DEBUG": "false", "ALLOWED_HOSTS": "127.0.0.1"}
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--config", "docker/gunicorn.conf.py", "--bind",

@@ -16,12 +16,9 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -36,50 +33,12 @@ from scoring.tasks import study_received, vbq_compute, vbq_requeue_stale
 from tests import orthanc as orthanc_mod
 from tests.conftest import ROOT, CeleryWorker, test_database_url
 from tests.factories import PatientFactory
+from tests.redis_server import PrivateRedis, free_port, listening
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow,
               pytest.mark.skipif(not shutil.which("redis-server"),
                                  reason="redis-server not installed")]
 TERMINAL = ("succeeded", "needs_review", "failed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PrivateRedis:
-    """A throwaway redis-server on a free port; created stopped (the broker is "down")."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = _free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-             str(self.directory), "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert _wait(lambda: _listening(self.port), 20), "redis-server did not start"
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def _wait(predicate, seconds: float) -> bool:
@@ -107,7 +66,7 @@ def orthanc(tmp_path_factory):
 def broker(tmp_path):
     redis = PrivateRedis(tmp_path)
     yield redis
-    redis.stop()
+    redis.kill()
 
 
 def _worker_env(broker_url: str) -> dict[str, str]:
@@ -216,15 +175,15 @@ def test_an_imaging_study_ingested_while_redis_is_down_is_scored_once_redis_is_b
     _, token = feed_create(name="redis-down-ehr")
     env = {**_worker_env(broker.url), "DEBUG": "false", "ALLOWED_HOSTS": "127.0.0.1",
            "VAR_DIR": str(tmp_path)}
-    port = _free_port()
+    port = free_port()
     web = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--config", "docker/gunicorn.conf.py", "--bind",
          f"127.0.0.1:{port}", "--workers", "1", "config.wsgi:application"],
         cwd=ROOT, env=env, stdout=(tmp_path / "web.log").open("wb"), stderr=subprocess.STDOUT)
     worker = None
     try:
-        assert _wait(lambda: _listening(port), 60), (tmp_path / "web.log").read_text()[-2000:]
-        assert not _listening(broker.port)  # the broker is down
+        assert _wait(lambda: listening(port), 60), (tmp_path / "web.log").read_text()[-2000:]
+        assert not listening(broker.port)  # the broker is down
         started = time.monotonic()
         response = requests.post(
             f"http://127.0.0.1:{port}/fhir",
