@@ -228,18 +228,17 @@ def _best_path(score: np.ndarray, margin: int) -> np.ndarray:
     s[:, :margin] = -1.0
     s[:, w - margin:] = -1.0
     acc = s[0].copy()
-    back = np.zeros((h, w), np.int8)
-    # moves in tie order: stay, then left neighbour, then right neighbour
-    cand = np.full((3, w), -np.inf)
-    step = np.array([0, -1, 1], np.int8)
-    cols = np.arange(w)
+    # per row the three moves in tie order (stay, from the left, from the right); the forward
+    # pass keeps only the best value, the moves are read back for all rows at once
+    moves = np.full((h, 3, w), -np.inf)
     for r in range(1, h):
-        cand[0] = acc
-        np.subtract(acc[:-1], 0.02, out=cand[1, 1:])
-        np.subtract(acc[1:], 0.02, out=cand[2, :-1])
-        pick = cand.argmax(axis=0)
-        back[r] = step[pick]
-        acc = cand[pick, cols] + s[r]
+        m = moves[r]
+        m[0] = acc
+        np.subtract(acc[:-1], 0.02, out=m[1, 1:])
+        np.subtract(acc[1:], 0.02, out=m[2, :-1])
+        acc = m.max(axis=0)
+        acc += s[r]
+    back = np.array([0, -1, 1], np.int8)[moves.argmax(axis=1)]
     path = np.zeros(h, int)
     path[-1] = int(np.argmax(acc))
     for r in range(h - 1, 0, -1):
