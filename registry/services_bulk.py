@@ -77,19 +77,7 @@ def upsert_returning(
     non-empty key are written once (the last one wins) and share its result."""
     if not rows:
         return []
-    slot_of: list[int] = []
-    unique: list[dict[str, Any]] = []
-    seen: dict[tuple[Any, ...], int] = {}
-    for row in rows:
-        key = tuple(row[c] for c in conflict)
-        if all(key) and key in seen:
-            unique[seen[key]] = row
-            slot_of.append(seen[key])
-            continue
-        if all(key):
-            seen[key] = len(unique)
-        slot_of.append(len(unique))
-        unique.append(row)
+    slot_of, unique = _dedupe(rows, conflict)
     if connection.vendor == "postgresql":
         results: list[tuple[Any, bool]] = []
         for start in range(0, len(unique), CHUNK):
