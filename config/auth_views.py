@@ -1,4 +1,4 @@
-"""Login with a failed-attempt rate limit (see ``config.ratelimit``)."""
+"""Login and password reset behind rate limits (see ``config.ratelimit``)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,22 @@ class RateLimitedLoginView(auth_views.LoginView):
         if response.status_code == 200:  # the form was re-rendered: credentials rejected
             ratelimit.login_failed(ip=ip, username=username)
         return response
+
+
+class RateLimitedPasswordResetView(auth_views.PasswordResetView):
+    """Django's PasswordResetView (no account enumeration, one-time tokens); too many requests
+    from one IP (+address) answer 429 and send no email, so the form cannot be used to flood a
+    colleague's mailbox or the outgoing mail server."""
+
+    def post(self, request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        window = ratelimit.password_reset_hit(
+            ip=ratelimit.client_ip(request), email=request.POST.get("email", "")[:254])
+        if window is not None:
+            logger.warning("password reset rate limit hit; retry in %s s",
+                           window.retry_after_seconds)
+            form = self.get_form_class()()
+            context = self.get_context_data(form=form, rate_limited=True)
+            response = self.render_to_response(context, status=429)
+            response["Retry-After"] = str(window.retry_after_seconds)
+            return response
+        return super().post(request, *args, **kwargs)

@@ -1,9 +1,12 @@
 """Fixed-window rate limits in the Django cache (Redis in production, local memory otherwise).
 
-Two users today:
+Three users today:
 
 - the login view (``config.auth_views.RateLimitedLoginView``): failed attempts per client IP +
   username, and per client IP alone;
+- the password-reset view (``config.auth_views.RateLimitedPasswordResetView``): every request
+  is counted (success or not, so the answer never tells whether the address has an account),
+  per client IP + address and per client IP alone; over the limit no email is sent;
 - bearer-token feeds: call :func:`feed_authenticate_limited` instead of
   ``registry.services.feed_authenticate``. Failed token checks are counted per client IP; over
   the limit it raises :class:`RateLimited` *before* looking at the token, so guessing tokens is
@@ -105,6 +108,26 @@ def login_failed(*, ip: str, username: str) -> None:
     hit("login-user", ip, username.lower(), limit=settings.LOGIN_RATE_LIMIT,
         window_seconds=window_seconds)
     hit("login-ip", ip, limit=settings.LOGIN_RATE_LIMIT * 4, window_seconds=window_seconds)
+
+
+def password_reset_hit(*, ip: str, email: str) -> Window | None:
+    """Count one password-reset request; the exceeded window if it must be refused, else None.
+
+    Every request counts, whether or not the address belongs to an account, so the limit itself
+    reveals nothing. Limits: ``PASSWORD_RESET_RATE_LIMIT`` per IP + address and four times that
+    per IP, per ``PASSWORD_RESET_RATE_WINDOW_SECONDS``.
+    """
+    window_seconds = settings.PASSWORD_RESET_RATE_WINDOW_SECONDS
+    limit = settings.PASSWORD_RESET_RATE_LIMIT
+    blocked = None
+    for scope, parts, scope_limit in (
+        ("reset-email", (ip, email.strip().lower()), limit),
+        ("reset-ip", (ip,), limit * 4),
+    ):
+        window = hit(scope, *parts, limit=scope_limit + 1, window_seconds=window_seconds)
+        if window.exceeded and blocked is None:
+            blocked = window
+    return blocked
 
 
 def feed_authenticate_limited(*, token: str, ip: str) -> Feed | None:

@@ -145,6 +145,9 @@ CACHES = {
 }
 LOGIN_RATE_LIMIT = env.int("LOGIN_RATE_LIMIT", default=5)  # failures per IP+username per window
 LOGIN_RATE_WINDOW_SECONDS = env.int("LOGIN_RATE_WINDOW_SECONDS", default=300)
+# Password-reset requests per IP + address per window (4x that per IP); counted success or not.
+PASSWORD_RESET_RATE_LIMIT = env.int("PASSWORD_RESET_RATE_LIMIT", default=5)
+PASSWORD_RESET_RATE_WINDOW_SECONDS = env.int("PASSWORD_RESET_RATE_WINDOW_SECONDS", default=3600)
 FEED_AUTH_FAILURE_LIMIT = env.int("FEED_AUTH_FAILURE_LIMIT", default=20)  # per IP per window
 FEED_AUTH_WINDOW_SECONDS = env.int("FEED_AUTH_WINDOW_SECONDS", default=300)
 

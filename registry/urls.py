@@ -1,13 +1,15 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path, reverse_lazy
 
+from config.auth_views import RateLimitedPasswordResetView
 from registry import ui_views, views
 from scoring import views as scoring_views
 
 urlpatterns = [
     path("", views.home, name="home"),
-    # Password reset by email (Django's views: no account enumeration, one-time tokens).
-    path("accounts/password-reset/", auth_views.PasswordResetView.as_view(
+    # Password reset by email (Django's views: no account enumeration, one-time tokens),
+    # rate limited per IP + address (config.ratelimit).
+    path("accounts/password-reset/", RateLimitedPasswordResetView.as_view(
         success_url=reverse_lazy("password_reset_done")), name="password_reset"),
     path("accounts/password-reset/sent/", auth_views.PasswordResetDoneView.as_view(),
          name="password_reset_done"),
