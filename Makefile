@@ -7,7 +7,7 @@ ADDR ?= 127.0.0.1:8000
 # Pure modules checked by mypy (no Django inside).
 MYPY_PURE ?= registry/codes.py registry/demo.py $(wildcard registry/followup.py) $(wildcard registry/reports/survival.py) $(wildcard scoring/engine)
 
-.PHONY: run test lint typecheck pytest venv clean
+.PHONY: run test lint typecheck pytest venv clean screenshots
 
 venv: $(STAMP)
 
@@ -36,6 +36,10 @@ pytest: venv
 	$(PY) scripts/run_tests.py $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# Refresh docs/screenshots/ from the browser tests (needs PostgreSQL and Debian chromium).
+screenshots: venv
+	UPDATE_SCREENSHOTS=1 $(PY) scripts/run_tests.py tests/ui/test_clinic_pages_in_chromium.py -q
 
 clean:
 	rm -rf var/ .pytest_cache .mypy_cache .ruff_cache

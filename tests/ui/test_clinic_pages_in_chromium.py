@@ -2,7 +2,9 @@
 database: a coordinator works an alert from open to resolved without a page reload, opens the
 patient, uploads a DICOM zip and downloads the report CSV; a clinician corrects an ROI by
 dragging it, sees the VBQ change and saves a corrected result; a qi_analyst is refused the
-patient page. Screenshots of each page (desktop width) go to docs/screenshots/.
+patient page. Screenshots of each page (desktop width) are taken on every run; they replace
+docs/screenshots/ only when ``UPDATE_SCREENSHOTS=1`` (``make screenshots``), so a test run
+leaves the checkout unchanged.
 
 Every patient and image here is SYNTHETIC. Select with ``-m browser``.
 """
@@ -33,7 +35,11 @@ from tests.ui.data import reviewable_result
 pytestmark = [pytest.mark.browser, pytest.mark.postgres, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-SHOTS = Path(os.environ.get("UI_SCREENSHOT_DIR", ROOT / "docs" / "screenshots"))
+if os.environ.get("UPDATE_SCREENSHOTS") in {"1", "true", "yes"}:
+    SHOTS = ROOT / "docs" / "screenshots"
+else:
+    SHOTS = Path(os.environ.get("UI_SCREENSHOT_DIR")
+                 or Path(os.environ.get("VAR_DIR") or "/tmp") / "ui-screenshots")
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
