@@ -265,14 +265,11 @@ def patient_upsert(
     """
     patient_check(identifiers=identifiers, sex=sex, birth_date=birth_date,
                   deceased_on=deceased_on)
-    keys = {(i.system, i.value) for i in identifiers}
-    known = list(
-        PatientIdentifier.objects.select_for_update()
-        .filter(system__in={k[0] for k in keys}, value__in={k[1] for k in keys})
-        .select_related("patient")
-    )
-    known = [k for k in known if (k.system, k.value) in keys]
-    owners = {k.patient_id for k in known}
+    from registry.services_bulk import patients_by_identifier
+
+    # the known identifiers and their patient, both locked (one index lookup per identifier)
+    known = patients_by_identifier({(i.system, i.value) for i in identifiers}, lock=True)
+    owners = {p.pk for p in known.values()}
     if len(owners) > 1:
         raise RegistryValidationError(
             "identifiers belong to different registry patients (merge them first)",
@@ -294,7 +291,7 @@ def patient_upsert(
     if created:
         patient = Patient.objects.create(**fields)
     else:
-        patient = Patient.objects.select_for_update().get(pk=owners.pop())
+        patient = next(iter(known.values()))  # locked by the lookup
         if birth_date and _earliest_event_date(patient) and birth_date > _earliest_event_date(
             patient
         ):
@@ -306,9 +303,8 @@ def patient_upsert(
         for name, value in fields.items():
             setattr(patient, name, value)
         patient.save()
-    known_keys = {(k.system, k.value) for k in known}
     for ident in identifiers:
-        if (ident.system, ident.value) not in known_keys:
+        if (ident.system, ident.value) not in known:
             try:
                 with transaction.atomic():
                     PatientIdentifier.objects.create(

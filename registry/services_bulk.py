@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -149,8 +149,15 @@ def _pg_write(model: type[models.Model], rows: Sequence[dict[str, Any]],
 
 
 def _pg_insert_sql(model: type[models.Model], rows: Sequence[dict[str, Any]],
-                   conflict: Sequence[str], update: Sequence[str], where: str
+                   conflict: Sequence[str], update: Sequence[str], where: str, *,
+                   source: str = "", select: dict[str, str] | None = None,
+                   update_sql: dict[str, str] | None = None
                    ) -> tuple[str, list[dict[str, Any]]]:
+    """The INSERT of ``rows`` and its records (one JSON parameter). By default the values come
+    from ``json_populate_recordset(NULL::<table>, %s::json) AS r``; ``source`` replaces that
+    FROM clause (it must still name the record ``r``), ``select`` gives a column another SQL
+    expression (e.g. a key RETURNED by an earlier CTE) and ``update_sql`` another ``DO UPDATE
+    SET`` expression than ``EXCLUDED.<column>``."""
     meta = model._meta
     qn = connection.ops.quote_name
     now = timezone.now()
@@ -173,17 +180,24 @@ def _pg_insert_sql(model: type[models.Model], rows: Sequence[dict[str, Any]],
             record[column] = value.pk if isinstance(value, models.Model) else value
         records.append(record)
     columns = ", ".join(qn(f.column) for f in fields)
+    select = select or {}
+    values = ", ".join(select.get(f.column, f"r.{qn(f.column)}") for f in fields)
+    source = source or f"json_populate_recordset(NULL::{qn(meta.db_table)}, %s::json) AS r"
     sql = (  # names from the model's metadata; the rows are the one parameter
         f"INSERT INTO {qn(meta.db_table)} ({columns}) "  # noqa: S608
-        f"SELECT {columns} FROM json_populate_recordset(NULL::{qn(meta.db_table)}, %s::json) "
+        f"SELECT {values} FROM {source} "
     )
     if conflict:
+        update_sql = update_sql or {}
         sets = [meta.get_field(n).column for n in update] + [
-            f.column for f in fields if getattr(f, "auto_now", False)]
+            f.column for f in fields if getattr(f, "auto_now", False)
+            and f.name not in update]
+        sets += [c for c in update_sql if c not in sets]
         sql += (
             f"ON CONFLICT ({', '.join(qn(meta.get_field(c).column) for c in conflict)}) "
             f"{'WHERE ' + where if where else ''} "
-            f"DO UPDATE SET {', '.join(f'{qn(c)} = EXCLUDED.{qn(c)}' for c in sets)} "
+            "DO UPDATE SET " + ", ".join(
+                f"{qn(c)} = {update_sql.get(c, f'EXCLUDED.{qn(c)}')}" for c in sets) + " "
         )
     return sql, records
 
@@ -200,6 +214,39 @@ def _orm_upsert(model: type[models.Model], row: dict[str, Any], conflict: Sequen
 
 
 # --- Patients -----------------------------------------------------------------------------------
+def patients_by_identifier(keys: Iterable[tuple[str, str]], *, lock: bool = False
+                           ) -> dict[tuple[str, str], Patient]:
+    """The patient holding each known ``(system, value)`` identifier, in ONE query.
+
+    On PostgreSQL each key is one lookup in the unique ``(system, value)`` index (a LATERAL
+    join on the keys), whatever the table's size or statistics: the former
+    ``system IN (...) AND value IN (...)`` was planned, without statistics (a fresh or
+    not-yet-analysed table), as a scan of every identifier of those systems — its cost grew
+    with the registry. ``lock``: the identifier and patient rows are locked (FOR UPDATE), in
+    key order."""
+    wanted = sorted(set(keys))
+    if not wanted:
+        return {}
+    if connection.vendor != "postgresql":
+        qs = PatientIdentifier.objects.filter(
+            system__in={k[0] for k in wanted}, value__in={k[1] for k in wanted}
+        ).select_related("patient")
+        if lock:
+            qs = qs.select_for_update()
+        return {(i.system, i.value): i.patient for i in qs
+                if (i.system, i.value) in set(wanted)}
+    identifiers, patients = PatientIdentifier._meta.db_table, Patient._meta.db_table
+    sql = (  # table names from the model metadata; the keys are two array parameters
+        "SELECT p.*, i.system AS vbq_key_system, i.value AS vbq_key_value "  # noqa: S608
+        "FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS k(system, value, n) "
+        f"CROSS JOIN LATERAL (SELECT system, value, patient_id FROM {identifiers} "
+        "WHERE system = k.system AND value = k.value LIMIT 1) AS i "
+        f"JOIN {patients} AS p ON p.id = i.patient_id ORDER BY k.n"
+        + (" FOR UPDATE" if lock else ""))
+    return {(p.vbq_key_system, p.vbq_key_value): p for p in Patient.objects.raw(
+        sql, [[k[0] for k in wanted], [k[1] for k in wanted]])}
+
+
 PATIENT_FIELDS = ("family_name", "given_name", "birth_date", "sex", "deceased_on",
                   "last_contact_on", "bmi_kg_m2", "care_team", "is_synthetic")
 
@@ -215,13 +262,7 @@ def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTE
         except RegistryValidationError as exc:
             raise _indexed(exc, n) from exc
     keys = {(i.system, i.value) for item in items for i in item["identifiers"]}
-    owner_of: dict[tuple[str, str], Patient] = {}
-    if keys:
-        for known in (PatientIdentifier.objects.select_for_update()
-                      .filter(system__in={k[0] for k in keys}, value__in={k[1] for k in keys})
-                      .select_related("patient")):
-            if (known.system, known.value) in keys:
-                owner_of[(known.system, known.value)] = known.patient
+    owner_of = patients_by_identifier(keys, lock=True)
     new: dict[Any, Patient] = {}
     changed: dict[Any, Patient] = {}
     new_identifiers: list[dict[str, Any]] = []

@@ -37,6 +37,7 @@ from registry.services_bulk import (
     SOURCED_KINDS,
     fracture_record_many,
     patient_upsert_many,
+    patients_by_identifier,
     procedure_record_many,
     sourced_record_many,
     therapy_record_many,
@@ -195,8 +196,7 @@ def prefetch_patients(ctx: Context, resources: list[Any]) -> None:
     keys -= set(ctx.patient_cache)
     if not keys:
         return
-    found = {(i.system, i.value): i.patient for i in PatientIdentifier.objects.select_related(
-        "patient").filter(system__in={k[0] for k in keys}, value__in={k[1] for k in keys})}
+    found = patients_by_identifier(keys)
     for key in keys:
         ctx.patient_cache[key] = found.get(key)
 
