@@ -10,11 +10,11 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from django.db import transaction
+from django.db import connection, transaction
 
 from registry.models import Patient
 from registry.services import SYSTEM_ACTOR, Actor
-from scoring.models import ImagingSeries, ImagingStudy
+from scoring.models import ImagingSeries, ImagingStudy, VbqResult
 
 # Link reason of a study whose linking (``study_received``) has not run yet.
 LINK_PENDING = "linking pending"
@@ -76,35 +76,70 @@ def _looks_scorable(series: ImagingSeries) -> bool:
     return not any(word in text for word in ("AX", "T2", "STIR", "LOCALIZER", "SCOUT"))
 
 
-@transaction.atomic
 def vbq_jobs_create(*, study: ImagingStudy) -> list[int]:
     """One queued automatic VBQ job per scorable series (unique on series, algorithm version,
-    source, revision: a replay creates nothing). Queues ``vbq_compute`` after commit."""
+    source, revision: a replay creates nothing). Queues ``vbq_compute`` after commit.
+
+    On PostgreSQL the jobs are ONE ``INSERT .. ON CONFLICT DO NOTHING RETURNING id`` (the ids
+    returned are exactly the rows this call created; a concurrent or repeated call gets none),
+    with no savepoint: inside the caller's transaction (``study_received``) a failure here
+    rolls the whole step back, as before."""
     from django.conf import settings
 
     from scoring.engine import ALGORITHM_VERSION
-    from scoring.models import VbqResult
 
     created_ids: list[int] = []
     if study.patient_id is None:
         return created_ids
-    for series in study.series.all():
-        if not _looks_scorable(series):
-            continue
-        if not (series.local_path or study.endpoint_url or settings.PACS_DICOMWEB_URL):
-            note = "; not scored: no PACS endpoint (PACS_DICOMWEB_URL) and no local copy"
-            if note not in study.link_reason:
-                ImagingStudy.objects.filter(pk=study.pk).update(
-                    link_reason=(study.link_reason + note)[:300])
-            continue
-        result, created = VbqResult.objects.get_or_create(
-            series=series, algorithm_version=ALGORITHM_VERSION, source=VbqResult.Source.AUTO,
-            revision=0, defaults={"patient_id": study.patient_id},
-        )
-        if created:
-            created_ids.append(result.pk)
-    from scoring.tasks import enqueue_vbq_compute
+    with transaction.atomic(savepoint=False):
+        to_score = []
+        for series in study.series.all():
+            if not _looks_scorable(series):
+                continue
+            if not (series.local_path or study.endpoint_url or settings.PACS_DICOMWEB_URL):
+                note = "; not scored: no PACS endpoint (PACS_DICOMWEB_URL) and no local copy"
+                if note not in study.link_reason:
+                    ImagingStudy.objects.filter(pk=study.pk).update(
+                        link_reason=(study.link_reason + note)[:300])
+                continue
+            to_score.append(series)
+        jobs = [VbqResult(series=series, patient_id=study.patient_id,
+                          algorithm_version=ALGORITHM_VERSION, source=VbqResult.Source.AUTO,
+                          revision=0) for series in to_score]
+        if connection.vendor == "postgresql":
+            created_ids = _insert_new_jobs(jobs)
+        else:
+            for job in jobs:
+                result, created = VbqResult.objects.get_or_create(
+                    series=job.series, algorithm_version=job.algorithm_version,
+                    source=job.source, revision=job.revision,
+                    defaults={"patient_id": job.patient_id})
+                if created:
+                    created_ids.append(result.pk)
+        from scoring.tasks import enqueue_vbq_compute
 
-    for pk in created_ids:
-        transaction.on_commit(lambda pk=pk: enqueue_vbq_compute(pk))
+        for pk in created_ids:
+            transaction.on_commit(lambda pk=pk: enqueue_vbq_compute(pk))
     return created_ids
+
+
+def _insert_new_jobs(jobs: Sequence[VbqResult]) -> list[int]:
+    """``INSERT .. ON CONFLICT (series, algorithm version, source, revision) DO NOTHING
+    RETURNING id`` of these unsaved rows (every column with its model default, as
+    ``save()`` would write it); the ids of the rows created."""
+    if not jobs:
+        return []
+    meta = VbqResult._meta
+    fields = [f for f in meta.concrete_fields if not f.primary_key]
+    values = [[f.get_db_prep_save(f.pre_save(job, add=True), connection) for f in fields]
+              for job in jobs]
+    placeholders = ", ".join("(" + ", ".join(["%s"] * len(fields)) + ")" for _ in jobs)
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(f.column) for f in fields)
+    # Names from the model's metadata; values are parameters.
+    sql = (f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES {placeholders} "  # noqa: S608
+           "ON CONFLICT (series_id, algorithm_version, source, revision) DO NOTHING "
+           f"RETURNING {quote(meta.pk.column)}")
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [v for row in values for v in row])
+        return [row[0] for row in cursor.fetchall()]

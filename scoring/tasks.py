@@ -169,6 +169,62 @@ def _reevaluate_followup(patient_id: Any) -> None:
         Patient.objects.filter(pk=patient_id).update(followup_next_check_on=clinic_today())
 
 
+STORED_LEVELS = ("L1", "L2", "L3", "L4", "L5", "S1", "csf")
+
+
+def _store(result_id: int, measurement: Any) -> None:
+    """Write the result and its level rows (inside the caller's transaction). On PostgreSQL in
+    ONE statement: the result's UPDATE, the DELETE of level rows this measurement no longer
+    has and an upsert of its levels (a re-run replaces the rows, as the ORM path below)."""
+    from scoring.models import VbqLevel, VbqResult
+
+    values = {
+        "status": measurement.status, "vbq_all_levels": measurement.vbq_all_levels,
+        "vbq_excluding_fractured": measurement.vbq_excluding_fractured,
+        "confidence": measurement.confidence,
+        "qc_flags": [f.__dict__ for f in measurement.qc_flags],
+        "fractured_levels": measurement.fractured_levels,
+        "field_strength_t": measurement.acquisition.field_strength_t,
+        "measurement": measurement.to_dict(), "error_code": "", "error_message": "",
+        "finished_at": timezone.now(),
+    }
+    kept = [*measurement.levels.values(), *([measurement.csf] if measurement.csf else [])]
+    levels = [VbqLevel(result_id=result_id, level=m.level, median_si=m.median_si,
+                       pixel_count=m.pixel_count,
+                       centroid={"pixel": m.centroid_pixel, "lps_mm": m.centroid_lps_mm},
+                       roi=m.roi.__dict__, fractured=m.fractured)
+              for m in kept if m.level in STORED_LEVELS]
+    if connection.vendor != "postgresql":
+        VbqResult.objects.filter(pk=result_id).update(**values)
+        VbqLevel.objects.filter(result_id=result_id).delete()
+        VbqLevel.objects.bulk_create(levels)
+        return
+    quote = connection.ops.quote_name
+    result_fields = [VbqResult._meta.get_field(name) for name in values]
+    sets = ", ".join(f"{quote(f.column)} = %s" for f in result_fields)
+    params: list[Any] = [f.get_db_prep_save(values[f.name], connection) for f in result_fields]
+    params += [result_id, result_id, [lv.level for lv in levels]]
+    level_fields = [f for f in VbqLevel._meta.concrete_fields if not f.primary_key]
+    columns = ", ".join(quote(f.column) for f in level_fields)
+    # Names from the models' metadata; values are parameters.
+    sql = (f"WITH result AS (UPDATE {quote(VbqResult._meta.db_table)} SET {sets} "  # noqa: S608
+           "WHERE id = %s), "
+           f"stale AS (DELETE FROM {quote(VbqLevel._meta.db_table)} "
+           f"WHERE result_id = %s AND NOT (level = ANY(%s::varchar[])))")
+    if levels:
+        rows = ", ".join("(" + ", ".join(["%s"] * len(level_fields)) + ")" for _ in levels)
+        updates = ", ".join(f"{quote(f.column)} = EXCLUDED.{quote(f.column)}"
+                            for f in level_fields)
+        sql += (f" INSERT INTO {quote(VbqLevel._meta.db_table)} ({columns}) "  # noqa: S608
+                f"VALUES {rows} ON CONFLICT (result_id, level) DO UPDATE SET {updates}")
+        params += [f.get_db_prep_save(getattr(lv, f.attname), connection)
+                   for lv in levels for f in level_fields]
+    else:
+        sql += " SELECT 1"
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+
+
 @shared_task(name="scoring.vbq_compute", bind=True, acks_late=True, reject_on_worker_lost=True,
              max_retries=6)
 def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
@@ -176,7 +232,7 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
     second message: the alert a result opens or resolves commits with the result)."""
     from integrations.dicom.dicomweb import PermanentFetchError, TransientFetchError
     from scoring.engine import EngineError, compute_vbq
-    from scoring.models import VbqLevel, VbqResult
+    from scoring.models import VbqResult
 
     job = _claim(result_id)
     if job is None:
@@ -201,24 +257,7 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
         logger.info("vbq_compute failed result=%s code=%s", result_id, code)
         return {"result": result_id, "status": "failed", "error_code": code}
     with transaction.atomic():
-        VbqResult.objects.filter(pk=result_id).update(
-            status=measurement.status, vbq_all_levels=measurement.vbq_all_levels,
-            vbq_excluding_fractured=measurement.vbq_excluding_fractured,
-            confidence=measurement.confidence,
-            qc_flags=[f.__dict__ for f in measurement.qc_flags],
-            fractured_levels=measurement.fractured_levels,
-            field_strength_t=measurement.acquisition.field_strength_t,
-            measurement=measurement.to_dict(), error_code="", error_message="",
-            finished_at=timezone.now())
-        VbqLevel.objects.filter(result_id=result_id).delete()
-        rows = [*measurement.levels.values(), *([measurement.csf] if measurement.csf else [])]
-        VbqLevel.objects.bulk_create([
-            VbqLevel(result_id=result_id, level=m.level, median_si=m.median_si,
-                     pixel_count=m.pixel_count, centroid={"pixel": m.centroid_pixel,
-                                                          "lps_mm": m.centroid_lps_mm},
-                     roi=m.roi.__dict__, fractured=m.fractured)
-            for m in rows if m.level in {"L1", "L2", "L3", "L4", "L5", "S1", "csf"}
-        ])
+        _store(result_id, measurement)
         _reevaluate_followup(job.patient_id)
     return {"result": result_id, "status": measurement.status}
 

@@ -7,6 +7,8 @@ empty series) is not.
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any
 
 import requests
@@ -26,8 +28,25 @@ class PermanentFetchError(FetchError):
     """Retrying will not help."""
 
 
+_local = threading.local()
+
+
 def _client(base_url: str, username: str = "", password: str = "",
             timeout: float = 30) -> DICOMwebClient:
+    """One client (and so one HTTP session: its connections are kept alive between jobs) per
+    PACS endpoint and credentials, per thread and process (a forked child builds its own)."""
+    key = (os.getpid(), base_url, username, password, timeout)
+    clients = getattr(_local, "clients", None)
+    if clients is None:
+        clients = _local.clients = {}
+    client = clients.get(key)
+    if client is None:
+        client = clients[key] = _new_client(base_url, username, password, timeout)
+    return client
+
+
+def _new_client(base_url: str, username: str, password: str,
+                timeout: float) -> DICOMwebClient:
     session = requests.Session()
     if username:
         session.auth = (username, password)

@@ -1,0 +1,125 @@
+"""Linking and job creation in few statements (issue 5): the nearest pre-procedure MRI wins, a
+replayed ``study_received`` creates no second job, a re-stored result replaces its level rows.
+SYNTHETIC patients and phantoms; no PACS is contacted (nothing queued after commit runs under
+``django_db``)."""
+
+import dataclasses
+import datetime as dt
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from registry.services import Identifier, procedure_record
+from registry.timeutil import clinic_today, start_of_clinic_day
+from scoring.engine import ALGORITHM_VERSION, compute_vbq
+from scoring.engine.phantom import make_phantom
+from scoring.models import ImagingStudy, VbqLevel, VbqResult
+from scoring.services import SeriesInput, imaging_study_upsert, vbq_jobs_create
+from scoring.tasks import STORED_LEVELS, _store, study_received
+from tests.factories import PatientFactory
+
+pytestmark = pytest.mark.django_db
+ENDPOINT = "http://127.0.0.1:9/dicom-web"  # never contacted here
+
+
+def _patient_with_index(index_days_ago: int = 5):
+    patient = PatientFactory()
+    index_day = clinic_today() - dt.timedelta(days=index_days_ago)
+    procedure_record(patient=patient, code_system="http://www.ama-assn.org/go/cpt",
+                     code="22511", performed_at=start_of_clinic_day(index_day)
+                     + dt.timedelta(hours=10), identifier=Identifier("urn:t", str(patient.pk)))
+    return patient, index_day
+
+
+def _study(patient, index_day, uid: str, days_before: int, series=("SAG T1",)):
+    study, _ = imaging_study_upsert(
+        study_instance_uid=uid, patient=patient, source="fhir",
+        started_at=start_of_clinic_day(index_day - dt.timedelta(days=days_before)),
+        modality="MR", endpoint_url=ENDPOINT,
+        series=[SeriesInput(f"{uid}.{i}", "MR", desc) for i, desc in enumerate(series, 1)])
+    return study
+
+
+def test_the_nearest_study_is_linked_and_an_older_one_unlinked_with_the_reason():
+    patient, index_day = _patient_with_index()
+    older = _study(patient, index_day, "2.25.7101", days_before=40)
+    assert study_received(older.pk)["linked"] is True
+    nearer = _study(patient, index_day, "2.25.7102", days_before=10)
+    assert study_received(nearer.pk)["linked"] is True
+    older.refresh_from_db()
+    nearer.refresh_from_db()
+    assert (older.linked_procedure_id, older.link_reason) == (
+        None, "a nearer pre-procedure MRI arrived")
+    assert nearer.linked_procedure_id is not None
+    assert nearer.link_reason == "nearest lumbar MRI, 10 days before the procedure"
+    # The older study arrives again: the nearer one stays linked.
+    assert study_received(older.pk)["linked"] is False
+    older.refresh_from_db()
+    assert (older.linked_procedure_id, older.link_reason) == (
+        None, "a nearer pre-procedure MRI is already linked")
+    assert ImagingStudy.objects.get(pk=nearer.pk).linked_procedure_id is not None
+
+
+def test_a_replayed_study_creates_each_job_once_with_the_model_defaults():
+    patient, index_day = _patient_with_index()
+    study = _study(patient, index_day, "2.25.7201", days_before=10,
+                   series=("SAG T1", "AX T2", "SAG T1 FS"))
+    first = study_received(study.pk)
+    assert first == {"study": study.pk, "linked": True, "jobs": 2}  # the axial T2 is skipped
+    assert study_received(study.pk)["jobs"] == 0  # a duplicate delivery
+    assert vbq_jobs_create(study=study) == []
+    jobs = VbqResult.objects.filter(series__study=study)
+    assert jobs.count() == 2
+    for job in jobs:
+        assert (job.status, job.review_status, job.source, job.revision, job.attempts) == (
+            "queued", "pending", "auto", 0, 0)
+        assert (job.algorithm_version, job.patient_id) == (ALGORITHM_VERSION, patient.pk)
+        assert (job.qc_flags, job.fractured_levels, job.measurement) == ([], [], {})
+        assert job.queued_at is not None
+        assert job.started_at is None
+
+
+def test_study_received_links_and_creates_the_job_in_a_few_statements():
+    patient, index_day = _patient_with_index()
+    study = _study(patient, index_day, "2.25.7301", days_before=10)
+    with CaptureQueriesContext(connection) as queries:
+        assert study_received(study.pk)["jobs"] == 1
+    statements = [q["sql"] for q in queries.captured_queries]
+    # One savepoint: study_received's own transaction, nested in the test's (job creation and
+    # linking add none; get_or_create added two).
+    assert sum(sql.startswith("SAVEPOINT") for sql in statements) == 1, statements
+    if connection.vendor == "postgresql":
+        # lock the study, index procedure, link, series, jobs (+ savepoint and release)
+        assert len(statements) <= 7, statements  # was 14
+
+
+def test_storing_a_result_again_replaces_its_level_rows(tmp_path):
+    patient, index_day = _patient_with_index()
+    study = _study(patient, index_day, "2.25.7401", days_before=10)
+    study_received(study.pk)
+    result = VbqResult.objects.get(series__study=study)
+    measurement = compute_vbq(make_phantom(133, slices=9).datasets)
+    assert measurement.levels
+    assert measurement.csf is not None
+
+    _store(result.pk, measurement)
+    stored = {lv.level: lv for lv in VbqLevel.objects.filter(result=result)}
+    assert set(stored) == {*measurement.levels, "csf"} & set(STORED_LEVELS)
+    level = next(iter(measurement.levels))
+    assert stored[level].median_si == pytest.approx(measurement.levels[level].median_si)
+    result.refresh_from_db()
+    assert (result.status, result.vbq_all_levels) == (measurement.status,
+                                                       measurement.vbq_all_levels)
+    assert result.finished_at is not None
+    assert result.measurement["status"] == measurement.status
+
+    # A re-run with one level fewer and another value: the dropped level's row goes.
+    dropped, changed = [lv for lv in measurement.levels if lv in STORED_LEVELS][:2]
+    levels = dict(measurement.levels)
+    del levels[dropped]
+    levels[changed] = dataclasses.replace(levels[changed], median_si=1234.5)
+    _store(result.pk, dataclasses.replace(measurement, levels=levels))
+    stored = {lv.level: lv for lv in VbqLevel.objects.filter(result=result)}
+    assert set(stored) == {*levels, "csf"} & set(STORED_LEVELS)
+    assert stored[changed].median_si == 1234.5
