@@ -86,6 +86,8 @@ _EXPOSURE_STATUSES = frozenset(ExposureStatus.values)
 class _Deferred:
     audits: list[dict[str, Any]] = field(default_factory=list)  # AuditEvent rows (attnames)
     followup_patient_ids: set[Any] = field(default_factory=set)
+    # other data-modifying statements (sql, params), PostgreSQL only: CTEs of the final one
+    statements: list[tuple[str, list[Any]]] = field(default_factory=list)
 
 
 _deferred = threading.local()
@@ -107,23 +109,51 @@ def deferred_side_effects() -> Iterator[None]:
     finally:
         _deferred.current = None
     rows = pending.audits
-    if rows and pending.followup_patient_ids and connection.vendor == "postgresql":
-        # One statement (a data-modifying CTE): the audit rows and the patients' due dates.
+    if connection.vendor == "postgresql" and (
+            pending.statements or (rows and pending.followup_patient_ids)):
+        # One statement (data-modifying CTEs): the audit rows, the deferred statements (e.g.
+        # the FHIR InboundMessage outcome) and the patients' due dates.
         from registry.services_bulk import insert_rows_sql, pg_execute
 
-        insert_sql, param = insert_rows_sql(AuditEvent, rows)
-        ids = [str(p) for p in pending.followup_patient_ids]
-        pg_execute(f"WITH audit AS ({insert_sql}) "  # noqa: S608 (model metadata only)
-                   f"UPDATE {Patient._meta.db_table} SET followup_next_check_on = %s "
-                   "WHERE id = ANY(%s::uuid[])", [param, clinic_today(), ids])
-        _queue_followup(ids)
+        ctes, params = [], []
+        if rows:
+            insert_sql, param = insert_rows_sql(AuditEvent, rows)
+            ctes.append(f"audit AS ({insert_sql})")
+            params.append(param)
+        for n, (sql, statement_params) in enumerate(pending.statements):
+            ctes.append(f"s{n} AS ({sql})")
+            params += statement_params
+        main = "SELECT 1"
+        if pending.followup_patient_ids:
+            ids = [str(p) for p in pending.followup_patient_ids]
+            main = (f"UPDATE {Patient._meta.db_table} SET followup_next_check_on = %s "  # noqa: S608
+                    "WHERE id = ANY(%s::uuid[])")
+            params += [clinic_today(), ids]
+        pg_execute(f"WITH {', '.join(ctes)} {main}", params)
+        if pending.followup_patient_ids:
+            _queue_followup(ids)
         return
+    for sql, statement_params in pending.statements:  # (not reached: PostgreSQL only)
+        with connection.cursor() as cursor:
+            cursor.execute(sql, statement_params)
     if rows:
         from registry.services_bulk import insert_rows
 
         insert_rows(AuditEvent, rows)
     if pending.followup_patient_ids:
         _followup_changed_now(pending.followup_patient_ids)
+
+
+def execute_or_defer(sql: str, params: list[Any]) -> None:
+    """Run one data-modifying statement now, or, inside ``deferred_side_effects()`` on
+    PostgreSQL, as a CTE of that block's final statement (one round trip fewer). Nothing may
+    read its effect before the block ends."""
+    pending = getattr(_deferred, "current", None)
+    if pending is not None and connection.vendor == "postgresql":
+        pending.statements.append((sql, params))
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 def audit_record(

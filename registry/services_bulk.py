@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -109,7 +110,7 @@ def insert_rows_sql(model: type[models.Model], rows: Sequence[dict[str, Any]]
     """The PostgreSQL ``INSERT ... SELECT FROM json_populate_recordset(%s::json)`` of ``rows``
     (no RETURNING) and its one parameter, to embed in a larger statement (e.g. a CTE)."""
     sql, records = _pg_insert_sql(model, rows, (), (), "")
-    return sql, json.dumps(records, default=_json_value)
+    return sql, json_param(records)
 
 
 def pg_execute(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
@@ -127,12 +128,41 @@ def pg_execute(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         return cursor.fetchall() if cursor.description else []
 
 
+_JSON_CONVERT: dict[type, Callable[[Any], str]] = {
+    dt.datetime: dt.datetime.isoformat, dt.date: dt.date.isoformat, uuid.UUID: str, Decimal: str}
+
+
 def _json_value(value: Any) -> Any:
+    convert = _JSON_CONVERT.get(type(value))  # exact types first: one dict lookup per value
+    if convert is not None:
+        return convert(value)
     if isinstance(value, dt.datetime | dt.date):
         return value.isoformat()
     if isinstance(value, uuid.UUID | Decimal):
         return str(value)
     raise TypeError(f"cannot send {type(value).__name__} to PostgreSQL as JSON")
+
+
+def json_param(records: Any) -> str:
+    """Rows as the one JSON parameter of a ``json_populate_recordset`` statement."""
+    return json.dumps(records, default=_json_value)
+
+
+@dataclass
+class StatementPart:
+    """Bulk writes as data-modifying CTEs, to run alone or inside another bulk statement (one
+    round trip for several models). ``select`` reads the written rows as ``(pk, inserted,
+    key)``; ``finish`` turns those rows into the caller's results (and does the side effects,
+    e.g. audit rows)."""
+
+    ctes: list[str]
+    params: list[Any]
+    select: str
+    finish: Callable[[Sequence[tuple[Any, bool, Any]]], list[tuple[Any, bool]]]
+
+    def run(self) -> list[tuple[Any, bool]]:
+        return self.finish(pg_execute(f"WITH {', '.join(self.ctes)} {self.select}",
+                                      self.params))
 
 
 def _pg_write(model: type[models.Model], rows: Sequence[dict[str, Any]],
@@ -145,7 +175,7 @@ def _pg_write(model: type[models.Model], rows: Sequence[dict[str, Any]],
     sql, records = _pg_insert_sql(model, rows, conflict, update, where)
     sql += f"RETURNING {connection.ops.quote_name(model._meta.pk.column)}, (xmax = 0)"
     return [(pk, bool(inserted)) for pk, inserted in
-            pg_execute(sql, [json.dumps(records, default=_json_value)])]
+            pg_execute(sql, [json_param(records)])]
 
 
 def _pg_insert_sql(model: type[models.Model], rows: Sequence[dict[str, Any]],
@@ -314,8 +344,7 @@ def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTE
         i_sql, i_records = _pg_insert_sql(PatientIdentifier, new_identifiers, (), (), "")
         try:
             pg_execute(f"WITH patients AS ({p_sql}) {i_sql}", [
-                json.dumps(p_records, default=_json_value),
-                json.dumps(i_records, default=_json_value)])
+                json_param(p_records), json_param(i_records)])
         except IntegrityError as exc:  # a concurrent writer attached an identifier first
             raise ConcurrentWriteError(
                 "identifier was claimed concurrently; retry the transaction") from exc
@@ -413,11 +442,16 @@ SOURCED_KINDS: dict[str, tuple[type[models.Model], Callable[..., dict[str, Any]]
 
 
 def sourced_record_many(*, groups: dict[str, Sequence[dict[str, Any]]],
-                        actor: Actor = SYSTEM_ACTOR) -> dict[str, list[tuple[Any, bool]]]:
+                        actor: Actor = SYSTEM_ACTOR,
+                        extra: dict[str, StatementPart] | None = None
+                        ) -> dict[str, list[tuple[Any, bool]]]:
     """``procedure_record_many`` / ``fracture_record_many`` / ``therapy_record_many`` at once
     (``groups``: kind → items): on PostgreSQL ONE statement, each model's upsert a
     data-modifying CTE. ``(pk, created)`` per item, by kind. A validation error carries
-    ``kind`` and ``index``; nothing is written then."""
+    ``kind`` and ``index``; nothing is written then. ``extra`` (PostgreSQL only): other bulk
+    writes (kind → ``StatementPart``, e.g. imaging studies) in the same statement; their
+    results by kind too."""
+    extra = extra or {}
     prepared: dict[str, list[dict[str, Any]]] = {}
     for kind, items in groups.items():
         if not items:
@@ -427,8 +461,8 @@ def sourced_record_many(*, groups: dict[str, Sequence[dict[str, Any]]],
         except RegistryValidationError as exc:
             exc.kind = kind  # type: ignore[attr-defined]
             raise
-    if connection.vendor != "postgresql" or len(prepared) < 2:
-        out = {}
+    if connection.vendor != "postgresql" or len(prepared) + len(extra) < 2:
+        out = {kind: part.run() for kind, part in extra.items()}
         for kind, rows in prepared.items():
             model = SOURCED_KINDS[kind][0]
             update = [name for name in rows[0] if name not in SOURCED_CONFLICT]
@@ -446,17 +480,24 @@ def sourced_record_many(*, groups: dict[str, Sequence[dict[str, Any]]],
         ctes.append(f"c{n} AS ({sql}RETURNING {n} AS k, "
                     f"{connection.ops.quote_name(model._meta.pk.column)} AS pk, "
                     "(xmax = 0) AS inserted)")
-        params.append(json.dumps(records, default=_json_value))
+        params.append(json_param(records))
         plans.append((kind, model, rows, slot_of))
-    union = " UNION ALL ".join(f"SELECT k, pk, inserted FROM c{n}"  # noqa: S608
-                               for n in range(len(ctes)))
-    by_k: dict[int, list[tuple[Any, bool]]] = {n: [] for n in range(len(ctes))}
-    for k, pk, inserted in pg_execute(f"WITH {', '.join(ctes)} {union}", params):
-        by_k[k].append((pk, bool(inserted)))
+    selects = [f"SELECT k, pk, inserted, NULL::text AS key FROM c{n}"  # noqa: S608
+               for n in range(len(ctes))]
+    for n, part in enumerate(extra.values(), start=len(ctes)):
+        ctes += part.ctes
+        params += part.params
+        selects.append(f"SELECT {n}, x.* FROM ({part.select}) AS x")  # noqa: S608
+    by_k: dict[int, list[tuple[Any, Any, Any]]] = {n: [] for n in range(len(selects))}
+    for k, pk, inserted, key in pg_execute(f"WITH {', '.join(ctes)} "
+                                           f"{' UNION ALL '.join(selects)}", params):
+        by_k[k].append((pk, bool(inserted), key))
     out = {}
     for n, (kind, model, rows, slot_of) in enumerate(plans):
-        out[kind] = _expand(slot_of, by_k[n])
+        out[kind] = _expand(slot_of, [(pk, inserted) for pk, inserted, _ in by_k[n]])
         _sourced_side_effects(model, out[kind], rows, actor)
+    for n, (kind, part) in enumerate(extra.items(), start=len(plans)):
+        out[kind] = part.finish(by_k[n])
     return out
 
 

@@ -6,7 +6,6 @@ audit events, the same outbox marker (every active study, new or updated, is wri
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -15,11 +14,11 @@ from django.db import connection, transaction
 
 from registry.services import SYSTEM_ACTOR, Actor, audit_record, deferred_side_effects
 from registry.services_bulk import (
+    StatementPart,
     _dedupe,
     _expand,
-    _json_value,
     _pg_insert_sql,
-    pg_execute,
+    json_param,
     upsert_returning,
 )
 from registry.timeutil import clinic_date
@@ -36,13 +35,35 @@ def imaging_study_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor =
                               ) -> list[tuple[Any, bool]]:
     """Items are ``imaging_study_upsert`` keyword arguments; returns ``(study pk, created)``
     per item, in order (studies by Study Instance UID, series by Series Instance UID)."""
+    if connection.vendor == "postgresql":
+        return imaging_study_statement(items=items, actor=actor).run()
+    rows = _study_rows(items)
+    results = upsert_returning(ImagingStudy, rows, conflict=["study_instance_uid"],
+                               update=STUDY_FIELDS)
+    series_rows = [
+        {"series_instance_uid": s.series_instance_uid, "study_id": study_pk,
+         "modality": s.modality, "description": s.description, "number": s.number,
+         "body_part": s.body_part, "instance_count": s.instance_count}
+        for (study_pk, _), item in zip(results, items, strict=True)
+        for s in item.get("series", ())
+    ]
+    upsert_returning(ImagingSeries, series_rows, conflict=["series_instance_uid"],
+                     update=SERIES_FIELDS)
+    active = _side_effects(results, rows, actor)
+    if active:
+        # The outbox marker, as in ``imaging_study_upsert``: an updated study keeps its old
+        # reason otherwise, and the sweep would never re-link it if the broker is down now.
+        ImagingStudy.objects.filter(pk__in=active).update(link_reason=LINK_PENDING)
+    return results
+
+
+def _study_rows(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for item in items:
         started_at = item.get("started_at")
-        patient = item.get("patient")
         rows.append({
             "study_instance_uid": item["study_instance_uid"],
-            "patient": patient,
+            "patient": item.get("patient"),
             "source": item["source"],
             "started_at": started_at,
             "started_on": clinic_date(started_at) if started_at else None,
@@ -53,20 +74,13 @@ def imaging_study_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor =
             "identifier_value": item.get("identifier_value", ""),
             "record_status": item.get("record_status", "active"),
         })
-    if connection.vendor == "postgresql":
-        results = _pg_upsert(rows, items)
-    else:
-        results = upsert_returning(ImagingStudy, rows, conflict=["study_instance_uid"],
-                                   update=STUDY_FIELDS)
-        series_rows = [
-            {"series_instance_uid": s.series_instance_uid, "study_id": study_pk,
-             "modality": s.modality, "description": s.description, "number": s.number,
-             "body_part": s.body_part, "instance_count": s.instance_count}
-            for (study_pk, _), item in zip(results, items, strict=True)
-            for s in item.get("series", ())
-        ]
-        upsert_returning(ImagingSeries, series_rows, conflict=["series_instance_uid"],
-                         update=SERIES_FIELDS)
+    return rows
+
+
+def _side_effects(results: Sequence[tuple[Any, bool]], rows: Sequence[dict[str, Any]],
+                  actor: Actor) -> list[Any]:
+    """The audit rows; ``study_received`` queued after commit for every active study, whose
+    ids are returned."""
     with deferred_side_effects():
         for (study_pk, created), row in zip(results, rows, strict=True):
             patient = row["patient"]
@@ -76,23 +90,23 @@ def imaging_study_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor =
     active = list(dict.fromkeys(pk for (pk, _), row in zip(results, rows, strict=True)
                                 if row["record_status"] == "active"))
     if active:
-        if connection.vendor != "postgresql":  # (PostgreSQL: written by the upsert itself)
-            # The outbox marker, as in ``imaging_study_upsert``: an updated study keeps its
-            # old reason otherwise, and the sweep would never re-link it if the broker is down.
-            ImagingStudy.objects.filter(pk__in=active).update(link_reason=LINK_PENDING)
         transaction.on_commit(lambda: _queue_studies(active))
-    return results
+    return active
 
 
-def _pg_upsert(rows: list[dict[str, Any]], items: Sequence[dict[str, Any]]
-               ) -> list[tuple[Any, bool]]:
-    """Studies, their series and the outbox marker in ONE statement: the studies' upsert is a
-    data-modifying CTE that writes ``link_reason = LINK_PENDING`` on every active study (new
-    or updated; a study entered in error keeps its reason) and returns the study ids, which
-    the series' upsert joins by Study Instance UID. Rows with the same UID are written once
-    (the last one wins), as ``upsert_returning`` does."""
+def imaging_study_statement(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR
+                            ) -> StatementPart:
+    """PostgreSQL: the studies, their series and the outbox marker as data-modifying CTEs, to
+    run alone (``.run()``) or in one statement with other bulk writes
+    (``registry.services_bulk.sourced_record_many(extra=...)``). The studies' upsert writes
+    ``link_reason = LINK_PENDING`` on every active study (new or updated; a study entered in
+    error keeps its reason) and returns the study ids, which the series' upsert joins by Study
+    Instance UID. Rows with the same UID are written once (the last one wins), as
+    ``upsert_returning`` does. ``finish`` (called with the rows) writes the audit rows and
+    queues ``study_received`` after commit."""
     qn = connection.ops.quote_name
     study_table = qn(ImagingStudy._meta.db_table)
+    rows = _study_rows(items)
     for row in rows:
         row["link_reason"] = LINK_PENDING if row["record_status"] == "active" else ""
     slot_of, unique = _dedupe(rows, ["study_instance_uid"])
@@ -100,6 +114,9 @@ def _pg_upsert(rows: list[dict[str, Any]], items: Sequence[dict[str, Any]]
         ImagingStudy, unique, ["study_instance_uid"], STUDY_FIELDS, "", update_sql={
             "link_reason": f"CASE WHEN EXCLUDED.record_status = 'active' THEN "
                            f"EXCLUDED.link_reason ELSE {study_table}.link_reason END"})
+    ctes = [f"studies AS ({study_sql}RETURNING id, (xmax = 0) AS inserted, "
+            "study_instance_uid)"]
+    params = [json_param(study_records)]
     series_rows = {  # by Series Instance UID: the last one wins
         s.series_instance_uid: {
             "series_instance_uid": s.series_instance_uid, "study_id": None,
@@ -107,8 +124,6 @@ def _pg_upsert(rows: list[dict[str, Any]], items: Sequence[dict[str, Any]]
             "body_part": s.body_part, "instance_count": s.instance_count,
             "vbq_study_uid": item["study_instance_uid"]}
         for item in items for s in item.get("series", ())}
-    params = [json.dumps(study_records, default=_json_value)]
-    series_cte = ""
     if series_rows:
         series_sql, series_records = _pg_insert_sql(
             ImagingSeries, list(series_rows.values()), ["series_instance_uid"], SERIES_FIELDS,
@@ -118,12 +133,18 @@ def _pg_upsert(rows: list[dict[str, Any]], items: Sequence[dict[str, Any]]
                 "ON s.study_instance_uid = e->>'vbq_study_uid'"))
         for record, row in zip(series_records, series_rows.values(), strict=True):
             record["vbq_study_uid"] = row["vbq_study_uid"]
-        series_cte = f", series AS ({series_sql})"
-        params.append(json.dumps(series_records, default=_json_value))
-    sql = (f"WITH studies AS ({study_sql}RETURNING id, (xmax = 0) AS inserted, "  # noqa: S608
-           f"study_instance_uid){series_cte} SELECT id, inserted, study_instance_uid FROM studies")
-    written = {uid: (pk, bool(inserted)) for pk, inserted, uid in pg_execute(sql, params)}
-    return _expand(slot_of, [written[row["study_instance_uid"]] for row in unique])
+        ctes.append(f"series AS ({series_sql})")
+        params.append(json_param(series_records))
+
+    def finish(returned: Sequence[tuple[Any, bool, Any]]) -> list[tuple[Any, bool]]:
+        written = {uid: (pk, bool(inserted)) for pk, inserted, uid in returned}
+        results = _expand(slot_of, [written[row["study_instance_uid"]] for row in unique])
+        _side_effects(results, rows, actor)
+        return results
+
+    return StatementPart(ctes=ctes, params=params,
+                         select="SELECT id, inserted, study_instance_uid FROM studies",
+                         finish=finish)
 
 
 def _queue_studies(study_ids: list[Any]) -> None:

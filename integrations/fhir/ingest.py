@@ -190,8 +190,8 @@ def process_transaction(bundle: dict[str, Any], ctx: Context, allowed: Any,
                     commit_without_waiting()
                 with deferred_side_effects():
                     results = _apply_transaction(parsed, ctx, allowed)
-                if ctx.before_commit is not None:  # then this commit is the synchronous one
-                    ctx.before_commit(results)
+                    if ctx.before_commit is not None:  # this commit is the synchronous one
+                        ctx.before_commit(results)  # (its statement joins the deferred one)
                 return results
         except (IntegrityError, OperationalError) as exc:
             if attempt == attempts - 1:

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from django.db import connection
+
 from integrations.fhir.errors import FhirError
 from integrations.fhir.parse import fhir_datetime
 from registry import codes
@@ -146,9 +148,15 @@ def flush_pending(ctx: Context) -> None:
         by_kind.setdefault(write.kind, []).append(write)
     done: dict[str, list[tuple[Any, bool]]] = {}
     sourced = {k: [w.kwargs for w in by_kind[k]] for k in SOURCED_KINDS if by_kind.get(k)}
-    if len(sourced) > 1:  # procedures, fractures and therapy in one statement
+    extra = {}
+    if sourced and by_kind.get("imaging") and connection.vendor == "postgresql":
+        from scoring.services_bulk import imaging_study_statement
+
+        extra["imaging"] = imaging_study_statement(
+            items=[w.kwargs for w in by_kind["imaging"]], actor=ctx.actor)
+    if len(sourced) + len(extra) > 1:  # procedures, fractures, therapy, imaging: one statement
         try:
-            done = sourced_record_many(groups=sourced, actor=ctx.actor)
+            done = sourced_record_many(groups=sourced, actor=ctx.actor, extra=extra)
         except RegistryValidationError as exc:
             write = by_kind[getattr(exc, "kind", next(iter(sourced)))][getattr(exc, "index", 0)]
             error = _business_error(exc, write.result.resource_type)

@@ -34,7 +34,7 @@ from integrations.fhir.ingest import (
 from integrations.fhir.mappers import MAPPERS, Context
 from integrations.models import InboundMessage
 from registry.models import AuditAction, Feed
-from registry.services import Actor, audit_record
+from registry.services import Actor, audit_record, execute_or_defer
 from registry.services_bulk import pg_execute
 
 logger = logging.getLogger(__name__)
@@ -142,8 +142,13 @@ def _record_in_transaction(message: InboundMessage | None
         return None
 
     def record(results: list[tuple[int, EntryOutcome]]) -> None:
-        InboundMessage.objects.filter(pk=message.pk).update(
-            **_outcome_fields(200, _summary(results)))
+        fields = _outcome_fields(200, _summary(results))
+        # inside the bundle's deferred side effects: a CTE of its last statement
+        execute_or_defer(
+            f"UPDATE {InboundMessage._meta.db_table} SET outcome = %s, "  # noqa: S608
+            "status_code = %s, summary = %s::jsonb WHERE id = %s",
+            [str(fields["outcome"]), fields["status_code"], json.dumps(fields["summary"]),
+             message.pk])
         transaction.on_commit(lambda: setattr(message, "outcome_recorded", True))
 
     return record
