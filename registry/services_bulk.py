@@ -254,37 +254,83 @@ def patients_by_identifier(keys: Iterable[tuple[str, str]], *, lock: bool = Fals
     not-yet-analysed table), as a scan of every identifier of those systems — its cost grew
     with the registry. ``lock``: the identifier and patient rows are locked (FOR UPDATE), in
     key order."""
+    return lookup_patients(keys, lock=lock)[0]
+
+
+def lookup_patients(keys: Iterable[tuple[str, str]], *, lock: bool = False,
+                    also: tuple[str, Sequence[Any]] | None = None
+                    ) -> tuple[dict[tuple[str, str], Patient], list[tuple[Any, ...]]]:
+    """``patients_by_identifier``, and ``also`` — another statement ``(sql, params)``, e.g.
+    locking rows that depend on these patients — sent in the SAME round trip on PostgreSQL
+    (two statements in one simple query); its rows are returned second. The lookup runs
+    first."""
     wanted = sorted(set(keys))
-    if not wanted:
-        return {}
     if connection.vendor != "postgresql":
-        qs = PatientIdentifier.objects.filter(
-            system__in={k[0] for k in wanted}, value__in={k[1] for k in wanted}
-        ).select_related("patient")
-        if lock:
-            qs = qs.select_for_update()
-        return {(i.system, i.value): i.patient for i in qs
-                if (i.system, i.value) in set(wanted)}
+        found: dict[tuple[str, str], Patient] = {}
+        if wanted:
+            qs = PatientIdentifier.objects.filter(
+                system__in={k[0] for k in wanted}, value__in={k[1] for k in wanted}
+            ).select_related("patient")
+            if lock:
+                qs = qs.select_for_update()
+            found = {(i.system, i.value): i.patient for i in qs
+                     if (i.system, i.value) in set(wanted)}
+        rows: list[tuple[Any, ...]] = []
+        if also is not None:
+            with connection.cursor() as cursor:
+                cursor.execute(*also)
+                rows = list(cursor.fetchall())
+        return found, rows
+    qn = connection.ops.quote_name
+    fields = Patient._meta.concrete_fields
     identifiers, patients = PatientIdentifier._meta.db_table, Patient._meta.db_table
-    sql = (  # table names from the model metadata; the keys are two array parameters
-        "SELECT p.*, i.system AS vbq_key_system, i.value AS vbq_key_value "  # noqa: S608
+    if not wanted and also is None:
+        return {}, []
+    columns = ", ".join(f"p.{qn(f.column)}" for f in fields)
+    sql = (  # names from the model metadata; the keys are two array parameters
+        f"SELECT i.system, i.value, {columns} "  # noqa: S608
         "FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS k(system, value, n) "
         f"CROSS JOIN LATERAL (SELECT system, value, patient_id FROM {identifiers} "
         "WHERE system = k.system AND value = k.value LIMIT 1) AS i "
         f"JOIN {patients} AS p ON p.id = i.patient_id ORDER BY k.n"
         + (" FOR UPDATE" if lock else ""))
-    return {(p.vbq_key_system, p.vbq_key_value): p for p in Patient.objects.raw(
-        sql, [[k[0] for k in wanted], [k[1] for k in wanted]])}
+    params: list[Any] = [[k[0] for k in wanted], [k[1] for k in wanted]]
+    if also is not None:
+        sql += "; " + also[0]
+        params += list(also[1])
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        found_rows = cursor.fetchall()
+        rows = []
+        if also is not None:
+            cursor.nextset()
+            rows = list(cursor.fetchall())
+    converters = []
+    for n, f in enumerate(fields):
+        col = f.get_col(patients)
+        if convs := connection.ops.get_db_converters(col) + col.get_db_converters(connection):
+            converters.append((n, convs, col))
+    attnames = [f.attname for f in fields]
+    found = {}
+    for system, value, *values in found_rows:
+        for n, convs, col in converters:
+            for convert in convs:
+                values[n] = convert(values[n], col, connection)
+        found[(system, value)] = Patient.from_db(connection.alias, attnames, values)
+    return found, rows
 
 
 PATIENT_FIELDS = ("family_name", "given_name", "birth_date", "sex", "deceased_on",
                   "last_contact_on", "bmi_kg_m2", "care_team", "is_synthetic")
 
 
-def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR
+def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR,
+                        known: dict[tuple[str, str], Patient] | None = None
                         ) -> list[tuple[Patient, bool]]:
     """``patient_upsert`` for many patients: ``(patient, created)`` per item, in order. Two
-    items sharing an identifier are the same patient (the later values win)."""
+    items sharing an identifier are the same patient (the later values win). ``known``: the
+    caller's ``lookup_patients(<every identifier of the items>, lock=True)`` of this
+    transaction (else it is looked up here)."""
     for n, item in enumerate(items):
         try:
             patient_check(identifiers=item["identifiers"], sex=item.get("sex", "unknown"),
@@ -292,7 +338,7 @@ def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTE
         except RegistryValidationError as exc:
             raise _indexed(exc, n) from exc
     keys = {(i.system, i.value) for item in items for i in item["identifiers"]}
-    owner_of = patients_by_identifier(keys, lock=True)
+    owner_of = dict(known) if known is not None else patients_by_identifier(keys, lock=True)
     new: dict[Any, Patient] = {}
     changed: dict[Any, Patient] = {}
     new_identifiers: list[dict[str, Any]] = []

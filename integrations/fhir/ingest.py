@@ -34,6 +34,7 @@ from integrations.fhir.mappers import (
 from integrations.fhir.parse import parse_resource
 from integrations.models import HeldResource
 from registry.services import deferred_side_effects
+from registry.services_bulk import lookup_patients
 
 logger = logging.getLogger(__name__)
 ORDER = {"Patient": 0}
@@ -130,18 +131,40 @@ def _held_keys(model: Any, ctx: Context) -> list[str]:
                    if i.system and i.value]
 
 
-def release_held(patients: list[tuple[Any, Any]], ctx: Context, allowed: Any) -> int:
+HELD_IDS_SQL = (f"SELECT id FROM {HeldResource._meta.db_table} "  # noqa: S608
+                "WHERE reference_key = ANY(%s) AND applied_at IS NULL ORDER BY id FOR UPDATE")
+
+
+def lock_patients_and_held(ctx: Context, models: list[Any]) -> list[int]:
+    """Before the pending Patient writes are flushed: ONE round trip looks up (and locks) the
+    patients their identifiers name — handed to ``patient_upsert_many`` through
+    ``ctx.patient_owners`` — and locks the resources held for these Patients (their ids are
+    returned, for ``release_held``)."""
+    keys = {(i.system, i.value) for w in ctx.pending or [] if w.kind == "patient"
+            for i in w.kwargs["identifiers"]}
+    held_keys = sorted({key for model in models for key in _held_keys(model, ctx)})
+    owners, rows = lookup_patients(keys, lock=True, also=(HELD_IDS_SQL, [held_keys]))
+    ctx.patient_owners = owners
+    return [row[0] for row in rows]
+
+
+def release_held(patients: list[tuple[Any, Any]], ctx: Context, allowed: Any,
+                 held_ids: list[int] | None = None) -> int:
     """Apply resources held for these (patient, Patient model) pairs (by feed-scoped id or
-    business identifier): one query to find them, then each in its own savepoint."""
+    business identifier): one query to find them, then each in its own savepoint.
+    ``held_ids``: the candidates already locked by ``lock_patients_and_held`` (none: no
+    query at all)."""
     keys = [key for _, model in patients for key in _held_keys(model, ctx)]
-    if not keys:
+    if not keys or held_ids == []:
         return 0
     applied = 0
     pending, ctx.pending = ctx.pending, None  # held resources are applied one by one
+    candidates = HeldResource.objects.select_for_update().filter(
+        reference_key__in=keys, applied_at__isnull=True)
+    if held_ids is not None:
+        candidates = candidates.filter(pk__in=held_ids)
     try:
-        for held in HeldResource.objects.select_for_update().filter(
-            reference_key__in=keys, applied_at__isnull=True
-        ):
+        for held in candidates.order_by("pk"):
             try:
                 with transaction.atomic():
                     apply_resource(held.resource, ctx, allowed=allowed)
@@ -220,6 +243,9 @@ def _apply_transaction(parsed: list[tuple[int, dict[str, Any], Any]], ctx: Conte
                                        expression_prefix=f"Bundle.entry[{i}].resource")
             except FhirError as exc:
                 raise exc.prefixed(f"Bundle.entry[{i}]") from exc
+        held_ids = None
+        if group is patients and ctx.pending:
+            held_ids = lock_patients_and_held(ctx, [model for _, _, model in patients])
         flush_pending(ctx)
         ctx.pending = None
         if group is patients:
@@ -230,7 +256,7 @@ def _apply_transaction(parsed: list[tuple[int, dict[str, Any], Any]], ctx: Conte
                     if entry.get("fullUrl"):
                         ctx.bundle_patients[str(entry["fullUrl"])] = result.patient
                     written.append((result.patient, model))
-            release_held(written, ctx, allowed)
+            release_held(written, ctx, allowed, held_ids)
     return sorted((i, entry_outcome(r)) for i, r in results.items())
 
 

@@ -87,6 +87,9 @@ class Context:
     entry_where: str = ""  # expression prefix of the entry being mapped
     # (system, value) → patient (None: not in the registry), filled by ``prefetch_patients``.
     patient_cache: dict[tuple[str, str], Patient | None] = field(default_factory=dict)
+    # The patients the pending Patient writes name, looked up and locked by the caller
+    # (``registry.services_bulk.lookup_patients``); used by the next flush only.
+    patient_owners: dict[tuple[str, str], Patient] | None = None
     # The caller commits synchronously after the bundle, before answering (see
     # ``ingest.commit_without_waiting``).
     durable_later: bool = False
@@ -99,6 +102,7 @@ class Context:
         self.patient_cache.clear()
         self.pending = None
         self.entry_where = ""
+        self.patient_owners = None
 
 
 def _imaging_single(**kwargs: Any) -> tuple[Any, bool]:
@@ -161,13 +165,15 @@ def flush_pending(ctx: Context) -> None:
             write = by_kind[getattr(exc, "kind", next(iter(sourced)))][getattr(exc, "index", 0)]
             error = _business_error(exc, write.result.resource_type)
             raise (error.prefixed(write.where) if write.where else error) from exc
+    known, ctx.patient_owners = ctx.patient_owners, None
     for kind in ("patient", "procedure", "fracture", "therapy", "imaging"):
         writes = by_kind.get(kind)
         if not writes:
             continue
         try:
             results = done[kind] if kind in done else BULK[kind](
-                items=[w.kwargs for w in writes], actor=ctx.actor)
+                items=[w.kwargs for w in writes], actor=ctx.actor,
+                **({"known": known} if kind == "patient" and known is not None else {}))
         except RegistryValidationError as exc:
             write = writes[getattr(exc, "index", 0)]
             error = _business_error(exc, write.result.resource_type)
