@@ -244,3 +244,27 @@ def test_a_patient_merge_inside_a_transaction_moves_the_records_to_the_survivor(
     assert Procedure.objects.get().patient == target
     assert PatientIdentifier.objects.get(value="SYN-HL7-0001").patient == target
     assert Patient.objects.filter(merged_into=target).count() == 1
+
+
+def test_a_large_raw_payload_is_stored_lz4_compressed_and_reads_back_byte_for_byte(client, token):
+    from django.db import connection
+
+    from integrations.models import InboundMessage
+
+    bundle = _hl7()
+    patient = next(e["resource"] for e in bundle["entry"]
+                   if e["resource"]["resourceType"] == "Patient")
+    # SYNTHETIC narrative, non-ASCII, large enough to be TOASTed and compressed
+    patient["text"] = {"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">'
+                       + "Patiente synthétique — données fictives. " * 400 + "</div>"}
+    payload = json.dumps(bundle, ensure_ascii=False, indent=1)
+    response = client.post("/fhir", data=payload.encode(), content_type=FHIR,
+                           HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert response.status_code == 200, response.content
+    message = InboundMessage.objects.get()
+    assert message.body == payload
+    assert message.size_bytes == len(payload.encode())
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_column_compression(body) FROM integrations_inboundmessage "
+                       "WHERE id = %s", [message.pk])
+        assert cursor.fetchone()[0] == "lz4"
