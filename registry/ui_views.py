@@ -15,6 +15,7 @@ from django.core.paginator import Paginator
 from django.db.models import Count, Min, OuterRef, Q, Subquery
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.template.backends.utils import csrf_input
 from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils.html import format_html_join
@@ -71,15 +72,18 @@ def worklist(request: HttpRequest) -> HttpResponse:
     rows = [_row(alert, today, urls, request.user.pk) for alert in page]
     return render(request, "worklist/list.html", {
         "rows": rows, "page": page, "status": status, "rule": rule, "mine": mine, "mrn": mrn,
-        "counts": counts, "rules": RULE_LABELS, **_row_context(today),
+        "counts": counts, "rules": RULE_LABELS, **_row_context(today, request),
         "sort": sort, "sorts": {k: label for k, (label, _) in SORTS.items()},
         "unresolved_count": counts["unresolved"],
     })
 
 
-def _row_context(today: dt.date) -> dict:
-    """What every row template needs, built once per request (not once per row)."""
+def _row_context(today: dt.date, request: HttpRequest) -> dict:
+    """What every row template needs, built once per request (not once per row). The CSRF
+    field too: the same token {% csrf_token %} would print, but rendered once instead of in
+    each of the ~6 forms of 25 rows."""
     return {
+        "csrf_input": csrf_input(request),
         "reason_options": format_html_join(
             "", '<option value="{}">{}</option>', RESOLUTION_REASONS.items()),
         "snooze_default": (today + dt.timedelta(days=14)).isoformat(),
@@ -157,7 +161,8 @@ def _url_patterns() -> tuple[str, str]:
 
 
 def _counts() -> dict[str, int]:
-    counts = dict(Alert.objects.values_list("status").annotate(n=Count("pk")).order_by())
+    # COUNT(*), not COUNT(id): PostgreSQL answers it from the (status, due_on) index alone.
+    counts = dict(Alert.objects.values_list("status").annotate(n=Count("*")).order_by())
     counts["unresolved"] = sum(counts.get(s, 0) for s in OPEN_ALERT_STATUSES)
     return counts
 
@@ -205,7 +210,7 @@ def worklist_action(request: HttpRequest, alert_id: int, action: str) -> HttpRes
         today = clinic_today()
         fresh = _row_queryset().get(pk=alert.pk)
         html = render_to_string("worklist/_row.html", {
-            "r": _row(fresh, today, user_id=request.user.pk), **_row_context(today)},
+            "r": _row(fresh, today, user_id=request.user.pk), **_row_context(today, request)},
             request=request)
         return JsonResponse({"ok": ok, "message": text, "status": fresh.status, "html": html,
                              "counts": _counts()}, status=200 if ok else 400)

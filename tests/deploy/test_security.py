@@ -3,6 +3,7 @@ and the audit report page."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import threading
@@ -391,3 +392,38 @@ def test_only_auditors_see_the_audit_link_in_the_navigation(db, role_user):
     url = reverse("audit-event-list").encode()
     assert url in admin.get(reverse("home")).content
     assert url not in clinician.get(reverse("home")).content
+
+
+def _expiry(client):
+    from django.contrib.sessions.models import Session
+
+    return Session.objects.get(session_key=client.session.session_key).expire_date
+
+
+def test_an_active_session_is_refreshed_at_most_once_per_refresh_interval(
+        db, settings, role_user):
+    settings.SESSION_REFRESH_SECONDS = 3600
+    role_user("coordinator", username="dora")
+    client = Client()
+    assert client.post(reverse("login"), {"username": "dora",
+                                          "password": "a-long-test-password-1"}).status_code == 302
+    first = _expiry(client)
+    assert client.get(reverse("worklist")).status_code == 200
+    assert _expiry(client) == first  # no session write on an ordinary page view
+    settings.SESSION_REFRESH_SECONDS = 0
+    assert client.get(reverse("worklist")).status_code == 200
+    assert _expiry(client) > first  # refreshed: the idle timeout restarts
+
+
+def test_an_idle_session_expires_and_the_next_page_asks_to_log_in(db, settings, role_user):
+    from django.contrib.sessions.models import Session
+    from django.utils import timezone
+
+    role_user("coordinator", username="erin")
+    client = Client()
+    client.post(reverse("login"), {"username": "erin", "password": "a-long-test-password-1"})
+    Session.objects.filter(session_key=client.session.session_key).update(
+        expire_date=timezone.now() - dt.timedelta(seconds=1))
+    response = client.get(reverse("worklist"))
+    assert response.status_code == 302
+    assert reverse("login") in response["Location"]
