@@ -132,6 +132,17 @@ _JSON_CONVERT: dict[type, Callable[[Any], str]] = {
     dt.datetime: dt.datetime.isoformat, dt.date: dt.date.isoformat, uuid.UUID: str, Decimal: str}
 
 
+_JSON_NATIVE = frozenset({str, int, float, bool, type(None)})
+
+
+def _plain(value: Any) -> Any:
+    """A row value as JSON can carry it (a model instance → its pk, dates → ISO text...)."""
+    if isinstance(value, models.Model):
+        value = value.pk
+    convert = _JSON_CONVERT.get(type(value))
+    return convert(value) if convert is not None else value
+
+
 def _json_value(value: Any) -> Any:
     convert = _JSON_CONVERT.get(type(value))  # exact types first: one dict lookup per value
     if convert is not None:
@@ -193,21 +204,24 @@ def _pg_insert_sql(model: type[models.Model], rows: Sequence[dict[str, Any]],
     now = timezone.now()
     fields = [f for f in meta.concrete_fields
               if not (f.primary_key and f.name not in rows[0] and f.attname not in rows[0])]
+    constants: dict[str, Any] = {}  # the same for every row: converted once
     getters = []
     for f in fields:
         name = f.name if f.name in rows[0] else f.attname
         if getattr(f, "auto_now", False) or getattr(f, "auto_now_add", False):
-            getters.append((f.column, None, now))
+            constants[f.column] = _plain(now)
         elif name not in rows[0]:
-            getters.append((f.column, None, f.get_default()))
+            constants[f.column] = _plain(f.get_default())
         else:
-            getters.append((f.column, name, None))
+            getters.append((f.column, name))
     records = []
     for row in rows:
-        record = {}
-        for column, name, constant in getters:
-            value = constant if name is None else row[name]
-            record[column] = value.pk if isinstance(value, models.Model) else value
+        record = dict(constants)
+        for column, name in getters:
+            value = row[name]
+            if type(value) not in _JSON_NATIVE:
+                value = _plain(value)
+            record[column] = value
         records.append(record)
     columns = ", ".join(qn(f.column) for f in fields)
     select = select or {}
