@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from scoring.engine.model import (
     Acquisition,
@@ -99,6 +100,40 @@ def acquisition_of(ds: Dataset) -> Acquisition:
     )
 
 
+_NATIVE_SYNTAXES = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
+
+
+def _native_pixels(ds: Dataset) -> np.ndarray | None:
+    """The pixels of an uncompressed little-endian single-frame grey-level image as a view of
+    its bytes, with the values ``pixel_array`` gives (unused high bits of unsigned data
+    masked); ``None`` for anything else (compressed, multi-frame, colour, signed with unused
+    bits...), which then goes through pydicom's handlers. Skips ``pixel_array``'s generic
+    decoder set-up, about a third of pydicom's read time for a 512 x 512 slice."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax not in _NATIVE_SYNTAXES:
+        return None
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
+        signed = int(ds.PixelRepresentation) == 1
+        samples = int(ds.get("SamplesPerPixel", 1))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if samples != 1 or frames != 1 or allocated not in (8, 16, 32) or not (
+            0 < stored <= allocated) or (signed and stored != allocated) or rows < 1 or cols < 1:
+        return None
+    data = ds.PixelData
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
+    if not isinstance(data, bytes) or len(data) < rows * cols * dtype.itemsize:
+        return None  # pydicom raises its own error for short data
+    arr = np.frombuffer(data, dtype, count=rows * cols).reshape(rows, cols)
+    if stored < allocated:
+        arr = arr & dtype.type((1 << stored) - 1)
+    return arr
+
+
 def read_series(source: Any) -> Series:
     """Read, check and sort one series. Raises a typed ``EngineError``."""
     datasets = _load(source)
@@ -142,7 +177,8 @@ def read_series(source: Any) -> Series:
     rescale = []
     for ds in images:
         try:
-            arrays.append(ds.pixel_array)
+            arr = _native_pixels(ds)
+            arrays.append(ds.pixel_array if arr is None else arr)
         except Exception as exc:  # truncated data, missing codec, bad lengths...
             raise UnreadableDicomError(f"the pixel data cannot be decoded "
                                        f"({type(exc).__name__}: {str(exc)[:120]})") from exc

@@ -109,6 +109,15 @@ class _Frame:
             c = self.shape[1] - 1 - c
         return (c, r) if self.transpose else (r, c)
 
+    def points_to_original(self, r: np.ndarray, c: np.ndarray
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """``to_original`` for arrays of points (canonical → stored pixel coordinates)."""
+        if self.flip_r:
+            r = (self.shape[0] - 1) - r
+        if self.flip_c:
+            c = (self.shape[1] - 1) - c
+        return (c, r) if self.transpose else (r, c)
+
     def direction_to_original(self, dr: float, dc: float) -> tuple[float, float]:
         if self.flip_r:
             dr = -dr
@@ -153,27 +162,21 @@ def _resample(image: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
 def _bilinear(stack: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
     """Bilinear samples of every image of ``stack`` (slices, rows, cols) at the points (cy, cx)
     (pixels; outside points take the nearest edge value, as ``map_coordinates(order=1,
-    mode="nearest")``). Returns (slices, *cy.shape) float32."""
+    mode="nearest")``). Returns (slices, *cy.shape) float32. The four neighbours are taken
+    from the flat images by one index (give a C-contiguous stack to avoid a copy)."""
     h, w = stack.shape[-2:]
     y = np.clip(cy, 0.0, h - 1.0)
     x = np.clip(cx, 0.0, w - 1.0)
-    y0 = np.minimum(np.floor(y).astype(int), max(h - 2, 0))
-    x0 = np.minimum(np.floor(x).astype(int), max(w - 2, 0))
+    y0 = np.minimum(y.astype(np.intp), max(h - 2, 0))  # floor: y, x are not negative
+    x0 = np.minimum(x.astype(np.intp), max(w - 2, 0))
     fy, fx = (y - y0).astype(np.float32), (x - x0).astype(np.float32)
-    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
-    if stack.flags.c_contiguous:  # gather from the flat images (faster than 2-D indexing)
-        flat = stack.reshape(stack.shape[0], -1)
-
-        def at(yi: np.ndarray, xi: np.ndarray) -> np.ndarray:
-            return flat[:, yi * w + xi]
-    else:  # a flipped / transposed view: index it as it is rather than copy the volume
-
-        def at(yi: np.ndarray, xi: np.ndarray) -> np.ndarray:
-            return stack[:, yi, xi]
-    top = at(y0, x0)
-    top += (at(y0, x1) - top) * fx
-    bottom = at(y1, x0)
-    bottom += (at(y1, x1) - bottom) * fx
+    dy, dx = (w if h > 1 else 0), (1 if w > 1 else 0)
+    flat = np.ascontiguousarray(stack).reshape(stack.shape[0], -1)
+    i = y0 * w + x0
+    top = flat.take(i, axis=1)
+    top += (flat.take(i + dx, axis=1) - top) * fx
+    bottom = flat.take(i + dy, axis=1)
+    bottom += (flat.take(i + dy + dx, axis=1) - bottom) * fx
     top += (bottom - top) * fy
     return top.astype(np.float32, copy=False)
 
@@ -191,58 +194,90 @@ def _nanmedian_rows(a: np.ndarray) -> np.ndarray:
     return np.where(n > 0, mid, np.nan)
 
 
+def _otsu_per_image(stack: np.ndarray) -> np.ndarray:
+    """Otsu's threshold of each image of ``stack`` (slices, ...): the same 256-bin histogram
+    over each image's range and between-class variance as ``skimage``'s ``threshold_otsu``,
+    for all images in one pass."""
+    flat = stack.reshape(stack.shape[0], -1)
+    lo, hi = flat.min(axis=1), flat.max(axis=1)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    nbins = 256
+    idx = np.minimum(((flat - lo[:, None]) * (nbins / span)[:, None]).astype(np.int64),
+                     nbins - 1)
+    idx += np.arange(flat.shape[0])[:, None] * nbins
+    hist = np.bincount(idx.ravel(), minlength=flat.shape[0] * nbins).reshape(-1, nbins)
+    hist = hist.astype(np.float64)
+    centres = lo[:, None] + (np.arange(nbins) + 0.5)[None, :] * (span / nbins)[:, None]
+    w1 = np.cumsum(hist, axis=1)
+    w2 = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]
+    m1 = np.cumsum(hist * centres, axis=1) / np.maximum(w1, 1e-12)
+    m2 = (np.cumsum((hist * centres)[:, ::-1], axis=1) / np.maximum(w2[:, ::-1], 1e-12))[:, ::-1]
+    between = w1[:, :-1] * w2[:, 1:] * (m1[:, :-1] - m2[:, 1:]) ** 2
+    out = centres[np.arange(len(hist)), np.argmax(between, axis=1)]
+    return np.where(hi > lo, out, lo)
+
+
 def _valley(image: np.ndarray) -> np.ndarray:
     """How much darker a 5 mm wide band is than tissue 6–20 mm away on both sides along the AP
     axis (0–1). The width requirement ignores thin dark lines (cortex, ligaments). ``image``:
-    (rows, cols), or (slices, rows, cols) for each slice on its own. The tissue gate (half the
-    Otsu threshold) comes from every second pixel of the (smoothed, 1 mm) image: 4x cheaper."""
+    (slices, rows, cols), each slice on its own. The tissue gate (half the Otsu threshold)
+    comes from every second pixel of the (smoothed, 1 mm) image: 4x cheaper."""
     centre = ndimage.uniform_filter1d(image, 5, axis=-1, mode="nearest")
     mean = ndimage.uniform_filter1d(image, 8, axis=-1, mode="nearest")
     w = image.shape[-1]
-    if image.ndim == 2:  # walls must be tissue, not air
-        tissue: float | np.ndarray = 0.5 * float(threshold_otsu(image[::2, ::2]))
-    else:
-        tissue = np.array([0.5 * float(threshold_otsu(im[::2, ::2])) for im in image],
-                          np.float32)[:, None, None]
-    # the depth 1 - centre / sides grows with the sides, so the deepest of the three gaps is the
-    # one with the brightest sides among those that are tissue: one division, not three
+    tissue = (0.5 * _otsu_per_image(image[:, ::2, ::2])).astype(np.float32)[:, None, None]
+    # the walls at a gap: the darker of the two sides. The depth 1 - centre / walls grows
+    # with the walls, so the deepest gap is the one with the brightest walls; and the
+    # brightest walls are tissue exactly when some gap's walls are (one division in all)
     brightest = np.full_like(mean, -np.inf)
+    left = np.empty_like(mean)
+    right = np.empty_like(mean)
     for gap in (10, 13, 16):
-        left = np.empty_like(mean)
-        right = np.empty_like(mean)
         left[..., gap:] = mean[..., : w - gap]
         left[..., :gap] = mean[..., :1]
         right[..., : w - gap] = mean[..., gap:]
         right[..., w - gap:] = mean[..., -1:]
-        sides = np.minimum(left, right, out=left)
-        np.maximum(brightest, np.where(sides > tissue, sides, -np.inf), out=brightest)
-    seen = np.isfinite(brightest)
-    depth = 1.0 - centre / np.maximum(np.where(seen, brightest, 1.0), 1e-6)
-    return np.clip(np.where(seen, depth, 0.0), 0.0, 1.0)
+        np.maximum(brightest, np.minimum(left, right, out=left), out=brightest)
+    seen = brightest > tissue
+    depth = np.zeros_like(centre)
+    np.divide(centre, brightest, out=depth, where=seen)
+    np.subtract(1.0, depth, out=depth, where=seen)
+    return np.clip(depth, 0.0, 1.0, out=depth)
 
 
 def _best_path(score: np.ndarray, margin: int) -> np.ndarray:
-    """Column per row maximising the summed score; ≤ 1 column change per row."""
+    """Column per row maximising the summed score; ≤ 1 column change per row (a move costs
+    0.02; ties: stay, then from the left, then from the right)."""
     h, w = score.shape
-    s = score.copy()
+    s = score.astype(np.float64)
     s[:, :margin] = -1.0
     s[:, w - margin:] = -1.0
-    acc = s[0].copy()
-    # per row the three moves in tie order (stay, from the left, from the right); the forward
-    # pass keeps only the best value, the moves are read back for all rows at once
-    moves = np.full((h, 3, w), -np.inf)
+    acc = np.empty((h, w))
+    acc[0] = s[0]
+    left = np.full(w, -np.inf)  # value arriving from the column on the left
+    right = np.full(w, -np.inf)
+    left_in, right_in = left[1:], right[:-1]
+    # row views made once (the loop is bound by the calls, not by the arithmetic)
+    rows, rows_l, rows_r, s_rows = list(acc), list(acc[:, :-1]), list(acc[:, 1:]), list(s)
     for r in range(1, h):
-        m = moves[r]
-        m[0] = acc
-        np.subtract(acc[:-1], 0.02, out=m[1, 1:])
-        np.subtract(acc[1:], 0.02, out=m[2, :-1])
-        acc = m.max(axis=0)
-        acc += s[r]
-    back = np.array([0, -1, 1], np.int8)[moves.argmax(axis=1)]
+        np.subtract(rows_l[r - 1], 0.02, out=left_in)
+        np.subtract(rows_r[r - 1], 0.02, out=right_in)
+        cur = rows[r]
+        np.maximum(rows[r - 1], left, out=cur)
+        np.maximum(cur, right, out=cur)
+        np.add(cur, s_rows[r], out=cur)
+    # the moves, read back for all rows at once from the stored values
+    prev = acc[:-1]
+    from_left = np.full_like(prev, -np.inf)
+    from_left[:, 1:] = prev[:, :-1] - 0.02
+    from_right = np.full_like(prev, -np.inf)
+    from_right[:, :-1] = prev[:, 1:] - 0.02
+    move = np.argmax(np.stack([prev, from_left, from_right]), axis=0)
+    back = np.array([0, -1, 1], np.int8)[move]
     path = np.zeros(h, int)
-    path[-1] = int(np.argmax(acc))
+    path[-1] = int(np.argmax(acc[-1]))
     for r in range(h - 1, 0, -1):
-        path[r - 1] = path[r] + back[r, path[r]]
+        path[r - 1] = path[r] + back[r - 1, path[r]]
     return path
 
 
@@ -297,11 +332,14 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
 
 def _localize(series: Series, debug: dict | None) -> Localisation:
     fr = _frame(series)
-    volume = series.pixels.transpose(0, 2, 1) if fr.transpose else series.pixels  # views
+    # canonical views for the canal search; everything sampled along the path comes from the
+    # pixels in their stored orientation (contiguous), the points mapped to it
+    volume = series.pixels
+    canon = series.pixels.transpose(0, 2, 1) if fr.transpose else series.pixels  # views
     if fr.flip_r:
-        volume = volume[:, ::-1]
+        canon = canon[:, ::-1]
     if fr.flip_c:
-        volume = volume[:, :, ::-1]
+        canon = canon[:, :, ::-1]
     n_slices = volume.shape[0]
     flags: list[QcFlag] = []
     penalties: list[float] = []
@@ -313,14 +351,14 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     central_idx = range(max(0, centre - half), min(n_slices, centre + half + 1))
     central = volume[central_idx.start: central_idx.stop].mean(axis=0)
     # slice by slice: each 2-D image stays in the cache (faster than one 3-D pass)
-    grids = [ndimage.gaussian_filter(_resample(volume[i], fr.spacing), 1.0) for i in central_idx]
-    grid = np.minimum.reduce(grids)
-    valley = ndimage.gaussian_filter1d(np.maximum.reduce([_valley(g) for g in grids]), 10.0,
-                                       axis=0)
+    grids = np.stack([ndimage.gaussian_filter(_resample(canon[i], fr.spacing), 1.0)
+                      for i in central_idx])
+    grid = grids.min(axis=0)
+    valley = ndimage.gaussian_filter1d(_valley(grids).max(axis=0), 10.0, axis=0)
     rows_idx = np.arange(grid.shape[0])
     wide_dark = ndimage.uniform_filter1d(grid, 7, axis=1, mode="nearest")  # canal ≥ 7 mm wide
     # the canal is a midline structure: laterally (pedicles, foramina) the band is brighter
-    outer = _resample(0.5 * (volume[0] + volume[-1]), fr.spacing)
+    outer = _resample(0.5 * (canon[0] + canon[-1]), fr.spacing)
     wide_outer = ndimage.uniform_filter1d(ndimage.gaussian_filter(outer, 1.0), 7, axis=1,
                                           mode="nearest")
     candidates = []
@@ -398,6 +436,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     cx_grid = (px[:, None] + ks[None, :] * nx[:, None]) / fr.spacing[1]
     inside_grid = ((cy_grid >= 0) & (cy_grid <= fr.shape[0] - 1) & (cx_grid >= 0)
                    & (cx_grid <= fr.shape[1] - 1))
+    oy_grid, ox_grid = fr.points_to_original(cy_grid, cx_grid)
 
     def straighten(image: np.ndarray, sigma_mm: float = 0.8,
                    rows: tuple[int, int] | None = None) -> np.ndarray:
@@ -408,8 +447,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
         pad = int(4.0 * sigma_mm / GRID_MM + 0.5) + 1
         a, b = (0, len(cy_grid)) if rows is None else (max(0, lo - pad),
                                                        min(len(cy_grid), hi + pad))
-        out = ndimage.map_coordinates(image, [cy_grid[a:b], cx_grid[a:b]], order=1,
-                                      mode="nearest")
+        out = _bilinear(image[None], oy_grid[a:b], ox_grid[a:b])[0]
         out = ndimage.gaussian_filter(out, sigma_mm / GRID_MM)
         return np.where(inside_grid[a:b], out, np.nan)[lo - a: hi - a]
 
@@ -431,8 +469,9 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     rows_sel = np.arange(sl.start, sl.stop, 2)
     # every slice sampled at once on the same points (bilinear, edges replicated)
     kk = ks[np.concatenate([k_in, k_body[k_body < len(ks)]])][None, :]
-    both = _bilinear(volume, (py[rows_sel][:, None] + kk * ny[rows_sel][:, None]) / fr.spacing[0],
-                     (px[rows_sel][:, None] + kk * nx[rows_sel][:, None]) / fr.spacing[1])
+    both = _bilinear(volume, *fr.points_to_original(
+        (py[rows_sel][:, None] + kk * ny[rows_sel][:, None]) / fr.spacing[0],
+        (px[rows_sel][:, None] + kk * nx[rows_sel][:, None]) / fr.spacing[1]))
     inner_v = np.median(both[:, :, : len(k_in)].reshape(n_slices, -1), axis=1)
     body_v = np.median(both[:, :, len(k_in):].reshape(n_slices, -1), axis=1)
     depth = 1.0 - inner_v.astype(float) / np.maximum(body_v.astype(float), 1e-6)
@@ -705,7 +744,7 @@ def _roi(fr: _Frame, py: np.ndarray, px: np.ndarray, ty: np.ndarray, tx: np.ndar
 def _csf_roi(fr: _Frame, volume: np.ndarray, straighten, py, px, ty, tx, ny, nx,  # type: ignore[no-untyped-def]
              a0: float, b0: float, k0: int, k_wall: int, mid: int, n_slices: int,
              series: Series) -> tuple[Roi, float, list[str]] | None:
-    from scoring.engine.vbq import roi_mask  # local: vbq imports this module
+    from scoring.engine.vbq import roi_values  # local: vbq imports this module
 
     tc = (a0 + b0) / 2
     half_t = 0.3 * (b0 - a0 + 1)
@@ -750,10 +789,10 @@ def _csf_roi(fr: _Frame, volume: np.ndarray, straighten, py, px, ty, tx, ny, nx,
         k_c = lo_k + (pr[0] + pr[1]) / 2 - k0
         half_k = max(0.75, (pr[1] - pr[0]) / 2)
         roi = _roi(fr, py, px, ty, tx, ny, nx, tc, k_c, half_t, half_k, s)
-        mask = roi_mask(series.pixels[s].shape, roi)
-        if mask.sum() < 20:
+        values = roi_values(series.pixels[s], roi)
+        if values.size < 20:
             continue
-        med = float(np.median(series.pixels[s][mask]))
+        med = float(np.median(values))
         penalty = 0.0
         why = []
         if contrast < 0.15:

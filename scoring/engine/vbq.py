@@ -78,16 +78,16 @@ def protocol_qc(series: Series) -> list[QcFlag]:
     return flags
 
 
-def roi_mask(shape: tuple[int, int], roi: Roi) -> np.ndarray:
-    """Boolean mask of the ROI (computed inside its bounding box only)."""
-    mask = np.zeros(shape, bool)
+def _roi_box(shape: tuple[int, int], roi: Roi
+             ) -> tuple[tuple[slice, slice], np.ndarray] | None:
+    """The ROI's bounding box in the image and its inside mask there (``None``: empty)."""
     reach = float(np.hypot(roi.half_height, roi.half_width)) + 1.0
     if not (np.isfinite(reach) and np.isfinite(roi.row) and np.isfinite(roi.col)):
-        return mask
+        return None
     r0, r1 = max(0, int(roi.row - reach)), min(shape[0], int(roi.row + reach) + 2)
     c0, c1 = max(0, int(roi.col - reach)), min(shape[1], int(roi.col + reach) + 2)
     if r0 >= r1 or c0 >= c1:
-        return mask
+        return None
     rr, cc = np.ogrid[r0:r1, c0:c1]
     dr, dc = rr - roi.row, cc - roi.col
     if roi.angle_deg:
@@ -100,17 +100,31 @@ def roi_mask(shape: tuple[int, int], roi: Roi) -> np.ndarray:
         inside = (np.abs(u) <= roi.half_height) & (np.abs(v) <= roi.half_width)
     else:
         inside = (u / max(roi.half_height, 0.5)) ** 2 + (v / max(roi.half_width, 0.5)) ** 2 <= 1.0
-    mask[r0:r1, c0:c1] = inside
+    return (slice(r0, r1), slice(c0, c1)), inside
+
+
+def roi_mask(shape: tuple[int, int], roi: Roi) -> np.ndarray:
+    """Boolean mask of the ROI (computed inside its bounding box only)."""
+    mask = np.zeros(shape, bool)
+    box = _roi_box(shape, roi)
+    if box is not None:
+        mask[box[0]] = box[1]
     return mask
+
+
+def roi_values(image: np.ndarray, roi: Roi) -> np.ndarray:
+    """The pixel values inside the ROI (row-major order, as ``image[roi_mask(...)]``)."""
+    box = _roi_box(image.shape, roi)
+    if box is None:
+        return image[:0, 0]
+    return image[box[0]][box[1]]
 
 
 def measure_roi(series: Series, level: str, roi: Roi, fractured: bool = False
                 ) -> LevelMeasurement:
     if not 0 <= roi.slice_index < series.pixels.shape[0]:
         raise EngineError(f"the {level} ROI is on slice {roi.slice_index}, outside the series")
-    image = series.pixels[roi.slice_index]
-    mask = roi_mask(image.shape, roi)
-    values = image[mask]
+    values = roi_values(series.pixels[roi.slice_index], roi)
     if values.size < MIN_ROI_PIXELS:
         raise EngineError(f"the {level} ROI covers {values.size} pixels (minimum "
                           f"{MIN_ROI_PIXELS}): draw it larger")
@@ -281,8 +295,7 @@ def _signal_voids(series: Series, levels: Mapping[str, LevelMeasurement],
         if lv not in levels:
             continue
         m = levels[lv]
-        values = series.pixels[m.roi.slice_index][roi_mask(
-            series.pixels.shape[1:], m.roi)]
+        values = roi_values(series.pixels[m.roi.slice_index], m.roi)
         if values.size and float(np.mean(values < 0.5 * csf.median_si)) > 0.3:
             void_levels.append(lv)
     if not void_levels:

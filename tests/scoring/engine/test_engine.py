@@ -214,3 +214,34 @@ def test_a_signal_void_in_a_body_sends_the_result_to_review():
     void = [f for f in result.qc_flags if f.code == "signal-void"]
     assert void
     assert "L2" in void[0].message
+
+
+@pytest.mark.parametrize(("allocated", "stored", "signed"), [
+    (16, 16, 0), (16, 12, 0), (16, 16, 1), (16, 12, 1), (8, 8, 0), (8, 6, 0), (32, 32, 1)])
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+def test_the_engine_reads_the_pixel_values_pydicom_decodes(allocated, stored, signed, syntax):
+    """The fast path for uncompressed little-endian images (or pydicom's handlers when it does
+    not apply) gives exactly ``pixel_array``'s values, unused high bits included."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    from scoring.engine.dicom_io import _native_pixels
+
+    rng = np.random.default_rng(allocated + stored + signed)
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
+    info = np.iinfo(dtype)
+    values = rng.integers(info.min, info.max, size=(6, 5), dtype=dtype, endpoint=True)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.Rows, ds.Columns = values.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = allocated, stored, stored - 1
+    ds.PixelRepresentation = signed
+    ds.PixelData = values.tobytes() + (b"\0" if values.nbytes % 2 else b"")
+    fast = _native_pixels(ds)
+    if fast is None:  # not a case for the fast path: pydicom decodes it
+        assert signed
+        assert stored < allocated
+        return
+    assert fast.dtype == ds.pixel_array.dtype
+    assert np.array_equal(fast, ds.pixel_array)
