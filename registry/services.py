@@ -221,7 +221,7 @@ def _queue_followup(patient_ids: Any) -> None:
                 followup_reevaluate.delay(ids[0])
             else:  # one message for many patients (Celery chunks), not one per patient
                 followup_reevaluate.chunks([(i,) for i in ids], 100).apply_async(
-                    argsrepr=f"({len(ids)} patients)")
+                    argsrepr=f"({len(ids)} patients)", kwargsrepr="{}")
         except Exception as exc:  # broker down: the sweep picks the patients up
             logger.warning("followup_reevaluate not queued for %s patient(s): %s", len(ids),
                            type(exc).__name__)

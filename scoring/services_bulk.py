@@ -156,7 +156,9 @@ def _queue_studies(study_ids: list[Any]) -> None:
         if len(study_ids) == 1:
             study_received.delay(study_ids[0])
         else:
-            study_received.chunks([(pk,) for pk in study_ids], 100).apply_async()
+            # argsrepr/kwargsrepr given: Celery would otherwise walk every id to build them
+            study_received.chunks([(pk,) for pk in study_ids], 100).apply_async(
+                argsrepr=f"({len(study_ids)} studies)", kwargsrepr="{}")
     except Exception as exc:
         logger.warning("study_received not queued for %s study(ies): %s", len(study_ids),
                        type(exc).__name__)
