@@ -272,6 +272,24 @@ def patient_check(
         )
 
 
+# Patient fields that a feed's Patient (FHIR) does not carry: an update that does not give
+# them (None) keeps them.
+KEPT_UNLESS_GIVEN = ("last_contact_on", "bmi_kg_m2", "care_team", "is_synthetic")
+_NEW_PATIENT_DEFAULTS = {"last_contact_on": None, "bmi_kg_m2": None, "care_team": "",
+                         "is_synthetic": False}
+
+
+def kept_unless_given(values: dict[str, Any], patient: Patient | None) -> dict[str, Any]:
+    """``values`` with each ``KEPT_UNLESS_GIVEN`` field left at None replaced by the
+    patient's current value (by the default for a new patient: ``patient`` None)."""
+    out = dict(values)
+    for name in KEPT_UNLESS_GIVEN:
+        if out.get(name) is None:
+            out[name] = (getattr(patient, name) if patient is not None
+                         else _NEW_PATIENT_DEFAULTS[name])
+    return out
+
+
 @transaction.atomic
 def patient_upsert(
     *,
@@ -283,15 +301,17 @@ def patient_upsert(
     deceased_on: dt.date | None = None,
     last_contact_on: dt.date | None = None,
     bmi_kg_m2: Decimal | float | None = None,
-    care_team: str = "",
-    is_synthetic: bool = False,
+    care_team: str | None = None,
+    is_synthetic: bool | None = None,
     actor: Actor = SYSTEM_ACTOR,
 ) -> tuple[Patient, bool]:
     """Create or update the patient that holds any of ``identifiers``.
 
     Returns ``(patient, created)``. Identifiers not yet known are attached. Raises
     ``RegistryValidationError`` when identifiers are missing, belong to two different
-    patients, or dates are impossible.
+    patients, or dates are impossible. ``KEPT_UNLESS_GIVEN`` fields (care team, last contact,
+    BMI, SYNTHETIC flag: registry data that a FHIR Patient does not carry) left at ``None``
+    keep the patient's value on an update (a new patient gets the model default).
     """
     patient_check(identifiers=identifiers, sex=sex, birth_date=birth_date,
                   deceased_on=deceased_on)
@@ -319,9 +339,10 @@ def patient_upsert(
     }
     created = not owners
     if created:
-        patient = Patient.objects.create(**fields)
+        patient = Patient.objects.create(**kept_unless_given(fields, None))
     else:
         patient = next(iter(known.values()))  # locked by the lookup
+        fields = kept_unless_given(fields, patient)
         if birth_date and _earliest_event_date(patient) and birth_date > _earliest_event_date(
             patient
         ):

@@ -49,6 +49,7 @@ from registry.services import (
     deferred_side_effects,
     followup_changed,
     fracture_values,
+    kept_unless_given,
     patient_check,
     procedure_values,
     therapy_values,
@@ -366,16 +367,19 @@ def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTE
                 field="identifier", code="conflict"), n)
         values = {name: item.get(name) for name in PATIENT_FIELDS}
         values.update(sex=item.get("sex") or "unknown", family_name=values["family_name"] or "",
-                      given_name=values["given_name"] or "", care_team=values["care_team"] or "",
-                      is_synthetic=bool(values["is_synthetic"]))
+                      given_name=values["given_name"] or "")
         if values["bmi_kg_m2"] is not None:
             values["bmi_kg_m2"] = Decimal(str(values["bmi_kg_m2"]))
+        if values["is_synthetic"] is not None:
+            values["is_synthetic"] = bool(values["is_synthetic"])
         created = not owners
         if created:
-            patient = Patient(**values)
+            patient = Patient(**kept_unless_given(values, None))
             new[patient.pk] = patient
         else:
             patient = next(iter(owners.values()))
+            # care team, BMI... not given: kept (for a patient new in this call too)
+            values = kept_unless_given(values, patient)
             birth = values["birth_date"]
             if (patient.pk not in new and birth and birth != patient.birth_date
                     and (earliest := _earliest_event_date(patient)) and birth > earliest):

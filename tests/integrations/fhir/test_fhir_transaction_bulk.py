@@ -268,3 +268,37 @@ def test_a_large_raw_payload_is_stored_lz4_compressed_and_reads_back_byte_for_by
         cursor.execute("SELECT pg_column_compression(body) FROM integrations_inboundmessage "
                        "WHERE id = %s", [message.pk])
         assert cursor.fetchone()[0] == "lz4"
+
+
+@pytest.mark.parametrize("path", ["transaction", "single"])
+def test_a_fhir_patient_update_keeps_the_care_team_and_other_registry_only_fields(
+    client, token, path
+):
+    """A FHIR Patient carries no care team, BMI, last contact or SYNTHETIC flag: an update
+    (a transaction bundle: bulk path; PUT /fhir/Patient/<id>: single path) keeps them, while
+    it changes what it does carry (the name)."""
+    import datetime as dt
+    from decimal import Decimal
+
+    bundle = json.loads((FIXTURES / "transaction-vertebroplasty.json").read_text())
+    assert post(client, token, bundle).status_code == 200
+    patient = PatientIdentifier.objects.get(value="SYN-F-0001").patient
+    assert patient.care_team == ""  # a new patient: the defaults
+    Patient.objects.filter(pk=patient.pk).update(
+        care_team="fracture-liaison", bmi_kg_m2=Decimal("21.5"),
+        last_contact_on=dt.date(2026, 1, 5), is_synthetic=True)
+    resource = copy.deepcopy(bundle["entry"][0]["resource"])
+    resource["name"][0]["given"] = ["Renamed"]
+    if path == "transaction":
+        response = post(client, token, {"resourceType": "Bundle", "type": "transaction",
+                                         "entry": [{"fullUrl": bundle["entry"][0]["fullUrl"],
+                                                    "resource": resource}]})
+    else:
+        response = client.put(f"/fhir/Patient/{resource['id']}", data=json.dumps(resource),
+                              content_type=FHIR, HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert response.status_code == 200, response.content
+    patient.refresh_from_db()
+    assert patient.given_name == "Renamed"
+    assert (patient.care_team, patient.bmi_kg_m2, patient.last_contact_on,
+            patient.is_synthetic) == ("fracture-liaison", Decimal("21.5"),
+                                      dt.date(2026, 1, 5), True)
