@@ -4,14 +4,18 @@ Classical image analysis that adapts to each image: every threshold comes from t
 statistics (Otsu, medians, ratios of neighbouring tissue) and every size is in millimetres from
 the pixel spacing, so neither the matrix nor the intensity scale matters.
 
-1. **Canonical frame.** The slices are flipped/transposed from ``ImageOrientationPatient`` so
-   rows run superior→inferior and columns anterior→posterior, and sampled on a 1 mm grid for
-   detection (ROIs are measured on the original pixels).
-2. **Canal.** On the mean of the central slices, a *valley* map scores each pixel by how much
-   darker it is than tissue 6–17 mm on both sides along the AP axis (a ratio, so a smooth bias
-   field cancels), smoothed along the spine. Dynamic programming finds the best continuous
-   top-to-bottom path (≤ 45° per mm): the CSF canal, the long dark band between the bodies and
-   the posterior elements. Its extent is where the valley stays strong.
+1. **Canonical frame.** Rows superior→inferior and columns anterior→posterior, from
+   ``ImageOrientationPatient`` (the pixels stay stored as they are; points are mapped).
+   The canal search runs on block means of whole pixels about ``DETECT_MM`` (2 mm) wide;
+   everything after it samples the original pixels along the canal on a 1 mm grid, and
+   ROIs are measured on the original pixels.
+2. **Canal.** On each central slice, a *valley* map scores each block by how much darker a
+   ~5 mm band is than tissue ~7–19 mm away on both sides along the AP axis (a ratio, so a
+   smooth bias field cancels); the best slice counts, smoothed along the spine. Dynamic
+   programming finds the best continuous top-to-bottom path (≤ 45°): the CSF canal, the long
+   dark band between the bodies and the posterior elements; its extent is where the valley
+   stays strong. The chosen path is then placed at ~1 mm: the same valley on ~1 mm columns
+   in a strip around it, its peak within 2 mm.
 3. **Mid-sagittal slice.** The slice where the canal along that path is deepest (darkest
    relative to its walls), i.e. the slice through the middle of the canal. Detection then
    uses the mean of that slice and its neighbours (±1); measurement uses the slice itself.
@@ -55,7 +59,8 @@ from scoring.engine.model import QcFlag, Roi
 
 LABELS_UP_FROM_SACRUM = ("S1", "L5", "L4", "L3", "L2", "L1", "T12")
 REQUIRED = ("S1", "L5", "L4", "L3", "L2", "L1")
-GRID_MM = 1.0
+GRID_MM = 1.0  # straightened image and profiles
+DETECT_MM = 2.0  # canal search
 
 
 class LocalisationError(Exception):
@@ -137,26 +142,67 @@ def _frame(series: Series) -> _Frame:
     return _Frame(transpose, bool(si_vec[2] > 0), bool(ap_vec[1] < 0), shape, spacing)
 
 
-def _axis_weights(n: int, spacing: float) -> tuple[np.ndarray, np.ndarray]:
-    """Lower sample index and weight of a GRID_MM grid along an axis of ``n`` pixels."""
-    pos = np.arange(0, (n - 1) * spacing + 1e-6, GRID_MM) / spacing
-    i0 = np.clip(np.floor(pos).astype(int), 0, max(n - 2, 0))
-    return i0, np.clip(pos - i0, 0.0, 1.0)
-
-
-def _resample(image: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
-    """Canonical image(s) on a GRID_MM grid (bilinear, separable: rows then columns). The last
-    two axes are (rows, cols); leading axes (slices) are resampled together."""
-    i0, w = _axis_weights(image.shape[-2], spacing[0])
-    j0, v = _axis_weights(image.shape[-1], spacing[1])
-    i1 = np.minimum(i0 + 1, image.shape[-2] - 1)
-    j1 = np.minimum(j0 + 1, image.shape[-1] - 1)
-    image = np.asarray(image, np.float32)
-    rows = image[..., i0, :]
-    rows += (image[..., i1, :] - rows) * w.astype(np.float32)[:, None]
-    out = rows[..., j0]
-    out += (rows[..., j1] - out) * v.astype(np.float32)
+def _bin(arr: np.ndarray, axis: int, k: int) -> np.ndarray:
+    """Sums (float32) of ``k`` consecutive pixels along ``axis`` of a 2-D image (a last
+    partial block is dropped)."""
+    n = arr.shape[axis] // k
+    if axis == 0:  # whole rows: one reduction, no temporary
+        return arr[: n * k].reshape(n, k, arr.shape[1]).sum(axis=1, dtype=np.float32)
+    out = arr[:, 0: n * k: k].astype(np.float32)
+    for m in range(1, k):
+        out += arr[:, m: n * k: k]
     return out
+
+
+@dataclass
+class _Grid:
+    """Block means on the canonical frame: ``images`` (slices, rows, cols), the positions
+    (mm, canonical, from the first pixel's centre) of its rows and columns, block sizes (mm)."""
+
+    images: np.ndarray
+    row_mm: np.ndarray
+    col_mm: np.ndarray
+    cell_r: float
+    cell_c: float
+
+
+def _coarse(stack: np.ndarray, fr: _Frame, spacing: tuple[float, float], step_si: float,
+            steps_ap: tuple[float, ...]) -> list[_Grid]:
+    """Images of ``stack`` (slices, rows, cols; stored orientation, pixel ``spacing`` mm) as
+    means of blocks of whole pixels (the integer number closest to the step, at least one):
+    ``step_si`` mm along the spine, and each of ``steps_ap`` mm across it (one grid each; the
+    pass along the spine is shared). Block means are a cheap pass over the pixels and average
+    the noise as a smoothing would."""
+    si_axis, ap_axis = (1, 0) if fr.transpose else (0, 1)  # of one stored image
+    k_si = max(1, round(step_si / spacing[si_axis]))
+    k_aps = [max(1, round(step_ap / spacing[ap_axis])) for step_ap in steps_ap]
+    grids: list[np.ndarray] = []
+    for i, image in enumerate(stack):  # image by image: small temporaries, cache-friendly
+        along = _bin(image, si_axis, k_si)
+        for j, k_ap in enumerate(k_aps):
+            block = _bin(along, ap_axis, k_ap)
+            if i == 0:
+                grids.append(np.empty((len(stack), *block.shape), np.float32))
+            grids[j][i] = block
+    out = []
+    for grid, k_ap in zip(grids, k_aps, strict=True):
+        grid *= np.float32(1.0 / (k_si * k_ap))
+        pos_r = np.arange(grid.shape[1 + si_axis]) * k_si + (k_si - 1) / 2  # stored pixels
+        pos_c = np.arange(grid.shape[1 + ap_axis]) * k_ap + (k_ap - 1) / 2
+        view = grid.transpose(0, 2, 1) if fr.transpose else grid
+        if fr.flip_r:
+            view, pos_r = view[:, ::-1], (fr.shape[0] - 1 - pos_r)[::-1]
+        if fr.flip_c:
+            view, pos_c = view[:, :, ::-1], (fr.shape[1] - 1 - pos_c)[::-1]
+        out.append(_Grid(np.ascontiguousarray(view), pos_r * fr.spacing[0],
+                         pos_c * fr.spacing[1], k_si * spacing[si_axis],
+                         k_ap * spacing[ap_axis]))
+    return out
+
+
+def _odd(width_mm: float, cell: float) -> int:
+    """Half-width (cells) of the odd window closest to ``width_mm`` on ``cell`` mm cells."""
+    return max(0, round((width_mm / cell - 1) / 2))
 
 
 def _bilinear(stack: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
@@ -198,13 +244,15 @@ def _otsu_per_image(stack: np.ndarray) -> np.ndarray:
     """Otsu's threshold of each image of ``stack`` (slices, ...): the same 256-bin histogram
     over each image's range and between-class variance as ``skimage``'s ``threshold_otsu``,
     for all images in one pass."""
+    nbins = 256
     flat = stack.reshape(stack.shape[0], -1)
     lo, hi = flat.min(axis=1), flat.max(axis=1)
-    span = np.where(hi > lo, hi - lo, 1.0)
-    nbins = 256
-    idx = np.minimum(((flat - lo[:, None]) * (nbins / span)[:, None]).astype(np.int64),
-                     nbins - 1)
-    idx += np.arange(flat.shape[0])[:, None] * nbins
+    span = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
+    scaled = flat - lo[:, None]
+    scaled *= (nbins / span)[:, None]
+    idx = scaled.astype(np.intp)
+    np.minimum(idx, nbins - 1, out=idx)
+    idx += (np.arange(flat.shape[0]) * nbins)[:, None]
     hist = np.bincount(idx.ravel(), minlength=flat.shape[0] * nbins).reshape(-1, nbins)
     hist = hist.astype(np.float64)
     centres = lo[:, None] + (np.arange(nbins) + 0.5)[None, :] * (span / nbins)[:, None]
@@ -217,27 +265,27 @@ def _otsu_per_image(stack: np.ndarray) -> np.ndarray:
     return np.where(hi > lo, out, lo)
 
 
-def _valley(image: np.ndarray) -> np.ndarray:
-    """How much darker a 5 mm wide band is than tissue 6–20 mm away on both sides along the AP
-    axis (0–1). The width requirement ignores thin dark lines (cortex, ligaments). ``image``:
-    (slices, rows, cols), each slice on its own. The tissue gate (half the Otsu threshold)
-    comes from every second pixel of the (smoothed, 1 mm) image: 4x cheaper."""
-    centre = ndimage.uniform_filter1d(image, 5, axis=-1, mode="nearest")
-    mean = ndimage.uniform_filter1d(image, 8, axis=-1, mode="nearest")
+def _valley(image: np.ndarray, cell: float, tissue: np.ndarray | None = None) -> np.ndarray:
+    """How much darker a ~5 mm wide band is than tissue ~7–19 mm away on both sides along the
+    AP axis (0–1); ``cell``: the grid's column size, mm. The width requirement ignores thin
+    dark lines (cortex, ligaments). ``image``: (slices, rows, cols), each slice on its own.
+    The walls must be tissue (above half the slice's Otsu threshold), not air."""
+    if tissue is None:
+        tissue = (0.5 * _otsu_per_image(image)).astype(np.float32)[:, None, None]
+    gaps = sorted({max(1, round(g / cell)) for g in (10.0, 12.0, 14.0, 16.0)})
     w = image.shape[-1]
-    tissue = (0.5 * _otsu_per_image(image[:, ::2, ::2])).astype(np.float32)[:, None, None]
+    pad = gaps[-1]
+    padded = np.pad(image, [(0, 0), (0, 0), (pad, pad)], mode="edge")
+    centre = ndimage.uniform_filter1d(image, 2 * _odd(5.0, cell) + 1, axis=-1, mode="nearest")
+    side = ndimage.uniform_filter1d(padded, 2 * _odd(6.0, cell) + 1, axis=-1, mode="nearest")
     # the walls at a gap: the darker of the two sides. The depth 1 - centre / walls grows
     # with the walls, so the deepest gap is the one with the brightest walls; and the
     # brightest walls are tissue exactly when some gap's walls are (one division in all)
-    brightest = np.full_like(mean, -np.inf)
-    left = np.empty_like(mean)
-    right = np.empty_like(mean)
-    for gap in (10, 13, 16):
-        left[..., gap:] = mean[..., : w - gap]
-        left[..., :gap] = mean[..., :1]
-        right[..., : w - gap] = mean[..., gap:]
-        right[..., w - gap:] = mean[..., -1:]
-        np.maximum(brightest, np.minimum(left, right, out=left), out=brightest)
+    brightest = np.minimum(side[..., pad - gaps[0]: pad - gaps[0] + w],
+                           side[..., pad + gaps[0]: pad + gaps[0] + w])
+    for g in gaps[1:]:
+        np.maximum(brightest, np.minimum(side[..., pad - g: pad - g + w],
+                                         side[..., pad + g: pad + g + w]), out=brightest)
     seen = brightest > tissue
     depth = np.zeros_like(centre)
     np.divide(centre, brightest, out=depth, where=seen)
@@ -252,27 +300,23 @@ def _best_path(score: np.ndarray, margin: int) -> np.ndarray:
     s = score.astype(np.float64)
     s[:, :margin] = -1.0
     s[:, w - margin:] = -1.0
-    acc = np.empty((h, w))
+    # the running best per column, with a column of -inf on each side: per row, the better
+    # neighbour (one call for both sides) less the move cost against staying, in four calls
+    # on row views made once (the loop is bound by the calls, not by the arithmetic)
+    pad = np.full((h, w + 2), -np.inf)
+    acc = pad[:, 1:-1]
     acc[0] = s[0]
-    left = np.full(w, -np.inf)  # value arriving from the column on the left
-    right = np.full(w, -np.inf)
-    left_in, right_in = left[1:], right[:-1]
-    # row views made once (the loop is bound by the calls, not by the arithmetic)
-    rows, rows_l, rows_r, s_rows = list(acc), list(acc[:, :-1]), list(acc[:, 1:]), list(s)
+    nb = np.empty(w)
+    rows_l, rows_r, rows, s_rows = list(pad[:, :-2]), list(pad[:, 2:]), list(acc), list(s)
     for r in range(1, h):
-        np.subtract(rows_l[r - 1], 0.02, out=left_in)
-        np.subtract(rows_r[r - 1], 0.02, out=right_in)
+        np.maximum(rows_l[r - 1], rows_r[r - 1], out=nb)
+        nb -= 0.02
         cur = rows[r]
-        np.maximum(rows[r - 1], left, out=cur)
-        np.maximum(cur, right, out=cur)
-        np.add(cur, s_rows[r], out=cur)
+        np.maximum(rows[r - 1], nb, out=cur)
+        cur += s_rows[r]
     # the moves, read back for all rows at once from the stored values
     prev = acc[:-1]
-    from_left = np.full_like(prev, -np.inf)
-    from_left[:, 1:] = prev[:, :-1] - 0.02
-    from_right = np.full_like(prev, -np.inf)
-    from_right[:, :-1] = prev[:, 1:] - 0.02
-    move = np.argmax(np.stack([prev, from_left, from_right]), axis=0)
+    move = np.argmax(np.stack([prev, pad[:-1, :-2] - 0.02, pad[:-1, 2:] - 0.02]), axis=0)
     back = np.array([0, -1, 1], np.int8)[move]
     path = np.zeros(h, int)
     path[-1] = int(np.argmax(acc[-1]))
@@ -332,62 +376,59 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
 
 def _localize(series: Series, debug: dict | None) -> Localisation:
     fr = _frame(series)
-    # canonical views for the canal search; everything sampled along the path comes from the
-    # pixels in their stored orientation (contiguous), the points mapped to it
+    # the pixels stay in their stored orientation (contiguous): points on the canonical frame
+    # are mapped to it when sampled
     volume = series.pixels
-    canon = series.pixels.transpose(0, 2, 1) if fr.transpose else series.pixels  # views
-    if fr.flip_r:
-        canon = canon[:, ::-1]
-    if fr.flip_c:
-        canon = canon[:, :, ::-1]
     n_slices = volume.shape[0]
     flags: list[QcFlag] = []
     penalties: list[float] = []
 
     # 2. canal on the central third of the slices, each slice on its own (averaging would
-    # dilute a canal that is only a few slices wide); per pixel the best slice counts
+    # dilute a canal that is only a few slices wide); per pixel the best slice counts. The
+    # search runs on DETECT_MM cells (the canal is 10–20 mm wide); everything after it
+    # (straightening, walls, bodies, ROIs) samples the original pixels on a 1 mm grid.
     half = max(0, n_slices // 6)
     centre = n_slices // 2
     central_idx = range(max(0, centre - half), min(n_slices, centre + half + 1))
     central = volume[central_idx.start: central_idx.stop].mean(axis=0)
-    # slice by slice: each 2-D image stays in the cache (faster than one 3-D pass)
-    grids = np.stack([ndimage.gaussian_filter(_resample(canon[i], fr.spacing), 1.0)
-                      for i in central_idx])
+    coarse, fine = _coarse(series.pixels[central_idx.start: central_idx.stop], fr,
+                           series.pixel_spacing_mm, DETECT_MM, (DETECT_MM, GRID_MM))
+    grids, yc, xc, cell_r, cell_c = (coarse.images, coarse.row_mm, coarse.col_mm,
+                                     coarse.cell_r, coarse.cell_c)
+    tissue = (0.5 * _otsu_per_image(grids)).astype(np.float32)[:, None, None]
     grid = grids.min(axis=0)
-    valley = ndimage.gaussian_filter1d(_valley(grids).max(axis=0), 10.0, axis=0)
+    valley = ndimage.gaussian_filter1d(_valley(grids, cell_c, tissue).max(axis=0), 10.0 / cell_r,
+                                       axis=0)
     rows_idx = np.arange(grid.shape[0])
-    wide_dark = ndimage.uniform_filter1d(grid, 7, axis=1, mode="nearest")  # canal ≥ 7 mm wide
+    dark_w = 2 * _odd(7.0, cell_c) + 1  # the canal is ≥ ~7 mm wide
+    wide_dark = ndimage.uniform_filter1d(grid, dark_w, axis=1, mode="nearest")
     # the canal is a midline structure: laterally (pedicles, foramina) the band is brighter
-    outer = _resample(0.5 * (canon[0] + canon[-1]), fr.spacing)
-    wide_outer = ndimage.uniform_filter1d(ndimage.gaussian_filter(outer, 1.0), 7, axis=1,
-                                          mode="nearest")
+    outer = _coarse(series.pixels[:: max(1, n_slices - 1)], fr, series.pixel_spacing_mm,
+                    DETECT_MM, (DETECT_MM,))[0].images  # the first and last slices
+    wide_outer = ndimage.uniform_filter1d(outer.mean(axis=0), dark_w, axis=1, mode="nearest")
+    near_c = np.arange(-round(6.0 / cell_c), round(6.0 / cell_c) + 1)
     candidates = []
     masked = valley.copy()
     for _ in range(4):
         # the canal, and other long dark bands (muscle between the spinous processes and the
         # subcutaneous fat, vessels): the canal holds CSF, the darkest of them on T1
-        coarse = _best_path(masked[::2, ::2], margin=10)  # 2 mm grid: 4x cheaper
-        cand = np.clip(np.rint(np.interp(rows_idx, rows_idx[::2], coarse * 2.0)).astype(int),
-                       2, masked.shape[1] - 3)
-        local = np.stack([masked[rows_idx, cand + d] for d in (-2, -1, 0, 1, 2)])
-        cand = cand + np.argmax(local, axis=0) - 2
+        cand = _best_path(masked, margin=round(20.0 / cell_c))
         along_c = masked[rows_idx, cand]
         strong = float(np.percentile(along_c, 75))
-        run_c = _longest_run(along_c > 0.4 * strong, bridge=12)
-        if run_c is not None and run_c[1] - run_c[0] >= 120 and strong >= 0.05:
+        run_c = _longest_run(along_c > 0.4 * strong, bridge=round(12.0 / cell_r))
+        if run_c is not None and yc[run_c[1]] - yc[run_c[0]] >= 120 and strong >= 0.05:
             seg_rows = rows_idx[run_c[0]: run_c[1] + 1]
-            # darkest 7 mm window within 6 mm of the path (the path may hug a wall)
-            near = np.clip(cand[seg_rows][:, None] + np.arange(-6, 7)[None, :], 0,
-                           grid.shape[1] - 1)
-            centre_dark = wide_dark[seg_rows[:, None], near]
+            # darkest ~7 mm window within 6 mm of the path (the path may hug a wall)
+            near_cols = np.clip(cand[seg_rows][:, None] + near_c[None, :], 0, grid.shape[1] - 1)
+            centre_dark = wide_dark[seg_rows[:, None], near_cols]
             pick = np.argmin(centre_dark, axis=1)
             darkness = float(np.median(centre_dark[np.arange(len(seg_rows)), pick]))
-            outer_v = wide_outer[seg_rows, near[np.arange(len(seg_rows)), pick]]
+            outer_v = wide_outer[seg_rows, near_cols[np.arange(len(seg_rows)), pick]]
             lateral = darkness / max(float(np.median(outer_v)), 1e-6)
             candidates.append((darkness, cand, run_c, float(np.mean(along_c[seg_rows]))
-                               * len(seg_rows), lateral))
+                               * len(seg_rows) * cell_r, lateral))
         cols = np.arange(grid.shape[1])[None, :]
-        masked = np.where(np.abs(cols - cand[:, None]) <= 8, 0.0, masked)
+        masked = np.where(np.abs(cols - cand[:, None]) <= round(8.0 / cell_c), 0.0, masked)
     if not candidates:
         raise LocalisationError("the spinal canal was not found (no long dark band between "
                                 "the vertebral bodies and the posterior elements)")
@@ -404,8 +445,20 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
         penalties.append(0.3)
     _, path_x, run, _, _ = min(midline, key=lambda c: c[0])
     top, bottom = run
-    ys = rows_idx[top: bottom + 1].astype(float)
-    xs = ndimage.gaussian_filter1d(path_x[top: bottom + 1].astype(float), 6.0, mode="nearest")
+    ys = yc[top: bottom + 1]
+    # the path's column at ~1 mm: the valley again on finer columns, in a strip around it
+    xf, cell_f = fine.col_mm, fine.cell_c
+    seg_r = rows_idx[top: bottom + 1]
+    jc = np.rint(np.interp(xc[path_x[top: bottom + 1]], xf, np.arange(len(xf)))).astype(int)
+    reach = round(22.0 / cell_f)
+    cols_f = np.clip(jc[:, None] + np.arange(-reach, reach + 1)[None, :], 0, len(xf) - 1)
+    strip = fine.images[:, seg_r[:, None], cols_f]
+    v_f = ndimage.gaussian_filter1d(_valley(strip, cell_f, tissue).max(axis=0),
+                                    10.0 / cell_r, axis=0)
+    off = round(2.0 / cell_f)
+    pick_f = np.argmax(v_f[:, reach - off: reach + off + 1], axis=1) - off
+    x_mm = xf[cols_f[np.arange(len(seg_r)), reach + pick_f]]
+    xs = ndimage.gaussian_filter1d(x_mm, 6.0 / cell_r, mode="nearest")
 
     # arc-length resampling of the path, extended along its end tangents
     seg = np.hypot(np.diff(ys), np.diff(xs))
@@ -466,7 +519,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
             inner_run[0][1] - inner_run[0][0] >= 3 else np.array([trough_k]))
     above_c = np.flatnonzero(wide_c[trough_k:] >= (level + ant) / 2)
     k_body = trough_k + (int(above_c[0]) if above_c.size else 8) + np.arange(6, 20)
-    rows_sel = np.arange(sl.start, sl.stop, 2)
+    rows_sel = np.arange(sl.start, sl.stop, 4)  # every 4 mm along the canal
     # every slice sampled at once on the same points (bilinear, edges replicated)
     kk = ks[np.concatenate([k_in, k_body[k_body < len(ks)]])][None, :]
     both = _bilinear(volume, *fr.points_to_original(
