@@ -86,10 +86,10 @@ def test_study_received_links_and_creates_the_job_in_a_few_statements():
     with CaptureQueriesContext(connection) as queries:
         assert study_received(study.pk)["jobs"] == 1
     statements = [q["sql"] for q in queries.captured_queries]
-    # One savepoint: study_received's own transaction, nested in the test's (job creation and
-    # linking add none; get_or_create added two).
-    assert sum(sql.startswith("SAVEPOINT") for sql in statements) == 1, statements
-    if connection.vendor == "postgresql":
+    if connection.vendor == "postgresql":  # other databases keep the ORM path
+        # One savepoint: study_received's own transaction, nested in the test's (job creation
+        # and linking add none; get_or_create added two).
+        assert sum(sql.startswith("SAVEPOINT") for sql in statements) == 1, statements
         # lock the study, index procedure, link, series, jobs (+ savepoint and release)
         assert len(statements) <= 7, statements  # was 14
 
