@@ -320,19 +320,28 @@ def lookup_patients(keys: Iterable[tuple[str, str]], *, lock: bool = False,
         if also is not None:
             cursor.nextset()
             rows = list(cursor.fetchall())
+    instances = models_from_rows(Patient, [r[2:] for r in found_rows])
+    return {(r[0], r[1]): p for r, p in zip(found_rows, instances, strict=True)}, rows
+
+
+def models_from_rows(model: type[models.Model], rows: Sequence[Sequence[Any]]) -> list[Any]:
+    """Instances from raw rows of ALL the model's concrete columns (in ``concrete_fields``
+    order), with Django's database converters applied (e.g. JSON fields), as the ORM would."""
+    fields = model._meta.concrete_fields
     converters = []
     for n, f in enumerate(fields):
-        col = f.get_col(patients)
+        col = f.get_col(model._meta.db_table)
         if convs := connection.ops.get_db_converters(col) + col.get_db_converters(connection):
             converters.append((n, convs, col))
     attnames = [f.attname for f in fields]
-    found = {}
-    for system, value, *values in found_rows:
+    out = []
+    for row in rows:
+        values = list(row)
         for n, convs, col in converters:
             for convert in convs:
                 values[n] = convert(values[n], col, connection)
-        found[(system, value)] = Patient.from_db(connection.alias, attnames, values)
-    return found, rows
+        out.append(model.from_db(connection.alias, attnames, values))
+    return out
 
 
 PATIENT_FIELDS = ("family_name", "given_name", "birth_date", "sex", "deceased_on",

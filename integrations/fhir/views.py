@@ -34,7 +34,7 @@ from integrations.fhir.ingest import (
 from integrations.fhir.mappers import MAPPERS, Context
 from integrations.models import InboundMessage
 from registry.models import AuditAction, Feed
-from registry.services import Actor, audit_record, execute_or_defer
+from registry.services import Actor, audit_record, execute_or_defer, on_feed_authenticated
 from registry.services_bulk import pg_execute
 
 logger = logging.getLogger(__name__)
@@ -86,34 +86,73 @@ def _body(request: HttpRequest) -> Any:
         raise FhirError.single(400, "structure", f"the body is not valid JSON: {exc}") from exc
 
 
+def _raw_message(request: HttpRequest, feed: Feed | None) -> InboundMessage:
+    raw = request.body
+    return InboundMessage(
+        feed=feed, channel="fhir-rest", content_type=(request.content_type or "")[:100],
+        sha256=hashlib.sha256(raw).hexdigest(), size_bytes=len(raw),
+        body=raw.decode("utf-8", "replace"), received_at=timezone.now(),
+    )
+
+
+def _raw_insert(message: InboundMessage, feed_id: str) -> tuple[str, list[Any]]:
+    """The autocommit INSERT of the raw payload (PostgreSQL), which sets ``synchronous_commit``
+    off for its own implicit transaction. ``feed_id``: ``%s`` (the feed's id is the first
+    parameter) or ``feed.id`` (read from the CTE ``feed`` of ``on_feed_authenticated``)."""
+    source = ", feed" if feed_id == "feed.id" else ""
+    params = [] if source else [message.feed_id]
+    return (
+        f"INSERT INTO {InboundMessage._meta.db_table} (feed_id, channel, "  # noqa: S608
+        "received_at, content_type, sha256, size_bytes, body, outcome, summary) "
+        f"SELECT {feed_id}::bigint, %s, %s, %s, %s, %s, %s, %s, '{{}}'::jsonb "
+        f"FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit{source} "
+        "RETURNING id",
+        [*params, message.channel, message.received_at, message.content_type,
+         message.sha256, message.size_bytes, message.body, message.outcome])
+
+
 def _store_raw(request: HttpRequest, feed: Feed | None) -> InboundMessage:
     """Committed before parsing. Its WAL flush is left to the synchronous commit that always
     follows before the answer (the transaction bundle's, or ``_finish``'s; see
     ``commit_without_waiting``). On PostgreSQL outside a transaction this is ONE round trip: an
-    autocommit INSERT that sets ``synchronous_commit`` off for its own implicit transaction."""
-    raw = request.body
-    message = InboundMessage(
-        feed=feed, channel="fhir-rest", content_type=(request.content_type or "")[:100],
-        sha256=hashlib.sha256(raw).hexdigest(), size_bytes=len(raw),
-        body=raw.decode("utf-8", "replace"),
-    )
+    autocommit INSERT that sets ``synchronous_commit`` off for its own implicit transaction
+    (and none of its own when it went with the feed's authentication: ``_authenticate``)."""
+    message = _raw_message(request, feed)
     if connection.vendor != "postgresql" or connection.in_atomic_block:
         with transaction.atomic():
             commit_without_waiting()
             message.save(force_insert=True)
         return message
-    message.received_at = timezone.now()
-    ((message.pk,),) = pg_execute(  # server-side binding: the body is not escaped into SQL
-        "INSERT INTO integrations_inboundmessage (feed_id, channel, received_at, "
-        "content_type, sha256, size_bytes, body, outcome, summary) "
-        "SELECT %s::bigint, %s, %s, %s, %s, %s, %s, %s, '{}'::jsonb "
-        "FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit "
-        "RETURNING id",
-        [feed.pk if feed else None, message.channel, message.received_at,
-         message.content_type, message.sha256, message.size_bytes, message.body,
-         message.outcome])
-    message._state.adding = False
+    ((message.pk,),) = pg_execute(*_raw_insert(message, "%s"))  # server-side binding: the
+    message._state.adding = False  # body is not escaped into the SQL text
     return message
+
+
+# Up to this size the raw payload is read before the token is checked, to be stored by the
+# same statement as the feed's authentication (a wrong token stores nothing).
+STORE_WITH_AUTHENTICATION_BYTES = 4 * 1024 * 1024
+
+
+def _authenticate(request: HttpRequest) -> tuple[Feed, InboundMessage | None]:
+    """The request's Feed, and for a POST/PUT on PostgreSQL (outside a transaction) of at most
+    ``STORE_WITH_AUTHENTICATION_BYTES`` its raw payload stored by the SAME statement that
+    authenticates the token (``registry.services.on_feed_authenticated``): one round trip
+    fewer. Otherwise the message is None and ``_store_raw`` stores it after the size check."""
+    length = int(request.headers.get("Content-Length") or 0)
+    if (request.method not in {"POST", "PUT"} or connection.vendor != "postgresql"
+            or connection.in_atomic_block
+            or not 0 < length <= min(STORE_WITH_AUTHENTICATION_BYTES,
+                                     settings.FHIR_MAX_PAYLOAD_BYTES)
+            or len(request.body) > settings.FHIR_MAX_PAYLOAD_BYTES):
+        return _feed(request), None
+    message = _raw_message(request, None)
+    with on_feed_authenticated(*_raw_insert(message, "feed.id")) as stored:
+        feed = _feed(request)
+    if not stored:
+        return feed, None
+    message.pk, message.feed = stored[0], feed
+    message._state.adding = False
+    return feed, message
 
 
 def _outcome_fields(status: int, summary: dict[str, Any]) -> dict[str, Any]:
@@ -160,8 +199,8 @@ def _guarded(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse
     def view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         message = None
         try:
-            feed = _feed(request)
-            if request.method in {"POST", "PUT"}:
+            feed, message = _authenticate(request)
+            if request.method in {"POST", "PUT"} and message is None:
                 if len(request.body) > settings.FHIR_MAX_PAYLOAD_BYTES:
                     raise FhirError.single(413, "too-costly", "the payload is too large")
                 message = _store_raw(request, feed)

@@ -68,3 +68,37 @@ def test_eight_concurrent_clients_sending_the_same_transaction_create_one_row_ea
     assert all(s in (200, 409) for s in statuses), statuses
     assert statuses.count(200) >= 1
     assert _counts() == (1, 1, 1, 1, 1)
+
+
+@pytest.mark.postgres
+def test_outside_a_test_transaction_the_raw_payload_is_stored_with_the_authentication(
+    live_server, transactional_db
+):
+    """Through a real server (no enclosing transaction): the raw payload goes in the same
+    statement as the token check. A good token stores it byte for byte with its feed and
+    outcome; a wrong token stores nothing; a payload that fails parsing is stored and
+    marked rejected; the size limit still answers 413 without storing."""
+    from django.test import override_settings
+
+    from integrations.models import InboundMessage
+
+    feed, token = feed_create(name="raw-ehr")
+    payload = (FIXTURES / "transaction-vertebroplasty.json").read_text()
+
+    def send(body, bearer=token):
+        return requests.post(f"{live_server.url}/fhir", data=body.encode(), timeout=60,
+                             headers={"Content-Type": FHIR, "Authorization": f"Bearer {bearer}"})
+
+    assert send(payload).status_code == 200
+    message = InboundMessage.objects.get()
+    assert (message.body, message.feed_id, message.outcome, message.status_code) == (
+        payload, feed.pk, "accepted", 200)
+    assert send(payload, bearer="wrong-token").status_code == 401
+    assert InboundMessage.objects.count() == 1
+    assert send("{not json").status_code == 400
+    rejected = InboundMessage.objects.latest("pk")
+    assert (rejected.body, rejected.outcome, rejected.status_code) == ("{not json", "rejected",
+                                                                       400)
+    with override_settings(FHIR_MAX_PAYLOAD_BYTES=100):
+        assert send(payload).status_code == 413
+    assert InboundMessage.objects.count() == 2
