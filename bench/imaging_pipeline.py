@@ -30,8 +30,8 @@ far less than 2x, so that figure also charges the pipeline with the machine's mi
 parallelism. The machine is shared: figures are noisy, but every side comes from the same run.
 
 The pipeline's own cost per series is roughly constant, so the ratio depends on the engine's
-cost. Measured in-process on this host (load average ~1.3-1.4, 256x256x11, median per series,
-engine 0.2.1 of 2026-11-25 afternoon):
+cost. Measured in-process on this host (load average ~1.4, 256x256x11, median per series,
+engine as on disk at 13:26 UTC on 2026-11-25, between 0.2.1 and 0.3.0):
 
 - ingest ``imaging_study_upsert`` 7.2 ms (3 statements; runs in this process, during e2e);
 - ``study_received`` 7.1 ms: lock the study, index procedure, link (one statement: nearer-MRI
@@ -48,17 +48,23 @@ engine 0.2.1 of 2026-11-25 afternoon):
 
 That is ~50 ms of pipeline per series against ~20-28 ms of engine, all on the same 2 shared
 cores (PostgreSQL, Orthanc, Redis and this process included), so the target is not met with
-the current engine (figures below). A bigger matrix does NOT help: the engine
-works on a 1 mm grid, so its cost grows little with the matrix, while the bytes to fetch and
-parse grow with it: ``--rows 512 --slices 13`` (a common clinical reconstruction) measured a
-HIGHER ratio (2.45, 40 series) than the default; the default stays 256x256x11.
+the current engine (figures below). A bigger matrix does NOT help: the engine works on a 1 mm
+grid, so its cost grows little with the matrix (0.3.0: 29.5 ms/series at 512x512x13), while
+the bytes to fetch (6.8 MB per series) and parse grow with it: ``--rows 512 --slices 13`` (a
+common clinical reconstruction) measured a HIGHER ratio than the default (2.45 with 40 series
+on engine 0.2.1, 2.65 with 80 series on 0.3.0), so the default stays 256x256x11.
 
-Figures of 2026-11-25 (exactly as printed; shared host, other benchmarks running):
-- before this session's changes, engine 0.2.1 (54 ms/series then): ratio=1.97, stricter 4.34,
-  514 series/min (200 series, load average 4.2 at the start);
-- after (fewer statements, kept-alive DICOMweb session), engine 0.2.1 with Helper C's speed-ups
-  (28 ms/series): ratio=2.32, stricter 4.59, 926 series/min (200 series, load average 1.5-2.0).
-  The throughput rose, the ratio too: the engine got faster than the overhead shrank.
+Figures of 2026-11-25, 200 series, 256x256x11 (exactly as printed; shared 2-core host, other
+benchmarks running; the engine changed between the runs, the bench names its commit):
+- before this session's pipeline changes, engine 0.2.1 (53.9 ms/series): ratio=1.97,
+  stricter 4.34, 514 series/min (load average 0.2 at the start, 4.2 during the run);
+- after them (study_received 14 -> 7 statements, result + levels 3 -> 1, kept-alive DICOMweb
+  session): engine 0.2.1 at ae57471 + uncommitted (28.2 ms/series): ratio=2.32, stricter 4.59,
+  926 series/min (load 1.5 -> 2.0); engine 0.3.0 at bdbd5d2 + uncommitted (36.4 ms/series on
+  a busier host): ratio=2.40, stricter 4.74, 695 series/min (load 1.71 -> 4.25).
+  Throughput rose; the ratio rose too, because the engine got faster than the overhead shrank.
+  Same-conditions A/B in-process of ``study_received`` (old tree 731f4ae vs now, alternating,
+  load ~2.3): 9.0 / 9.5 ms -> 6.5 / 6.4 ms.
 
 Run: ``.venv/bin/python bench/imaging_pipeline.py [--series 200] [--rows 256 --slices 11]``;
 ``--log-dir DIR`` keeps the workers' JSON logs (per-task ``runtime_ms``).
