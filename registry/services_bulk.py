@@ -349,12 +349,22 @@ PATIENT_FIELDS = ("family_name", "given_name", "birth_date", "sex", "deceased_on
 
 
 def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR,
-                        known: dict[tuple[str, str], Patient] | None = None
+                        known: dict[tuple[str, str], Patient] | None = None,
+                        deferred: list[StatementPart] | None = None
                         ) -> list[tuple[Patient, bool]]:
     """``patient_upsert`` for many patients: ``(patient, created)`` per item, in order. Two
     items sharing an identifier are the same patient (the later values win). ``known``: the
     caller's ``lookup_patients(<every identifier of the items>, lock=True)`` of this
-    transaction (else it is looked up here)."""
+    transaction (else it is looked up here).
+
+    ``deferred`` (PostgreSQL): when every written patient is NEW, their INSERT (with their
+    identifiers) is appended there as a ``StatementPart`` instead of being run: the caller
+    runs it with its next bulk statement (``sourced_record_many(extra=...)``), one round trip
+    fewer, and must run it before anything reads these patients from the database. Their
+    rows are then inserted by the same statement as their clinical records: the records'
+    foreign keys are checked at commit, their dates were checked against the patient in
+    Python (``procedure_values``...), and no other transaction can see a new patient before
+    commit. Updated patients are always written at once."""
     for n, item in enumerate(items):
         try:
             patient_check(identifiers=item["identifiers"], sex=item.get("sex", "unknown"),
@@ -415,13 +425,17 @@ def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTE
         # identifiers' foreign key is checked at commit).
         p_sql, p_records = _pg_insert_sql(Patient, patient_rows, ["id"], PATIENT_FIELDS, "")
         i_sql, i_records = _pg_insert_sql(PatientIdentifier, new_identifiers, (), (), "")
-        try:
-            pg_execute(f"WITH patients AS ({p_sql}) {i_sql}", [
-                json_param(p_records), json_param(i_records)])
-        except IntegrityError as exc:  # a concurrent writer attached an identifier first
-            raise ConcurrentWriteError(
-                "identifier was claimed concurrently; retry the transaction") from exc
-        new_identifiers = []
+        if deferred is not None and not changed:
+            # only NEW patients: the caller writes them with its next bulk statement
+            deferred.append(StatementPart(
+                ctes=[f"patients AS ({p_sql})", f"patient_identifiers AS ({i_sql})"],
+                params=[json_param(p_records), json_param(i_records)],
+                select="SELECT NULL::bigint, NULL::boolean, NULL::text WHERE false",
+                finish=lambda _rows: []))
+            new_identifiers = []
+        else:
+            _write_patients(p_sql, i_sql, p_records, i_records)
+            new_identifiers = []
     else:
         upsert_returning(Patient, patient_rows, conflict=["id"], update=PATIENT_FIELDS)
     if new_identifiers:
@@ -438,6 +452,16 @@ def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTE
             if patient.deceased_on is not None and not created:
                 followup_changed(patient.pk)
     return results
+
+
+def _write_patients(p_sql: str, i_sql: str, p_records: list[dict[str, Any]],
+                    i_records: list[dict[str, Any]]) -> None:
+    try:
+        pg_execute(f"WITH patients AS ({p_sql}) {i_sql}", [
+            json_param(p_records), json_param(i_records)])
+    except IntegrityError as exc:  # a concurrent writer attached an identifier first
+        raise ConcurrentWriteError(
+            "identifier was claimed concurrently; retry the transaction") from exc
 
 
 # --- Sourced clinical records -------------------------------------------------------------------

@@ -30,6 +30,7 @@ from integrations.fhir.mappers import (
     flush_pending,
     prefetch_patients,
     reference_key,
+    run_deferred,
 )
 from integrations.fhir.parse import parse_resource
 from integrations.models import HeldResource
@@ -246,6 +247,9 @@ def _apply_transaction(parsed: list[tuple[int, dict[str, Any], Any]], ctx: Conte
         held_ids = None
         if group is patients and ctx.pending:
             held_ids = lock_patients_and_held(ctx, [model for _, _, model in patients])
+            # Nothing held for them: new patients can be inserted with the other entries'
+            # statement (``patient_upsert_many(deferred=...)``), one round trip fewer.
+            ctx.defer_new_patients = held_ids == [] and bool(others)
         flush_pending(ctx)
         ctx.pending = None
         if group is patients:
@@ -257,6 +261,7 @@ def _apply_transaction(parsed: list[tuple[int, dict[str, Any], Any]], ctx: Conte
                         ctx.bundle_patients[str(entry["fullUrl"])] = result.patient
                     written.append((result.patient, model))
             release_held(written, ctx, allowed, held_ids)
+    run_deferred(ctx)  # (when the other entries wrote nothing)
     return sorted((i, entry_outcome(r)) for i, r in results.items())
 
 

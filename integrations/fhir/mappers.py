@@ -90,6 +90,11 @@ class Context:
     # The patients the pending Patient writes name, looked up and locked by the caller
     # (``registry.services_bulk.lookup_patients``); used by the next flush only.
     patient_owners: dict[tuple[str, str], Patient] | None = None
+    # Set by the caller: the next flush hands the INSERT of NEW patients to ``deferred``
+    # (``patient_upsert_many(deferred=...)``) and a later flush (or ``run_deferred``) runs it
+    # within its own bulk statement.
+    defer_new_patients: bool = False
+    deferred: list[Any] = field(default_factory=list)
     # The caller commits synchronously after the bundle, before answering (see
     # ``ingest.commit_without_waiting``).
     durable_later: bool = False
@@ -103,6 +108,8 @@ class Context:
         self.pending = None
         self.entry_where = ""
         self.patient_owners = None
+        self.defer_new_patients = False
+        self.deferred.clear()
 
 
 def _imaging_single(**kwargs: Any) -> tuple[Any, bool]:
@@ -153,7 +160,11 @@ def flush_pending(ctx: Context) -> None:
     done: dict[str, list[tuple[Any, bool]]] = {}
     sourced = {k: [w.kwargs for w in by_kind[k]] for k in SOURCED_KINDS if by_kind.get(k)}
     extra = {}
-    if sourced and by_kind.get("imaging") and connection.vendor == "postgresql":
+    if ctx.deferred and not by_kind.get("patient") and (sourced or by_kind.get("imaging")):
+        # the new patients of an earlier flush go with these writes
+        extra.update({f"deferred{n}": part for n, part in enumerate(ctx.deferred)})
+        ctx.deferred.clear()
+    if (sourced or extra) and by_kind.get("imaging") and connection.vendor == "postgresql":
         from scoring.services_bulk import imaging_study_statement
 
         extra["imaging"] = imaging_study_statement(
@@ -166,6 +177,12 @@ def flush_pending(ctx: Context) -> None:
             error = _business_error(exc, write.result.resource_type)
             raise (error.prefixed(write.where) if write.where else error) from exc
     known, ctx.patient_owners = ctx.patient_owners, None
+    patient_options: dict[str, Any] = {}
+    if known is not None:
+        patient_options["known"] = known
+    if ctx.defer_new_patients:
+        patient_options["deferred"] = ctx.deferred
+        ctx.defer_new_patients = False
     for kind in ("patient", "procedure", "fracture", "therapy", "imaging"):
         writes = by_kind.get(kind)
         if not writes:
@@ -173,7 +190,7 @@ def flush_pending(ctx: Context) -> None:
         try:
             results = done[kind] if kind in done else BULK[kind](
                 items=[w.kwargs for w in writes], actor=ctx.actor,
-                **({"known": known} if kind == "patient" and known is not None else {}))
+                **(patient_options if kind == "patient" else {}))
         except RegistryValidationError as exc:
             write = writes[getattr(exc, "index", 0)]
             error = _business_error(exc, write.result.resource_type)
@@ -183,6 +200,13 @@ def flush_pending(ctx: Context) -> None:
             write.result.created = created
             if kind == "patient":
                 write.result.patient = obj
+
+
+def run_deferred(ctx: Context) -> None:
+    """Run the writes still deferred (``Context.deferred``), each on its own."""
+    parts, ctx.deferred[:] = list(ctx.deferred), []
+    for part in parts:
+        part.run()
 
 
 def _subject_keys(ctx: Context, ref: Any) -> tuple[str, str] | None:
@@ -210,6 +234,7 @@ def prefetch_patients(ctx: Context, resources: list[Any]) -> None:
     keys -= set(ctx.patient_cache)
     if not keys:
         return
+    run_deferred(ctx)  # a deferred new patient must be found by the lookup
     found = patients_by_identifier(keys)
     for key in keys:
         ctx.patient_cache[key] = found.get(key)

@@ -302,3 +302,34 @@ def test_a_fhir_patient_update_keeps_the_care_team_and_other_registry_only_field
     assert (patient.care_team, patient.bmi_kg_m2, patient.last_contact_on,
             patient.is_synthetic) == ("fracture-liaison", Decimal("21.5"),
                                       dt.date(2026, 1, 5), True)
+
+
+@pytest.mark.parametrize("subject", ["identifier", "logical id"])
+def test_an_entry_naming_a_new_patient_of_the_same_bundle_by_identifier_is_linked_not_held(
+    client, token, subject
+):
+    """New patients are inserted with the other entries' statement; an entry that names one
+    of them by business identifier or Patient/<id> (not its fullUrl) still finds it."""
+    bundle = _hl7()
+    patient = bundle["entry"][0]["resource"]
+    ident = next(i for i in patient["identifier"] if i["system"].endswith("synthetic-mrn"))
+    for entry in bundle["entry"][1:]:
+        if "subject" in entry["resource"]:
+            entry["resource"]["subject"] = (
+                {"identifier": {"system": ident["system"], "value": ident["value"]}}
+                if subject == "identifier" else {"reference": f"Patient/{patient['id']}"})
+    response = post(client, token, bundle)
+    assert response.status_code == 200, response.json()
+    assert "202 Accepted" not in _statuses(response)
+    assert not HeldResource.objects.exists()
+    owner = PatientIdentifier.objects.get(value=ident["value"]).patient
+    assert Procedure.objects.get().patient == owner
+    assert ImagingStudy.objects.get().patient == owner
+
+
+def test_a_bundle_of_new_patients_only_is_written(client, token):
+    bundle = _hl7()
+    bundle["entry"] = bundle["entry"][:1]
+    response = post(client, token, bundle)
+    assert _statuses(response) == ["201 Created"]
+    assert PatientIdentifier.objects.get(value="SYN-HL7-0001").patient.birth_date is not None
