@@ -344,9 +344,10 @@ def _smooth_nan(profile: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    labels, n = ndimage.label(mask)
-    return [(int(sl[0].start), int(sl[0].stop) - 1) for sl in ndimage.find_objects(labels)
-            if sl is not None][:n]
+    """(first, last) index of each run of true values of a 1-D mask, left to right."""
+    edges = np.diff(np.concatenate(([0], np.asarray(mask, np.int8), [0])))
+    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return [(int(a), int(b) - 1) for a, b in zip(starts, stops, strict=True)]
 
 
 def _run_around(column: np.ndarray, centre: int, thr: float, limit: int) -> float | None:
@@ -507,7 +508,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     # 3. mid-sagittal slice: where the canal interior is darkest against the bodies. The
     # interior (CSF, not the cortex lining it) comes from the central slices' AP profile.
     sl = slice(canal_t[0], canal_t[1] + 1)
-    central_s = straighten(central)[sl]
+    central_s = straighten(central, rows=(sl.start, sl.stop))
     prof_c = _nanmedian_rows(central_s)
     wide_c = ndimage.median_filter(np.nan_to_num(prof_c, nan=float(np.nanmax(prof_c))), 5)
     trough_k = k0 - 12 + int(np.argmin(wide_c[k0 - 12: k0 + 13]))
@@ -529,7 +530,19 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     body_v = np.median(both[:, :, len(k_in):].reshape(n_slices, -1), axis=1)
     depth = 1.0 - inner_v.astype(float) / np.maximum(body_v.astype(float), 1e-6)
     depth_arr = np.array(depth)
-    mid = int(np.argmax(depth_arr))
+    # the canal is deepest over the slices through it; its middle is the middle of the run of
+    # slices deeper than half-way between the shallowest and the deepest (an argmax would pick
+    # whichever slice of a wide plateau the noise favours)
+    peak = int(np.argmax(depth_arr))
+    half_depth = 0.5 * (float(depth_arr[peak]) + float(depth_arr.min()))
+    lo_run = hi_run = peak
+    while lo_run > 0 and depth_arr[lo_run - 1] >= half_depth:
+        lo_run -= 1
+    while hi_run < n_slices - 1 and depth_arr[hi_run + 1] >= half_depth:
+        hi_run += 1
+    mid = (lo_run + hi_run) // 2
+    if (lo_run + hi_run) % 2 and depth_arr[mid + 1] > depth_arr[mid]:
+        mid += 1
     lo_s, hi_s = max(0, mid - 1), min(n_slices, mid + 2)
     detect = straighten(volume[lo_s:hi_s].mean(axis=0))
 
@@ -704,6 +717,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     typical_depth = float(np.median(depths)) if depths else 35.0
 
     heights: dict[str, tuple[float, float, float] | None] = {}
+    detect_s = ndimage.uniform_filter1d(np.nan_to_num(detect, nan=0.0), 3, axis=0)  # columns
     for lv, (a0, b0, level_si, depth_mm) in geo.items():
         dep = depth_mm if depth_mm is not None and 15 <= depth_mm <= 60 else typical_depth
         tc = round((a0 + b0) / 2)
@@ -711,8 +725,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
         if level_si > disc_level * 1.08:
             cut = (level_si + disc_level) / 2
             for f in (0.25, 0.5, 0.75):
-                col = detect[:, k_wall + round(f * dep)]
-                col = ndimage.uniform_filter1d(np.nan_to_num(col, nan=0.0), 3)
+                col = detect_s[:, k_wall + round(f * dep)]
                 run_len = _run_around(col, tc, cut, int(0.9 * spacing))
                 if run_len is not None:
                     hs.append(run_len)
