@@ -14,7 +14,16 @@ Baselines, measured in this process in the same run, alternating with the ingest
   R4B class — exactly the parse the endpoint does, and faster than the bundle-level parse.
 Prints resources/s for the ingest and both baselines; the LAST line is
 ``ratio=<ingest throughput / bundle parse throughput>`` (target ≥ 0.5), and the line before it
-gives the ratio against the stricter per-resource baseline too.
+gives the ratio against the stricter per-resource baseline too. The bundles are kept as JSON
+text only: the Python objects they were built from are freed before anything is timed (alive,
+their ~300,000 containers slowed every full garbage collection of the baseline parse).
+
+What a bundle costs in the ingest (see docs/fhir.md, "How a transaction bundle is written"):
+the per-resource parse above, then 6 PostgreSQL round trips for a bundle of new patients
+(feed check + raw payload, BEGIN, patient/held lookup, every clinical row, audit + due dates +
+outcome, COMMIT) and two Celery publishes. The ratio depends on the other load on the machine
+(the ingest is a chain of processes waking each other; the baseline is one busy thread): report
+the load average with the figures.
 
     .venv/bin/python bench/fhir_ingest.py
 """
