@@ -391,7 +391,6 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     half = max(0, n_slices // 6)
     centre = n_slices // 2
     central_idx = range(max(0, centre - half), min(n_slices, centre + half + 1))
-    central = volume[central_idx.start: central_idx.stop].mean(axis=0)
     coarse, fine = _coarse(series.pixels[central_idx.start: central_idx.stop], fr,
                            series.pixel_spacing_mm, DETECT_MM, (DETECT_MM, GRID_MM))
     grids, yc, xc, cell_r, cell_c = (coarse.images, coarse.row_mm, coarse.col_mm,
@@ -508,7 +507,14 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     # 3. mid-sagittal slice: where the canal interior is darkest against the bodies. The
     # interior (CSF, not the cortex lining it) comes from the central slices' AP profile.
     sl = slice(canal_t[0], canal_t[1] + 1)
-    central_s = straighten(central, rows=(sl.start, sl.stop))
+    # the central slices' mean from their ~2 x 1 mm block means (already smooth; the
+    # profile is a median along the canal), sampled on the straightened grid
+    central = fine.images.mean(axis=0)
+    row_step, col_step = fine.row_mm[1] - fine.row_mm[0], fine.col_mm[1] - fine.col_mm[0]
+    central_s = _bilinear(
+        central[None], (cy_grid[sl] * fr.spacing[0] - fine.row_mm[0]) / row_step,
+        (cx_grid[sl] * fr.spacing[1] - fine.col_mm[0]) / col_step)[0]
+    central_s[~inside_grid[sl]] = np.nan
     prof_c = _nanmedian_rows(central_s)
     wide_c = ndimage.median_filter(np.nan_to_num(prof_c, nan=float(np.nanmax(prof_c))), 5)
     trough_k = k0 - 12 + int(np.argmin(wide_c[k0 - 12: k0 + 13]))
@@ -602,15 +608,22 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
             merged.append((a, b))
     # 2-D: the sacrum is bone that goes on below S1's body (turning posteriorly), so S1 is
     # the highest body (from the sixth on) whose bright 2-D component reaches well below it.
-    trend = _smooth_nan(prof_t, 50.0)
-    flat2d = detect / np.where(np.isfinite(trend), trend, np.nan)[:, None]
-    bone = ndimage.binary_opening(np.nan_to_num(flat2d, nan=0.0) > thr, np.ones((3, 3)))
-    bone_lab, _ = ndimage.label(bone)
     band_k = k_wall + 10
     sacral_i = -1
+    bone_cache: list[np.ndarray] = []
+
+    def bone_labels() -> np.ndarray:  # the 2-D bone components, made when first needed
+        if not bone_cache:
+            trend = _smooth_nan(prof_t, 50.0)
+            flat2d = detect / np.where(np.isfinite(trend), trend, np.nan)[:, None]
+            bone = ndimage.binary_opening(np.nan_to_num(flat2d, nan=0.0) > thr,
+                                          np.ones((3, 3)))
+            bone_cache.extend([bone, ndimage.label(bone)[0]])
+        return bone_cache[1]
 
     def component(i: int) -> np.ndarray | None:
         a, b = merged[i]
+        bone_lab = bone_labels()
         lab = bone_lab[(a + b) // 2, band_k]
         return None if lab == 0 else bone_lab == lab
 
@@ -636,7 +649,8 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
             break
     sacral = sacral_i >= 0
     if debug is not None:
-        debug.update(bone=bone, merged=merged, sacral_i=sacral_i)
+        bone_labels()
+        debug.update(bone=bone_cache[0], merged=merged, sacral_i=sacral_i)
     if sacral:
         segments = merged[: sacral_i + 1]
     else:
