@@ -28,12 +28,87 @@ from scoring.engine.model import (
 )
 
 
+class PixelStack:
+    """The pixel values of a series, (slices, rows, cols) float32 with the rescale applied,
+    converted slice by slice when first used: the automatic path reads about half of the
+    slices of a 20-slice series (and samples the others at a few points), so most of the
+    float32 volume is never made. ``stack[i]`` (an int) is one slice (an ndarray, converted
+    once); any other index, ``np.asarray(stack)`` or ``stack.volume()`` give the whole volume.
+    The slices are decoded (and checked) when the series is read, only the conversion waits."""
+
+    def __init__(self, raw: list[np.ndarray], rescale: list[tuple[float, float]]) -> None:
+        self._raw = raw
+        self._rescale = rescale
+        self._slices: dict[int, np.ndarray] = {}
+        self._volume: np.ndarray | None = None
+        rows, cols = raw[0].shape
+        self.shape: tuple[int, int, int] = (len(raw), rows, cols)
+        self.dtype = np.dtype(np.float32)
+        self.ndim = 3
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _convert(self, i: int) -> np.ndarray:
+        out = self._raw[i].astype(np.float32)
+        slope, intercept = self._rescale[i]
+        if (slope, intercept) != (1.0, 0.0):
+            out = out * slope + intercept
+        return out
+
+    def slice(self, i: int) -> np.ndarray:
+        """Slice ``i`` (negative counts from the end) as float32."""
+        if i < 0:
+            i += self.shape[0]
+        if not 0 <= i < self.shape[0]:
+            raise IndexError(f"slice {i} outside a series of {self.shape[0]}")
+        if self._volume is not None:
+            return self._volume[i]
+        image = self._slices.get(i)
+        if image is None:
+            image = self._slices[i] = self._convert(i)
+        return image
+
+    def take(self, i: int, flat_index: np.ndarray) -> np.ndarray:
+        """float32 values of slice ``i`` at flat (row-major) pixel indices, without
+        converting the slice if it has not been."""
+        if self._volume is not None or i in self._slices:
+            return self.slice(i).reshape(-1).take(flat_index)
+        values = np.ascontiguousarray(self._raw[i]).reshape(-1).take(flat_index).astype(
+            np.float32)
+        slope, intercept = self._rescale[i]
+        if (slope, intercept) != (1.0, 0.0):
+            values = values * slope + intercept
+        return values
+
+    def volume(self) -> np.ndarray:
+        """The whole (slices, rows, cols) float32 volume (made once)."""
+        if self._volume is None:
+            volume = np.empty(self.shape, np.float32)
+            for i in range(self.shape[0]):
+                volume[i] = self._slices[i] if i in self._slices else self._convert(i)
+            self._volume = volume
+            self._slices.clear()
+        return self._volume
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, int | np.integer):
+            return self.slice(int(key))
+        result: np.ndarray = self.volume()[key]
+        return result
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        volume = self.volume()
+        return volume if dtype is None else volume.astype(dtype)
+
+
 @dataclass
 class Series:
-    """Slices sorted along the slice normal. ``pixels``: (slices, rows, cols) float32."""
+    """Slices sorted along the slice normal. ``pixels``: (slices, rows, cols) float32, a
+    ``PixelStack`` (slices converted when first used; ``np.asarray`` for the whole volume)."""
 
     datasets: list[Dataset]
-    pixels: np.ndarray
+    pixels: PixelStack
     orientation: np.ndarray  # 6 direction cosines (row, column)
     normal: np.ndarray
     positions: np.ndarray  # (slices, 3) ImagePositionPatient, mm, LPS
@@ -186,11 +261,7 @@ def read_series(source: Any) -> Series:
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise InconsistentSeriesError(f"the images differ in size: {sorted(shapes)}")
-    pixels = np.empty((len(arrays), *next(iter(shapes))), np.float32)
-    for i, (arr, (slope, intercept)) in enumerate(zip(arrays, rescale, strict=True)):
-        pixels[i] = arr  # one conversion to float32, no intermediate copies
-        if (slope, intercept) != (1.0, 0.0):
-            pixels[i] = pixels[i] * slope + intercept
+    pixels = PixelStack(arrays, rescale)
     return Series(
         datasets=images, pixels=pixels, orientation=orientation, normal=normal,
         positions=positions, pixel_spacing_mm=(pixel_spacing[0], pixel_spacing[1]),

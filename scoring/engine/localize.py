@@ -54,7 +54,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from scoring.engine.dicom_io import Series
+from scoring.engine.dicom_io import PixelStack, Series
 from scoring.engine.model import QcFlag, Roi
 
 LABELS_UP_FROM_SACRUM = ("S1", "L5", "L4", "L3", "L2", "L1", "T12")
@@ -166,9 +166,9 @@ class _Grid:
     cell_c: float
 
 
-def _coarse(stack: np.ndarray, fr: _Frame, spacing: tuple[float, float], step_si: float,
-            steps_ap: tuple[float, ...]) -> list[_Grid]:
-    """Images of ``stack`` (slices, rows, cols; stored orientation, pixel ``spacing`` mm) as
+def _coarse(stack: list[np.ndarray], fr: _Frame, spacing: tuple[float, float],
+            step_si: float, steps_ap: tuple[float, ...]) -> list[_Grid]:
+    """Images of ``stack`` (2-D images; stored orientation, pixel ``spacing`` mm) as
     means of blocks of whole pixels (the integer number closest to the step, at least one):
     ``step_si`` mm along the spine, and each of ``steps_ap`` mm across it (one grid each; the
     pass along the spine is shared). Block means are a cheap pass over the pixels and average
@@ -205,11 +205,12 @@ def _odd(width_mm: float, cell: float) -> int:
     return max(0, round((width_mm / cell - 1) / 2))
 
 
-def _bilinear(stack: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
+def _bilinear(stack: np.ndarray | PixelStack, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
     """Bilinear samples of every image of ``stack`` (slices, rows, cols) at the points (cy, cx)
     (pixels; outside points take the nearest edge value, as ``map_coordinates(order=1,
     mode="nearest")``). Returns (slices, *cy.shape) float32. The four neighbours are taken
-    from the flat images by one index (give a C-contiguous stack to avoid a copy)."""
+    from the flat images by one index; a ``PixelStack`` is sampled without converting its
+    slices."""
     h, w = stack.shape[-2:]
     y = np.clip(cy, 0.0, h - 1.0)
     x = np.clip(cx, 0.0, w - 1.0)
@@ -217,12 +218,19 @@ def _bilinear(stack: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
     x0 = np.minimum(x.astype(np.intp), max(w - 2, 0))
     fy, fx = (y - y0).astype(np.float32), (x - x0).astype(np.float32)
     dy, dx = (w if h > 1 else 0), (1 if w > 1 else 0)
-    flat = np.ascontiguousarray(stack).reshape(stack.shape[0], -1)
     i = y0 * w + x0
-    top = flat.take(i, axis=1)
-    top += (flat.take(i + dx, axis=1) - top) * fx
-    bottom = flat.take(i + dy, axis=1)
-    bottom += (flat.take(i + dy + dx, axis=1) - bottom) * fx
+    if isinstance(stack, PixelStack):
+        def take(offset: int) -> np.ndarray:
+            return np.stack([stack.take(s, i + offset) for s in range(stack.shape[0])])
+    else:
+        flat = np.ascontiguousarray(stack).reshape(stack.shape[0], -1)
+
+        def take(offset: int) -> np.ndarray:
+            return flat.take(i + offset, axis=1)
+    top = take(0)
+    top += (take(dx) - top) * fx
+    bottom = take(dy)
+    bottom += (take(dy + dx) - bottom) * fx
     top += (bottom - top) * fy
     return top.astype(np.float32, copy=False)
 
@@ -391,8 +399,8 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     half = max(0, n_slices // 6)
     centre = n_slices // 2
     central_idx = range(max(0, centre - half), min(n_slices, centre + half + 1))
-    coarse, fine = _coarse(series.pixels[central_idx.start: central_idx.stop], fr,
-                           series.pixel_spacing_mm, DETECT_MM, (DETECT_MM, GRID_MM))
+    coarse, fine = _coarse([volume[i] for i in central_idx], fr, series.pixel_spacing_mm,
+                           DETECT_MM, (DETECT_MM, GRID_MM))
     grids, yc, xc, cell_r, cell_c = (coarse.images, coarse.row_mm, coarse.col_mm,
                                      coarse.cell_r, coarse.cell_c)
     tissue = (0.5 * _otsu_per_image(grids)).astype(np.float32)[:, None, None]
@@ -403,7 +411,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     dark_w = 2 * _odd(7.0, cell_c) + 1  # the canal is ≥ ~7 mm wide
     wide_dark = ndimage.uniform_filter1d(grid, dark_w, axis=1, mode="nearest")
     # the canal is a midline structure: laterally (pedicles, foramina) the band is brighter
-    outer = _coarse(series.pixels[:: max(1, n_slices - 1)], fr, series.pixel_spacing_mm,
+    outer = _coarse([volume[0], volume[n_slices - 1]], fr, series.pixel_spacing_mm,
                     DETECT_MM, (DETECT_MM,))[0].images  # the first and last slices
     wide_outer = ndimage.uniform_filter1d(outer.mean(axis=0), dark_w, axis=1, mode="nearest")
     near_c = np.arange(-round(6.0 / cell_c), round(6.0 / cell_c) + 1)
@@ -529,7 +537,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     rows_sel = np.arange(sl.start, sl.stop, 4)  # every 4 mm along the canal
     # every slice sampled at once on the same points (bilinear, edges replicated)
     kk = ks[np.concatenate([k_in, k_body[k_body < len(ks)]])][None, :]
-    both = _bilinear(volume, *fr.points_to_original(
+    both = _bilinear(volume, *fr.points_to_original(  # every slice, at a few points
         (py[rows_sel][:, None] + kk * ny[rows_sel][:, None]) / fr.spacing[0],
         (px[rows_sel][:, None] + kk * nx[rows_sel][:, None]) / fr.spacing[1]))
     inner_v = np.median(both[:, :, : len(k_in)].reshape(n_slices, -1), axis=1)
@@ -550,7 +558,10 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     if (lo_run + hi_run) % 2 and depth_arr[mid + 1] > depth_arr[mid]:
         mid += 1
     lo_s, hi_s = max(0, mid - 1), min(n_slices, mid + 2)
-    detect = straighten(volume[lo_s:hi_s].mean(axis=0))
+    total = volume[lo_s].copy()  # the mean of mid ± 1 (as a mean over the stack would add)
+    for i in range(lo_s + 1, hi_s):
+        total += volume[i]
+    detect = straighten(total / np.float32(hi_s - lo_s))
 
     # 4. canal walls from the AP profile
     valid_t = np.isfinite(detect[:, k0])
@@ -821,7 +832,7 @@ def _roi(fr: _Frame, py: np.ndarray, px: np.ndarray, ty: np.ndarray, tx: np.ndar
                angle)
 
 
-def _csf_roi(fr: _Frame, volume: np.ndarray, straighten, py, px, ty, tx, ny, nx,  # type: ignore[no-untyped-def]
+def _csf_roi(fr: _Frame, volume: PixelStack, straighten, py, px, ty, tx, ny, nx,  # type: ignore[no-untyped-def]
              a0: float, b0: float, k0: int, k_wall: int, mid: int, n_slices: int,
              series: Series) -> tuple[Roi, float, list[str]] | None:
     from scoring.engine.vbq import roi_values  # local: vbq imports this module

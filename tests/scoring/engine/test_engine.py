@@ -245,3 +245,26 @@ def test_the_engine_reads_the_pixel_values_pydicom_decodes(allocated, stored, si
         return
     assert fast.dtype == ds.pixel_array.dtype
     assert np.array_equal(fast, ds.pixel_array)
+
+
+def test_the_pixel_stack_converts_slices_when_used_with_the_rescale():
+    """Series.pixels converts a slice to float32 (rescale applied) when it is first used; the
+    whole volume, single slices and sampled points all give the same values."""
+    from scoring.engine.dicom_io import read_series
+
+    datasets = make_phantom(12, fractured=()).datasets
+    for i, ds in enumerate(datasets):
+        ds.RescaleSlope, ds.RescaleIntercept = 2.0, -10.0 + i
+    pixels = read_series(datasets).pixels
+    raw = np.stack([ds.pixel_array for ds in datasets]).astype(np.float32)
+    expected = raw * 2.0 + (np.arange(len(datasets), dtype=np.float32) - 10.0)[:, None, None]
+    index = np.array([0, 7, pixels.shape[1] * pixels.shape[2] - 1])
+    assert np.array_equal(pixels.take(3, index), expected[3].reshape(-1)[index])
+    assert np.array_equal(pixels[-1], expected[-1])
+    assert np.array_equal(pixels[2], expected[2])
+    assert np.array_equal(pixels.take(2, index), expected[2].reshape(-1)[index])
+    assert np.array_equal(np.asarray(pixels), expected)
+    assert np.array_equal(pixels[1:3], expected[1:3])
+    assert pixels.shape == expected.shape
+    with pytest.raises(IndexError):
+        pixels[len(datasets)]
