@@ -39,21 +39,31 @@ class PixelStack:
     def __init__(self, raw: list[np.ndarray], rescale: list[tuple[float, float]]) -> None:
         self._raw = raw
         self._rescale = rescale
-        self._slices: dict[int, np.ndarray] = {}
-        self._volume: np.ndarray | None = None
         rows, cols = raw[0].shape
         self.shape: tuple[int, int, int] = (len(raw), rows, cols)
+        # one buffer for the volume, filled slice by slice (its untouched pages cost nothing;
+        # one large block is also much cheaper for the allocator than a block per slice)
+        self._buffer: np.ndarray | None = None
+        self._done = np.zeros(len(raw), bool)
         self.dtype = np.dtype(np.float32)
         self.ndim = 3
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def _convert(self, i: int) -> np.ndarray:
-        out = self._raw[i].astype(np.float32)
-        slope, intercept = self._rescale[i]
-        if (slope, intercept) != (1.0, 0.0):
-            out = out * slope + intercept
+    def _buf(self) -> np.ndarray:
+        if self._buffer is None:
+            self._buffer = np.empty(self.shape, np.float32)
+        return self._buffer
+
+    def _filled(self, i: int) -> np.ndarray:
+        out = self._buf()[i]
+        if not self._done[i]:
+            out[...] = self._raw[i]
+            slope, intercept = self._rescale[i]
+            if (slope, intercept) != (1.0, 0.0):
+                out[...] = out * slope + intercept
+            self._done[i] = True
         return out
 
     def slice(self, i: int) -> np.ndarray:
@@ -62,17 +72,12 @@ class PixelStack:
             i += self.shape[0]
         if not 0 <= i < self.shape[0]:
             raise IndexError(f"slice {i} outside a series of {self.shape[0]}")
-        if self._volume is not None:
-            return self._volume[i]
-        image = self._slices.get(i)
-        if image is None:
-            image = self._slices[i] = self._convert(i)
-        return image
+        return self._filled(i)
 
     def take(self, i: int, flat_index: np.ndarray) -> np.ndarray:
         """float32 values of slice ``i`` at flat (row-major) pixel indices, without
         converting the slice if it has not been."""
-        if self._volume is not None or i in self._slices:
+        if self._done[i]:
             return self.slice(i).reshape(-1).take(flat_index)
         values = np.ascontiguousarray(self._raw[i]).reshape(-1).take(flat_index).astype(
             np.float32)
@@ -82,14 +87,10 @@ class PixelStack:
         return values
 
     def volume(self) -> np.ndarray:
-        """The whole (slices, rows, cols) float32 volume (made once)."""
-        if self._volume is None:
-            volume = np.empty(self.shape, np.float32)
-            for i in range(self.shape[0]):
-                volume[i] = self._slices[i] if i in self._slices else self._convert(i)
-            self._volume = volume
-            self._slices.clear()
-        return self._volume
+        """The whole (slices, rows, cols) float32 volume."""
+        for i in np.flatnonzero(~self._done):
+            self._filled(int(i))
+        return self._buf()
 
     def __getitem__(self, key: Any) -> np.ndarray:
         if isinstance(key, int | np.integer):
