@@ -11,4 +11,20 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
 # Per-task timing/state log lines (config/task_metrics.py); importing connects the signals.
+# With CELERY_DB_REUSE_MAX the Django fixup keeps the worker's database connection between
+# tasks; Django's own request-cycle rule still applies around each task: a connection past
+# CONN_MAX_AGE, or broken (the database was restarted), is closed and reopened on next use.
+# Eager tasks run inside their caller's transaction and are left alone.
+from celery.signals import task_postrun, task_prerun  # noqa: E402
+
 import config.task_metrics  # noqa: E402, F401
+
+
+@task_prerun.connect
+@task_postrun.connect
+def _close_old_db_connections(sender=None, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    if getattr(getattr(sender, "request", None), "is_eager", False):
+        return
+    from django.db import close_old_connections
+
+    close_old_connections()

@@ -161,19 +161,33 @@ def apply_evaluation(patient: Patient, evaluation: Evaluation, stats: SweepStats
 
 def followup_evaluate(patient_ids: Iterable[Any], *, today: dt.date | None = None,
                       actor: Actor = SWEEP_ACTOR) -> SweepStats:
-    """Evaluate the given patients now (event-driven path), one transaction per patient."""
+    """Evaluate the given patients now (event-driven path), one transaction per patient.
+
+    PostgreSQL: one statement locks the patient and reads the facts (the sweep's query, by id);
+    the Patient row is loaded only when there is a decision to carry out."""
     today = today or clinic_today()
     config = config_from_settings()
     stats = SweepStats()
     for raw_id in patient_ids:
         pid = raw_id if isinstance(raw_id, uuid.UUID) else uuid.UUID(str(raw_id))
         with transaction.atomic():
-            patient = Patient.objects.select_for_update().filter(pk=pid).first()
-            if patient is None:
-                continue
-            facts = load_facts([pid])[pid]
-            evaluation = evaluate(facts, today, config)
-            apply_evaluation(patient, evaluation, stats, actor)
+            if connection.vendor == "postgresql":
+                sql, params = patient_facts_sql(pid)
+                with connection.cursor() as cursor:
+                    cursor.execute(sql, params)
+                    row = cursor.fetchone()
+                if row is None:
+                    continue
+                facts = _facts_from_row(row)
+                evaluation = evaluate(facts, today, config)
+                if evaluation.decisions:
+                    apply_evaluation(Patient.objects.get(pk=pid), evaluation, stats, actor)
+            else:
+                patient = Patient.objects.select_for_update().filter(pk=pid).first()
+                if patient is None:
+                    continue
+                evaluation = evaluate(load_facts([pid])[pid], today, config)
+                apply_evaluation(patient, evaluation, stats, actor)
             Patient.objects.filter(pk=pid).update(
                 followup_next_check_on=evaluation.next_check_on
             )
@@ -265,16 +279,28 @@ def due_facts_sql(today: dt.date, limit: int) -> tuple[str, dict[str, Any]]:
     ``patient_followup_due_idx`` and gather each one's facts with per-patient index lookups
     (procedure, VBQ, therapy, fractures, unresolved alerts). Exposed so the bench can EXPLAIN
     exactly what the sweep runs."""
+    sql, params = _facts_sql("""WHERE p.followup_next_check_on <= %(today)s
+    ORDER BY p.followup_next_check_on
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED""")
+    return sql, {**params, "today": today, "limit": limit}
+
+
+def patient_facts_sql(patient_id: uuid.UUID) -> tuple[str, dict[str, Any]]:
+    """The event path's read (PostgreSQL): lock ONE patient (waiting for a concurrent writer)
+    and gather the same facts as the sweep, in one statement."""
+    sql, params = _facts_sql("WHERE p.id = %(patient)s FOR UPDATE")
+    return sql, {**params, "patient": patient_id}
+
+
+def _facts_sql(selection: str) -> tuple[str, dict[str, Any]]:
     from scoring.models import VbqResult
 
     sql = f"""
 WITH due AS MATERIALIZED (
     SELECT p.id, p.deceased_on, p.care_team
     FROM {Patient._meta.db_table} p
-    WHERE p.followup_next_check_on <= %(today)s
-    ORDER BY p.followup_next_check_on
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+    {selection}
 )
 SELECT d.id, d.deceased_on, d.care_team, ix.performed_on, ix.levels::text,
     v.vbq_all_levels, v.vbq_excluding_fractured,
@@ -302,7 +328,7 @@ LEFT JOIN LATERAL (
 ) v ON true
 """  # noqa: S608 - table names come from model metadata; every value is a bound parameter
     return sql, {
-        "today": today, "limit": limit, "active": RecordStatus.ACTIVE.value,
+        "active": RecordStatus.ACTIVE.value,
         "unresolved": [str(s) for s in OPEN_ALERT_STATUSES],
         "accepted": VbqResult.Review.ACCEPTED.value, "pending": VbqResult.Review.PENDING.value,
         "succeeded": VbqResult.Status.SUCCEEDED.value,

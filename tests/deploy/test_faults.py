@@ -231,6 +231,51 @@ def test_postgres_restart_during_a_cohort_load_half_writes_nothing_and_replay_co
     _load_restart_replay(env, cluster.restart, cluster.query)
 
 
+_SEND_PROBE = ("from registry.models import WorkerProbe; from registry.tasks import worker_probe; "
+               "p = WorkerProbe.objects.create(); worker_probe.delay(p.pk); print(p.pk)")
+_OTHER_SESSIONS = ("SELECT coalesce(string_agg(pid::text || '@' || backend_start::text, ',' "
+                   "ORDER BY pid), '') FROM pg_stat_activity WHERE datname = 'vbq' "
+                   "AND pid <> pg_backend_pid()")
+
+
+@pytest.mark.slow
+def test_a_worker_reuses_its_database_connection_and_recovers_after_a_postgres_restart(
+    private_postgres, tmp_path,
+):
+    """Workers keep their PostgreSQL connection between tasks (CELERY_DB_REUSE_MAX); a
+    connection killed by a database restart is dropped and the next task still runs."""
+    cluster, env = private_postgres
+    env = {**env, "DB_CONN_MAX_AGE": "600", "LOG_LEVEL": "INFO"}  # INFO: the "ready." line
+    worker = CeleryWorker(env, tmp_path / "worker.log", ["--pool", "solo"])
+    worker.start()
+
+    def send() -> int:
+        out = subprocess.run([sys.executable, "manage.py", "shell", "-c", _SEND_PROBE],
+                             cwd=ROOT, env=env, check=True, timeout=60, capture_output=True,
+                             text=True)
+        return int(out.stdout.strip().splitlines()[-1])
+
+    def done(pk: int) -> bool:
+        return cluster.query(
+            f"SELECT count(*) FROM registry_workerprobe WHERE id = {pk} "  # noqa: S608
+            "AND done_at IS NOT NULL") == 1
+
+    log = tmp_path / "worker.log"
+    try:
+        first = send()
+        assert _wait_until(lambda: done(first), 60), log.read_text()[-3000:]
+        sessions = cluster.query(_OTHER_SESSIONS)
+        assert sessions, "the worker holds no connection between tasks"
+        second = send()
+        assert _wait_until(lambda: done(second), 60), log.read_text()[-3000:]
+        assert cluster.query(_OTHER_SESSIONS) == sessions  # the same backend served both
+        cluster.restart()
+        third = send()
+        assert _wait_until(lambda: done(third), 60), log.read_text()[-3000:]
+    finally:
+        worker.stop()
+
+
 def _shared_count(sql: str) -> int:
     from django.db import connection
 

@@ -14,12 +14,14 @@ from django.test.utils import CaptureQueriesContext
 from registry.models import Alert, AlertDelivery, AlertEvent, AuditEvent, Patient
 from registry.services import therapy_record
 from registry.sweep import (
+    _facts_from_row,
     _write_batch,
     claim_due,
     due_facts_sql,
     followup_evaluate,
     followup_sweep,
     load_facts,
+    patient_facts_sql,
 )
 from registry.timeutil import clinic_today, start_of_clinic_day
 from scoring.models import VbqResult
@@ -119,6 +121,20 @@ def test_the_sweeps_sql_facts_match_the_orm_facts():
         assert sorted(got.exposures, key=repr) == sorted(want.exposures, key=repr)
         assert sorted(got.fractures, key=repr) == sorted(want.fractures, key=repr)
         assert sorted(got.open_alerts, key=repr) == sorted(want.open_alerts, key=repr)
+    if connection.vendor == "postgresql":  # the event path's one-patient read, same facts
+        for pid in claimed:
+            sql, params = patient_facts_sql(pid)
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                one = _facts_from_row(cursor.fetchone())
+            assert (one.index_date, one.index_levels, one.vbq_all_levels, one.deceased_on,
+                    one.care_team) == (claimed[pid].index_date, claimed[pid].index_levels,
+                                       claimed[pid].vbq_all_levels, claimed[pid].deceased_on,
+                                       claimed[pid].care_team)
+            assert sorted(one.exposures, key=repr) == sorted(claimed[pid].exposures, key=repr)
+            assert sorted(one.fractures, key=repr) == sorted(claimed[pid].fractures, key=repr)
+            assert sorted(one.open_alerts, key=repr) == sorted(claimed[pid].open_alerts,
+                                                               key=repr)
     facts = claimed[patient.pk]
     assert facts.vbq_all_levels == 2.7  # the latest usable result, not the rejected one
     assert len(facts.exposures) == 2
