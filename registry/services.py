@@ -711,10 +711,11 @@ def _feed_with_statement(token_hash: str, hook: tuple[str, list[Any], list[Any]]
 
     sql, params, result = hook
     qn = connection.ops.quote_name
-    columns = ", ".join(f"feed.{qn(f.column)}" for f in Feed._meta.concrete_fields)
+    names = [qn(f.column) for f in Feed._meta.concrete_fields]
+    columns = ", ".join(f"feed.{name}" for name in names)
     rows = pg_execute(
-        f"WITH feed AS (SELECT * FROM {Feed._meta.db_table} "  # noqa: S608 (metadata only)
-        "WHERE token_hash = %s AND is_active ORDER BY id LIMIT 1), "
+        f"WITH feed AS (SELECT {', '.join(names)} "  # noqa: S608 (metadata only)
+        f"FROM {Feed._meta.db_table} WHERE token_hash = %s AND is_active ORDER BY id LIMIT 1), "
         f"hooked AS ({sql}) SELECT {columns}, (SELECT * FROM hooked) FROM feed",
         [token_hash, *params])
     if not rows:
