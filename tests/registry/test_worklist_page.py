@@ -159,3 +159,24 @@ def test_a_note_added_from_the_worklist_is_kept_in_the_alert_history(client, rol
     response = client.post(reverse("worklist-action", args=[alert.pk, "note"]), {"note": "  "},
                            headers={"X-Requested-With": "fetch"})
     assert response.status_code == 400
+
+
+def test_the_assign_menu_lists_exactly_the_users_the_assign_action_accepts(role_user, db):
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Permission
+
+    from registry.ui_views import _alert_worker_choices, _alert_workers
+
+    users = {role: role_user(role) for role in ("coordinator", "clinician", "qi_analyst")}
+    direct = get_user_model().objects.create_user("direct-grant", password="x" * 20)
+    direct.user_permissions.add(Permission.objects.get(codename="work_alerts"))
+    get_user_model().objects.create_superuser("root-user", password="x" * 20)
+    inactive = role_user("coordinator", username="gone")
+    inactive.is_active = False
+    inactive.save()
+    menu = _alert_worker_choices()
+    assert menu == list(_alert_workers().values_list("pk", "username"))
+    names = [name for _, name in menu]
+    assert {"direct-grant", "root-user", users["coordinator"].username} <= set(names)
+    assert users["qi_analyst"].username not in names and "gone" not in names
+    assert names == sorted(names)
