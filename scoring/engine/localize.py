@@ -15,10 +15,12 @@ the pixel spacing, so neither the matrix nor the intensity scale matters.
    programming finds the best continuous top-to-bottom path (≤ 45°): the CSF canal, the long
    dark band between the bodies and the posterior elements; its extent is where the valley
    stays strong. The chosen path is then placed at ~1 mm: the same valley on ~1 mm columns
-   in a strip around it, its peak within 2 mm.
-3. **Mid-sagittal slice.** The slice where the canal along that path is deepest (darkest
-   relative to its walls), i.e. the slice through the middle of the canal. Detection then
-   uses the mean of that slice and its neighbours (±1); measurement uses the slice itself.
+   (smoothed across by 1 mm) in a band around it, its peak within 2 mm of the coarse path.
+3. **Mid-sagittal slice.** Per slice, how much darker the canal interior is than the bodies
+   along the path; the slices through the canal are those deeper than half-way between the
+   shallowest and the deepest, and the mid-sagittal slice is the middle of that run (the
+   middle of the canal). Detection then uses the mean of that slice and its neighbours (±1);
+   measurement uses the slice itself.
 4. **Straightening.** The image is resampled along the smoothed canal path (arc length *t*)
    and its anterior normal (*k*, mm): lordosis, tilt and scoliosis become a straight column.
    The canal's anterior wall is where the AP profile rises half-way from CSF to marrow.
@@ -454,18 +456,30 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     _, path_x, run, _, _ = min(midline, key=lambda c: c[0])
     top, bottom = run
     ys = yc[top: bottom + 1]
-    # the path's column at ~1 mm: the valley again on finer columns, in a strip around it
+    # the path's column at ~1 mm: the valley again on ~1 mm columns (smoothed across by 1 mm,
+    # as the image would be), in a band of whole rows around it (so the smoothing along the
+    # spine mixes the same columns); per row its peak within 2 mm of the coarse path, between
+    # columns the vertex of the parabola through the best column and its neighbours
+    ys = yc[top: bottom + 1]
     xf, cell_f = fine.col_mm, fine.cell_c
     seg_r = rows_idx[top: bottom + 1]
     jc = np.rint(np.interp(xc[path_x[top: bottom + 1]], xf, np.arange(len(xf)))).astype(int)
     reach = round(22.0 / cell_f)
-    cols_f = np.clip(jc[:, None] + np.arange(-reach, reach + 1)[None, :], 0, len(xf) - 1)
-    strip = fine.images[:, seg_r[:, None], cols_f]
-    v_f = ndimage.gaussian_filter1d(_valley(strip, cell_f, tissue).max(axis=0),
-                                    10.0 / cell_r, axis=0)
-    off = round(2.0 / cell_f)
-    pick_f = np.argmax(v_f[:, reach - off: reach + off + 1], axis=1) - off
-    x_mm = xf[cols_f[np.arange(len(seg_r)), reach + pick_f]]
+    c0, c1 = max(0, int(jc.min()) - reach), min(len(xf), int(jc.max()) + reach + 1)
+    band = ndimage.gaussian_filter1d(fine.images[:, :, c0:c1], 1.0 / cell_f, axis=-1)
+    v_f = ndimage.gaussian_filter1d(_valley(band, cell_f, tissue).max(axis=0), 10.0 / cell_r,
+                                    axis=0)[seg_r]
+    off = max(1, round(2.0 / cell_f))
+    width = v_f.shape[1]
+    window = np.clip((jc - c0)[:, None] + np.arange(-off, off + 1)[None, :], 1,
+                     max(1, width - 2))
+    at = np.arange(len(seg_r))
+    pick_f = window[at, np.argmax(v_f[at[:, None], window], axis=1)]
+    v_l, v_c = v_f[at, pick_f - 1], v_f[at, pick_f]
+    v_r = v_f[at, np.minimum(pick_f + 1, width - 1)]
+    curv = v_l - 2.0 * v_c + v_r
+    vertex = np.where(curv < 0, 0.5 * (v_l - v_r) / np.where(curv < 0, curv, -1.0), 0.0)
+    x_mm = xf[c0 + pick_f] + np.clip(vertex, -0.5, 0.5) * (xf[1] - xf[0])
     xs = ndimage.gaussian_filter1d(x_mm, 6.0 / cell_r, mode="nearest")
 
     # arc-length resampling of the path, extended along its end tangents
