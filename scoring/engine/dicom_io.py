@@ -74,6 +74,13 @@ class PixelStack:
             raise IndexError(f"slice {i} outside a series of {self.shape[0]}")
         return self._filled(i)
 
+    def stored(self, i: int) -> tuple[np.ndarray, float, float]:
+        """Slice ``i`` as decoded (stored values, not converted) with its rescale slope and
+        intercept: for passes that are linear in the values (block sums) and rescale after."""
+        slope, intercept = self._rescale[i]
+        return (self.slice(i) if self._done[i] else self._raw[i]), (
+            1.0 if self._done[i] else slope), (0.0 if self._done[i] else intercept)
+
     def take(self, i: int, flat_index: np.ndarray) -> np.ndarray:
         """float32 values of slice ``i`` at flat (row-major) pixel indices, without
         converting the slice if it has not been."""

@@ -168,27 +168,35 @@ class _Grid:
     cell_c: float
 
 
-def _coarse(stack: list[np.ndarray], fr: _Frame, spacing: tuple[float, float],
+def _coarse(pixels: PixelStack, indices: list[int], fr: _Frame, spacing: tuple[float, float],
             step_si: float, steps_ap: tuple[float, ...]) -> list[_Grid]:
-    """Images of ``stack`` (2-D images; stored orientation, pixel ``spacing`` mm) as
-    means of blocks of whole pixels (the integer number closest to the step, at least one):
+    """Slices ``indices`` of ``pixels`` (stored orientation, pixel ``spacing`` mm) as means
+    of blocks of whole pixels (the integer number closest to the step, at least one):
     ``step_si`` mm along the spine, and each of ``steps_ap`` mm across it (one grid each; the
     pass along the spine is shared). Block means are a cheap pass over the pixels and average
-    the noise as a smoothing would."""
+    the noise as a smoothing would. The sums are taken over the stored values (exact for
+    integers) and rescaled after, so the slices need not be converted."""
     si_axis, ap_axis = (1, 0) if fr.transpose else (0, 1)  # of one stored image
     k_si = max(1, round(step_si / spacing[si_axis]))
     k_aps = [max(1, round(step_ap / spacing[ap_axis])) for step_ap in steps_ap]
     grids: list[np.ndarray] = []
-    for i, image in enumerate(stack):  # image by image: small temporaries, cache-friendly
+    rescale = []
+    for n, i in enumerate(indices):  # image by image: small temporaries, cache-friendly
+        image, slope, intercept = pixels.stored(i)
+        rescale.append((slope, intercept))
         along = _bin(image, si_axis, k_si)
         for j, k_ap in enumerate(k_aps):
             block = _bin(along, ap_axis, k_ap)
-            if i == 0:
-                grids.append(np.empty((len(stack), *block.shape), np.float32))
-            grids[j][i] = block
-    out = []
+            if n == 0:
+                grids.append(np.empty((len(indices), *block.shape), np.float32))
+            grids[j][n] = block
     for grid, k_ap in zip(grids, k_aps, strict=True):
         grid *= np.float32(1.0 / (k_si * k_ap))
+        for n, (slope, intercept) in enumerate(rescale):
+            if (slope, intercept) != (1.0, 0.0):
+                grid[n] = grid[n] * slope + intercept
+    out = []
+    for grid, k_ap in zip(grids, k_aps, strict=True):
         pos_r = np.arange(grid.shape[1 + si_axis]) * k_si + (k_si - 1) / 2  # stored pixels
         pos_c = np.arange(grid.shape[1 + ap_axis]) * k_ap + (k_ap - 1) / 2
         view = grid.transpose(0, 2, 1) if fr.transpose else grid
@@ -221,18 +229,15 @@ def _bilinear(stack: np.ndarray | PixelStack, cy: np.ndarray, cx: np.ndarray) ->
     fy, fx = (y - y0).astype(np.float32), (x - x0).astype(np.float32)
     dy, dx = (w if h > 1 else 0), (1 if w > 1 else 0)
     i = y0 * w + x0
+    corners = np.stack([i, i + dx, i + dy, i + dy + dx])  # the four neighbours, one index
     if isinstance(stack, PixelStack):
-        def take(offset: int) -> np.ndarray:
-            return np.stack([stack.take(s, i + offset) for s in range(stack.shape[0])])
+        values = np.stack([stack.take(s, corners) for s in range(stack.shape[0])], axis=1)
     else:
-        flat = np.ascontiguousarray(stack).reshape(stack.shape[0], -1)
-
-        def take(offset: int) -> np.ndarray:
-            return flat.take(i + offset, axis=1)
-    top = take(0)
-    top += (take(dx) - top) * fx
-    bottom = take(dy)
-    bottom += (take(dy + dx) - bottom) * fx
+        values = np.moveaxis(
+            np.ascontiguousarray(stack).reshape(stack.shape[0], -1).take(corners, axis=1), 1, 0)
+    top, top_r, bottom, bottom_r = values  # each (slices, *cy.shape)
+    top += (top_r - top) * fx
+    bottom += (bottom_r - bottom) * fx
     top += (bottom - top) * fy
     return top.astype(np.float32, copy=False)
 
@@ -401,8 +406,8 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     half = max(0, n_slices // 6)
     centre = n_slices // 2
     central_idx = range(max(0, centre - half), min(n_slices, centre + half + 1))
-    coarse, fine = _coarse([volume[i] for i in central_idx], fr, series.pixel_spacing_mm,
-                           DETECT_MM, (DETECT_MM, GRID_MM))
+    coarse, fine = _coarse(volume, list(central_idx), fr, series.pixel_spacing_mm, DETECT_MM,
+                           (DETECT_MM, GRID_MM))
     grids, yc, xc, cell_r, cell_c = (coarse.images, coarse.row_mm, coarse.col_mm,
                                      coarse.cell_r, coarse.cell_c)
     tissue = (0.5 * _otsu_per_image(grids)).astype(np.float32)[:, None, None]
@@ -413,8 +418,8 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     dark_w = 2 * _odd(7.0, cell_c) + 1  # the canal is ≥ ~7 mm wide
     wide_dark = ndimage.uniform_filter1d(grid, dark_w, axis=1, mode="nearest")
     # the canal is a midline structure: laterally (pedicles, foramina) the band is brighter
-    outer = _coarse([volume[0], volume[n_slices - 1]], fr, series.pixel_spacing_mm,
-                    DETECT_MM, (DETECT_MM,))[0].images  # the first and last slices
+    outer = _coarse(volume, [0, n_slices - 1], fr, series.pixel_spacing_mm, DETECT_MM,
+                    (DETECT_MM,))[0].images  # the first and last slices
     wide_outer = ndimage.uniform_filter1d(outer.mean(axis=0), dark_w, axis=1, mode="nearest")
     near_c = np.arange(-round(6.0 / cell_c), round(6.0 / cell_c) + 1)
     candidates = []

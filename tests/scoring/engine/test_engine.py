@@ -259,6 +259,8 @@ def test_the_pixel_stack_converts_slices_when_used_with_the_rescale():
     raw = np.stack([ds.pixel_array for ds in datasets]).astype(np.float32)
     expected = raw * 2.0 + (np.arange(len(datasets), dtype=np.float32) - 10.0)[:, None, None]
     index = np.array([0, 7, pixels.shape[1] * pixels.shape[2] - 1])
+    stored, slope, intercept = pixels.stored(4)  # not converted yet: decoded values + rescale
+    assert np.array_equal(stored * np.float32(slope) + np.float32(intercept), expected[4])
     assert np.array_equal(pixels.take(3, index), expected[3].reshape(-1)[index])
     assert np.array_equal(pixels[-1], expected[-1])
     assert np.array_equal(pixels[2], expected[2])
