@@ -144,6 +144,11 @@ def lock_patients_and_held(ctx: Context, models: list[Any]) -> list[int]:
     keys = {(i.system, i.value) for w in ctx.pending or [] if w.kind == "patient"
             for i in w.kwargs["identifiers"]}
     held_keys = sorted({key for model in models for key in _held_keys(model, ctx)})
+    if connection.vendor != "postgresql":  # HELD_IDS_SQL is PostgreSQL's (ANY, FOR UPDATE)
+        ctx.patient_owners = lookup_patients(keys, lock=True)[0]
+        return list(HeldResource.objects.select_for_update().filter(
+            reference_key__in=held_keys, applied_at__isnull=True).order_by("id")
+            .values_list("id", flat=True))
     owners, rows = lookup_patients(keys, lock=True, also=(HELD_IDS_SQL, [held_keys]))
     ctx.patient_owners = owners
     return [row[0] for row in rows]
