@@ -182,6 +182,10 @@ def _record_in_transaction(message: InboundMessage | None
 
     def record(results: list[tuple[int, EntryOutcome]]) -> None:
         fields = _outcome_fields(200, _summary(results))
+        if connection.vendor != "postgresql":  # the statement below is PostgreSQL's (::jsonb)
+            InboundMessage.objects.filter(pk=message.pk).update(**fields)
+            transaction.on_commit(lambda: setattr(message, "outcome_recorded", True))
+            return
         # inside the bundle's deferred side effects: a CTE of its last statement
         execute_or_defer(
             f"UPDATE {InboundMessage._meta.db_table} SET outcome = %s, "  # noqa: S608
