@@ -35,10 +35,21 @@ def test_the_embedded_default_loads_the_demo_cohort_through_fhir_and_sweeps(tmp_
     assert "Loaded 20 SYNTHETIC patients through FHIR ingestion" in out
     _manage(env, "demo_cohort", "--if-empty", "--patients", "20")  # a second run adds nothing
     _manage(env, "followup_sweep")
+    # The HTTP endpoint too (raw payload, outcome recording), twice: the replay adds nothing.
+    post = (
+        "import json; from django.test import Client; from registry.services import feed_create;"
+        " _, token = feed_create(name='embedded-feed');"
+        " body = open('tests/integrations/fhir/fixtures/transaction-vertebroplasty.json').read();"
+        " c = Client(HTTP_AUTHORIZATION='Bearer ' + token);"
+        " print([c.post('/fhir', data=body, content_type='application/fhir+json').status_code"
+        " for _ in range(2)])")
+    assert _manage(env, "shell", "-c", post).strip().splitlines()[-1] == "[200, 200]"
     databases = list((tmp_path / "var").glob("*.sqlite3"))
     assert len(databases) == 1, databases
     with sqlite3.connect(databases[0]) as db:
-        assert db.execute("SELECT count(*) FROM registry_patient").fetchone()[0] == 20
+        assert db.execute("SELECT count(*) FROM registry_patient").fetchone()[0] == 21
+        assert db.execute("SELECT count(*) FROM integrations_inboundmessage "
+                          "WHERE status_code = 200").fetchone()[0] == 2
         assert db.execute("SELECT count(*) FROM registry_procedure").fetchone()[0] >= 20
         queued = db.execute("SELECT count(*) FROM scoring_vbqresult WHERE status = 'queued'"
                             ).fetchone()[0]
