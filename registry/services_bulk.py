@@ -87,12 +87,7 @@ def upsert_returning(
                                  conflict_where)
     else:
         results = [_orm_upsert(model, row, conflict) for row in unique]
-    out, used = [], set()
-    for slot in slot_of:  # a repeated key: created once, then updated
-        pk, created = results[slot]
-        out.append((pk, created and slot not in used))
-        used.add(slot)
-    return out
+    return _expand(slot_of, results)
 
 
 def insert_rows(model: type[models.Model], rows: Sequence[dict[str, Any]]) -> None:
