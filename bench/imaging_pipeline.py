@@ -77,7 +77,6 @@ import datetime as dt
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -87,14 +86,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tests.redis_server import free_port, listening  # noqa: E402
+
 DB_NAME = "vbq_bench_pipeline"
 TERMINAL = ("succeeded", "needs_review", "failed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate, seconds: float, what: str) -> None:
@@ -104,14 +99,6 @@ def _wait(predicate, seconds: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise RuntimeError(f"timed out waiting for {what}")
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def _stow(dicomweb: str, paths: list[Path]) -> None:
@@ -192,7 +179,7 @@ def main() -> int:
     load_before = os.getloadavg()[0]
 
     work = Path(tempfile.mkdtemp(prefix="vbq-bench-pipeline-"))
-    redis_port = _free_port()
+    redis_port = free_port()
     broker_url = f"redis://127.0.0.1:{redis_port}/0"
     env = {
         **os.environ,
@@ -212,7 +199,7 @@ def main() -> int:
              "--appendonly", "no", "--dir", str(work)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         processes.append(redis)
-        _wait(lambda: _listening(redis_port), 20, "redis-server")
+        _wait(lambda: listening(redis_port), 20, "redis-server")
         _recreate_database()
         subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=ROOT,
                        env=env, check=True, timeout=600)
