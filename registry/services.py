@@ -133,9 +133,6 @@ def deferred_side_effects() -> Iterator[None]:
         if pending.followup_patient_ids:
             _queue_followup(ids)
         return
-    for sql, statement_params in pending.statements:  # (not reached: PostgreSQL only)
-        with connection.cursor() as cursor:
-            cursor.execute(sql, statement_params)
     if rows:
         from registry.services_bulk import insert_rows
 
