@@ -124,8 +124,8 @@ def password_reset_hit(*, ip: str, email: str) -> Window | None:
         ("reset-email", (ip, email.strip().lower()), limit),
         ("reset-ip", (ip,), limit * 4),
     ):
-        window = hit(scope, *parts, limit=scope_limit + 1, window_seconds=window_seconds)
-        if window.exceeded and blocked is None:
+        window = hit(scope, *parts, limit=scope_limit, window_seconds=window_seconds)
+        if window.count > scope_limit and blocked is None:  # this request is over the limit
             blocked = window
     return blocked
 
