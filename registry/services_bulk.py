@@ -119,6 +119,9 @@ def pg_execute(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
     """
     import psycopg
 
+    # What Django's own cursor() does first: with CONN_HEALTH_CHECKS, a persistent connection
+    # broken since the last request (database restarted) is replaced instead of failing.
+    connection.close_if_health_check_failed()
     connection.ensure_connection()
     with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
         cursor.execute(sql, params)
