@@ -150,6 +150,35 @@ def _engine_revision() -> str:
     return f"{commit}{' + uncommitted changes' if dirty else ''}"
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (Linux /proc), 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _postgres_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "postgres":
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _cpu_snapshot(groups: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds used so far per group of processes (PostgreSQL: every server process on
+    the host, so other users of the shared server are counted too)."""
+    snapshot = {name: sum(_cpu_seconds(pid) for pid in pids) for name, pids in groups.items()}
+    snapshot["postgres"] = sum(_cpu_seconds(pid) for pid in _postgres_pids())
+    return snapshot
+
+
 def _recreate_database(drop_only: bool = False) -> None:
     import psycopg
 
@@ -171,6 +200,9 @@ def main() -> int:
                         help="execution slots per worker process (1: solo pool)")
     parser.add_argument("--rounds", type=int, default=4,
                         help="slices of the series; each is timed engine-only, then end to end")
+    parser.add_argument("--cpu", action="store_true",
+                        help="print the CPU seconds each process group used during the "
+                             "end-to-end phases (Linux /proc; diagnostic)")
     parser.add_argument("--log-dir", type=Path, default=None,
                         help="keep the workers' JSON logs (per-task runtime_ms) here")
     args = parser.parse_args()
@@ -277,6 +309,11 @@ def main() -> int:
         # alternating, so both sides see the same load on this shared machine ----------------
         engine_s = engine_parallel_s = e2e_s = ingest_s = 0.0
         engine_status: dict[str, str] = {}
+        cpu_groups = {"bench process (ingest)": [os.getpid()],
+                      "celery workers": [p.pid for p in processes[1:]],
+                      "orthanc": [orthanc.proc.pid] if orthanc.proc else [],
+                      "redis": [redis.pid]}
+        cpu_used: dict[str, float] = {}
         rounds = max(1, min(args.rounds, n))
         for r in range(rounds):
             part = list(range(r * n // rounds, (r + 1) * n // rounds))
@@ -289,6 +326,7 @@ def main() -> int:
             engine_s += time.perf_counter() - started
             engine_parallel_s += _engine_parallel(pool, [series[i][1] for i in part],
                                                   args.workers)
+            before = _cpu_snapshot(cpu_groups) if args.cpu else {}
             t0 = time.time()
             for i in part:
                 ds, _ = series[i]
@@ -306,6 +344,9 @@ def main() -> int:
             last = max(VbqResult.objects.filter(status__in=TERMINAL).values_list(
                 "finished_at", flat=True))
             e2e_s += last.timestamp() - t0
+            if args.cpu:
+                for name, seconds in _cpu_snapshot(cpu_groups).items():
+                    cpu_used[name] = cpu_used.get(name, 0.0) + seconds - before[name]
         pool.close()
         rows = list(VbqResult.objects.select_related("series"))  # a fresh database
         versions = sorted({r.algorithm_version for r in rows})
@@ -354,6 +395,12 @@ def main() -> int:
           f"{e2e_s:.2f} s = {60 * n / e2e_s:.0f} series/min (ingest loop {ingest_s:.2f} s)")
     print(f"per job: running median {statistics.median(running_ms):.1f} ms, "
           f"queued->started median {statistics.median(queue_ms):.0f} ms; outcomes {statuses}")
+    if cpu_used:
+        print("CPU during the end-to-end phases (ms per series; includes the wait for the "
+              "last result): " + ", ".join(f"{name} {1000 * sec / n:.1f}"
+                                          for name, sec in cpu_used.items())
+              + f"; total {1000 * sum(cpu_used.values()) / n:.1f} vs engine sequential "
+              f"{1000 * engine_s / n:.1f}")
     strict = e2e_s / baseline_s
     print(f"engine only, {args.workers} processes in parallel (same series): "
           f"{engine_parallel_s:.2f} s ({engine_s / engine_parallel_s:.2f}x faster than "
