@@ -682,56 +682,13 @@ def feed_rotate_token(*, feed: Feed, actor: Actor = SYSTEM_ACTOR) -> str:
     return token
 
 
-_on_authenticated = threading.local()
-
-
-@contextmanager
-def on_feed_authenticated(sql: str, params: Sequence[Any]) -> Iterator[list[Any]]:
-    """Within this block, a ``feed_authenticate`` that finds the feed also runs ``sql`` in the
-    SAME statement (PostgreSQL, outside a transaction: one round trip instead of two): a
-    data-modifying statement that may select FROM ``feed`` (a CTE holding the authenticated
-    feed's row) and RETURNs one value, appended to the yielded list. With a wrong token
-    nothing is run and the list stays empty; elsewhere (another database, inside a
-    transaction) it stays empty too and the caller runs its statement itself."""
-    result: list[Any] = []
-    previous = getattr(_on_authenticated, "hook", None)
-    _on_authenticated.hook = (sql, list(params), result)
-    try:
-        yield result
-    finally:
-        _on_authenticated.hook = previous
-
-
-def _feed_with_statement(token_hash: str, hook: tuple[str, list[Any], list[Any]]
-                         ) -> Feed | None:
-    from registry.services_bulk import models_from_rows, pg_execute
-
-    sql, params, result = hook
-    qn = connection.ops.quote_name
-    names = [qn(f.column) for f in Feed._meta.concrete_fields]
-    columns = ", ".join(f"feed.{name}" for name in names)
-    rows = pg_execute(
-        f"WITH feed AS (SELECT {', '.join(names)} "  # noqa: S608 (metadata only)
-        f"FROM {Feed._meta.db_table} WHERE token_hash = %s AND is_active ORDER BY id LIMIT 1), "
-        f"hooked AS ({sql}) SELECT {columns}, (SELECT * FROM hooked) FROM feed",
-        [token_hash, *params])
-    if not rows:
-        return None
-    result.append(rows[0][-1])
-    return models_from_rows(Feed, [rows[0][:-1]])[0]
-
-
 def feed_authenticate(*, token: str) -> Feed | None:
-    """Return the active feed for a bearer token, or ``None``. Constant-time on the hash.
-    See ``on_feed_authenticated`` for a statement run with a successful authentication."""
+    """Return the active feed for a bearer token, or ``None``: one query, on the token's
+    SHA-256 (tokens are stored hashed). A caller receiving a payload calls this BEFORE reading
+    it (``integrations.fhir.views``: a wrong token is refused unread)."""
     if not token:
         return None
-    hook = getattr(_on_authenticated, "hook", None)
-    if hook is not None and connection.vendor == "postgresql" and not connection.in_atomic_block:
-        _on_authenticated.hook = None  # once
-        feed = _feed_with_statement(_hash_token(token), hook)
-    else:
-        feed = Feed.objects.filter(token_hash=_hash_token(token), is_active=True).first()
+    feed = Feed.objects.filter(token_hash=_hash_token(token), is_active=True).first()
     now = timezone.now()
     # ``last_used_at`` is kept to the minute: not one extra committed write per request.
     if feed is not None and (feed.last_used_at is None

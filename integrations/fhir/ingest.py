@@ -57,7 +57,7 @@ def commit_without_waiting() -> None:
     """Let the current PostgreSQL transaction commit without waiting for its WAL flush.
 
     Only for a transaction that is followed, before anything is answered, by a synchronous
-    commit on the same connection (the view's final InboundMessage outcome update): PostgreSQL
+    commit on the same connection (the view's final INSERT of the InboundMessage): PostgreSQL
     flushes WAL in order, so that commit makes this one durable too. One disk flush per request
     instead of three, and nothing is acknowledged before it is on disk."""
     if connection.vendor == "postgresql" and connection.in_atomic_block:

@@ -1,8 +1,11 @@
 """FHIR REST endpoints for EHR feeds (JSON, ``application/fhir+json``).
 
-Authentication: ``Authorization: Bearer <feed token>`` (hashed at rest; see ``registry.Feed``).
-Every payload is stored raw (``InboundMessage``, sha256) in its own committed transaction
-BEFORE parsing, so nothing received is ever lost; its outcome is recorded afterwards.
+Authentication: ``Authorization: Bearer <feed token>`` (hashed at rest; see ``registry.Feed``),
+checked FIRST: a missing or wrong token is answered 401 (429 when throttled) without reading
+the request body, and nothing is stored.
+Every accepted or rejected payload is stored raw (``InboundMessage``, sha256) with its outcome,
+in ONE write: for a transaction bundle, inside the bundle's own transaction (a CTE of its last
+statement); otherwise by one autocommit INSERT after the handler, whatever it answered.
 Errors always answer an OperationOutcome with the right 4xx — never a 5xx for bad input.
 """
 
@@ -27,14 +30,13 @@ from integrations.fhir.errors import FhirError, Issue, operation_outcome
 from integrations.fhir.ingest import (
     EntryOutcome,
     apply_resource,
-    commit_without_waiting,
     process_batch,
     process_transaction,
 )
 from integrations.fhir.mappers import MAPPERS, Context
 from integrations.models import InboundMessage
 from registry.models import AuditAction, Feed
-from registry.services import Actor, audit_record, execute_or_defer, on_feed_authenticated
+from registry.services import Actor, audit_record, execute_or_defer
 from registry.services_bulk import pg_execute
 
 logger = logging.getLogger(__name__)
@@ -69,90 +71,39 @@ def _feed(request: HttpRequest) -> Feed:
     return feed
 
 
-def _body(request: HttpRequest) -> Any:
-    content_type = request.content_type or ""
-    if content_type not in {FHIR_JSON, "application/json"}:
-        raise FhirError.single(415, "not-supported",
-                               f"Content-Type must be {FHIR_JSON} (got {content_type or 'none'})")
+def _check_size(request: HttpRequest) -> None:
+    """413 when the payload is over ``FHIR_MAX_PAYLOAD_BYTES``: by its Content-Length before
+    reading it, else (chunked) once read."""
     length = int(request.headers.get("Content-Length") or 0)
     if length > settings.FHIR_MAX_PAYLOAD_BYTES or len(request.body) > (
         settings.FHIR_MAX_PAYLOAD_BYTES
     ):
         raise FhirError.single(413, "too-costly", "the payload is larger than "
                                f"{settings.FHIR_MAX_PAYLOAD_BYTES} bytes")
+
+
+def _body(request: HttpRequest) -> Any:
+    content_type = request.content_type or ""
+    if content_type not in {FHIR_JSON, "application/json"}:
+        raise FhirError.single(415, "not-supported",
+                               f"Content-Type must be {FHIR_JSON} (got {content_type or 'none'})")
+    _check_size(request)
     try:
         return json.loads(request.body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FhirError.single(400, "structure", f"the body is not valid JSON: {exc}") from exc
 
 
-def _raw_message(request: HttpRequest, feed: Feed | None) -> InboundMessage:
+def _received(request: HttpRequest, feed: Feed) -> InboundMessage:
+    """The raw payload of an AUTHENTICATED request, as a not yet saved ``InboundMessage``: the
+    body is read here (413 over the size limit, nothing stored); ``_store`` writes it."""
+    _check_size(request)
     raw = request.body
     return InboundMessage(
         feed=feed, channel="fhir-rest", content_type=(request.content_type or "")[:100],
         sha256=hashlib.sha256(raw).hexdigest(), size_bytes=len(raw),
         body=raw.decode("utf-8", "replace"), received_at=timezone.now(),
     )
-
-
-def _raw_insert(message: InboundMessage, feed_id: str) -> tuple[str, list[Any]]:
-    """The autocommit INSERT of the raw payload (PostgreSQL), which sets ``synchronous_commit``
-    off for its own implicit transaction. ``feed_id``: ``%s`` (the feed's id is the first
-    parameter) or ``feed.id`` (read from the CTE ``feed`` of ``on_feed_authenticated``)."""
-    source = ", feed" if feed_id == "feed.id" else ""
-    params = [] if source else [message.feed_id]
-    return (
-        f"INSERT INTO {InboundMessage._meta.db_table} (feed_id, channel, "  # noqa: S608
-        "received_at, content_type, sha256, size_bytes, body, outcome, summary) "
-        f"SELECT {feed_id}::bigint, %s, %s, %s, %s, %s, %s, %s, '{{}}'::jsonb "
-        f"FROM (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit{source} "
-        "RETURNING id",
-        [*params, message.channel, message.received_at, message.content_type,
-         message.sha256, message.size_bytes, message.body, message.outcome])
-
-
-def _store_raw(request: HttpRequest, feed: Feed | None) -> InboundMessage:
-    """Committed before parsing. Its WAL flush is left to the synchronous commit that always
-    follows before the answer (the transaction bundle's, or ``_finish``'s; see
-    ``commit_without_waiting``). On PostgreSQL outside a transaction this is ONE round trip: an
-    autocommit INSERT that sets ``synchronous_commit`` off for its own implicit transaction
-    (and none of its own when it went with the feed's authentication: ``_authenticate``)."""
-    message = _raw_message(request, feed)
-    if connection.vendor != "postgresql" or connection.in_atomic_block:
-        with transaction.atomic():
-            commit_without_waiting()
-            message.save(force_insert=True)
-        return message
-    ((message.pk,),) = pg_execute(*_raw_insert(message, "%s"))  # server-side binding: the
-    message._state.adding = False  # body is not escaped into the SQL text
-    return message
-
-
-# Up to this size the raw payload is read before the token is checked, to be stored by the
-# same statement as the feed's authentication (a wrong token stores nothing).
-STORE_WITH_AUTHENTICATION_BYTES = 4 * 1024 * 1024
-
-
-def _authenticate(request: HttpRequest) -> tuple[Feed, InboundMessage | None]:
-    """The request's Feed, and for a POST/PUT on PostgreSQL (outside a transaction) of at most
-    ``STORE_WITH_AUTHENTICATION_BYTES`` its raw payload stored by the SAME statement that
-    authenticates the token (``registry.services.on_feed_authenticated``): one round trip
-    fewer. Otherwise the message is None and ``_store_raw`` stores it after the size check."""
-    length = int(request.headers.get("Content-Length") or 0)
-    if (request.method not in {"POST", "PUT"} or connection.vendor != "postgresql"
-            or connection.in_atomic_block
-            or not 0 < length <= min(STORE_WITH_AUTHENTICATION_BYTES,
-                                     settings.FHIR_MAX_PAYLOAD_BYTES)
-            or len(request.body) > settings.FHIR_MAX_PAYLOAD_BYTES):
-        return _feed(request), None
-    message = _raw_message(request, None)
-    with on_feed_authenticated(*_raw_insert(message, "feed.id")) as stored:
-        feed = _feed(request)
-    if not stored:
-        return feed, None
-    message.pk, message.feed = stored[0], feed
-    message._state.adding = False
-    return feed, message
 
 
 def _outcome_fields(status: int, summary: dict[str, Any]) -> dict[str, Any]:
@@ -163,51 +114,74 @@ def _outcome_fields(status: int, summary: dict[str, Any]) -> dict[str, Any]:
     return {"outcome": outcome, "status_code": status, "summary": summary}
 
 
-def _finish(message: InboundMessage | None, status: int, summary: dict[str, Any]) -> None:
-    """Record the outcome: a synchronous commit, which also makes the raw payload and the
-    bundle's writes durable before the answer is sent. Skipped when the transaction bundle
-    already recorded it inside its own (synchronous) commit."""
-    if message is None or getattr(message, "outcome_recorded", False):
+def _insert(message: InboundMessage) -> tuple[str, list[Any]]:
+    """The PostgreSQL INSERT of a message with its outcome (run with server-side binding by
+    ``pg_execute`` or ``deferred_side_effects``: the body is not escaped into the SQL text)."""
+    return (
+        f"INSERT INTO {InboundMessage._meta.db_table} (feed_id, channel, "  # noqa: S608
+        "received_at, content_type, sha256, size_bytes, body, outcome, status_code, summary) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb) RETURNING id",
+        [message.feed_id, message.channel, message.received_at, message.content_type,
+         message.sha256, message.size_bytes, message.body, str(message.outcome),
+         message.status_code, json.dumps(message.summary, default=str)])
+
+
+def _save(message: InboundMessage) -> None:
+    """The ORM INSERT (SQLite): a new row even after a rolled-back attempt had set its pk."""
+    message.pk = None
+    message.save(force_insert=True)
+
+
+def _store(message: InboundMessage, status: int, summary: dict[str, Any]) -> None:
+    """Store the raw payload with its outcome: ONE statement, autocommit (outside a
+    transaction) and with a synchronous commit, so it also makes durable whatever the request
+    committed before without waiting for its WAL flush (``durable_later``)."""
+    for name, value in _outcome_fields(status, summary).items():
+        setattr(message, name, value)
+    if connection.vendor != "postgresql":
+        _save(message)
         return
-    InboundMessage.objects.filter(pk=message.pk).update(**_outcome_fields(status, summary))
+    ((message.pk,),) = pg_execute(*_insert(message))
+    message._state.adding = False
 
 
-def _record_in_transaction(message: InboundMessage | None
-                           ) -> Callable[[list[tuple[int, EntryOutcome]]], None] | None:
-    """For a transaction bundle: the outcome UPDATE as the last statement of the bundle's own
-    transaction, whose commit is then the one synchronous commit (one round trip and one
-    transaction fewer). ``outcome_recorded`` is set only once that commit has happened."""
-    if message is None:
-        return None
+def _finish(message: InboundMessage | None, status: int, summary: dict[str, Any]) -> None:
+    """Store the payload with its outcome, unless the transaction bundle's own transaction
+    did (``stored``), or there is none (GET; refused before the body was read)."""
+    if message is None or getattr(message, "stored", False):
+        return
+    _store(message, status, summary)
+
+
+def _store_in_transaction(message: InboundMessage
+                          ) -> Callable[[list[tuple[int, EntryOutcome]]], None]:
+    """For a transaction bundle (``Context.before_commit``): the payload and its outcome
+    INSERTed as the last statement of the bundle's own transaction (a CTE of its deferred side
+    effects: no round trip of its own), whose commit is then the one synchronous commit. Run
+    again by each retry; if the bundle finally rolls back, ``_finish`` stores the payload with
+    the error instead. The caller sets ``message.stored`` once the bundle has committed."""
 
     def record(results: list[tuple[int, EntryOutcome]]) -> None:
-        fields = _outcome_fields(200, _summary(results))
+        for name, value in _outcome_fields(200, _summary(results)).items():
+            setattr(message, name, value)
         if connection.vendor != "postgresql":  # the statement below is PostgreSQL's (::jsonb)
-            InboundMessage.objects.filter(pk=message.pk).update(**fields)
-            transaction.on_commit(lambda: setattr(message, "outcome_recorded", True))
-            return
-        # inside the bundle's deferred side effects: a CTE of its last statement
-        execute_or_defer(
-            f"UPDATE {InboundMessage._meta.db_table} SET outcome = %s, "  # noqa: S608
-            "status_code = %s, summary = %s::jsonb WHERE id = %s",
-            [str(fields["outcome"]), fields["status_code"], json.dumps(fields["summary"]),
-             message.pk])
-        transaction.on_commit(lambda: setattr(message, "outcome_recorded", True))
+            _save(message)
+        else:
+            execute_or_defer(*_insert(message))
 
     return record
 
 
 def _guarded(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    """Authenticate, size-check and store raw; turn every FhirError into an OperationOutcome."""
+    """Authenticate (before the body is read), size-check, run the handler, store the raw
+    payload with its outcome; turn every FhirError into an OperationOutcome."""
 
     def view(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         message = None
         try:
-            feed, message = _authenticate(request)
-            if request.method in {"POST", "PUT"} and message is None:
-                if len(request.body) > settings.FHIR_MAX_PAYLOAD_BYTES:
-                    raise FhirError.single(413, "too-costly", "the payload is too large")
-                message = _store_raw(request, feed)
+            feed = _feed(request)  # 401/429 here: the body is never read, nothing stored
+            if request.method in {"POST", "PUT"}:
+                message = _received(request, feed)
             request.feed = feed  # type: ignore[attr-defined]
             request.inbound_message = message  # type: ignore[attr-defined]
             response = handler(request, *args, **kwargs)
@@ -221,8 +195,8 @@ def _guarded(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse
             try:
                 _finish(message, 500, {"error": type(exc).__name__})
             except Exception:  # the original exception is the one to raise
-                logger.warning("inbound message %s outcome not recorded",
-                               message.pk if message else None)
+                logger.warning("inbound message of feed %s not stored",
+                               message.feed_id if message else None)
             raise
 
     return csrf_exempt(login_not_required(view))
@@ -268,9 +242,11 @@ def root(request: HttpRequest) -> HttpResponse:
     kind = data.get("type")
     ctx, allowed = _ctx(request)
     if kind == "transaction":
-        ctx.before_commit = _record_in_transaction(
-            getattr(request, "inbound_message", None))
-        return _bundle_response("transaction", process_transaction(data, ctx, allowed))
+        message: InboundMessage = request.inbound_message  # type: ignore[attr-defined]
+        ctx.before_commit = _store_in_transaction(message)
+        results = process_transaction(data, ctx, allowed)  # returns once committed
+        message.stored = True  # type: ignore[attr-defined]  # by the bundle's transaction
+        return _bundle_response("transaction", results)
     if kind == "batch":
         return _bundle_response("batch", process_batch(data, ctx, allowed))
     raise FhirError.single(400, "not-supported", "Bundle.type must be transaction or batch",
