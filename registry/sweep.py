@@ -20,14 +20,17 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Q
+from django.db.models import BooleanField, Case, CharField, DateField, F, Q, Value, When
 
 from registry import codes
 from registry.alerts import alert_escalate, alert_open, alert_resolve
 from registry.followup import (
     ESCALATE,
     OPEN,
+    RESOLUTION_REASONS,
     RESOLVE,
+    SECONDARY_FRACTURE,
+    Decision,
     Evaluation,
     Exposure,
     FollowupConfig,
@@ -40,13 +43,14 @@ from registry.models import (
     OPEN_ALERT_STATUSES,
     Alert,
     AlertStatus,
+    AuditAction,
     Fracture,
     Patient,
     Procedure,
     RecordStatus,
     TherapyExposure,
 )
-from registry.services import SYSTEM_ACTOR, Actor
+from registry.services import SYSTEM_ACTOR, Actor, RegistryValidationError
 from registry.timeutil import clinic_today
 
 logger = logging.getLogger(__name__)
@@ -202,8 +206,10 @@ def followup_sweep(*, today: dt.date | None = None, batch_size: int = 1000,
     Per batch on PostgreSQL: ONE statement claims the due patients on the partial index
     ``patient_followup_due_idx`` (``FOR UPDATE SKIP LOCKED``) and returns their facts, and ONE
     statement writes the batch (alerts + history + audit + outbox + next dates); patients with
-    no decision cost no query of their own. Escalations and resolutions go through the alert
-    services one patient at a time (rare: events resolve alerts as they happen).
+    no decision cost no query of their own. Fracture escalations and resolutions, when the batch
+    has any, cost a fixed number of statements more (``_write_changes``: lock, two UPDATEs,
+    three INSERTs), whatever the number of patients. Every database: the statement count of a
+    batch does not grow with its size.
     """
     today = today or clinic_today()
     config = config_from_settings()
@@ -217,6 +223,8 @@ def followup_sweep(*, today: dt.date | None = None, batch_size: int = 1000,
             next_dates: dict[Any, dt.date | None] = {}
             to_open: list[tuple[Any, Any]] = []  # (patient id, decision)
             to_escalate: list[tuple[Any, Any]] = []
+            changes: list[tuple[Any, Decision]] = []  # fracture escalations and resolutions
+            urgent = False  # fracture outbox rows: queue the delivery task after commit
             other: dict[Any, Evaluation] = {}
             for pid, patient_facts in facts.items():
                 try:
@@ -230,11 +238,17 @@ def followup_sweep(*, today: dt.date | None = None, batch_size: int = 1000,
                 next_dates[pid] = evaluation.next_check_on
                 rest = []
                 for d in evaluation.decisions:
-                    if d.action == OPEN and not d.for_fracture:
+                    if d.action == OPEN and (not d.for_fracture
+                                             or d.rule_id == SECONDARY_FRACTURE):
+                        # A secondary-fracture alert opens like any other (alert_open does
+                        # not escalate it); only its delivery is queued at once.
                         to_open.append((pid, d))
+                        urgent = urgent or d.for_fracture
                     elif d.action == ESCALATE and not d.for_fracture:
                         to_escalate.append((pid, d))
-                    else:
+                    elif d.action in (ESCALATE, RESOLVE):
+                        changes.append((pid, d))
+                    else:  # not produced by the current rules: the per-patient services
                         rest.append(d)
                 if rest:
                     other[pid] = Evaluation(rest, evaluation.next_check_on)
@@ -243,6 +257,12 @@ def followup_sweep(*, today: dt.date | None = None, batch_size: int = 1000,
                 next_dates=next_dates, to_escalate=to_escalate)
             stats.opened += opened
             stats.escalated += escalated
+            # After the write above: an alert it just opened can be escalated for a fracture.
+            escalated, resolved = _write_changes(changes)
+            stats.escalated += escalated
+            stats.resolved += resolved
+            if urgent or any(d.action == ESCALATE for _, d in changes):
+                _queue_delivery()
             if other:
                 patients = Patient.objects.in_bulk(list(other))
                 for pid, evaluation in other.items():
@@ -378,11 +398,10 @@ def _write_batch(to_open: list[tuple[Any, Any]], teams: dict[Any, str],
     if connection.vendor != "postgresql":
         opened = _bulk_open(to_open, teams)
         _set_next_dates(next_dates)
-        stats = SweepStats()
-        patients = Patient.objects.in_bulk([pid for pid, _ in to_escalate])
-        for pid, decision in to_escalate:
-            apply_evaluation(patients[pid], Evaluation([decision]), stats)
-        return opened, stats.escalated
+        escalated, _ = _write_changes(to_escalate)
+        if escalated:
+            _queue_delivery()
+        return opened, escalated
     from django.utils import timezone
 
     from registry.alerts import _channels
@@ -481,6 +500,112 @@ def _write_batch(to_open: list[tuple[Any, Any]], teams: dict[Any, str],
         cursor.execute(f"{sql} SELECT {counts[0]}, {counts[1]}", params)
         opened, escalated = cursor.fetchone()
     return int(opened), int(escalated)
+
+
+def _write_changes(changes: list[tuple[Any, Decision]],
+                   actor: Actor = SWEEP_ACTOR) -> tuple[int, int]:
+    """Carry out many patients' ESCALATE and RESOLVE decisions in at most six statements, whatever
+    their number: lock the target alerts (one SELECT ... FOR UPDATE), one UPDATE for the
+    resolutions, one for the escalations, and one INSERT each for their history (AlertEvent),
+    audit (AuditEvent) and ``escalated`` outbox rows (AlertDelivery). Returns (escalated,
+    resolved).
+
+    Per alert, the same effect as ``alerts.alert_resolve`` / ``alerts.alert_escalate`` (which
+    the event path, ``apply_evaluation``, still uses): the target is the unresolved alert of
+    (patient, rule), read under its row lock; none (resolved meanwhile), no change and no row.
+    A fracture escalation marks the alert ``escalated_for_fracture`` and ends a snooze. The rules
+    give at most one escalation or resolution per (patient, rule). Runs inside the caller's
+    transaction; the caller queues the delivery task (``_queue_delivery``)."""
+    from django.utils import timezone
+
+    from registry.alerts import _channels
+    from registry.models import AlertDelivery, AlertEvent, AuditEvent
+
+    if not changes:
+        return 0, 0
+    for _, d in changes:
+        if d.action == RESOLVE and d.resolution_reason not in RESOLUTION_REASONS:
+            raise RegistryValidationError(f"unknown resolution reason {d.resolution_reason!r}",
+                                          field="reason")
+    wanted = {(pid, d.rule_id): d for pid, d in changes}
+    # Locks the targets, like alerts._locked does one at a time (and any other unresolved
+    # alert these patients have under one of these rules: one statement, never fewer rows).
+    targets = {
+        (pid, rule): (pk, status, level)
+        for pk, pid, rule, status, level in Alert.objects.select_for_update()
+        .filter(patient_id__in={pid for pid, _ in wanted}, rule_id__in={r for _, r in wanted},
+                status__in=OPEN_ALERT_STATUSES)
+        .order_by("pk").values_list("pk", "patient_id", "rule_id", "status", "escalation_level")
+    }
+    now = timezone.now()
+    channels = _channels()
+    events: list[AlertEvent] = []
+    audits: list[AuditEvent] = []
+    deliveries: list[AlertDelivery] = []
+    resolve_reasons: dict[str, list[int]] = defaultdict(list)
+    escalate_ids: list[int] = []
+    fracture_ids: list[int] = []
+    for key, d in wanted.items():
+        if key not in targets:
+            continue
+        pk, before, level = targets[key]
+        if d.action == RESOLVE:
+            resolve_reasons[d.resolution_reason].append(pk)
+            after, detail = str(AlertStatus.RESOLVED), {"reason": d.resolution_reason}
+        else:
+            escalate_ids.append(pk)
+            if d.for_fracture:
+                fracture_ids.append(pk)
+            after = (str(AlertStatus.OPEN) if d.for_fracture and before == AlertStatus.SNOOZED
+                     else before)
+            detail = {}
+            deliveries.extend(
+                AlertDelivery(alert_id=pk, channel=channel, event="escalated", next_attempt_at=now,
+                              idempotency_key=f"alert-{pk}-escalated-{level + 1}-{channel}")
+                for channel in channels)
+        events.append(AlertEvent(alert_id=pk, actor_id=actor.user_id, action=d.action,
+                                 from_status=before, to_status=after, note=d.reason,
+                                 detail=detail))
+        audits.append(AuditEvent(actor_id=actor.user_id, feed_id=actor.feed_id,
+                                 action=AuditAction.UPDATE, object_type="Alert",
+                                 object_id=str(pk), patient_id=key[0], via=actor.via,
+                                 detail={"alert_action": d.action}))
+    if resolve_reasons:
+        Alert.objects.filter(pk__in=[pk for ids in resolve_reasons.values() for pk in ids]).update(
+            status=AlertStatus.RESOLVED, resolved_at=now,
+            resolution_reason=Case(*(When(pk__in=ids, then=Value(reason))
+                                     for reason, ids in resolve_reasons.items()),
+                                   output_field=CharField()))
+    if escalate_ids:
+        fields: dict[str, Any] = {"escalation_level": F("escalation_level") + 1}
+        if fracture_ids:
+            fracture = Q(pk__in=fracture_ids)
+            snoozed = fracture & Q(status=AlertStatus.SNOOZED)
+            fields |= {
+                "escalated_for_fracture": Case(When(fracture, then=Value(True)),
+                                               default=F("escalated_for_fracture"),
+                                               output_field=BooleanField()),
+                "status": Case(When(snoozed, then=Value(str(AlertStatus.OPEN))),
+                               default=F("status"), output_field=CharField()),
+                "snoozed_until": Case(When(snoozed, then=Value(None)),
+                                      default=F("snoozed_until"), output_field=DateField()),
+            }
+        Alert.objects.filter(pk__in=escalate_ids).update(**fields)
+    if events:
+        AlertEvent.objects.bulk_create(events)
+        AuditEvent.objects.bulk_create(audits)
+    if deliveries:
+        AlertDelivery.objects.bulk_create(deliveries, ignore_conflicts=True)
+    return len(escalate_ids), sum(len(ids) for ids in resolve_reasons.values())
+
+
+def _queue_delivery() -> None:
+    """Queue the delivery task after commit, as the alert services do for escalations (a broker
+    outage only leaves the outbox rows to the periodic run)."""
+    from registry.alerts import _safe_delay
+    from registry.tasks import deliveries_send
+
+    transaction.on_commit(_safe_delay(deliveries_send))
 
 
 def _insert_alerts(rows: list[Alert]) -> list[Alert]:
