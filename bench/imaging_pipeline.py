@@ -160,20 +160,23 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _postgres_pids() -> list[int]:
+    """The PostgreSQL backends serving the bench database (their process title names it);
+    the server's shared processes (WAL writer, checkpointer) serve everyone and are left out."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "comm").read_text().strip() == "postgres":
-                    pids.append(int(entry.name))
+                title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
+            if title.startswith("postgres:") and f" {DB_NAME} " in title:
+                pids.append(int(entry.name))
     return pids
 
 
 def _cpu_snapshot(groups: dict[str, list[int]]) -> dict[str, float]:
-    """CPU seconds used so far per group of processes (PostgreSQL: every server process on
-    the host, so other users of the shared server are counted too)."""
+    """CPU seconds used so far per group of processes; ``postgres``: the backends of the
+    bench database alive at both snapshots (the workers and this process keep theirs)."""
     snapshot = {name: sum(_cpu_seconds(pid) for pid in pids) for name, pids in groups.items()}
     snapshot["postgres"] = sum(_cpu_seconds(pid) for pid in _postgres_pids())
     return snapshot

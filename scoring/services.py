@@ -1,12 +1,18 @@
 """Write paths for imaging studies and VBQ jobs.
 
 Owned by the imaging pipeline work; the FHIR ImagingStudy mapper, the DICOM receiver and the
-upload API all call ``imaging_study_upsert`` so linking and queueing happen in one place.
+upload API all call ``imaging_study_upsert`` so linking and queueing happen in one place: in the
+transaction that writes the study (``link_or_defer``), so the study is linked and its jobs are
+queued rows when the write commits, with no Celery hop in between. A FHIR bundle's studies
+(``scoring.services_bulk``) stay ``LINK_PENDING`` and are linked by ``study_received``, one
+Celery ``chunks`` message per bundle, so a feed of many studies is not linked inside its request.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,8 +22,10 @@ from registry.models import Patient
 from registry.services import SYSTEM_ACTOR, Actor
 from scoring.models import ImagingSeries, ImagingStudy, VbqResult
 
-# Link reason of a study whose linking (``study_received``) has not run yet.
+# Link reason of a study whose linking has not run yet (a bundle's studies, linked by
+# ``study_received``; a study whose inline linking failed).
 LINK_PENDING = "linking pending"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,14 +53,17 @@ def imaging_study_upsert(
     series: Sequence[SeriesInput] = (),
     record_status: str = "active",
     actor: Actor = SYSTEM_ACTOR,
+    link: bool = True,
 ) -> tuple[ImagingStudy, bool]:
-    """Create or update a study (by Study Instance UID) and its series (by Series UID).
+    """Create or update a study (by Study Instance UID) and its series (by Series UID), and
+    link it and create its VBQ jobs in the same transaction (``link_or_defer``).
 
-    Returns ``(study, created)``. Linking and queueing of VBQ jobs happen after commit in
-    ``study_received``. The study row is the outbox of that step: it is written with
-    ``link_reason = LINK_PENDING`` in this transaction, and a broker outage at commit time is
-    logged, not raised, so the ingest still succeeds; ``vbq_requeue_stale`` links studies
-    still pending a few minutes later.
+    Returns ``(study, created)``. The jobs are queued ``VbqResult`` rows committed with the
+    study (the outbox): their ``vbq_compute`` messages are sent after commit, and a broker
+    outage then is logged, not raised, so the ingest still succeeds; ``vbq_requeue_stale``
+    re-sends queued jobs a few minutes later. ``link=False`` leaves the study ``LINK_PENDING``
+    for a caller that links it itself later in its transaction (the DICOM receiver, once it has
+    recorded where the files are).
     """
     from scoring.services_bulk import imaging_study_upsert_many
 
@@ -63,8 +74,42 @@ def imaging_study_upsert(
         "started_at": started_at, "modality": modality, "description": description,
         "endpoint_url": endpoint_url, "identifier_system": identifier_system,
         "identifier_value": identifier_value, "series": series,
-        "record_status": record_status}], actor=actor)
-    return ImagingStudy.objects.get(pk=pk), created
+        "record_status": record_status}], actor=actor, queue_linking=False)
+    study = ImagingStudy.objects.select_related("patient").get(pk=pk)
+    if link:
+        link_or_defer(study)
+    return study, created
+
+
+def link_and_create_jobs(study: ImagingStudy) -> tuple[bool, list[int]]:
+    """Link the study to the patient's index procedure (``scoring.linking``) and, if linked,
+    create its VBQ jobs (queued after commit), in the caller's transaction, which must hold the
+    study's row lock (its upsert, or ``study_received``'s ``SELECT .. FOR UPDATE``).
+    Returns ``(linked, ids of the jobs created)``."""
+    from scoring.linking import link_study
+
+    linked = link_study(study)
+    return linked, (vbq_jobs_create(study=study) if linked else [])
+
+
+def link_or_defer(study: ImagingStudy) -> bool:
+    """Link an active study and create its jobs now, in a savepoint of the caller's
+    transaction. If that fails, the write still commits: the study stays ``LINK_PENDING`` and
+    ``study_received`` is sent after commit (and ``vbq_requeue_stale`` links it if that message
+    is lost too). Returns whether the study is linked."""
+    if study.record_status != "active":
+        return False
+    try:
+        with transaction.atomic():
+            linked, _ = link_and_create_jobs(study)
+    except Exception:
+        logger.exception("inline linking failed study=%s; left to study_received", study.pk)
+        study.linked_procedure, study.link_reason = None, LINK_PENDING
+        from scoring.tasks import enqueue_study_received
+
+        transaction.on_commit(functools.partial(enqueue_study_received, study.pk))
+        return False
+    return linked
 
 
 def _looks_scorable(series: ImagingSeries) -> bool:
@@ -82,8 +127,8 @@ def vbq_jobs_create(*, study: ImagingStudy) -> list[int]:
 
     On PostgreSQL the jobs are ONE ``INSERT .. ON CONFLICT DO NOTHING RETURNING id`` (the ids
     returned are exactly the rows this call created; a concurrent or repeated call gets none),
-    with no savepoint: inside the caller's transaction (``study_received``) a failure here
-    rolls the whole step back, as before."""
+    with no savepoint: inside the caller's transaction (``link_or_defer``'s savepoint or
+    ``study_received``) a failure here rolls the link back with it."""
     from django.conf import settings
 
     from scoring.engine import ALGORITHM_VERSION

@@ -31,12 +31,15 @@ logger = logging.getLogger(__name__)
 SERIES_FIELDS = ["study_id", "modality", "description", "number", "body_part", "instance_count"]
 
 
-def imaging_study_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR
-                              ) -> list[tuple[Any, bool]]:
+def imaging_study_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR,
+                              queue_linking: bool = True) -> list[tuple[Any, bool]]:
     """Items are ``imaging_study_upsert`` keyword arguments; returns ``(study pk, created)``
-    per item, in order (studies by Study Instance UID, series by Series Instance UID)."""
+    per item, in order (studies by Study Instance UID, series by Series Instance UID).
+    ``queue_linking=False``: no ``study_received`` message (the caller links the studies in
+    its transaction)."""
     if connection.vendor == "postgresql":
-        return imaging_study_statement(items=items, actor=actor).run()
+        return imaging_study_statement(items=items, actor=actor,
+                                       queue_linking=queue_linking).run()
     rows = _study_rows(items)
     results = upsert_returning(ImagingStudy, rows, conflict=["study_instance_uid"],
                                update=STUDY_FIELDS)
@@ -49,7 +52,7 @@ def imaging_study_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor =
     ]
     upsert_returning(ImagingSeries, series_rows, conflict=["series_instance_uid"],
                      update=SERIES_FIELDS)
-    active = _side_effects(results, rows, actor)
+    active = _side_effects(results, rows, actor, queue_linking)
     if active:
         # The outbox marker, as in ``imaging_study_upsert``: an updated study keeps its old
         # reason otherwise, and the sweep would never re-link it if the broker is down now.
@@ -78,9 +81,9 @@ def _study_rows(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _side_effects(results: Sequence[tuple[Any, bool]], rows: Sequence[dict[str, Any]],
-                  actor: Actor) -> list[Any]:
-    """The audit rows; ``study_received`` queued after commit for every active study, whose
-    ids are returned."""
+                  actor: Actor, queue_linking: bool = True) -> list[Any]:
+    """The audit rows; ``study_received`` queued after commit for every active study (unless
+    ``queue_linking`` is false), whose ids are returned."""
     with deferred_side_effects():
         for (study_pk, created), row in zip(results, rows, strict=True):
             patient = row["patient"]
@@ -89,13 +92,13 @@ def _side_effects(results: Sequence[tuple[Any, bool]], rows: Sequence[dict[str, 
                          patient_id=patient.pk if patient else None)
     active = list(dict.fromkeys(pk for (pk, _), row in zip(results, rows, strict=True)
                                 if row["record_status"] == "active"))
-    if active:
+    if active and queue_linking:
         transaction.on_commit(lambda: _queue_studies(active))
     return active
 
 
-def imaging_study_statement(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR
-                            ) -> StatementPart:
+def imaging_study_statement(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR,
+                            queue_linking: bool = True) -> StatementPart:
     """PostgreSQL: the studies, their series and the outbox marker as data-modifying CTEs, to
     run alone (``.run()``) or in one statement with other bulk writes
     (``registry.services_bulk.sourced_record_many(extra=...)``). The studies' upsert writes
@@ -139,7 +142,7 @@ def imaging_study_statement(*, items: Sequence[dict[str, Any]], actor: Actor = S
     def finish(returned: Sequence[tuple[Any, bool, Any]]) -> list[tuple[Any, bool]]:
         written = {uid: (pk, bool(inserted)) for pk, inserted, uid in returned}
         results = _expand(slot_of, [written[row["study_instance_uid"]] for row in unique])
-        _side_effects(results, rows, actor)
+        _side_effects(results, rows, actor, queue_linking)
         return results
 
     return StatementPart(ctes=ctes, params=params,

@@ -6,11 +6,13 @@ duplicate delivery computes nothing twice; it is ``acks_late`` with ``reject_on_
 It re-evaluates the patient's follow-up itself, in the transaction that stores the result (no
 second task: an alert the result opens or resolves commits with it; if the evaluation fails the
 patient is marked due today for the sweep).
-Outbox: the rows themselves. A study written by ``imaging_study_upsert`` carries
-``link_reason = LINK_PENDING`` until ``study_received`` links it, and a job is a ``queued``
-VbqResult until a worker claims it. Sending after commit never fails the write (a broker outage
-is logged); the periodic ``vbq_requeue_stale`` links studies still pending, re-sends queued jobs
-whose message may have been lost, and recovers ``running`` rows of dead workers.
+Outbox: the rows themselves. ``imaging_study_upsert`` links a study and creates its jobs in the
+ingest's own transaction; a job is a ``queued`` VbqResult until a worker claims it. The studies
+of a FHIR bundle carry ``link_reason = LINK_PENDING`` until ``study_received`` links them (one
+Celery ``chunks`` message per bundle, so a feed of many studies does not link them inside its
+request). Sending after commit never fails the write (a broker outage is logged); the periodic
+``vbq_requeue_stale`` links studies still pending, re-sends queued jobs whose message may have
+been lost, and recovers ``running`` rows of dead workers.
 """
 
 from __future__ import annotations
@@ -55,17 +57,15 @@ def study_received(study_id: int) -> dict:
 
     One transaction: the link and its jobs are written together (a worker dying in between
     cannot leave a study linked without its job) and committed once."""
-    from scoring.linking import link_study
     from scoring.models import ImagingStudy
-    from scoring.services import vbq_jobs_create
+    from scoring.services import link_and_create_jobs
 
     with transaction.atomic():
         study = (ImagingStudy.objects.select_for_update(of=("self",))
                  .filter(pk=study_id).select_related("patient").first())
         if study is None or study.record_status != "active":
             return {"study": study_id, "jobs": 0}
-        linked = link_study(study)
-        jobs = vbq_jobs_create(study=study) if linked else []
+        linked, jobs = link_and_create_jobs(study)
     return {"study": study_id, "linked": linked, "jobs": len(jobs)}
 
 

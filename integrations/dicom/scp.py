@@ -92,16 +92,22 @@ def register_study(root: Path, study_uid: str) -> Any:
         text = str(first.StudyDate)
         day = dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
         started = start_of_clinic_day(day) + dt.timedelta(hours=12)
-    from scoring.models import ImagingSeries
+    from django.db import transaction
 
-    study, _ = imaging_study_upsert(
-        study_instance_uid=study_uid, patient=ident.patient if ident else None, source="dicom",
-        started_at=started, modality=str(first.get("Modality", "")),
-        description=str(first.get("StudyDescription", "")), series=series_inputs,
-        actor=Actor(via="dicom"),
-    )
-    for uid, path in local_paths.items():
-        ImagingSeries.objects.filter(series_instance_uid=uid).update(local_path=path)
+    from scoring.models import ImagingSeries
+    from scoring.services import link_or_defer
+
+    # One transaction: the study, where its files are, then its link and jobs (a job created
+    # before the local paths are recorded would fetch from the PACS or find no source).
+    with transaction.atomic():
+        study, _ = imaging_study_upsert(
+            study_instance_uid=study_uid, patient=ident.patient if ident else None,
+            source="dicom", started_at=started, modality=str(first.get("Modality", "")),
+            description=str(first.get("StudyDescription", "")), series=series_inputs,
+            actor=Actor(via="dicom"), link=False)
+        for uid, path in local_paths.items():
+            ImagingSeries.objects.filter(series_instance_uid=uid).update(local_path=path)
+        link_or_defer(study)
     logger.info("dicom study registered study=%s series=%s patient_known=%s", _short(study_uid),
                 len(series_inputs), ident is not None)
     return study

@@ -1,5 +1,7 @@
 """Linking and job creation in few statements (issue 5): the nearest pre-procedure MRI wins, a
-replayed ``study_received`` creates no second job, a re-stored result replaces its level rows.
+study written alone is linked with its jobs by the ingest's own transaction, a replayed
+``study_received`` (which links a bundle's studies) creates no second job, a re-stored result
+replaces its level rows.
 SYNTHETIC patients and phantoms; no PACS is contacted (nothing queued after commit runs under
 ``django_db``)."""
 
@@ -32,13 +34,47 @@ def _patient_with_index(index_days_ago: int = 5):
     return patient, index_day
 
 
-def _study(patient, index_day, uid: str, days_before: int, series=("SAG T1",)):
+def _study(patient, index_day, uid: str, days_before: int, series=("SAG T1",), link=False):
+    """The study written and, with ``link=False``, left ``linking pending`` as a bundle's
+    studies are, for ``study_received``."""
     study, _ = imaging_study_upsert(
         study_instance_uid=uid, patient=patient, source="fhir",
         started_at=start_of_clinic_day(index_day - dt.timedelta(days=days_before)),
         modality="MR", endpoint_url=ENDPOINT,
-        series=[SeriesInput(f"{uid}.{i}", "MR", desc) for i, desc in enumerate(series, 1)])
+        series=[SeriesInput(f"{uid}.{i}", "MR", desc) for i, desc in enumerate(series, 1)],
+        link=link)
     return study
+
+
+def test_a_study_written_alone_is_linked_with_its_jobs_in_the_ingest_transaction(
+    django_capture_on_commit_callbacks
+):
+    """No ``study_received`` message: the ingest links the study, creates its jobs (the
+    outbox rows) and sends only their ``vbq_compute`` messages after commit; a nearer study
+    arriving later unlinks the older one in its own ingest."""
+    import functools
+
+    patient, index_day = _patient_with_index()
+    with django_capture_on_commit_callbacks() as callbacks:
+        older = _study(patient, index_day, "2.25.7001", days_before=40,
+                       series=("SAG T1", "AX T2"), link=True)
+    assert older.linked_procedure_id is not None
+    assert older.link_reason == "nearest lumbar MRI, 40 days before the procedure"
+    [job] = VbqResult.objects.filter(series__study=older)  # the axial T2 is skipped
+    assert (job.status, job.attempts) == ("queued", 0)
+    assert [(c.func.__name__, c.args) for c in callbacks if isinstance(c, functools.partial)
+            ] == []  # no study_received
+    assert len(callbacks) == 1  # vbq_compute for the one job
+    with CaptureQueriesContext(connection) as queries:
+        nearer = _study(patient, index_day, "2.25.7002", days_before=10, link=True)
+    assert nearer.linked_procedure_id == older.linked_procedure_id
+    older.refresh_from_db()
+    assert (older.linked_procedure_id, older.link_reason) == (
+        None, "a nearer pre-procedure MRI arrived")
+    if connection.vendor == "postgresql":
+        statements = [q["sql"] for q in queries.captured_queries]
+        # upsert (+ audit), read back, index procedure, link, series, jobs, savepoints
+        assert len(statements) <= 11, statements
 
 
 def test_the_nearest_study_is_linked_and_an_older_one_unlinked_with_the_reason():

@@ -1,6 +1,7 @@
 """Imaging pipeline: link, queue, fetch from a real Orthanc over DICOMweb, score, store."""
 
 import datetime as dt
+import functools
 import json
 import time
 
@@ -11,7 +12,7 @@ from registry.services import Identifier, feed_create, procedure_record
 from registry.timeutil import clinic_today, start_of_clinic_day
 from scoring.engine.phantom import make_phantom
 from scoring.models import ImagingStudy, VbqResult
-from scoring.services import SeriesInput, imaging_study_upsert
+from scoring.services import SeriesInput, imaging_study_upsert, link_or_defer
 from scoring.tasks import study_received, vbq_compute, vbq_requeue_stale
 from tests import orthanc as orthanc_mod
 from tests.factories import PatientFactory
@@ -82,12 +83,13 @@ def test_study_is_linked_queued_fetched_and_scored(orthanc):
     phantom = make_phantom(102, slices=9)
     orthanc.upload(phantom.datasets)
     study = _study(orthanc, phantom)
-    summary = study_received(study.pk)
+    # Linked, with its queued job, by the ingest's own transaction (no study_received hop).
     study.refresh_from_db()
-    assert summary["linked"] is True
+    assert study.linked_procedure_id is not None
     assert study.link_reason.startswith("nearest lumbar MRI, 20 days")
     result = VbqResult.objects.get(series__study=study)
     assert result.status == "queued"
+    assert study_received(study.pk) == {"study": study.pk, "linked": True, "jobs": 0}
     expected = _engine_outcome(phantom)
     assert vbq_compute(result.pk)["status"] == expected.status
     result.refresh_from_db()
@@ -101,9 +103,11 @@ def test_study_is_linked_queued_fetched_and_scored(orthanc):
 def test_a_study_outside_the_window_is_not_linked_and_says_why(orthanc):
     phantom = make_phantom(103, slices=5)
     study = _study(orthanc, phantom, days_before=400)
-    assert study_received(study.pk)["linked"] is False
+    assert study.linked_procedure_id is None
     study.refresh_from_db()
     assert "outside the 0–180 day window" in study.link_reason
+    assert not VbqResult.objects.filter(series__study=study).exists()
+    assert study_received(study.pk)["linked"] is False
 
 
 @pytest.mark.django_db
@@ -113,7 +117,6 @@ def test_a_wrong_modality_series_fails_with_the_reason_and_no_retry(orthanc):
         ds.Modality = "CT"
     orthanc.upload(phantom.datasets)
     study = _study(orthanc, phantom)
-    study_received(study.pk)
     result = VbqResult.objects.get(series__study=study)
     outcome = vbq_compute(result.pk)
     result.refresh_from_db()
@@ -128,7 +131,6 @@ def test_pacs_down_puts_the_job_back_in_the_queue_for_a_retry(orthanc):
 
     phantom = make_phantom(105, slices=5)
     study = _study(orthanc, phantom, endpoint="http://127.0.0.1:9/dicom-web")
-    study_received(study.pk)
     result = VbqResult.objects.get(series__study=study)
     # Called directly (no worker) Celery's retry re-raises the cause; in a worker it is Retry.
     with pytest.raises((Retry, TransientFetchError)):
@@ -141,7 +143,6 @@ def test_pacs_down_puts_the_job_back_in_the_queue_for_a_retry(orthanc):
 def test_stuck_running_jobs_are_recovered(orthanc):
     phantom = make_phantom(106, slices=5)
     study = _study(orthanc, phantom)
-    study_received(study.pk)
     result = VbqResult.objects.get(series__study=study)
     VbqResult.objects.filter(pk=result.pk).update(
         status="running", started_at=dt.datetime(2020, 1, 1, tzinfo=dt.UTC))
@@ -282,16 +283,12 @@ def test_a_worker_killed_mid_batch_still_ends_with_exactly_one_result_per_job(
     redis.Redis.from_url(redis_url).flushdb()
     env = {**os.environ, "DATABASE_URL": test_database_url(), "CELERY_BROKER_URL": redis_url,
            "CELERY_VISIBILITY_TIMEOUT": "4", "PYTHONUNBUFFERED": "1"}
-    from scoring.engine import ALGORITHM_VERSION
-
     results, expected = [], {}
     for i in range(12):
         phantom = make_phantom(300 + i, slices=9)
         orthanc.upload(phantom.datasets)
-        study = _study(orthanc, phantom)
-        results.append(VbqResult.objects.create(
-            series=study.series.get(), patient=study.patient, source="auto",
-            algorithm_version=ALGORITHM_VERSION).pk)
+        study = _study(orthanc, phantom)  # linked, with its queued job (sent below to redis_url)
+        results.append(VbqResult.objects.get(series__study=study, status="queued").pk)
         expected[results[-1]] = _engine_outcome(phantom).status
     from config.celery import app
 
@@ -337,7 +334,6 @@ def test_orthanc_stopped_during_a_job_is_retried_and_succeeds_when_back(orthanc)
     phantom = make_phantom(120, slices=5)
     orthanc.upload(phantom.datasets)
     study = _study(orthanc, phantom)
-    study_received(study.pk)
     result = VbqResult.objects.get(series__study=study)
     orthanc.stop()
     try:
@@ -367,10 +363,11 @@ def _local_study(tmp_path, phantom, *, index_days_ago, mri_days_before):
         study_instance_uid=str(ds.StudyInstanceUID), patient=patient, source="upload",
         started_at=start_of_clinic_day(index_day - dt.timedelta(days=mri_days_before)),
         modality="MR",
-        series=[SeriesInput(str(ds.SeriesInstanceUID), "MR", str(ds.SeriesDescription))])
+        series=[SeriesInput(str(ds.SeriesInstanceUID), "MR", str(ds.SeriesDescription))],
+        link=False)  # linked below, once the local copy is recorded (as the DICOM receiver)
     phantom.write(tmp_path / "series")
     ImagingSeries.objects.filter(study=study).update(local_path=str(tmp_path / "series"))
-    study_received(study.pk)
+    assert link_or_defer(study) is True
     return patient, VbqResult.objects.get(series__study=study)
 
 
@@ -427,18 +424,28 @@ def test_a_failing_follow_up_evaluation_keeps_the_result_and_leaves_the_patient_
 
 
 @pytest.mark.django_db
-def test_a_study_is_linked_together_with_its_job_or_not_at_all(monkeypatch):
-    """``study_received`` is one transaction: if creating the job fails, the study is not left
-    linked without a job; it stays ``linking pending`` for the sweep."""
+def test_a_study_is_linked_together_with_its_job_or_not_at_all(
+    monkeypatch, django_capture_on_commit_callbacks
+):
+    """Linking and job creation share one savepoint of the ingest: if creating the job fails,
+    the study is written but not left linked without a job; it stays ``linking pending`` and
+    ``study_received`` is sent after commit (the sweep links it if that message is lost).
+    ``study_received`` itself is one transaction with the same all-or-nothing rule."""
     import scoring.services
     from scoring.services import LINK_PENDING
-
-    study = _study(None, make_phantom(132, slices=5), endpoint="http://127.0.0.1:9/dicom-web")
 
     def broken(**kwargs):
         raise RuntimeError("SYNTHETIC job creation failure")
 
     monkeypatch.setattr(scoring.services, "vbq_jobs_create", broken)
+    with django_capture_on_commit_callbacks() as callbacks:
+        study = _study(None, make_phantom(132, slices=5), endpoint="http://127.0.0.1:9/dicom-web")
+    assert (study.link_reason, study.linked_procedure_id) == (LINK_PENDING, None)
+    study.refresh_from_db()
+    assert (study.link_reason, study.linked_procedure_id) == (LINK_PENDING, None)
+    assert not VbqResult.objects.filter(series__study=study).exists()
+    assert [(c.func.__name__, c.args) for c in callbacks if isinstance(c, functools.partial)
+            ] == [("enqueue_study_received", (study.pk,))]
     with pytest.raises(RuntimeError):
         study_received(study.pk)
     study.refresh_from_db()

@@ -4,9 +4,11 @@ fetches) and the test PostgreSQL database. All data is SYNTHETIC (phantoms, synt
 
 - Orthanc serving a corrupt instance: the job ends ``failed`` with the reason after ONE fetch;
   neither Celery retries nor the outbox sweep fetch it again.
-- Redis down when the ImagingStudy arrives through /fhir: the ingest answers 200, the study
-  waits as ``linking pending`` (the outbox row), and once Redis is back the sweep the beat
-  sends links it and the job runs, exactly once.
+- Redis down when the ImagingStudy arrives through /fhir: the ingest answers 2xx and commits
+  its outbox row; once Redis is back the sweep the beat sends finishes the work and the job
+  runs, exactly once. In a transaction bundle the study waits as ``linking pending`` (bundles
+  are linked by ``study_received``); POSTed alone it is linked at once and its job waits as a
+  ``queued`` VbqResult whose message could not be sent.
 """
 
 from __future__ import annotations
@@ -166,8 +168,9 @@ def _bundle(ds, orthanc, index_day: dt.date) -> dict:
     ]}
 
 
+@pytest.mark.parametrize("path", ["bundle", "single"])
 def test_an_imaging_study_ingested_while_redis_is_down_is_scored_once_redis_is_back(
-    orthanc, broker, transactional_db, tmp_path
+    orthanc, broker, transactional_db, tmp_path, path
 ):
     phantom = make_phantom(132, slices=7)
     orthanc.upload(phantom.datasets)
@@ -184,21 +187,33 @@ def test_an_imaging_study_ingested_while_redis_is_down_is_scored_once_redis_is_b
     try:
         assert _wait(lambda: listening(port), 60), (tmp_path / "web.log").read_text()[-2000:]
         assert not listening(broker.port)  # the broker is down
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}
+        bundle = _bundle(ds, orthanc, clinic_today() - dt.timedelta(days=4))
+        imaging = bundle["entry"].pop() if path == "single" else None
         started = time.monotonic()
-        response = requests.post(
-            f"http://127.0.0.1:{port}/fhir",
-            data=json.dumps(_bundle(ds, orthanc, clinic_today() - dt.timedelta(days=4))),
-            headers={"Authorization": f"Bearer {token}",
-                     "Content-Type": "application/fhir+json"}, timeout=60)
-        ingest_seconds = time.monotonic() - started
+        response = requests.post(f"http://127.0.0.1:{port}/fhir", data=json.dumps(bundle),
+                                 headers=headers, timeout=60)
         assert response.status_code == 200, response.text[:1000]
+        if imaging is not None:  # the ImagingStudy alone, naming the patient by identifier
+            imaging["resource"]["subject"] = {"identifier": {"system": "urn:syn",
+                                                             "value": "SYN-REDIS-DOWN"}}
+            response = requests.post(f"http://127.0.0.1:{port}/fhir/ImagingStudy",
+                                     data=json.dumps(imaging["resource"]), headers=headers,
+                                     timeout=60)
+            assert response.status_code == 201, response.text[:1000]
+        ingest_seconds = time.monotonic() - started
         assert ingest_seconds < 20, ingest_seconds  # the broker outage costs seconds, not more
         study = ImagingStudy.objects.get(study_instance_uid=str(ds.StudyInstanceUID))
-        # The outbox row, committed with the ingest: not linked yet ("" when a bulk upsert
-        # wrote it without the marker; the sweep takes both).
-        assert study.link_reason in (LINK_PENDING, "")
-        assert study.linked_procedure is None
-        assert not VbqResult.objects.filter(series__study=study).exists()
+        if path == "bundle":
+            # The outbox row, committed with the ingest: not linked yet ("" when a bulk upsert
+            # wrote it without the marker; the sweep takes both).
+            assert study.link_reason in (LINK_PENDING, "")
+            assert study.linked_procedure is None
+            assert not VbqResult.objects.filter(series__study=study).exists()
+        else:
+            # Linked by the ingest's own transaction; the outbox row is the queued job.
+            assert study.linked_procedure is not None
+            assert VbqResult.objects.get(series__study=study).status == "queued"
 
         broker.start()  # Redis is back
         worker = CeleryWorker(env, tmp_path / "worker.log", ["--pool", "solo"])
