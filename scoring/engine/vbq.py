@@ -212,6 +212,15 @@ def _finish(result: Any, source: str, levels: dict[str, LevelMeasurement],
     return out
 
 
+def _not_localised(result: Any, source: str, flags: list[QcFlag], message: str
+                   ) -> VbqMeasurement:
+    """No value when the column could not be localised: ``needs_review`` with the reason."""
+    flags.append(QcFlag("localisation-failed", message, "warning"))
+    out: VbqMeasurement = result(status="needs_review", source=source, vbq_all_levels=None,
+                                 vbq_excluding_fractured=None, confidence=0.0, qc_flags=flags)
+    return out
+
+
 def _external(series: Series, fractured: list[str], flags: list[QcFlag], result: Any,
               segmentation: str | Path, labels: str | Mapping[Any, str] | None
               ) -> VbqMeasurement:
@@ -219,12 +228,8 @@ def _external(series: Series, fractured: list[str], flags: list[QcFlag], result:
     try:
         loc = localize(series)
     except LocalisationError as exc:
-        flags.append(QcFlag("localisation-failed", f"the CSF could not be localised: {exc}. "
-                            "Place the CSF ROI by hand", "warning"))
-        out: VbqMeasurement = result(status="needs_review", source="external-seg",
-                                     vbq_all_levels=None, vbq_excluding_fractured=None,
-                                     confidence=0.0, qc_flags=flags)
-        return out
+        return _not_localised(result, "external-seg", flags, f"the CSF could not be localised: "
+                              f"{exc}. Place the CSF ROI by hand")
     rois = rois_from_segmentation(segmentation, series, loc.mid_slice, loc.si_direction_px,
                                   labels)
     confidence = 1.0
@@ -248,12 +253,8 @@ def _auto(series: Series, fractured: list[str], flags: list[QcFlag], result: Any
     try:
         loc = localize(series)
     except LocalisationError as exc:
-        flags.append(QcFlag("localisation-failed", f"automatic localisation failed: {exc}. "
-                            "Place the ROIs by hand or import a segmentation", "warning"))
-        out: VbqMeasurement = result(status="needs_review", source="auto", vbq_all_levels=None,
-                                     vbq_excluding_fractured=None, confidence=0.0,
-                                     qc_flags=flags)
-        return out
+        return _not_localised(result, "auto", flags, f"automatic localisation failed: {exc}. "
+                              "Place the ROIs by hand or import a segmentation")
     flags.extend(loc.flags)
     confidence = loc.confidence
     levels: dict[str, LevelMeasurement] = {}
