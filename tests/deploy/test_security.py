@@ -240,17 +240,21 @@ def test_worker_logs_one_json_metrics_line_per_task(transactional_db, tmp_path):
     worker.start()
     try:
         probe = WorkerProbe.objects.create()
-        worker_probe.delay(probe.pk)
+        # Other tests' messages (sent on commit to the same test broker) may come first: the
+        # line looked for is this task's, by its id.
+        task_id = worker_probe.delay(probe.pk).id
         deadline = time.monotonic() + 30
         lines: list[dict] = []
         while time.monotonic() < deadline and not lines:
             time.sleep(0.3)
             for raw in (tmp_path / "worker.log").read_text().splitlines():
                 if raw.startswith("{") and '"runtime_ms"' in raw:
-                    lines.append(json.loads(raw))
+                    line = json.loads(raw)
+                    if line.get("task_id") == task_id:
+                        lines.append(line)
     finally:
         worker.stop()
-    assert lines, (tmp_path / "worker.log").read_text()[-2000:]
+    assert len(lines) == 1, (tmp_path / "worker.log").read_text()[-2000:]  # one line per task
     assert lines[0]["task_name"] == "registry.worker_probe"
     assert lines[0]["state"] == "SUCCESS"
     assert lines[0]["runtime_ms"] >= 0
