@@ -44,5 +44,27 @@ class FhirError(Exception):
         return FhirError(self.status, issues)
 
 
+RULE_PREFIX = "registry: "  # the registry's own trigger messages (ids and field names only)
+
+
+def rule_violation(exc: BaseException) -> FhirError | None:
+    """The 422 for a write a database rule refused (SQLSTATE 23514: a CHECK constraint or one
+    of the registry's triggers, e.g. an event dated before the patient's birth), or ``None``
+    for any other integrity error (a concurrent writer: the caller's 409). The diagnostics are
+    the registry trigger's own message or the constraint's name, never the database's DETAIL
+    (it quotes the row, which may hold PHI). Not retried: the same data fails the same way."""
+    cause = exc.__cause__
+    first_line = (str(exc).splitlines() or [""])[0]
+    if getattr(cause, "sqlstate", None) != "23514" and not first_line.startswith(RULE_PREFIX):
+        return None
+    if first_line.startswith(RULE_PREFIX):
+        text = first_line.removeprefix(RULE_PREFIX)
+    else:
+        name = getattr(getattr(cause, "diag", None), "constraint_name", None)
+        text = f"the database rule {name} refused this data" if name else (
+            "a database rule refused this data")
+    return FhirError.single(422, "business-rule", text)
+
+
 def operation_outcome(issues: list[Issue]) -> dict[str, Any]:
     return {"resourceType": "OperationOutcome", "issue": [i.to_fhir() for i in issues]}

@@ -21,7 +21,7 @@ from typing import Any
 from django.db import IntegrityError, OperationalError, connection, transaction
 from django.utils import timezone
 
-from integrations.fhir.errors import FhirError, Issue
+from integrations.fhir.errors import FhirError, Issue, rule_violation
 from integrations.fhir.mappers import (
     MAPPERS,
     Context,
@@ -223,6 +223,8 @@ def process_transaction(bundle: dict[str, Any], ctx: Context, allowed: Any,
                         ctx.before_commit(results)  # (its statement joins the deferred one)
                 return results
         except (IntegrityError, OperationalError) as exc:
+            if (refused := rule_violation(exc)) is not None:
+                raise refused from exc
             if attempt == attempts - 1:
                 raise FhirError.single(409, "conflict", "a concurrent update conflicted with "
                                        "this transaction; retry it", "Bundle") from exc
@@ -282,8 +284,11 @@ def process_batch(bundle: dict[str, Any], ctx: Context, allowed: Any
         except FhirError as exc:
             err = exc.prefixed(f"Bundle.entry[{i}]")
             outcome = EntryOutcome(err.status, issues=err.issues)
-        except IntegrityError:
-            outcome = EntryOutcome(409, issues=[Issue("error", "conflict",
-                                                      "concurrent update; retry the entry")])
+        except IntegrityError as exc:
+            refused = rule_violation(exc)
+            outcome = (EntryOutcome(409, issues=[Issue("error", "conflict",
+                                                       "concurrent update; retry the entry")])
+                       if refused is None else EntryOutcome(
+                           refused.status, issues=refused.prefixed(f"Bundle.entry[{i}]").issues))
         results.append((i, outcome))
     return sorted(results, key=lambda r: r[0])

@@ -19,14 +19,14 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from config.ratelimit import RateLimited, feed_from_request
 from integrations.fhir import read
-from integrations.fhir.errors import FhirError, Issue, operation_outcome
+from integrations.fhir.errors import FhirError, Issue, operation_outcome, rule_violation
 from integrations.fhir.ingest import (
     EntryOutcome,
     apply_resource,
@@ -263,8 +263,13 @@ def _check_type(resource_type: str, data: Any) -> None:
 
 def _single(request: HttpRequest, resource_type: str, data: Any) -> HttpResponse:
     ctx, allowed = _ctx(request)
-    with transaction.atomic():
-        outcome = apply_resource(data, ctx, allowed=allowed)
+    try:
+        with transaction.atomic():
+            outcome = apply_resource(data, ctx, allowed=allowed)
+    except IntegrityError as exc:  # a database rule (422) or a concurrent writer (409)
+        raise rule_violation(exc) or FhirError.single(
+            409, "conflict", "a concurrent update conflicted with this request; retry it"
+        ) from exc
     if outcome.status >= 400:
         return _response(operation_outcome(outcome.issues), outcome.status)
     body = read.read(outcome.location) if outcome.location else operation_outcome(
