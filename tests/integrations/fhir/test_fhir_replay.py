@@ -71,13 +71,14 @@ def test_eight_concurrent_clients_sending_the_same_transaction_create_one_row_ea
 
 
 @pytest.mark.postgres
-def test_outside_a_test_transaction_the_raw_payload_is_stored_with_the_authentication(
+def test_outside_a_test_transaction_the_raw_payload_is_stored_with_its_outcome(
     live_server, transactional_db
 ):
-    """Through a real server (no enclosing transaction): the raw payload goes in the same
-    statement as the token check. A good token stores it byte for byte with its feed and
-    outcome; a wrong token stores nothing; a payload that fails parsing is stored and
-    marked rejected; the size limit still answers 413 without storing."""
+    """Through a real server (no enclosing transaction): the raw payload is stored with its
+    outcome once the request is handled (the token is checked first). A good token stores it
+    byte for byte with its feed and outcome; a wrong token stores nothing; a payload that
+    fails parsing is stored and marked rejected; the size limit still answers 413 without
+    storing."""
     from django.test import override_settings
 
     from integrations.models import InboundMessage
