@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
-from integrations.fhir.errors import FhirError
+from integrations.fhir.errors import FhirError, rule_violation
 from integrations.fhir.ingest import apply_resource
 from integrations.fhir.mappers import Context
 from integrations.models import InboundMessage
@@ -75,6 +75,13 @@ def import_ndjson(path: Path, ctx: Context, allowed: Callable[[str], bool], *,
     return summary
 
 
+def _count_error(summary: ImportSummary, file: Path, number: int, status: int,
+                 exc: Exception) -> None:
+    summary.by_status[status] += 1
+    if len(summary.errors) < 100:
+        summary.errors.append(f"{file.name}:{number}: {exc}"[:300])
+
+
 def _apply_batch(file: Path, batch: list[tuple[int, str]], ctx: Context,
                  allowed: Callable[[str], bool], summary: ImportSummary,
                  progress: Callable[[int], None] | None) -> None:
@@ -87,10 +94,12 @@ def _apply_batch(file: Path, batch: list[tuple[int, str]], ctx: Context,
                     outcome = apply_resource(data, ctx, allowed=allowed,
                                              expression_prefix=f"{file.name}:{number}")
                 summary.by_status[outcome.status] += 1
+            except IntegrityError as exc:  # this line's savepoint is rolled back; go on
+                error = rule_violation(exc) or FhirError.single(
+                    409, "conflict", "concurrent update; import the line again")
+                _count_error(summary, file, number, error.status, error)
             except (ValueError, FhirError) as exc:
-                status = exc.status if isinstance(exc, FhirError) else 400
-                summary.by_status[status] += 1
-                if len(summary.errors) < 100:
-                    summary.errors.append(f"{file.name}:{number}: {exc}"[:300])
+                _count_error(summary, file, number,
+                             exc.status if isinstance(exc, FhirError) else 400, exc)
     if progress:
         progress(len(batch))

@@ -42,3 +42,24 @@ def test_bulk_import_loads_a_folder_and_a_rerun_duplicates_nothing(tmp_path):
 def test_bulk_import_refuses_a_missing_path(tmp_path):
     with pytest.raises(CommandError, match="does not exist"):
         call_command("fhir_import", str(tmp_path / "nope"))
+
+
+@pytest.mark.postgres
+def test_a_line_refused_by_a_database_rule_is_reported_and_the_import_goes_on(
+    tmp_path, monkeypatch
+):
+    """A line the database refuses (here the birth-date trigger, the Python check switched
+    off) is counted 422 with the rule's message; the lines after it are still imported."""
+    monkeypatch.setattr("registry.services._check_after_birth", lambda *args: None)
+    _write_ndjson(tmp_path)
+    procedures = (tmp_path / "Procedure.ndjson").read_text().splitlines()
+    early = json.loads(procedures[0])
+    early["identifier"] = [{"system": "urn:syn-bulk", "value": "SYN-EARLY"}]
+    early["performedDateTime"] = "1900-01-01T10:00:00Z"
+    (tmp_path / "Procedure.ndjson").write_text("\n".join([json.dumps(early), *procedures]) + "\n")
+    out, err = StringIO(), StringIO()
+    call_command("fhir_import", str(tmp_path), verbosity=0, stdout=out, stderr=err)
+    assert "422: 1" in out.getvalue()
+    assert "before the patient's birth date" in err.getvalue()
+    assert Procedure.objects.count() == 10  # every other procedure, none dated 1900
+    assert not Procedure.objects.filter(identifier_value="SYN-EARLY").exists()
