@@ -1,0 +1,136 @@
+"""WADO-RS fetch (integrations/dicom/dicomweb.py) read as a stream: what the engine gets, and
+what a bad body does to the kept-alive connection. SYNTHETIC data (phantoms).
+
+The "PACS" serving a malformed body is a real HTTP/1.1 server on a local port (stdlib
+``http.server``, keep-alive), because Orthanc will not store a part that is not DICOM.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from integrations.dicom.dicomweb import PermanentFetchError, fetch_series
+from scoring.engine.phantom import make_phantom
+from tests import orthanc as orthanc_mod
+
+BOUNDARY = "vbq-test-boundary"
+
+
+def _dicom_bytes(ds) -> bytes:  # type: ignore[no-untyped-def]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _multipart(parts: list[bytes]) -> bytes:
+    body = b"".join(f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                    + part + b"\r\n" for part in parts)
+    return body + f"--{BOUNDARY}--\r\n".encode()
+
+
+class _Pacs(ThreadingHTTPServer):
+    """Serves ``bodies[series_uid]`` as a multipart/related WADO-RS answer; counts the TCP
+    connections it accepted."""
+
+    daemon_threads = True
+
+    def __init__(self, bodies: dict[str, bytes]) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.bodies = bodies
+        self.connections = 0
+
+    def get_request(self):  # type: ignore[no-untyped-def]
+        self.connections += 1
+        return super().get_request()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/dicom-web"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as a PACS
+
+    def do_GET(self) -> None:
+        series_uid = self.path.rstrip("/").rsplit("/", 1)[-1]
+        body = self.server.bodies.get(series_uid)  # type: ignore[attr-defined]
+        if body is None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type",
+                         f'multipart/related; type="application/dicom"; boundary={BOUNDARY}')
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
+@pytest.fixture
+def pacs() -> Iterator[_Pacs]:
+    server = _Pacs({})
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_part_that_is_not_dicom_is_a_permanent_error_and_the_connection_stays_usable(pacs):
+    good = make_phantom(151, slices=5)
+    # 1.4 MB, more than one 1 MB read: the bad first part fails the parse while the rest of
+    # the body is still unread on the socket.
+    bad = make_phantom(152, rows=256, cols=256, slices=11)
+    good_uid, bad_uid = str(good.datasets[0].SeriesInstanceUID), str(
+        bad.datasets[0].SeriesInstanceUID)
+    parts = [_dicom_bytes(ds) for ds in bad.datasets]
+    assert sum(map(len, parts)) > 1_200_000
+    parts[0] = b"this is not a DICOM file " * 50
+    pacs.bodies[bad_uid] = _multipart(parts)
+    pacs.bodies[good_uid] = _multipart([_dicom_bytes(ds) for ds in good.datasets])
+
+    study = str(good.datasets[0].StudyInstanceUID)
+    assert len(fetch_series(pacs.url, study, good_uid)) == 5
+    with pytest.raises(PermanentFetchError):
+        fetch_series(pacs.url, study, bad_uid)
+    # The stream abandoned half-read must not go back to the pool: the next fetch (same
+    # cached client) reads a whole, correct series, on a fresh connection.
+    again = fetch_series(pacs.url, study, good_uid)
+    assert [str(ds.SOPInstanceUID) for ds in again] == [
+        str(ds.SOPInstanceUID) for ds in good.datasets]
+    assert pacs.connections == 2
+    # A complete answer leaves its connection in the pool (kept alive between jobs).
+    fetch_series(pacs.url, study, good_uid)
+    assert pacs.connections == 2
+
+
+@pytest.mark.orthanc
+def test_fetched_instances_carry_the_stored_pixels_as_bytes(tmp_path):
+    """The engine reads native pixels straight from ``PixelData`` when it is ``bytes`` (its
+    fast path); the streamed read must hand it exactly the stored pixels, as bytes."""
+    if not orthanc_mod.available():
+        pytest.skip("Orthanc (Debian orthanc + orthanc-dicomweb) is not installed")
+    server = orthanc_mod.Orthanc(tmp_path / "orthanc")
+    server.start()
+    try:
+        phantom = make_phantom(153, slices=7)
+        server.upload(phantom.datasets)
+        ds = phantom.datasets[0]
+        fetched = fetch_series(server.dicomweb, str(ds.StudyInstanceUID),
+                               str(ds.SeriesInstanceUID))
+    finally:
+        server.stop()
+    stored = {str(d.SOPInstanceUID): d.PixelData for d in phantom.datasets}
+    assert {str(d.SOPInstanceUID) for d in fetched} == set(stored)
+    for d in fetched:
+        assert type(d.PixelData) is bytes
+        assert d.PixelData == stored[str(d.SOPInstanceUID)]
