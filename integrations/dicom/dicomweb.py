@@ -65,6 +65,10 @@ def _classify(exc: Exception) -> FetchError:
         return PermanentFetchError(f"PACS answered HTTP {status}")
     if isinstance(exc, requests.ConnectionError | requests.Timeout):
         return TransientFetchError(f"PACS unreachable ({type(exc).__name__})")
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        # the connection was lost in the middle of the answer: the PACS or the network, not
+        # the data; the same request can succeed later
+        return TransientFetchError("the PACS connection broke during the transfer")
     return PermanentFetchError(f"{type(exc).__name__}: {str(exc)[:200]}")
 
 

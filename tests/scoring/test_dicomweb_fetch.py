@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from integrations.dicom.dicomweb import PermanentFetchError, fetch_series
+from integrations.dicom.dicomweb import PermanentFetchError, TransientFetchError, fetch_series
 from scoring.engine.phantom import make_phantom
 from tests import orthanc as orthanc_mod
 
@@ -42,6 +42,7 @@ class _Pacs(ThreadingHTTPServer):
     def __init__(self, bodies: dict[str, bytes]) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.bodies = bodies
+        self.truncated: set[str] = set()  # series answered half, then the connection dropped
         self.connections = 0
 
     def get_request(self):  # type: ignore[no-untyped-def]
@@ -69,6 +70,11 @@ class _Handler(BaseHTTPRequestHandler):
                          f'multipart/related; type="application/dicom"; boundary={BOUNDARY}')
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if series_uid in self.server.truncated:  # type: ignore[attr-defined]
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True  # the PACS or the network drops the connection
+            return
         self.wfile.write(body)
 
     def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
@@ -134,3 +140,17 @@ def test_fetched_instances_carry_the_stored_pixels_as_bytes(tmp_path):
     for d in fetched:
         assert type(d.PixelData) is bytes
         assert d.PixelData == stored[str(d.SOPInstanceUID)]
+
+
+def test_a_connection_dropped_during_the_answer_is_a_transient_error(pacs):
+    """Half the series, then the connection is lost: the PACS or the network, not the data,
+    so the job is retried (``TransientFetchError``), and the next fetch succeeds."""
+    phantom = make_phantom(154, rows=256, cols=256, slices=11)
+    uid = str(phantom.datasets[0].SeriesInstanceUID)
+    study = str(phantom.datasets[0].StudyInstanceUID)
+    pacs.bodies[uid] = _multipart([_dicom_bytes(ds) for ds in phantom.datasets])
+    pacs.truncated.add(uid)
+    with pytest.raises(TransientFetchError, match="broke during the transfer"):
+        fetch_series(pacs.url, study, uid)
+    pacs.truncated.clear()  # the PACS is back to normal
+    assert len(fetch_series(pacs.url, study, uid)) == 11
