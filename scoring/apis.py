@@ -24,6 +24,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from registry.models import Patient
+from registry.services import Actor
 from scoring.models import VbqResult
 
 MAX_UPLOAD_BYTES = 500 * 1024 * 1024
@@ -117,16 +118,13 @@ class DicomUploadApi(APIView):
             return Response({"detail": "no DICOM file in the archive", "rejected": rejected},
                             status=400)
         registered = []
+        actor = Actor(user_id=request.user.pk, via="upload")
         with transaction.atomic():
             for study_uid in studies:
-                study = register_study(root, study_uid)
+                # Written FOR this patient whatever PatientID the files carry, before it is
+                # linked and its jobs are created (they belong to this patient's procedure).
+                study = register_study(root, study_uid, patient=patient, actor=actor)
                 if study is not None:
-                    if study.patient_id is None or study.patient_id != patient.pk:
-                        study.patient = patient
-                        study.save(update_fields=["patient"])
-                        from scoring.tasks import enqueue_study_received
-
-                        transaction.on_commit(lambda pk=study.pk: enqueue_study_received(pk))
                     registered.append(study.pk)
         return Response({"stored": stored, "rejected": rejected, "studies": registered},
                         status=status.HTTP_201_CREATED)

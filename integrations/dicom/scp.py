@@ -58,8 +58,11 @@ class Receiver:
         return due
 
 
-def register_study(root: Path, study_uid: str) -> Any:
-    """Register a complete received study (Django must be set up)."""
+def register_study(root: Path, study_uid: str, patient: Any = None, actor: Any = None) -> Any:
+    """Register a complete received study (Django must be set up): the study and its series,
+    where the files are, then its link and VBQ jobs, in one transaction. ``patient``: the
+    patient the study is FOR (a staff upload for that patient), whatever PatientID the files
+    carry; otherwise the patient whose DICOM PatientID identifier matches, if any."""
     import pydicom
     from django.conf import settings
 
@@ -85,8 +88,10 @@ def register_study(root: Path, study_uid: str) -> Any:
                                          len(files)))
     if first is None:
         return None
-    ident = PatientIdentifier.objects.filter(system=settings.DICOM_PATIENT_ID_SYSTEM,
-                                             value=str(first.get("PatientID", ""))).first()
+    ident = None if patient is not None else PatientIdentifier.objects.filter(
+        system=settings.DICOM_PATIENT_ID_SYSTEM, value=str(first.get("PatientID", ""))).first()
+    if patient is None and ident is not None:
+        patient = ident.patient
     started = None
     if first.get("StudyDate"):
         text = str(first.StudyDate)
@@ -101,15 +106,16 @@ def register_study(root: Path, study_uid: str) -> Any:
     # before the local paths are recorded would fetch from the PACS or find no source).
     with transaction.atomic():
         study, _ = imaging_study_upsert(
-            study_instance_uid=study_uid, patient=ident.patient if ident else None,
-            source="dicom", started_at=started, modality=str(first.get("Modality", "")),
+            study_instance_uid=study_uid, patient=patient,
+            source="upload" if actor is not None else "dicom", started_at=started,
+            modality=str(first.get("Modality", "")),
             description=str(first.get("StudyDescription", "")), series=series_inputs,
-            actor=Actor(via="dicom"), link=False)
+            actor=actor or Actor(via="dicom"), link=False)
         for uid, path in local_paths.items():
             ImagingSeries.objects.filter(series_instance_uid=uid).update(local_path=path)
         link_or_defer(study)
     logger.info("dicom study registered study=%s series=%s patient_known=%s", _short(study_uid),
-                len(series_inputs), ident is not None)
+                len(series_inputs), patient is not None)
     return study
 
 

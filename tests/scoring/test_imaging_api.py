@@ -38,6 +38,52 @@ def test_uploading_a_zip_registers_the_study_for_the_patient(client, role_user, 
     assert ImagingStudy.objects.get().patient == patient
 
 
+def test_an_upload_is_linked_and_scored_for_the_patient_it_was_uploaded_for(
+    client, role_user, settings, tmp_path
+):
+    """The files' PatientID names ANOTHER registry patient (a CD of patient A whose DICOM
+    PatientID equals patient B's): the study, its link and its VBQ job are A's, and B's own
+    pre-procedure MRI stays linked."""
+    import datetime as dt
+
+    from registry.models import PatientIdentifier
+    from registry.services import Identifier, procedure_record
+    from registry.timeutil import start_of_clinic_day
+    from scoring.services import SeriesInput, imaging_study_upsert
+
+    settings.DICOM_STORAGE_ROOT = tmp_path
+    client.force_login(role_user("coordinator"))
+    phantom = make_phantom(202, slices=5)
+    study_day = dt.date(int(phantom.datasets[0].StudyDate[:4]),
+                        int(phantom.datasets[0].StudyDate[4:6]),
+                        int(phantom.datasets[0].StudyDate[6:8]))
+    a, b = PatientFactory(), PatientFactory()
+    PatientIdentifier.objects.create(patient=b, system=settings.DICOM_PATIENT_ID_SYSTEM,
+                                     value=str(phantom.datasets[0].PatientID))
+    for patient in (a, b):
+        procedure_record(patient=patient, code_system="http://www.ama-assn.org/go/cpt",
+                         code="22511", identifier=Identifier("urn:t", f"proc-{patient.pk}"),
+                         performed_at=start_of_clinic_day(study_day + dt.timedelta(days=20)))
+    b_study, _ = imaging_study_upsert(
+        study_instance_uid="2.25.99020201", patient=b, source="fhir",
+        started_at=start_of_clinic_day(study_day + dt.timedelta(days=5)), modality="MR",
+        endpoint_url="http://127.0.0.1:9/dicom-web",
+        series=[SeriesInput("2.25.99020201.1", "MR", "SAG T1")])
+    assert b_study.linked_procedure_id is not None
+
+    upload = io.BytesIO(_zip(phantom.datasets))
+    upload.name = "study.zip"
+    response = client.post(f"/api/imaging/patients/{a.pk}/dicom/", {"file": upload})
+    assert response.status_code == 201, response.json()
+    study = ImagingStudy.objects.get(study_instance_uid=str(phantom.datasets[0].StudyInstanceUID))
+    assert (study.patient_id, study.source) == (a.pk, "upload")
+    assert study.linked_procedure.patient_id == a.pk
+    assert list(VbqResult.objects.filter(series__study=study).values_list(
+        "patient_id", flat=True)) == [a.pk]
+    b_study.refresh_from_db()
+    assert b_study.linked_procedure_id is not None  # B's own MRI was not displaced
+
+
 def test_uploading_something_that_is_not_a_zip_is_refused(client, role_user):
     client.force_login(role_user("coordinator"))
     patient = PatientFactory()
