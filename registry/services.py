@@ -478,7 +478,16 @@ def procedure_record(
         patient_id=patient.pk,
     )
     followup_changed(patient.pk)
+    _procedures_recorded([patient.pk])
     return proc, created
+
+
+def _procedures_recorded(patient_ids: Iterable[Any]) -> None:
+    """A procedure may be (or change) the index procedure: the patients' studies not linked
+    yet are linked again (``scoring.services.relink_after_procedures``)."""
+    from scoring.services import relink_after_procedures
+
+    relink_after_procedures(patient_ids)
 
 
 def fracture_values(

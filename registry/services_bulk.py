@@ -45,6 +45,7 @@ from registry.services import (
     ConcurrentWriteError,
     RegistryValidationError,
     _earliest_event_date,
+    _procedures_recorded,
     audit_record,
     deferred_side_effects,
     followup_changed,
@@ -489,6 +490,8 @@ def _sourced_side_effects(model: type[models.Model], results: Sequence[tuple[Any
                          else AuditAction.UPDATE, object_type=model.__name__,
                          object_id=str(pk), patient_id=values["patient"].pk)
             followup_changed(values["patient"].pk)
+        if model is Procedure and rows:
+            _procedures_recorded([values["patient"].pk for values in rows])
 
 
 def _sourced_many(model: type[models.Model], build: Callable[..., dict[str, Any]],

@@ -13,8 +13,9 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from django.db import connection, transaction
 
@@ -25,6 +26,9 @@ from scoring.models import ImagingSeries, ImagingStudy, VbqResult
 # Link reason of a study whose linking has not run yet (a bundle's studies, linked by
 # ``study_received``; a study whose inline linking failed).
 LINK_PENDING = "linking pending"
+# Link reason of a study not linked so far, to be linked again because a procedure was
+# recorded for its patient since (``relink_after_procedures``).
+RELINK_PENDING = "linking pending: a procedure was recorded"
 logger = logging.getLogger(__name__)
 
 
@@ -110,6 +114,35 @@ def link_or_defer(study: ImagingStudy) -> bool:
         transaction.on_commit(functools.partial(enqueue_study_received, study.pk))
         return False
     return linked
+
+
+def relink_after_procedures(patient_ids: Iterable[Any]) -> None:
+    """A procedure was recorded for these patients: it may be (or change) their index
+    procedure, and the pre-procedure MRI usually arrives BEFORE the procedure it precedes (or
+    earlier in the same request). Their active studies that are not linked wait as
+    ``RELINK_PENDING`` (the outbox: ``vbq_requeue_stale`` links them if the message is lost),
+    and one ``link_pending_studies`` message after commit links them. On PostgreSQL inside
+    ``deferred_side_effects`` the marking joins that block's final statement (no round trip of
+    its own)."""
+    from registry.services import execute_or_defer
+
+    ids = sorted({str(pk) for pk in patient_ids})
+    if not ids:
+        return
+    pending = [LINK_PENDING, RELINK_PENDING]
+    if connection.vendor == "postgresql":
+        execute_or_defer(
+            f"UPDATE {ImagingStudy._meta.db_table} SET link_reason = %s "  # noqa: S608
+            "WHERE patient_id = ANY(%s::uuid[]) AND record_status = 'active' "
+            "AND linked_procedure_id IS NULL AND link_reason <> ALL(%s::varchar[])",
+            [RELINK_PENDING, ids, pending])
+    else:
+        ImagingStudy.objects.filter(
+            patient_id__in=ids, record_status="active", linked_procedure__isnull=True,
+        ).exclude(link_reason__in=pending).update(link_reason=RELINK_PENDING)
+    from scoring.tasks import enqueue_link_pending_studies
+
+    transaction.on_commit(functools.partial(enqueue_link_pending_studies, ids))
 
 
 def _looks_scorable(series: ImagingSeries) -> bool:

@@ -51,6 +51,30 @@ def enqueue_study_received(study_id: int) -> None:
         logger.warning("study_received not queued study=%s: %s", study_id, type(exc).__name__)
 
 
+def enqueue_link_pending_studies(patient_ids: list[str]) -> None:
+    """Send ``link_pending_studies``; a broker outage must not fail the write (the studies
+    stay ``RELINK_PENDING`` and ``vbq_requeue_stale`` links them later)."""
+    try:
+        link_pending_studies.delay(patient_ids)
+    except Exception as exc:
+        logger.warning("link_pending_studies not queued for %s patient(s): %s",
+                       len(patient_ids), type(exc).__name__)
+
+
+@shared_task(name="scoring.link_pending_studies")
+def link_pending_studies(patient_ids: list[str]) -> dict:
+    """A procedure was recorded for these patients: link their studies waiting as
+    ``RELINK_PENDING`` (each as ``study_received`` does, in its own transaction)."""
+    from scoring.models import ImagingStudy
+    from scoring.services import RELINK_PENDING
+
+    pks = list(ImagingStudy.objects.filter(
+        patient_id__in=patient_ids, record_status="active", link_reason=RELINK_PENDING,
+    ).values_list("pk", flat=True))
+    linked = sum(bool(study_received(pk).get("linked")) for pk in pks)
+    return {"studies": len(pks), "linked": linked}
+
+
 @shared_task(name="scoring.study_received")
 def study_received(study_id: int) -> dict:
     """A study arrived or changed: link it to the index procedure and queue VBQ jobs.
@@ -269,7 +293,7 @@ def vbq_requeue_stale(stuck_after_seconds: float | None = None,
     lost); re-send queued jobs older than a few minutes; recover jobs stuck in ``running``
     (their worker died: a re-delivered message skips a row it cannot claim)."""
     from scoring.models import ImagingStudy, VbqResult
-    from scoring.services import LINK_PENDING
+    from scoring.services import LINK_PENDING, RELINK_PENDING
 
     now = timezone.now()
     stuck_after = STUCK_AFTER if stuck_after_seconds is None else dt.timedelta(
@@ -281,7 +305,7 @@ def vbq_requeue_stale(stuck_after_seconds: float | None = None,
     recovered = stuck.update(status=VbqResult.Status.QUEUED)
     # "" = never linked (a study row written without the marker, e.g. by a bulk upsert).
     pending = list(ImagingStudy.objects.filter(
-        record_status="active", link_reason__in=[LINK_PENDING, ""],
+        record_status="active", link_reason__in=[LINK_PENDING, RELINK_PENDING, ""],
         updated_at__lt=now - requeue_after).values_list("pk", flat=True)[:200])
     for pk in pending:
         study_received(pk)  # in this worker: the original message may never come

@@ -159,3 +159,74 @@ def test_storing_a_result_again_replaces_its_level_rows(tmp_path):
     stored = {lv.level: lv for lv in VbqLevel.objects.filter(result=result)}
     assert set(stored) == {*levels, "csf"} & set(STORED_LEVELS)
     assert stored[changed].median_si == 1234.5
+
+
+def test_a_study_that_arrived_before_its_procedure_is_linked_when_the_procedure_is_recorded(
+    django_capture_on_commit_callbacks
+):
+    """The usual clinical order: the lumbar MRI is sent weeks before the vertebroplasty. The
+    study is written unlinked ("no index procedure yet"); recording the procedure marks it
+    ``RELINK_PENDING`` (the outbox) and sends ``link_pending_studies``, which links it and
+    creates its job."""
+    from scoring.services import RELINK_PENDING
+    from scoring.tasks import link_pending_studies, vbq_requeue_stale
+
+    patient = PatientFactory()
+    index_day = clinic_today() - dt.timedelta(days=5)
+    study = _study(patient, index_day, "2.25.7501", days_before=30, link=True)
+    assert (study.linked_procedure_id, study.link_reason) == (None, "no index procedure yet")
+    with django_capture_on_commit_callbacks() as callbacks:
+        procedure_record(patient=patient, code_system="http://www.ama-assn.org/go/cpt",
+                         code="22511", performed_at=start_of_clinic_day(index_day)
+                         + dt.timedelta(hours=10), identifier=Identifier("urn:t", "late-proc"))
+    study.refresh_from_db()
+    assert study.link_reason == RELINK_PENDING
+    assert [(c.func.__name__, c.args) for c in callbacks if hasattr(c, "func")] == [
+        ("enqueue_link_pending_studies", ([str(patient.pk)],))]
+    assert link_pending_studies([str(patient.pk)]) == {"studies": 1, "linked": 1}
+    study.refresh_from_db()
+    assert study.linked_procedure_id is not None
+    assert study.link_reason == "nearest lumbar MRI, 30 days before the procedure"
+    assert VbqResult.objects.filter(series__study=study, status="queued").count() == 1
+    # Recording the procedure again (an update) marks nothing: the study is linked now.
+    procedure_record(patient=patient, code_system="http://www.ama-assn.org/go/cpt",
+                     code="22511", performed_at=start_of_clinic_day(index_day)
+                     + dt.timedelta(hours=10), identifier=Identifier("urn:t", "late-proc"))
+    assert ImagingStudy.objects.get(pk=study.pk).link_reason.startswith("nearest")
+    assert vbq_requeue_stale()["linked"] == 0
+
+
+def test_a_procedure_in_a_fhir_bundle_links_the_patients_earlier_study(client):
+    """The same through /fhir: a transaction bundle carrying only the Procedure (its patient
+    named by identifier) marks the earlier, unlinked study in the bundle's own final
+    statement; the outbox sweep links it even if the message is lost."""
+    import json
+
+    from registry.models import PatientIdentifier
+    from registry.services import feed_create
+    from scoring.services import RELINK_PENDING
+    from scoring.tasks import vbq_requeue_stale
+
+    patient = PatientFactory()
+    mrn = PatientIdentifier.objects.filter(patient=patient).first()
+    assert mrn is not None
+    index_day = clinic_today() - dt.timedelta(days=5)
+    study = _study(patient, index_day, "2.25.7601", days_before=12, link=True)
+    assert study.link_reason == "no index procedure yet"
+    token = feed_create(name="relink-ehr")[1]
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": {
+        "resourceType": "Procedure", "status": "completed",
+        "identifier": [{"system": "urn:syn-proc", "value": "RELINK-1"}],
+        "code": {"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "22511"}]},
+        "subject": {"identifier": {"system": mrn.system, "value": mrn.value}},
+        "performedDateTime": f"{index_day.isoformat()}T10:00:00Z"}}]}
+    response = client.post("/fhir", data=json.dumps(bundle),
+                           content_type="application/fhir+json",
+                           HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert response.status_code == 200, response.content
+    study.refresh_from_db()
+    assert study.link_reason == RELINK_PENDING
+    assert vbq_requeue_stale(requeue_after_seconds=0)["linked"] == 1
+    study.refresh_from_db()
+    assert study.linked_procedure_id is not None
+    assert VbqResult.objects.filter(series__study=study).count() == 1
