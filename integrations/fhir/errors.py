@@ -45,6 +45,7 @@ class FhirError(Exception):
 
 
 RULE_PREFIX = "registry: "  # the registry's own trigger messages (ids and field names only)
+SQLITE_CHECK = "CHECK constraint failed:"  # SQLite's message: the constraint's name only
 
 
 def rule_violation(exc: BaseException) -> FhirError | None:
@@ -55,10 +56,15 @@ def rule_violation(exc: BaseException) -> FhirError | None:
     (it quotes the row, which may hold PHI). Not retried: the same data fails the same way."""
     cause = exc.__cause__
     first_line = (str(exc).splitlines() or [""])[0]
-    if getattr(cause, "sqlstate", None) != "23514" and not first_line.startswith(RULE_PREFIX):
+    sqlite_check = first_line.startswith(SQLITE_CHECK)  # SQLite has no SQLSTATE
+    if (getattr(cause, "sqlstate", None) != "23514" and not sqlite_check
+            and not first_line.startswith(RULE_PREFIX)):
         return None
     if first_line.startswith(RULE_PREFIX):
         text = first_line.removeprefix(RULE_PREFIX)
+    elif sqlite_check:
+        text = f"the database rule {first_line.removeprefix(SQLITE_CHECK).strip()} refused " \
+               "this data"
     else:
         name = getattr(getattr(cause, "diag", None), "constraint_name", None)
         text = f"the database rule {name} refused this data" if name else (
