@@ -39,3 +39,7 @@ class Command(BaseCommand):
         self.stdout.write(f"Imported {summary}")
         for error in summary.errors[:20]:
             self.stderr.write(f"  {error}")
+        refused = sum(n for status, n in summary.by_status.items() if status >= 400)
+        if refused:  # the other lines are imported; a scheduled import must not look clean
+            raise CommandError(f"{refused} line(s) refused (listed above); fix and re-run "
+                               "them: lines already imported are not duplicated")

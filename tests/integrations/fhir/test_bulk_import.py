@@ -31,12 +31,15 @@ def _write_ndjson(folder: Path) -> None:
 def test_bulk_import_loads_a_folder_and_a_rerun_duplicates_nothing(tmp_path):
     _write_ndjson(tmp_path)
     out = StringIO()
-    call_command("fhir_import", str(tmp_path), verbosity=0, stdout=out, stderr=StringIO())
-    call_command("fhir_import", str(tmp_path), verbosity=0, stdout=StringIO(),
-                 stderr=StringIO())
+    # The broken line is reported and the command exits non-zero, after importing the rest.
+    with pytest.raises(CommandError, match="1 line"):
+        call_command("fhir_import", str(tmp_path), verbosity=0, stdout=out, stderr=StringIO())
+    with pytest.raises(CommandError, match="1 line"):
+        call_command("fhir_import", str(tmp_path), verbosity=0, stdout=StringIO(),
+                     stderr=StringIO())
     assert Patient.objects.count() == 10
     assert Procedure.objects.count() == 10
-    assert "400: 1" in out.getvalue()  # the broken line is reported, not fatal
+    assert "400: 1" in out.getvalue()
 
 
 def test_bulk_import_refuses_a_missing_path(tmp_path):
@@ -58,7 +61,8 @@ def test_a_line_refused_by_a_database_rule_is_reported_and_the_import_goes_on(
     early["performedDateTime"] = "1900-01-01T10:00:00Z"
     (tmp_path / "Procedure.ndjson").write_text("\n".join([json.dumps(early), *procedures]) + "\n")
     out, err = StringIO(), StringIO()
-    call_command("fhir_import", str(tmp_path), verbosity=0, stdout=out, stderr=err)
+    with pytest.raises(CommandError, match="2 line"):  # this one and the broken JSON line
+        call_command("fhir_import", str(tmp_path), verbosity=0, stdout=out, stderr=err)
     assert "422: 1" in out.getvalue()
     assert "before the patient's birth date" in err.getvalue()
     assert Procedure.objects.count() == 10  # every other procedure, none dated 1900
