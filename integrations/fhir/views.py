@@ -3,9 +3,11 @@
 Authentication: ``Authorization: Bearer <feed token>`` (hashed at rest; see ``registry.Feed``),
 checked FIRST: a missing or wrong token is answered 401 (429 when throttled) without reading
 the request body, and nothing is stored.
-Every accepted or rejected payload is stored raw (``InboundMessage``, sha256) with its outcome,
-in ONE write: for a transaction bundle, inside the bundle's own transaction (a CTE of its last
-statement); otherwise by one autocommit INSERT after the handler, whatever it answered.
+Every accepted or rejected payload is stored raw (``InboundMessage``, sha256) with its outcome:
+for a transaction bundle inside the bundle's own transaction (a CTE of its last statement: all
+or nothing); for single resources and batch bundles, whose writes commit one by one, BEFORE
+them (``_store_first``) with the outcome recorded after; a request refused before it wrote
+anything stores it with its error in one INSERT.
 Errors always answer an OperationOutcome with the right 4xx — never a 5xx for bad input.
 """
 
@@ -133,9 +135,8 @@ def _save(message: InboundMessage) -> None:
 
 
 def _store(message: InboundMessage, status: int, summary: dict[str, Any]) -> None:
-    """Store the raw payload with its outcome: ONE statement, autocommit (outside a
-    transaction) and with a synchronous commit, so it also makes durable whatever the request
-    committed before without waiting for its WAL flush (``durable_later``)."""
+    """Store the raw payload with its outcome: ONE statement (a request refused before it
+    wrote anything, or a transaction bundle that rolled back)."""
     for name, value in _outcome_fields(status, summary).items():
         setattr(message, name, value)
     if connection.vendor != "postgresql":
@@ -145,10 +146,28 @@ def _store(message: InboundMessage, status: int, summary: dict[str, Any]) -> Non
     message._state.adding = False
 
 
+def _store_first(message: InboundMessage) -> None:
+    """Batch bundles and single resources commit their writes one by one: the raw payload is
+    stored BEFORE them (outcome ``received``), so a worker killed in the middle of the request
+    leaves no committed clinical row without the payload it came from; ``_finish`` then
+    records the outcome. (A transaction bundle stores its payload inside its own transaction:
+    all or nothing.)"""
+    if connection.vendor != "postgresql":
+        _save(message)
+    else:
+        ((message.pk,),) = pg_execute(*_insert(message))
+        message._state.adding = False
+    message.stored_first = True  # type: ignore[attr-defined]
+
+
 def _finish(message: InboundMessage | None, status: int, summary: dict[str, Any]) -> None:
-    """Store the payload with its outcome, unless the transaction bundle's own transaction
-    did (``stored``), or there is none (GET; refused before the body was read)."""
+    """Store the payload with its outcome, or only the outcome when it was stored first
+    (``_store_first``); nothing when the transaction bundle's own transaction stored both
+    (``stored``) or there is no payload (GET; refused before the body was read)."""
     if message is None or getattr(message, "stored", False):
+        return
+    if getattr(message, "stored_first", False):
+        InboundMessage.objects.filter(pk=message.pk).update(**_outcome_fields(status, summary))
         return
     _store(message, status, summary)
 
@@ -248,6 +267,7 @@ def root(request: HttpRequest) -> HttpResponse:
         message.stored = True  # type: ignore[attr-defined]  # by the bundle's transaction
         return _bundle_response("transaction", results)
     if kind == "batch":
+        _store_first(request.inbound_message)  # type: ignore[attr-defined]
         return _bundle_response("batch", process_batch(data, ctx, allowed))
     raise FhirError.single(400, "not-supported", "Bundle.type must be transaction or batch",
                            "Bundle.type")
@@ -263,6 +283,7 @@ def _check_type(resource_type: str, data: Any) -> None:
 
 def _single(request: HttpRequest, resource_type: str, data: Any) -> HttpResponse:
     ctx, allowed = _ctx(request)
+    _store_first(request.inbound_message)  # type: ignore[attr-defined]
     try:
         with transaction.atomic():
             outcome = apply_resource(data, ctx, allowed=allowed)

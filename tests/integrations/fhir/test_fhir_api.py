@@ -60,6 +60,34 @@ def test_replaying_the_bundle_three_times_creates_no_duplicates(client, token):
     assert InboundMessage.objects.count() == 3
 
 
+class _WorkerKilled(BaseException):
+    """What a worker killed mid-request looks like to the view: nothing after it runs."""
+
+
+@pytest.mark.parametrize("path", ["/fhir/Patient", "/fhir"])
+def test_a_request_cut_off_mid_write_leaves_its_raw_payload(client, token, monkeypatch, path):
+    """Single resources and batch bundles commit their writes one by one: the payload is
+    stored BEFORE them (outcome ``received``), so no committed row is left without it."""
+    import integrations.fhir.ingest
+    import integrations.fhir.views
+
+    def killed(*args, **kwargs):
+        raise _WorkerKilled
+
+    for module in (integrations.fhir.views, integrations.fhir.ingest):
+        monkeypatch.setattr(module, "apply_resource", killed)
+    body = {"resourceType": "Patient", "gender": "female", "birthDate": "1950-01-01",
+            "identifier": [{"system": "urn:syn", "value": "SYN-CUT-1"}]}
+    if path == "/fhir":
+        body = {"resourceType": "Bundle", "type": "batch", "entry": [{"resource": body}]}
+    with pytest.raises(_WorkerKilled):
+        client.post(path, data=json.dumps(body), content_type="application/fhir+json",
+                    HTTP_AUTHORIZATION=f"Bearer {token}")
+    message = InboundMessage.objects.get()
+    assert json.loads(message.body) == body
+    assert (message.outcome, message.status_code) == ("received", None)
+
+
 def test_every_payload_is_stored_raw_before_parsing(client, token):
     post(client, token, "{not json")
     message = InboundMessage.objects.get()

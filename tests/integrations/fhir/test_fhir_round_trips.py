@@ -92,5 +92,7 @@ def test_one_single_resource_post_costs_no_more_round_trips_than_before(
         HTTP_AUTHORIZATION=f"Bearer {token}"))
     assert response.status_code == 201, response.json()
     print(f"round trips of one authenticated POST /fhir/Patient: {len(trips)}")
-    assert len(trips) <= 18, trips
+    # 19: the raw payload is INSERTed before the resource is written and its outcome UPDATEd
+    # after (a worker killed in between leaves the payload, never a row without it).
+    assert len(trips) <= 19, trips
     assert InboundMessage.objects.latest("pk").status_code == 201
