@@ -179,6 +179,11 @@ def release_held(patients: list[tuple[Any, Any]], ctx: Context, allowed: Any,
                 applied += 1
             except FhirError as exc:
                 held.error = str(exc)[:500]
+            except IntegrityError as exc:  # rolled back to its savepoint: the rest goes on
+                refused = rule_violation(exc)
+                if refused is None:  # a concurrent writer: the whole request retries
+                    raise
+                held.error = str(refused)[:500]  # a database rule: kept, with the reason
             held.save(update_fields=["applied_at", "error"])
     finally:
         ctx.pending = pending

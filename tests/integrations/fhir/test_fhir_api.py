@@ -195,6 +195,27 @@ def test_a_reference_to_an_unknown_patient_is_held_then_linked(client, token):
     assert HeldResource.objects.get().applied_at is not None
 
 
+@pytest.mark.postgres
+def test_a_held_resource_a_database_rule_refuses_stays_held_with_the_reason(
+    client, token, monkeypatch
+):
+    """The Patient arrives, its held Procedure is dated before the birth (the Python check
+    switched off: the database trigger refuses it). The Patient is written (201), the held
+    Procedure stays unapplied with the rule's reason, and a resend of the Patient succeeds."""
+    monkeypatch.setattr("registry.services._check_after_birth", lambda *args: None)
+    procedure = copy.deepcopy(_bundle()["entry"][1]["resource"])
+    procedure["subject"] = {"reference": "Patient/syn-pt-1"}
+    procedure["performedDateTime"] = "1930-01-01T10:00:00Z"
+    assert post(client, token, procedure, path="/fhir/Procedure").status_code == 202
+    patient = copy.deepcopy(_bundle()["entry"][0]["resource"])
+    assert post(client, token, patient, path="/fhir/Patient").status_code == 201
+    held = HeldResource.objects.get()
+    assert held.applied_at is None
+    assert "before the patient's birth date" in held.error
+    assert Procedure.objects.count() == 0
+    assert post(client, token, patient, path="/fhir/Patient").status_code == 200
+
+
 def test_put_by_id_and_read_back(client, token):
     patient = copy.deepcopy(_bundle()["entry"][0]["resource"])
     response = client.put("/fhir/Patient/syn-pt-1", data=json.dumps(patient), content_type=FHIR,
