@@ -17,10 +17,12 @@ see the same load on the shared machine (the sums over the slices are reported):
   the best the workers could do with no pipeline at all, with the same parallelism and on the
   machine as loaded at that moment.
 - ``e2e``: wall time from the first ImagingStudy ingest (``imaging_study_upsert``, as the FHIR
-  mapper and the DICOM receiver call it) to the last VbqResult stored (its ``finished_at``);
-  in between: ``study_received`` links the study and queues the job, ``vbq_compute`` claims it,
-  fetches the series from Orthanc over WADO-RS, runs the engine, stores the result and its
-  levels and re-evaluates the patient's follow-up (in the same transaction, no extra task).
+  mapper's single-resource path, the upload API and the DICOM receiver call it) to the last
+  VbqResult stored (its ``finished_at``); in between: the ingest links the study and creates
+  its queued job in its own transaction (no ``study_received`` hop since 2026-11-25 evening),
+  ``vbq_compute`` claims it, fetches the series from Orthanc over WADO-RS (streamed), runs the
+  engine, stores the result and its levels and re-evaluates the patient's follow-up (in the
+  same transaction, no extra task).
 
 The LAST line is the like-for-like figure: ``ratio = e2e / engine parallel`` (same series, same
 parallelism as the workers, same run); 1.0 means no pipeline overhead. Target <= 1.5. The line
@@ -29,42 +31,29 @@ could split the engine time perfectly in two; on a shared, loaded 2-core host 2 
 far less than 2x, so that figure also charges the pipeline with the machine's missing
 parallelism. The machine is shared: figures are noisy, but every side comes from the same run.
 
-The pipeline's own cost per series is roughly constant, so the ratio depends on the engine's
-cost. Measured in-process on this host (load average ~1.4, 256x256x11, median per series,
-engine as on disk at 13:26 UTC on 2026-11-25, between 0.2.1 and 0.3.0):
+``--cpu`` adds the CPU each process group used during the end-to-end phases, per series (Linux
+/proc: this process = the ingest, the 2 workers, Orthanc, Redis, and the PostgreSQL backends of
+the bench database). The machine is CPU-bound during the run, so this is where the ratio comes
+from: the pipeline's CPU per series against the engine's.
 
-- ingest ``imaging_study_upsert`` 7.2 ms (3 statements; runs in this process, during e2e);
-- ``study_received`` 7.1 ms: lock the study, index procedure, link (one statement: nearer-MRI
-  check, unlink the others, link this one), series, jobs (one ``INSERT .. ON CONFLICT DO
-  NOTHING RETURNING``), commit: 7 statements, was 14 (``get_or_create`` and savepoints);
-- ``vbq_compute``: claim 1.4 ms (one statement), WADO-RS fetch of the series in one request,
-  parsed in memory, 8.4 ms (about half of it Orthanc + HTTP, half pydicom parsing; the session
-  is kept alive between jobs), engine on the fetched datasets 18.9 ms (22.7 ms from the files
-  on disk, which is what ``engine only`` times), result + level rows 3.5 ms (one statement, was
-  three), follow-up re-evaluation 7.2 ms (12 statements, ``registry.sweep.followup_evaluate``);
-- per Celery task (2 per series): a NEW PostgreSQL connection, 4-5 ms (Celery's Django fixup
-  closes the connection before and after every task unless ``CELERY_DB_REUSE_MAX`` is set),
-  plus ~5-7 ms between tasks in the worker logs (message, ack, signals).
-
-That is ~50 ms of pipeline per series against ~20-28 ms of engine, all on the same 2 shared
-cores (PostgreSQL, Orthanc, Redis and this process included), so the target is not met with
-the current engine (figures below). A bigger matrix does NOT help: the engine works on a 1 mm
-grid, so its cost grows little with the matrix (0.3.0: 29.5 ms/series at 512x512x13), while
-the bytes to fetch (6.8 MB per series) and parse grow with it: ``--rows 512 --slices 13`` (a
-common clinical reconstruction) measured a HIGHER ratio than the default (2.45 with 40 series
-on engine 0.2.1, 2.65 with 80 series on 0.3.0), so the default stays 256x256x11.
-
-Figures of 2026-11-25, 200 series, 256x256x11 (exactly as printed; shared 2-core host, other
-benchmarks running; the engine changed between the runs, the bench names its commit):
-- before this session's pipeline changes, engine 0.2.1 (53.9 ms/series): ratio=1.97,
-  stricter 4.34, 514 series/min (load average 0.2 at the start, 4.2 during the run);
-- after them (study_received 14 -> 7 statements, result + levels 3 -> 1, kept-alive DICOMweb
-  session): engine 0.2.1 at ae57471 + uncommitted (28.2 ms/series): ratio=2.32, stricter 4.59,
-  926 series/min (load 1.5 -> 2.0); engine 0.3.0 at bdbd5d2 + uncommitted (36.4 ms/series on
-  a busier host): ratio=2.40, stricter 4.74, 695 series/min (load 1.71 -> 4.25).
-  Throughput rose; the ratio rose too, because the engine got faster than the overhead shrank.
-  Same-conditions A/B in-process of ``study_received`` (old tree 731f4ae vs now, alternating,
-  load ~2.3): 9.0 / 9.5 ms -> 6.5 / 6.4 ms.
+Figures of 2026-11-25 (evening), 200 series, 256x256x11, exactly as printed (2-core host):
+- session start (link in a ``study_received`` task), load 0.1-1.3: ratio=2.23, 1808 series/min;
+  CPU per series: ingest 2.9, workers 47.3, Orthanc 3.4, Redis 0.6, PostgreSQL 6.1 (all server
+  processes then), total 60.2 ms vs engine sequential 27.8 ms;
+- linking in the ingest transaction (old and new tree alternating, load 3-4): total 67.7 / 65.1
+  ms before, 64.4 / 64.5 ms after (workers 48.9 / 48.8 -> 46.1 / 45.9);
+- streamed WADO-RS read (``iter_series``): -1.4 to -1.8 ms CPU per series in-process;
+- final, load 0.1-1.1: ratio=2.07 and 2.06, 1932 and 1971 series/min; CPU per series: ingest
+  6.2 / 6.2, workers 41.3 / 40.7, Orthanc 3.7 / 3.6, Redis 0.3 / 0.4, PostgreSQL 6.2 / 6.1;
+  total 57.7 / 56.9 ms vs engine sequential 28.3 / 28.5 ms.
+Where the rest goes (py-spy ``--gil`` of the workers, share of worker CPU): the engine 58 %
+(including reading the fetched datasets), the WADO-RS fetch 18-24 % (pydicom parsing the parts
+about half of it: the engine-only side pays the same reading files), the result and level rows
+5 %, the follow-up 2 %, Celery around the task 3-5 %. The target (<= 1.5) needs the whole
+pipeline (ingest, PostgreSQL, Orthanc, fetch, store, Celery) at about half the engine's CPU,
+~14 ms per series; it is ~29 ms. A bigger matrix does not help: the engine works on a 1 mm grid
+and grows little with the matrix, while the bytes to fetch and parse grow with it
+(``--rows 512 --slices 13`` measured a HIGHER ratio, 2.45-2.65, on 2026-11-25).
 
 Run: ``.venv/bin/python bench/imaging_pipeline.py [--series 200] [--rows 256 --slices 11]``;
 ``--log-dir DIR`` keeps the workers' JSON logs (per-task ``runtime_ms``).
