@@ -124,6 +124,10 @@ def alert_acknowledge(*, alert: Alert, actor: Actor, note: str = "") -> Alert:
 
 @transaction.atomic
 def alert_snooze(*, alert: Alert, until: dt.date, actor: Actor, note: str = "") -> Alert:
+    # The patient's row first, then the alert: the order the sweep takes them (it claims due
+    # patients, then locks their alerts), so a snooze during a sweep waits or is skipped
+    # instead of deadlocking with it (a snooze also moves the patient's next check).
+    list(Patient.objects.select_for_update().filter(pk=alert.patient_id).values_list("pk"))
     alert = _locked(alert)
     if alert.status == AlertStatus.RESOLVED:
         raise RegistryValidationError("a resolved alert cannot be snoozed", field="status",

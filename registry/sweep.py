@@ -528,6 +528,9 @@ def _write_changes(changes: list[tuple[Any, Decision]],
             raise RegistryValidationError(f"unknown resolution reason {d.resolution_reason!r}",
                                           field="reason")
     wanted = {(pid, d.rule_id): d for pid, d in changes}
+    if len(wanted) < len(changes):  # the rules give at most one per (patient, rule)
+        logger.error("sweep: %s decision(s) for an already decided (patient, rule) dropped",
+                     len(changes) - len(wanted))
     # Locks the targets, like alerts._locked does one at a time (and any other unresolved
     # alert these patients have under one of these rules: one statement, never fewer rows).
     targets = {

@@ -148,3 +148,48 @@ def test_cds_hooks_returns_no_card_for_an_unknown_patient(client):
                            HTTP_AUTHORIZATION=f"Bearer {token}")
     assert response.json() == {"cards": []}
     assert MRN_SYSTEM
+
+
+@pytest.mark.postgres
+def test_a_snooze_during_a_sweep_waits_for_it_instead_of_deadlocking(transactional_db):
+    """The sweep holds a due patient's row and then locks the patient's alerts; a staff snooze
+    of one of those alerts (which also moves the patient's next check) must take the same order,
+    patient then alert: it waits and then succeeds, with no deadlock. Real concurrency: a
+    second PostgreSQL connection plays the sweep."""
+    import threading
+    import time
+
+    import psycopg
+    from django.db import connection
+
+    from tests.conftest import test_database_url
+
+    alert = _open()
+    patient_table, alert_table = alert.patient._meta.db_table, alert._meta.db_table
+    sweep = psycopg.connect(test_database_url().replace("postgres://", "postgresql://"))
+    sweep.execute(f"SELECT 1 FROM {patient_table} WHERE id = %s FOR UPDATE",  # noqa: S608
+                  [alert.patient_id])
+    errors: list[BaseException] = []
+
+    def snooze() -> None:
+        try:
+            alert_snooze(alert=alert, until=clinic_today() + dt.timedelta(days=7), actor=STAFF)
+        except BaseException as exc:  # reported to the test below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    staff = threading.Thread(target=snooze)
+    staff.start()
+    time.sleep(0.5)  # the snooze is now waiting (on the patient with the fix; on it too,
+    # holding the alert, without it)
+    try:
+        sweep.execute(f"SELECT 1 FROM {alert_table} WHERE id = %s FOR UPDATE",  # noqa: S608
+                      [alert.pk])
+        sweep.commit()
+    finally:
+        sweep.close()
+    staff.join(timeout=30)
+    assert not errors, errors  # without the order: "deadlock detected" for one of the two
+    alert.refresh_from_db()
+    assert alert.status == "snoozed"
