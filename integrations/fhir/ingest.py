@@ -53,18 +53,6 @@ class EntryOutcome:
             self.status, str(self.status))
 
 
-def commit_without_waiting() -> None:
-    """Let the current PostgreSQL transaction commit without waiting for its WAL flush.
-
-    Only for a transaction that is followed, before anything is answered, by a synchronous
-    commit on the same connection (the view's final INSERT of the InboundMessage): PostgreSQL
-    flushes WAL in order, so that commit makes this one durable too. One disk flush per request
-    instead of three, and nothing is acknowledged before it is on disk."""
-    if connection.vendor == "postgresql" and connection.in_atomic_block:
-        with connection.cursor() as cursor:
-            cursor.execute("SET LOCAL synchronous_commit TO OFF")
-
-
 def parse_entry(data: Any, *, allowed: Any, expression_prefix: str = "") -> Any:
     """Check the type is supported and allowed for the feed; validate with fhir.resources."""
     resource_type = data.get("resourceType") if isinstance(data, dict) else None
@@ -220,8 +208,6 @@ def process_transaction(bundle: dict[str, Any], ctx: Context, allowed: Any,
         ctx.reset()
         try:
             with transaction.atomic():
-                if ctx.durable_later and ctx.before_commit is None:
-                    commit_without_waiting()
                 with deferred_side_effects():
                     results = _apply_transaction(parsed, ctx, allowed)
                     if ctx.before_commit is not None:  # this commit is the synchronous one

@@ -95,9 +95,6 @@ class Context:
     # within its own bulk statement.
     defer_new_patients: bool = False
     deferred: list[Any] = field(default_factory=list)
-    # The caller commits synchronously after the bundle, before answering (see
-    # ``ingest.commit_without_waiting``).
-    durable_later: bool = False
     # Called with the entry outcomes as the last statement inside a transaction bundle's
     # database transaction (the view records the InboundMessage outcome there).
     before_commit: Callable[[list[tuple[int, Any]]], None] | None = None
