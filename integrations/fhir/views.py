@@ -89,8 +89,7 @@ def _body(request: HttpRequest) -> Any:
     if content_type not in {FHIR_JSON, "application/json"}:
         raise FhirError.single(415, "not-supported",
                                f"Content-Type must be {FHIR_JSON} (got {content_type or 'none'})")
-    _check_size(request)
-    try:
+    try:  # (its size was checked by ``_received``, as the request was authenticated)
         return json.loads(request.body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise FhirError.single(400, "structure", f"the body is not valid JSON: {exc}") from exc
@@ -134,16 +133,26 @@ def _save(message: InboundMessage) -> None:
     message.save(force_insert=True)
 
 
-def _store(message: InboundMessage, status: int, summary: dict[str, Any]) -> None:
-    """Store the raw payload with its outcome: ONE statement (a request refused before it
-    wrote anything, or a transaction bundle that rolled back)."""
+def _set_outcome(message: InboundMessage, status: int, summary: dict[str, Any]) -> None:
     for name, value in _outcome_fields(status, summary).items():
         setattr(message, name, value)
+
+
+def _write(message: InboundMessage) -> None:
+    """INSERT the message now, in ONE autocommit statement (server-side binding on
+    PostgreSQL: the body is not escaped into the SQL text)."""
     if connection.vendor != "postgresql":
         _save(message)
         return
     ((message.pk,),) = pg_execute(*_insert(message))
     message._state.adding = False
+
+
+def _store(message: InboundMessage, status: int, summary: dict[str, Any]) -> None:
+    """Store the raw payload with its outcome: ONE statement (a request refused before it
+    wrote anything, or a transaction bundle that rolled back)."""
+    _set_outcome(message, status, summary)
+    _write(message)
 
 
 def _store_first(message: InboundMessage) -> None:
@@ -152,11 +161,7 @@ def _store_first(message: InboundMessage) -> None:
     leaves no committed clinical row without the payload it came from; ``_finish`` then
     records the outcome. (A transaction bundle stores its payload inside its own transaction:
     all or nothing.)"""
-    if connection.vendor != "postgresql":
-        _save(message)
-    else:
-        ((message.pk,),) = pg_execute(*_insert(message))
-        message._state.adding = False
+    _write(message)
     message.stored_first = True  # type: ignore[attr-defined]
 
 
@@ -181,8 +186,7 @@ def _store_in_transaction(message: InboundMessage
     the error instead. The caller sets ``message.stored`` once the bundle has committed."""
 
     def record(results: list[tuple[int, EntryOutcome]]) -> None:
-        for name, value in _outcome_fields(200, _summary(results)).items():
-            setattr(message, name, value)
+        _set_outcome(message, 200, _summary(results))
         if connection.vendor != "postgresql":  # the statement below is PostgreSQL's (::jsonb)
             _save(message)
         else:
@@ -223,8 +227,7 @@ def _guarded(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse
 
 def _ctx(request: HttpRequest) -> tuple[Context, Callable[[str], bool]]:
     feed: Feed = request.feed  # type: ignore[attr-defined]
-    return Context(feed_name=feed.name, actor=Actor(feed_id=feed.pk, via="fhir"),
-                   durable_later=True), feed.allows
+    return Context(feed_name=feed.name, actor=Actor(feed_id=feed.pk, via="fhir")), feed.allows
 
 
 def _summary(results: list[tuple[int, EntryOutcome]]) -> dict[str, Any]:
