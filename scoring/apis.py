@@ -123,7 +123,8 @@ class DicomUploadApi(APIView):
             for study_uid in studies:
                 # Written FOR this patient whatever PatientID the files carry, before it is
                 # linked and its jobs are created (they belong to this patient's procedure).
-                study = register_study(root, study_uid, patient=patient, actor=actor)
+                study = register_study(root, study_uid, patient=patient, actor=actor,
+                                       source="upload")
                 if study is not None:
                     registered.append(study.pk)
         return Response({"stored": stored, "rejected": rejected, "studies": registered},

@@ -58,11 +58,13 @@ class Receiver:
         return due
 
 
-def register_study(root: Path, study_uid: str, patient: Any = None, actor: Any = None) -> Any:
+def register_study(root: Path, study_uid: str, patient: Any = None, actor: Any = None,
+                   source: str = "dicom") -> Any:
     """Register a complete received study (Django must be set up): the study and its series,
     where the files are, then its link and VBQ jobs, in one transaction. ``patient``: the
     patient the study is FOR (a staff upload for that patient), whatever PatientID the files
-    carry; otherwise the patient whose DICOM PatientID identifier matches, if any."""
+    carry; otherwise the patient whose DICOM PatientID identifier matches, if any. ``source``:
+    ``dicom`` (C-STORE) or ``upload``."""
     import pydicom
     from django.conf import settings
 
@@ -88,10 +90,10 @@ def register_study(root: Path, study_uid: str, patient: Any = None, actor: Any =
                                          len(files)))
     if first is None:
         return None
-    ident = None if patient is not None else PatientIdentifier.objects.filter(
-        system=settings.DICOM_PATIENT_ID_SYSTEM, value=str(first.get("PatientID", ""))).first()
-    if patient is None and ident is not None:
-        patient = ident.patient
+    if patient is None:
+        ident = PatientIdentifier.objects.filter(system=settings.DICOM_PATIENT_ID_SYSTEM,
+                                                 value=str(first.get("PatientID", ""))).first()
+        patient = ident.patient if ident else None
     started = None
     if first.get("StudyDate"):
         text = str(first.StudyDate)
@@ -107,7 +109,7 @@ def register_study(root: Path, study_uid: str, patient: Any = None, actor: Any =
     with transaction.atomic():
         study, _ = imaging_study_upsert(
             study_instance_uid=study_uid, patient=patient,
-            source="upload" if actor is not None else "dicom", started_at=started,
+            source=source, started_at=started,
             modality=str(first.get("Modality", "")),
             description=str(first.get("StudyDescription", "")), series=series_inputs,
             actor=actor or Actor(via="dicom"), link=False)
