@@ -33,32 +33,26 @@ STUCK_AFTER = dt.timedelta(minutes=30)
 REQUEUE_AFTER = dt.timedelta(minutes=2)
 
 
-def enqueue_vbq_compute(result_id: int) -> None:
-    """Send the job; a broker outage must not fail the write (the row stays queued and
-    ``vbq_requeue_stale`` sends it later)."""
+def _send(task: Any, *args: Any, about: str) -> None:
+    """Send a message after commit. A broker outage must not fail the write that committed:
+    its rows are the outbox (a queued job, a study waiting to be linked), which
+    ``vbq_requeue_stale`` sends or links later; the outage is logged (ids only)."""
     try:
-        vbq_compute.delay(result_id)
+        task.delay(*args)
     except Exception as exc:
-        logger.warning("vbq_compute not queued result=%s: %s", result_id, type(exc).__name__)
+        logger.warning("%s not queued %s: %s", task.name, about, type(exc).__name__)
+
+
+def enqueue_vbq_compute(result_id: int) -> None:
+    _send(vbq_compute, result_id, about=f"result={result_id}")
 
 
 def enqueue_study_received(study_id: int) -> None:
-    """Send ``study_received``; a broker outage must not fail the ingest (the study stays
-    ``LINK_PENDING`` and ``vbq_requeue_stale`` links it later)."""
-    try:
-        study_received.delay(study_id)
-    except Exception as exc:
-        logger.warning("study_received not queued study=%s: %s", study_id, type(exc).__name__)
+    _send(study_received, study_id, about=f"study={study_id}")
 
 
 def enqueue_link_pending_studies(patient_ids: list[str]) -> None:
-    """Send ``link_pending_studies``; a broker outage must not fail the write (the studies
-    stay ``RELINK_PENDING`` and ``vbq_requeue_stale`` links them later)."""
-    try:
-        link_pending_studies.delay(patient_ids)
-    except Exception as exc:
-        logger.warning("link_pending_studies not queued for %s patient(s): %s",
-                       len(patient_ids), type(exc).__name__)
+    _send(link_pending_studies, patient_ids, about=f"for {len(patient_ids)} patient(s)")
 
 
 @shared_task(name="scoring.link_pending_studies")
