@@ -362,9 +362,10 @@ def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTE
     runs it with its next bulk statement (``sourced_record_many(extra=...)``), one round trip
     fewer, and must run it before anything reads these patients from the database. Their
     rows are then inserted by the same statement as their clinical records: the records'
-    foreign keys are checked at commit, their dates were checked against the patient in
-    Python (``procedure_values``...), and no other transaction can see a new patient before
-    commit. Updated patients are always written at once."""
+    foreign keys are checked at commit, their dates against the patient in Python
+    (``procedure_values``...) and by the birth-date triggers at the end of the statement
+    (``registry/0004``), and no other transaction can see a new patient before commit.
+    Updated patients are always written at once."""
     for n, item in enumerate(items):
         try:
             patient_check(identifiers=item["identifiers"], sex=item.get("sex", "unknown"),
@@ -432,10 +433,9 @@ def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTE
                 params=[json_param(p_records), json_param(i_records)],
                 select="SELECT NULL::bigint, NULL::boolean, NULL::text WHERE false",
                 finish=lambda _rows: []))
-            new_identifiers = []
         else:
             _write_patients(p_sql, i_sql, p_records, i_records)
-            new_identifiers = []
+        new_identifiers = []
     else:
         upsert_returning(Patient, patient_rows, conflict=["id"], update=PATIENT_FIELDS)
     if new_identifiers:
