@@ -44,6 +44,7 @@ class _Pacs(ThreadingHTTPServer):
         self.bodies = bodies
         self.truncated: set[str] = set()  # series answered half, then the connection dropped
         self.connections = 0
+        self.paths: list[str] = []  # request targets as received (absolute via a proxy)
 
     def get_request(self):  # type: ignore[no-untyped-def]
         self.connections += 1
@@ -59,6 +60,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         series_uid = self.path.rstrip("/").rsplit("/", 1)[-1]
+        self.server.paths.append(self.path)  # type: ignore[attr-defined]
         body = self.server.bodies.get(series_uid)  # type: ignore[attr-defined]
         if body is None:
             self.send_response(404)
@@ -154,3 +156,23 @@ def test_a_connection_dropped_during_the_answer_is_a_transient_error(pacs):
         fetch_series(pacs.url, study, uid)
     pacs.truncated.clear()  # the PACS is back to normal
     assert len(fetch_series(pacs.url, study, uid)) == 11
+
+
+def test_the_environment_proxy_is_used_though_it_is_read_once(pacs, monkeypatch):
+    """The HTTP session reads proxies and the CA bundle from the environment once, when the
+    worker first talks to an endpoint (``trust_env`` is off: re-reading os.environ on every
+    request cost CPU per series). A proxy set in the environment must still carry the fetch:
+    here the "PACS" host does not resolve, and only the proxy (the local server, which answers
+    absolute request targets) can serve it."""
+    phantom = make_phantom(155, slices=3)
+    uid = str(phantom.datasets[0].SeriesInstanceUID)
+    study = str(phantom.datasets[0].StudyInstanceUID)
+    pacs.bodies[uid] = _multipart([_dicom_bytes(ds) for ds in phantom.datasets])
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    proxy = pacs.url.removesuffix("/dicom-web")
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    monkeypatch.setenv("http_proxy", proxy)
+    base = "http://pacs-behind-proxy.invalid/dicom-web"
+    assert len(fetch_series(base, study, uid)) == 3
+    assert pacs.paths == [f"{base}/studies/{study}/series/{uid}"]

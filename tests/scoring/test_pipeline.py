@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+from django.db import DatabaseError, connection
 
 from integrations.dicom.dicomweb import PermanentFetchError, TransientFetchError, fetch_series
 from registry.services import Identifier, feed_create, procedure_record
@@ -421,6 +422,37 @@ def test_a_failing_follow_up_evaluation_keeps_the_result_and_leaves_the_patient_
     patient.refresh_from_db()
     assert patient.followup_next_check_on == clinic_today()  # the sweep's safety net
     assert not Alert.objects.filter(patient=patient).exists()
+
+
+@pytest.mark.django_db
+def test_a_database_error_in_the_follow_up_evaluation_keeps_the_result(tmp_path, monkeypatch):
+    """The evaluation's own savepoint (``followup_evaluate``'s per-patient ``atomic``) is what
+    keeps the job's transaction usable when the evaluation's SQL fails: the result and its
+    levels are still stored and the patient is left due today for the sweep."""
+    import registry.sweep
+
+    phantom = make_phantom(132, slices=9)
+    expected = _engine_outcome(phantom)
+    patient, result = _local_study(tmp_path, phantom, index_days_ago=70, mri_days_before=10)
+    patient.followup_next_check_on = None
+    patient.save(update_fields=["followup_next_check_on"])
+
+    def broken_facts(*args, **kwargs):
+        raise DatabaseError("SYNTHETIC failure of the facts query")
+
+    def broken_sql(*args, **kwargs):
+        return "SELECT no_such_column FROM no_such_table WHERE %(x)s", {"x": 1}
+
+    if connection.vendor == "postgresql":
+        monkeypatch.setattr(registry.sweep, "patient_facts_sql", broken_sql)
+    else:
+        monkeypatch.setattr(registry.sweep, "load_facts", broken_facts)
+    assert vbq_compute(result.pk)["status"] == expected.status
+    result.refresh_from_db()
+    assert (result.status, result.vbq_all_levels) == (expected.status, expected.vbq_all_levels)
+    assert result.levels.count() >= 5
+    patient.refresh_from_db()
+    assert patient.followup_next_check_on == clinic_today()
 
 
 @pytest.mark.django_db
