@@ -230,3 +230,30 @@ def test_a_procedure_in_a_fhir_bundle_links_the_patients_earlier_study(client):
     study.refresh_from_db()
     assert study.linked_procedure_id is not None
     assert VbqResult.objects.filter(series__study=study).count() == 1
+
+
+@pytest.mark.postgres
+def test_the_sql_and_python_rules_of_a_scorable_series_agree():
+    """``vbq_jobs_create`` decides in SQL when the study has a PACS (``SCORABLE_SQL``, an
+    ``INSERT .. SELECT``) and in Python otherwise (``_looks_scorable``): the same series must
+    be scored either way."""
+    from scoring.models import ImagingSeries
+    from scoring.services import NOT_SCORED_PATTERNS, SCORABLE_SQL, _looks_scorable
+
+    patient, index_day = _patient_with_index()
+    study = _study(patient, index_day, "2.25.7301", days_before=10)
+    cases = [("MR", "SAG T1"), ("", "sag t1 tse"), ("MR", ""), ("CT", "SAG T1"),
+             ("MR", "AX T1"), ("MR", "t2 sag"), ("MR", "Sag STIR"), ("MR", "localizer"),
+             ("MR", "3-pl scout"), ("MR", "SAG T1 FS"), ("SR", ""), ("MR", "SAGITTAL T1 flair"),
+             ("MR", "Max T1")]  # "MAX" holds "AX": skipped by both, as the rule says
+    rows = [ImagingSeries.objects.create(study=study, series_instance_uid=f"2.25.7301.{n}",
+                                         modality=modality, description=description)
+            for n, (modality, description) in enumerate(cases, 10)]
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT s.id FROM scoring_imagingseries AS s "  # noqa: S608
+                       f"WHERE s.study_id = %s AND {SCORABLE_SQL}", [study.pk, NOT_SCORED_PATTERNS])
+        in_sql = {row[0] for row in cursor.fetchall()}
+    in_python = {row.pk for row in rows if _looks_scorable(row)} | {
+        s.pk for s in study.series.exclude(pk__in=[r.pk for r in rows]) if _looks_scorable(s)}
+    assert in_sql == in_python
+    assert 0 < len({r.pk for r in rows} & in_sql) < len(rows)
