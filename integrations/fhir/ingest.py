@@ -208,6 +208,8 @@ def process_transaction(bundle: dict[str, Any], ctx: Context, allowed: Any,
         ctx.reset()
         try:
             with transaction.atomic():
+                if ctx.at_begin is not None:
+                    ctx.at_begin()
                 with deferred_side_effects():
                     results = _apply_transaction(parsed, ctx, allowed)
                     if ctx.before_commit is not None:  # this commit is the synchronous one

@@ -98,6 +98,9 @@ class Context:
     # Called with the entry outcomes as the last statement inside a transaction bundle's
     # database transaction (the view records the InboundMessage outcome there).
     before_commit: Callable[[list[tuple[int, Any]]], None] | None = None
+    # Called first inside each attempt's database transaction, before its first statement
+    # (the view stores the raw payload there in its own commit: ``views._store_at_begin``).
+    at_begin: Callable[[], None] | None = None
 
     def reset(self) -> None:
         self.bundle_patients.clear()
