@@ -270,3 +270,26 @@ def test_the_pixel_stack_converts_slices_when_used_with_the_rescale():
     assert pixels.shape == expected.shape
     with pytest.raises(IndexError):
         pixels[len(datasets)]
+
+
+def test_the_json_contract_is_what_dataclasses_asdict_gives():
+    """``to_dict`` skips ``asdict``'s deep copy (worker CPU per stored result); the data, and
+    the container types (tuples stay tuples), must be exactly ``asdict``'s."""
+    import dataclasses
+
+    def typed(value):  # the value with the type of every container and leaf spelled out
+        if isinstance(value, dict):
+            return ("dict", {k: typed(v) for k, v in value.items()})
+        if isinstance(value, list | tuple):
+            return (type(value).__name__, [typed(v) for v in value])
+        return (type(value).__name__, value)
+
+    phantom = make_phantom(20, fractured=("L2",))
+    measured = [compute_vbq(phantom.datasets),
+                compute_vbq(phantom.datasets, manual_rois=truth_rois(phantom),
+                            fractured_levels=["L2"])]
+    assert measured[0].levels
+    assert measured[0].csf is not None
+    assert measured[1].fractured_levels
+    for result in measured:
+        assert typed(result.to_dict()) == typed(dataclasses.asdict(result))
