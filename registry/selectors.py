@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import Any
 
 from django.db.models import Q, QuerySet
 
@@ -43,11 +44,16 @@ def patient_list(*, search: str = "", care_team: str = "") -> QuerySet[Patient]:
 
 def index_procedure(*, patient: Patient) -> Procedure | None:
     """The patient's first active vertebroplasty/kyphoplasty."""
-    return (
-        Procedure.objects.filter(patient=patient, record_status=RecordStatus.ACTIVE)
-        .order_by("performed_at", "pk")
-        .first()
-    )
+    return index_procedure_query(patient_id=patient.pk).first()
+
+
+def index_procedure_query(*, patient_id: Any) -> QuerySet[Procedure]:
+    """The rule of ``index_procedure`` as a query, first row first: for a caller that folds the
+    lookup into a statement of its own (``scoring.linking`` takes its per-patient lock in the
+    same statement), so the rule stays written once."""
+    return Procedure.objects.filter(
+        patient_id=patient_id, record_status=RecordStatus.ACTIVE
+    ).order_by("performed_at", "pk")
 
 
 def secondary_fractures(*, patient: Patient, index: Procedure | None = None) -> list[Fracture]:
