@@ -191,11 +191,7 @@ def _entries(bundle: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
     return sorted(indexed, key=lambda ie: ORDER.get(ie[1]["resource"].get("resourceType"), 1))
 
 
-def process_transaction(bundle: dict[str, Any], ctx: Context, allowed: Any,
-                        attempts: int = 3) -> list[tuple[int, EntryOutcome]]:
-    """All-or-nothing. Every entry is parsed once, before the transaction; the writes go
-    through the bulk services (a constant number of queries per bundle, not per entry).
-    Retries a few times on a concurrent-writer conflict."""
+def _parse_entries(bundle: dict[str, Any], allowed: Any) -> list[tuple[int, dict[str, Any], Any]]:
     parsed = []
     for i, entry in _entries(bundle):
         prefix = f"Bundle.entry[{i}].resource"
@@ -204,12 +200,26 @@ def process_transaction(bundle: dict[str, Any], ctx: Context, allowed: Any,
         except FhirError as exc:
             raise exc.prefixed(f"Bundle.entry[{i}]") from exc
         parsed.append((i, entry, model))
+    return parsed
+
+
+def process_transaction(bundle: dict[str, Any], ctx: Context, allowed: Any,
+                        attempts: int = 3) -> list[tuple[int, EntryOutcome]]:
+    """All-or-nothing. Every entry is parsed once, by the first attempt, before its first
+    statement (``ctx.at_begin`` first: the view stores the raw payload there, so a worker
+    killed while parsing leaves it too; the transaction is then open, but has no snapshot and
+    holds no lock before that statement); the writes go through the bulk services (a constant
+    number of queries per bundle, not per entry). Retries a few times on a concurrent-writer
+    conflict, without parsing again."""
+    parsed: list[tuple[int, dict[str, Any], Any]] | None = None
     for attempt in range(attempts):
         ctx.reset()
         try:
             with transaction.atomic():
                 if ctx.at_begin is not None:
                     ctx.at_begin()
+                if parsed is None:
+                    parsed = _parse_entries(bundle, allowed)
                 with deferred_side_effects():
                     results = _apply_transaction(parsed, ctx, allowed)
                     if ctx.before_commit is not None:  # this commit is the synchronous one

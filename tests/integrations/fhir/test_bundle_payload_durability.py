@@ -1,9 +1,9 @@
 """A transaction bundle's raw payload survives a worker killed in the middle of the bundle.
 
-The payload is stored (outcome ``received``) in its own commit before the bundle's first
-write (``views._store_at_begin``: in the pipeline that opens the bundle's transaction on
-PostgreSQL; a local commit first on SQLite), and its outcome set by the bundle's last
-statement, or after the rollback of a refused bundle. No enclosing test transaction
+The payload is stored (outcome ``received``) in its own commit before the bundle's entries
+are parsed and written (``views._store_at_begin``: in the pipeline that opens the bundle's
+transaction on PostgreSQL; a local commit first on SQLite), and its outcome set by the
+bundle's last statement, or after the rollback of a refused bundle. No enclosing test transaction
 (``transactional_db``), as in production: the store-first path only runs there.
 """
 
@@ -56,23 +56,25 @@ def _rows_seen_by_another_connection() -> list[tuple[str, int | None]]:
                              "ORDER BY id").fetchall()
 
 
+@pytest.mark.parametrize("where", ["flush_pending", "parse_entry"])
 def test_a_transaction_bundle_cut_off_mid_write_leaves_its_raw_payload(
-    client, token, monkeypatch
+    client, token, monkeypatch, where
 ):
-    """Killed after the bundle's patients were written, before its other rows: the bundle is
-    rolled back, its payload stays (``received``); the sender's resend is then applied once."""
+    """Killed after the bundle's patients were written, before its other rows (or while its
+    entries were being parsed): the bundle is rolled back, its payload stays (``received``);
+    the sender's resend is then applied once."""
     import integrations.fhir.ingest as ingest
 
-    flush_pending = ingest.flush_pending
+    original = getattr(ingest, where)
     seen_meanwhile = []
 
-    def killed(ctx):
-        flush_pending(ctx)  # the bundle's patients, in its open transaction
+    def killed(*args, **kwargs):
+        original(*args, **kwargs)  # e.g. the bundle's patients, in its open transaction
         if connection.vendor == "postgresql":  # committed already, not only in this session
             seen_meanwhile.extend(_rows_seen_by_another_connection())
         raise _WorkerKilled
 
-    monkeypatch.setattr(ingest, "flush_pending", killed)
+    monkeypatch.setattr(ingest, where, killed)
     bundle = _bundle()
     with pytest.raises(_WorkerKilled):
         _post(client, token, bundle)
@@ -83,7 +85,7 @@ def test_a_transaction_bundle_cut_off_mid_write_leaves_its_raw_payload(
     if connection.vendor == "postgresql":
         assert seen_meanwhile == [("received", None)]
 
-    monkeypatch.setattr(ingest, "flush_pending", flush_pending)
+    monkeypatch.setattr(ingest, where, original)
     for _ in range(2):  # the sender got no answer: it resends, maybe twice
         response = _post(client, token, bundle)
         assert response.status_code == 200, response.json()
