@@ -68,6 +68,15 @@ def config_from_settings() -> FollowupConfig:
     )
 
 
+# A VBQ result counts only if its study is active and is its own patient's (``_facts_sql``
+# says the same in SQL): a study entered in error, or moved to another patient whose results
+# did not follow it (``scoring.services_bulk`` moves them; this is the second line), must not
+# raise or suppress an alert on images that are not this patient's. A result with no series
+# (an imported value, e.g. the demo cohort's) has no study to check and counts.
+_COUNTED_STUDY = Q(series__isnull=True) | Q(series__study__record_status=RecordStatus.ACTIVE,
+                                             series__study__patient_id=F("patient_id"))
+
+
 def load_facts(patient_ids: Iterable[Any]) -> dict[Any, PatientFacts]:
     """Facts for many patients in a fixed number of queries (no per-patient queries)."""
     from scoring.models import VbqResult
@@ -87,6 +96,7 @@ def load_facts(patient_ids: Iterable[Any]) -> dict[Any, PatientFacts]:
         VbqResult.objects.filter(patient_id__in=ids)
         .filter(Q(review_status=VbqResult.Review.ACCEPTED)
                 | Q(status=VbqResult.Status.SUCCEEDED, review_status=VbqResult.Review.PENDING))
+        .filter(_COUNTED_STUDY)
         .order_by("patient_id", "queued_at", "pk")
         .values_list("patient_id", "vbq_all_levels", "vbq_excluding_fractured")
     ):
@@ -314,7 +324,9 @@ def patient_facts_sql(patient_id: uuid.UUID) -> tuple[str, dict[str, Any]]:
 
 
 def _facts_sql(selection: str) -> tuple[str, dict[str, Any]]:
-    from scoring.models import VbqResult
+    """The facts statement. The VBQ lookup reads the patient's results by ``patient_id`` (its
+    index) and each candidate's series and study by primary key (``_COUNTED_STUDY``)."""
+    from scoring.models import ImagingSeries, ImagingStudy, VbqResult
 
     sql = f"""
 WITH due AS MATERIALIZED (
@@ -342,8 +354,12 @@ LEFT JOIN LATERAL (
 ) ix ON true
 LEFT JOIN LATERAL (
     SELECT r.vbq_all_levels, r.vbq_excluding_fractured FROM {VbqResult._meta.db_table} r
+    LEFT JOIN {ImagingSeries._meta.db_table} se ON se.id = r.series_id
+    LEFT JOIN {ImagingStudy._meta.db_table} st ON st.id = se.study_id
     WHERE r.patient_id = d.id AND (r.review_status = %(accepted)s
         OR (r.status = %(succeeded)s AND r.review_status = %(pending)s))
+      AND (r.series_id IS NULL
+           OR (st.record_status = %(active)s AND st.patient_id = r.patient_id))
     ORDER BY r.queued_at DESC, r.id DESC LIMIT 1
 ) v ON true
 """  # noqa: S608 - table names come from model metadata; every value is a bound parameter

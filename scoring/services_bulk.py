@@ -2,12 +2,24 @@
 at once (a FHIR transaction bundle): one upsert of the studies and one of their series, the same
 audit events, the same outbox marker (every active study, new or updated, is written with
 ``link_reason = LINK_PENDING`` until ``study_received`` links it) and the same
-``study_received`` task queued after commit for each active study."""
+``study_received`` task queued after commit for each active study.
+
+A study re-sent for ANOTHER patient (a misfile the EHR corrects, a DICOM upload for another
+patient) takes its VBQ results with it: they belong to the study's images, and left behind
+they would raise or suppress the old patient's follow-up alerts on someone else's images (and
+the new patient would get none: the jobs are unique per series, so none is created again).
+Both patients are re-evaluated, the old patient's other studies are linked again, and the
+study's link to the old patient's procedure is dropped. A study whose record status changes
+(e.g. entered in error) gets its patient re-evaluated (``registry.sweep`` counts only the
+results of active studies)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import connection, transaction
@@ -22,13 +34,24 @@ from registry.services_bulk import (
     upsert_returning,
 )
 from registry.timeutil import clinic_date
-from scoring.models import ImagingSeries, ImagingStudy
-from scoring.services import LINK_PENDING
+from scoring.models import ImagingSeries, ImagingStudy, VbqResult
+from scoring.services import LINK_PENDING, relink_after_procedures
 
 STUDY_FIELDS = ["patient", "source", "started_at", "started_on", "modality", "description",
                 "endpoint_url", "identifier_system", "identifier_value", "record_status"]
 logger = logging.getLogger(__name__)
 SERIES_FIELDS = ["study_id", "modality", "description", "number", "body_part", "instance_count"]
+MOVE_REASON = "study patient changed"
+
+
+@dataclass
+class _Before:
+    """An updated study as it was before the upsert, and its results the upsert moved to the
+    study's (new) patient: ``(result id, patient id it had)``."""
+
+    patient_id: str | None
+    record_status: str
+    moved: list[tuple[int, str]] = field(default_factory=list)
 
 
 def imaging_study_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR,
@@ -41,8 +64,16 @@ def imaging_study_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor =
         return imaging_study_statement(items=items, actor=actor,
                                        queue_linking=queue_linking).run()
     rows = _study_rows(items)
+    # Locked first: the patient a study has before the upsert (the rows stay locked until
+    # commit, so no concurrent upsert moves them in between).
+    before = {pk: _Before(str(patient) if patient else None, status) for pk, patient, status in
+              ImagingStudy.objects.select_for_update().filter(
+                  study_instance_uid__in=[row["study_instance_uid"] for row in rows])
+              .values_list("pk", "patient_id", "record_status")}
     results = upsert_returning(ImagingStudy, rows, conflict=["study_instance_uid"],
                                update=STUDY_FIELDS)
+    if before:
+        _move_results_orm(results, rows, before)
     series_rows = [
         {"series_instance_uid": s.series_instance_uid, "study_id": study_pk,
          "modality": s.modality, "description": s.description, "number": s.number,
@@ -52,12 +83,31 @@ def imaging_study_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor =
     ]
     upsert_returning(ImagingSeries, series_rows, conflict=["series_instance_uid"],
                      update=SERIES_FIELDS)
-    active = _side_effects(results, rows, actor, queue_linking)
+    active = _side_effects(results, rows, actor, queue_linking, before)
     if active:
         # The outbox marker, as in ``imaging_study_upsert``: an updated study keeps its old
         # reason otherwise, and the sweep would never re-link it if the broker is down now.
         ImagingStudy.objects.filter(pk__in=active).update(link_reason=LINK_PENDING)
     return results
+
+
+def _move_results_orm(results: Sequence[tuple[Any, bool]], rows: Sequence[dict[str, Any]],
+                      before: dict[Any, _Before]) -> None:
+    """The ORM twin of the statement's ``moved`` CTE (other databases): the results of the
+    updated studies that are not their study's patient's move to it (recorded in ``before``),
+    and a study whose patient changed loses its link to the old patient's procedure."""
+    new_patient = {pk: row["patient"].pk if row["patient"] else None
+                   for (pk, _), row in zip(results, rows, strict=True)}
+    changed = [pk for pk, prior in before.items()
+               if prior.patient_id != (str(new_patient[pk]) if new_patient[pk] else None)]
+    if changed:  # as the statement's upsert does (an active one is LINK_PENDING just after)
+        ImagingStudy.objects.filter(pk__in=changed).update(linked_procedure=None, link_reason="")
+    for result_id, patient_id, study_id in VbqResult.objects.select_for_update().filter(
+            series__study_id__in=list(before), series__study__patient__isnull=False).values_list(
+            "pk", "patient_id", "series__study_id"):
+        if patient_id != new_patient[study_id]:
+            VbqResult.objects.filter(pk=result_id).update(patient_id=new_patient[study_id])
+            before[study_id].moved.append((result_id, str(patient_id)))
 
 
 def _study_rows(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -81,20 +131,66 @@ def _study_rows(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _side_effects(results: Sequence[tuple[Any, bool]], rows: Sequence[dict[str, Any]],
-                  actor: Actor, queue_linking: bool = True) -> list[Any]:
+                  actor: Actor, queue_linking: bool = True,
+                  before: dict[Any, _Before] | None = None) -> list[Any]:
     """The audit rows; ``study_received`` queued after commit for every active study (unless
-    ``queue_linking`` is false), whose ids are returned."""
+    ``queue_linking`` is false), whose ids are returned. ``before``: the updated studies as
+    they were (see ``_moves``)."""
+    before = before or {}
     with deferred_side_effects():
         for (study_pk, created), row in zip(results, rows, strict=True):
             patient = row["patient"]
+            prior = before.get(study_pk)
+            moved_from = (prior.patient_id if prior and prior.patient_id
+                          and prior.patient_id != (str(patient.pk) if patient else None)
+                          else None)
             audit_record(actor=actor, action="create" if created else "update",
                          object_type="ImagingStudy", object_id=str(study_pk),
-                         patient_id=patient.pk if patient else None)
+                         patient_id=patient.pk if patient else None,
+                         detail={"moved_from_patient": moved_from} if moved_from else None)
+        if before:
+            _moves(results, rows, actor, before)
     active = list(dict.fromkeys(pk for (pk, _), row in zip(results, rows, strict=True)
                                 if row["record_status"] == "active"))
     if active and queue_linking:
         transaction.on_commit(lambda: _queue_studies(active))
     return active
+
+
+def _moves(results: Sequence[tuple[Any, bool]], rows: Sequence[dict[str, Any]], actor: Actor,
+           before: dict[Any, _Before]) -> None:
+    """Inside ``deferred_side_effects``: for the results the upsert moved, an audit row each
+    (ids only); the follow-up of both patients re-evaluated (``followup_changed``: due today
+    and a re-evaluation queued after commit), and of a study's patient when its record status
+    changed; the old patient's unlinked studies linked again (``relink_after_procedures``: the
+    study that left may have been the one linked to their index procedure)."""
+    from registry.services import followup_changed
+
+    now = {pk: (row["patient"].pk if row["patient"] else None, row["record_status"])
+           for (pk, _), row in zip(results, rows, strict=True)}  # the last row of a UID wins
+    reevaluate: set[uuid.UUID] = set()  # UUIDs, as the other writes of a bundle add them
+    relink: set[str] = set()
+    for study_pk, prior in before.items():
+        patient_id, status = now[study_pk]
+        if prior.patient_id != (str(patient_id) if patient_id else None):
+            if prior.patient_id:
+                reevaluate.add(uuid.UUID(prior.patient_id))
+                relink.add(prior.patient_id)
+            if patient_id:
+                reevaluate.add(uuid.UUID(str(patient_id)))
+        elif prior.record_status != status and patient_id:
+            reevaluate.add(uuid.UUID(str(patient_id)))
+        for result_id, moved_from in prior.moved:
+            audit_record(actor=actor, action="update", object_type="VbqResult",
+                         object_id=str(result_id), patient_id=patient_id,
+                         detail={"moved_from_patient": moved_from, "reason": MOVE_REASON,
+                                 "study_id": study_pk})
+            reevaluate.add(uuid.UUID(moved_from))
+            reevaluate.add(uuid.UUID(str(patient_id)))
+    for pid in sorted(reevaluate):
+        followup_changed(pid)
+    if relink:
+        relink_after_procedures(relink)
 
 
 def imaging_study_statement(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR,
@@ -105,20 +201,36 @@ def imaging_study_statement(*, items: Sequence[dict[str, Any]], actor: Actor = S
     ``link_reason = LINK_PENDING`` on every active study (new or updated; a study entered in
     error keeps its reason) and returns the study ids, which the series' upsert joins by Study
     Instance UID. Rows with the same UID are written once (the last one wins), as
-    ``upsert_returning`` does. ``finish`` (called with the rows) writes the audit rows and
-    queues ``study_received`` after commit."""
+    ``upsert_returning`` does. In the same statement (no round trip more), the results of an
+    updated study that are not its patient's move to it (``moved``), a study whose patient
+    changes loses its procedure link, and the SELECT reads each study as it was before
+    (``key``: a JSON array of the UID, the old patient and record status, the moves).
+    ``finish`` (called with the rows) writes the audit rows, marks the patients concerned for
+    re-evaluation (``_moves``) and queues ``study_received`` after commit.
+
+    The "before" values are the statement's snapshot: a concurrent transaction that changed
+    the same study after it was taken (READ COMMITTED) is not seen in them, so the audit
+    could name the patient before that one; the moved results themselves are always the
+    study's patient's after this statement."""
     qn = connection.ops.quote_name
     study_table = qn(ImagingStudy._meta.db_table)
+    series_table = qn(ImagingSeries._meta.db_table)
+    result_table = qn(VbqResult._meta.db_table)
     rows = _study_rows(items)
     for row in rows:
         row["link_reason"] = LINK_PENDING if row["record_status"] == "active" else ""
     slot_of, unique = _dedupe(rows, ["study_instance_uid"])
+    same_patient = f"EXCLUDED.patient_id IS NOT DISTINCT FROM {study_table}.patient_id"
     study_sql, study_records = _pg_insert_sql(
         ImagingStudy, unique, ["study_instance_uid"], STUDY_FIELDS, "", update_sql={
             "link_reason": f"CASE WHEN EXCLUDED.record_status = 'active' THEN "
-                           f"EXCLUDED.link_reason ELSE {study_table}.link_reason END"})
+                           f"EXCLUDED.link_reason WHEN {same_patient} THEN "
+                           f"{study_table}.link_reason ELSE '' END",
+            # a study that changes patient is no longer the old patient's pre-procedure MRI
+            "linked_procedure_id": f"CASE WHEN {same_patient} THEN "
+                                   f"{study_table}.linked_procedure_id END"})
     ctes = [f"studies AS ({study_sql}RETURNING id, (xmax = 0) AS inserted, "
-            "study_instance_uid)"]
+            "study_instance_uid, patient_id)"]
     params = [json_param(study_records)]
     series_rows = {  # by Series Instance UID: the last one wins
         s.series_instance_uid: {
@@ -132,22 +244,46 @@ def imaging_study_statement(*, items: Sequence[dict[str, Any]], actor: Actor = S
             ImagingSeries, list(series_rows.values()), ["series_instance_uid"], SERIES_FIELDS,
             "", select={"study_id": "s.id"}, source=(
                 "json_array_elements(%s::json) AS e CROSS JOIN LATERAL json_populate_record("
-                f"NULL::{qn(ImagingSeries._meta.db_table)}, e) AS r JOIN studies AS s "
+                f"NULL::{series_table}, e) AS r JOIN studies AS s "
                 "ON s.study_instance_uid = e->>'vbq_study_uid'"))
         for record, row in zip(series_records, series_rows.values(), strict=True):
             record["vbq_study_uid"] = row["vbq_study_uid"]
         ctes.append(f"series AS ({series_sql})")
         params.append(json_param(series_records))
+    # Every sub-statement sees the rows as they were BEFORE this statement: ``prev`` and ``se``
+    # are the results and series the study already had (of any status, manual and reviewed
+    # ones too), and the final SELECT's ``t`` is the study before its update. A result that
+    # is not its study's patient's moves to it; ``prev`` gives the patient it had (RETURNING
+    # only sees new values before PostgreSQL 18). Index lookups by study (series) and by
+    # series (results) per updated study: nothing more for a new or unchanged study.
+    ctes.append(
+        f"moved AS (UPDATE {result_table} AS r SET patient_id = s.patient_id "  # noqa: S608
+        f"FROM studies AS s JOIN {series_table} AS se ON se.study_id = s.id "
+        f"JOIN {result_table} AS prev ON prev.series_id = se.id "
+        "WHERE r.id = prev.id AND NOT s.inserted AND s.patient_id IS NOT NULL "
+        "AND prev.patient_id <> s.patient_id "
+        "RETURNING r.id, se.study_id, prev.patient_id AS moved_from)")
+    # The third column is the key (text) ``sourced_record_many`` expects: a JSON array of the
+    # UID, the patient and status before the upsert (NULL for a new study) and the moves.
+    select = (
+        "SELECT s.id, s.inserted, json_build_array(s.study_instance_uid, t.patient_id, "  # noqa: S608
+        "t.record_status, (SELECT json_agg(json_build_array(m.id, m.moved_from)) "
+        "FROM moved AS m WHERE m.study_id = s.id))::text "
+        f"FROM studies AS s LEFT JOIN {study_table} AS t ON t.id = s.id AND NOT s.inserted")
 
     def finish(returned: Sequence[tuple[Any, bool, Any]]) -> list[tuple[Any, bool]]:
-        written = {uid: (pk, bool(inserted)) for pk, inserted, uid in returned}
+        written, before = {}, {}
+        for pk, inserted, key in returned:
+            uid, patient_id, status, moved = json.loads(key)
+            written[uid] = (pk, bool(inserted))
+            if status is not None:
+                before[pk] = _Before(patient_id, status,
+                                     [(rid, moved_from) for rid, moved_from in moved or ()])
         results = _expand(slot_of, [written[row["study_instance_uid"]] for row in unique])
-        _side_effects(results, rows, actor, queue_linking)
+        _side_effects(results, rows, actor, queue_linking, before)
         return results
 
-    return StatementPart(ctes=ctes, params=params,
-                         select="SELECT id, inserted, study_instance_uid FROM studies",
-                         finish=finish)
+    return StatementPart(ctes=ctes, params=params, select=select, finish=finish)
 
 
 def _queue_studies(study_ids: list[Any]) -> None:
