@@ -100,6 +100,15 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 else:
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DB_CONN_MAX_AGE", default=60))
     DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+# The imaging pipeline's hot statements are prepared once per connection (registry.services_bulk
+# pg_execute(prepare=True)). Turn off behind a transaction-mode PgBouncer older than 1.21, which
+# cannot route named prepared statements.
+DB_PREPARED_STATEMENTS = env.bool("DB_PREPARED_STATEMENTS", default=True)
+if DB_PREPARED_STATEMENTS and DATABASES["default"]["ENGINE"] != "django.db.backends.sqlite3":
+    # Django turns psycopg's preparing off (threshold None), which also ignores an explicit
+    # execute(prepare=True). A threshold no statement reaches keeps Django's default (nothing
+    # prepared automatically) and lets those explicit calls prepare.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("prepare_threshold", 2**31 - 1)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Auth -------------------------------------------------------------------------------------

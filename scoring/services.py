@@ -253,7 +253,8 @@ def _job_template(study: ImagingStudy) -> VbqResult:
 def _insert_jobs_for_study(study: ImagingStudy) -> list[int]:
     """PostgreSQL: ``INSERT .. SELECT`` one queued automatic job per scorable series of the
     study (``SCORABLE_SQL``), every other column with its model default as ``save()`` would
-    write it, ``ON CONFLICT DO NOTHING``; the ids of the rows created."""
+    write it, ``ON CONFLICT DO NOTHING``; the ids of the rows created. Prepared once per
+    connection (its text never changes)."""
     meta = VbqResult._meta
     template = _job_template(study)
     fields = [f for f in meta.concrete_fields if not f.primary_key]
@@ -268,9 +269,10 @@ def _insert_jobs_for_study(study: ImagingStudy) -> list[int]:
            f"WHERE s.study_id = %s AND {SCORABLE_SQL} ORDER BY s.id "
            "ON CONFLICT (series_id, algorithm_version, source, revision) DO NOTHING "
            f"RETURNING {quote(meta.pk.column)}")
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [*params, study.pk, NOT_SCORED_PATTERNS])
-        return [row[0] for row in cursor.fetchall()]
+    from registry.services_bulk import pg_execute
+
+    return [row[0] for row in pg_execute(sql, [*params, study.pk, NOT_SCORED_PATTERNS],
+                                         prepare=True)]
 
 
 def _insert_new_jobs(jobs: Sequence[VbqResult]) -> list[int]:

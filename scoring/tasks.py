@@ -104,6 +104,7 @@ def _claim(result_id: int) -> _Claimed | None:
     series, its study and the patient's fractured L1–L4 levels; ``None`` if it is not queued
     (done, running elsewhere or unknown)."""
     from registry.models import Fracture
+    from registry.services_bulk import pg_execute
     from scoring.models import ImagingSeries, ImagingStudy, VbqResult
 
     if connection.vendor != "postgresql":
@@ -124,13 +125,11 @@ def _claim(result_id: int) -> _Claimed | None:
         LEFT JOIN {ImagingSeries._meta.db_table} s ON s.id = c.series_id
         LEFT JOIN {ImagingStudy._meta.db_table} st ON st.id = s.study_id
     """  # noqa: S608 (table names from the models' metadata; values are parameters)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [VbqResult.Status.RUNNING, timezone.now(), result_id,
-                             VbqResult.Status.QUEUED])
-        row = cursor.fetchone()
-    if row is None:
+    rows = pg_execute(sql, [VbqResult.Status.RUNNING, timezone.now(), result_id,
+                            VbqResult.Status.QUEUED], prepare=True)
+    if not rows:
         return None
-    patient_id, local_path, study_uid, series_uid, endpoint, fractured = row
+    [(patient_id, local_path, study_uid, series_uid, endpoint, fractured)] = rows
     return _Claimed(patient_id, local_path, study_uid, series_uid, endpoint,
                     sorted(fractured or []))
 
@@ -195,7 +194,9 @@ STORED_LEVELS = ("L1", "L2", "L3", "L4", "L5", "S1", "csf")
 def _store(result_id: int, measurement: Any) -> None:
     """Write the result and its level rows (inside the caller's transaction). On PostgreSQL in
     ONE statement: the result's UPDATE, the DELETE of level rows this measurement no longer
-    has and an upsert of its levels (a re-run replaces the rows, as the ORM path below)."""
+    has and an upsert of its levels (a re-run replaces the rows, as the ORM path below),
+    prepared once per connection (its text depends only on the number of levels)."""
+    from registry.services_bulk import pg_execute
     from scoring.models import VbqLevel, VbqResult
 
     values = {
@@ -241,8 +242,7 @@ def _store(result_id: int, measurement: Any) -> None:
                    for lv in levels for f in level_fields]
     else:
         sql += " SELECT 1"
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+    pg_execute(sql, params, prepare=True)
 
 
 @shared_task(name="scoring.vbq_compute", bind=True, acks_late=True, reject_on_worker_lost=True,

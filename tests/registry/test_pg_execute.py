@@ -27,3 +27,39 @@ def test_a_connection_broken_between_requests_is_replaced_before_the_statement()
     finally:
         settings_dict["CONN_HEALTH_CHECKS"], settings_dict["CONN_MAX_AGE"] = before
         connection.close()
+
+
+def _prepared(marker: str) -> list[str]:
+    """The statements prepared on this connection whose text holds ``marker``."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements WHERE statement LIKE %s",
+                       [f"%{marker}%"])
+        return [row[0] for row in cursor.fetchall()]
+
+
+@pytest.mark.django_db
+def test_a_hot_statement_is_prepared_once_and_the_setting_turns_it_off(settings):
+    """``prepare=True``: parsed and planned once per connection (the imaging pipeline's claim,
+    result and jobs statements); ``DB_PREPARED_STATEMENTS=False`` (a transaction-mode PgBouncer
+    older than 1.21) prepares nothing; a plain call never prepares (Django's default)."""
+    settings.DB_PREPARED_STATEMENTS = True
+    for n in range(3):
+        assert pg_execute("SELECT %s::int + 1 AS vbq_prepared_probe", [n], prepare=True) == [
+            (n + 1,)]
+    assert len(_prepared("vbq_prepared_probe")) == 1
+    pg_execute("SELECT %s::int AS vbq_unprepared_probe", [1])
+    settings.DB_PREPARED_STATEMENTS = False
+    pg_execute("SELECT %s::int AS vbq_switched_off_probe", [1], prepare=True)
+    assert _prepared("vbq_unprepared_probe") == []
+    assert _prepared("vbq_switched_off_probe") == []
+
+
+@pytest.mark.django_db
+def test_a_claimed_job_uses_the_prepared_claim(settings):
+    """The worker's claim (one conditional UPDATE per job) is among the prepared statements
+    once a job was claimed on this connection."""
+    from scoring.tasks import _claim
+
+    settings.DB_PREPARED_STATEMENTS = True
+    assert _claim(987654321) is None  # no such job: nothing claimed, the statement still ran
+    assert len(_prepared("WITH claimed AS")) == 1

@@ -241,12 +241,12 @@ def test_the_sql_and_python_rules_of_a_scorable_series_agree():
     from scoring.services import NOT_SCORED_PATTERNS, SCORABLE_SQL, _looks_scorable
 
     patient, index_day = _patient_with_index()
-    study = _study(patient, index_day, "2.25.7301", days_before=10)
+    study = _study(patient, index_day, "2.25.7311", days_before=10)
     cases = [("MR", "SAG T1"), ("", "sag t1 tse"), ("MR", ""), ("CT", "SAG T1"),
              ("MR", "AX T1"), ("MR", "t2 sag"), ("MR", "Sag STIR"), ("MR", "localizer"),
              ("MR", "3-pl scout"), ("MR", "SAG T1 FS"), ("SR", ""), ("MR", "SAGITTAL T1 flair"),
              ("MR", "Max T1")]  # "MAX" holds "AX": skipped by both, as the rule says
-    rows = [ImagingSeries.objects.create(study=study, series_instance_uid=f"2.25.7301.{n}",
+    rows = [ImagingSeries.objects.create(study=study, series_instance_uid=f"2.25.7311.{n}",
                                          modality=modality, description=description)
             for n, (modality, description) in enumerate(cases, 10)]
     with connection.cursor() as cursor:
