@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -110,7 +110,7 @@ def insert_rows_sql(model: type[models.Model], rows: Sequence[dict[str, Any]]
     return sql, json_param(records)
 
 
-def pg_execute(sql: str, params: Sequence[Any], *, prepare: bool = False
+def pg_execute(sql: str, params: Sequence[Any] | Mapping[str, Any], *, prepare: bool = False
                ) -> list[tuple[Any, ...]]:
     """Run one PostgreSQL statement with SERVER-side parameter binding and return its rows.
 

@@ -127,12 +127,13 @@ def _link_nearest_pg(study: ImagingStudy, index: Procedure, reason: str) -> bool
         WHERE id = %(id)s
         RETURNING linked_procedure_id, link_reason
     """  # noqa: S608 (the table name from the model's metadata; values are parameters)
-    with connection.cursor() as cursor:
-        cursor.execute(sql, {"patient": study.patient_id, "index": index.pk,
-                             "on": study.started_on, "performed": index.performed_on,
-                             "id": study.pk, "arrived": NEARER_ARRIVED,
-                             "linked": NEARER_LINKED, "reason": reason})
-        linked_procedure_id, study.link_reason = cursor.fetchone()
+    from registry.services_bulk import pg_execute
+
+    # Prepared once per connection: run for every study an ingest links.
+    [(linked_procedure_id, study.link_reason)] = pg_execute(sql, {
+        "patient": study.patient_id, "index": index.pk, "on": study.started_on,
+        "performed": index.performed_on, "id": study.pk, "arrived": NEARER_ARRIVED,
+        "linked": NEARER_LINKED, "reason": reason}, prepare=True)
     study.linked_procedure = index if linked_procedure_id is not None else None
     return linked_procedure_id is not None
 
