@@ -10,6 +10,9 @@ Rules (stable ids; bump the version when the logic changes):
 - ``high-vbq-untreated-60d`` v1: VBQ ≥ threshold, day ≥ ``followup_days`` after the index
   procedure, not on therapy, alive → open. Therapy arriving later → resolve "therapy-started".
   VBQ revised below the threshold → resolve "not-appropriate".
+  v2 (2026-11-25): the VBQ the alert rested on no longer counts (its study was corrected to
+  another patient or entered in error, or the result was rejected in review) → resolve
+  "not-appropriate" too: the alert's premise is gone, and ``vbq-missing`` asks for a VBQ.
 - ``secondary-fracture`` v1: a secondary fracture (after the index date, not the index fracture)
   while untreated → escalate the open high-VBQ alert, or open its own alert if none is open,
   whatever the VBQ.
@@ -35,9 +38,10 @@ from dataclasses import dataclass, field
 HIGH_VBQ = "high-vbq-untreated-60d"
 SECONDARY_FRACTURE = "secondary-fracture"
 VBQ_MISSING = "vbq-missing"
-RULE_VERSIONS = {HIGH_VBQ: 1, SECONDARY_FRACTURE: 1, VBQ_MISSING: 1}
+RULE_VERSIONS = {HIGH_VBQ: 2, SECONDARY_FRACTURE: 1, VBQ_MISSING: 1}
 
-# Coded resolution reasons. The first seven are chosen by staff; the last two are automatic.
+# Coded resolution reasons, chosen by staff; the rules also resolve with "therapy-started",
+# "deceased", "not-appropriate" and "vbq-obtained" (the last one only automatic).
 RESOLUTION_REASONS = {
     "therapy-started": "Therapy started",
     "therapy-declined": "Therapy declined by the patient",
@@ -205,6 +209,12 @@ def evaluate(facts: PatientFacts, today: dt.date, config: FollowupConfig) -> Eva
         elif vbq is not None and vbq < config.threshold:
             decisions.append(Decision(HIGH_VBQ, RESOLVE, f"VBQ revised to {vbq:.2f}",
                                       "not-appropriate"))
+            high_alert = None
+        elif vbq is None:
+            decisions.append(Decision(
+                HIGH_VBQ, RESOLVE, "the VBQ this alert rested on no longer counts (study "
+                "corrected or entered in error, or result rejected in review)",
+                "not-appropriate"))
             high_alert = None
     elif vbq is not None and vbq >= config.threshold and not treated:
         if day_number >= config.followup_days:

@@ -164,11 +164,11 @@ def test_a_study_entered_in_error_no_longer_counts_and_its_patient_is_re_evaluat
     assert _vbq(a) is None
     assert _due_today(a)
     followup_evaluate([a.pk])
-    # What the rules do (registry/followup.py): a high-VBQ alert is resolved only by therapy or
-    # a VBQ below the threshold, not by a VBQ that disappears; with no usable VBQ on day 70 the
-    # "vbq-missing" work item opens next to it.
+    # The rules (registry/followup.py, high-VBQ v2): the alert raised on these images loses
+    # its premise and resolves; with no usable VBQ on day 70 the "vbq-missing" work item opens.
     assert dict(Alert.objects.filter(patient=a).values_list("rule_id", "status")) == {
-        HIGH_VBQ: "open", VBQ_MISSING: "open"}
+        HIGH_VBQ: "resolved", VBQ_MISSING: "open"}
+    assert Alert.objects.get(patient=a, rule_id=HIGH_VBQ).resolution_reason == "not-appropriate"
 
 
 def test_a_result_whose_study_belongs_to_another_patient_does_not_count():
