@@ -20,8 +20,8 @@ their ~300,000 containers slowed every full garbage collection of the baseline p
 
 What a bundle costs in the ingest (see docs/fhir.md, "How a transaction bundle is written"):
 the per-resource parse above, then 6 PostgreSQL round trips for a bundle of new patients
-(feed check, BEGIN, patient/held lookup, every clinical row, audit + due dates + raw payload
-with its outcome, COMMIT) and two Celery publishes. The ratio depends on the other load on the
+(feed check, raw payload + BEGIN in one pipeline, patient/held lookup, every clinical row,
+audit + due dates + the payload's outcome, COMMIT) and two Celery publishes. The ratio depends on the other load on the
 machine (the ingest is a chain of processes waking each other; the baseline is one busy
 thread): report the load average with the figures.
 
