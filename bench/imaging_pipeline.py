@@ -393,6 +393,11 @@ def main() -> int:
                                           for name, sec in cpu_used.items())
               + f"; total {1000 * sum(cpu_used.values()) / n:.1f} vs engine sequential "
               f"{1000 * engine_s / n:.1f}")
+        workers = cpu_used.get("celery workers", 0.0)
+        print(f"CPU ratios: everything / engine {sum(cpu_used.values()) / engine_s:.2f} (the "
+              f"ratio on this CPU-bound host); workers alone / engine {workers / engine_s:.2f} "
+              "(what the ratio approaches with the ingest, PostgreSQL, Orthanc and Redis on "
+              "other cores or hosts, as in a deployment)")
     strict = e2e_s / baseline_s
     print(f"engine only, {args.workers} processes in parallel (same series): "
           f"{engine_parallel_s:.2f} s ({engine_s / engine_parallel_s:.2f}x faster than "

@@ -181,9 +181,11 @@ class StatementPart:
     select: str
     finish: Callable[[Sequence[tuple[Any, bool, Any]]], list[tuple[Any, bool]]]
 
-    def run(self) -> list[tuple[Any, bool]]:
+    def run(self, *, prepare: bool = False) -> list[tuple[Any, bool]]:
+        """``prepare``: see ``pg_execute`` (for a statement whose text repeats, e.g. the
+        imaging ingest of one study: its rows travel as JSON parameters)."""
         return self.finish(pg_execute(f"WITH {', '.join(self.ctes)} {self.select}",
-                                      self.params))
+                                      self.params, prepare=prepare))
 
 
 def _pg_write(model: type[models.Model], rows: Sequence[dict[str, Any]],

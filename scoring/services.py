@@ -79,7 +79,7 @@ def imaging_study_upsert(
         "started_at": started_at, "modality": modality, "description": description,
         "endpoint_url": endpoint_url, "identifier_system": identifier_system,
         "identifier_value": identifier_value, "series": series,
-        "record_status": record_status}], actor=actor, queue_linking=False)
+        "record_status": record_status}], actor=actor, queue_linking=False, prepare=True)
     study = _as_written(pk, patient, {
         "study_instance_uid": study_instance_uid, "identifier_system": identifier_system,
         "identifier_value": identifier_value, "started_at": started_at,

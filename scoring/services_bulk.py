@@ -55,14 +55,16 @@ class _Before:
 
 
 def imaging_study_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR,
-                              queue_linking: bool = True) -> list[tuple[Any, bool]]:
+                              queue_linking: bool = True, prepare: bool = False
+                              ) -> list[tuple[Any, bool]]:
     """Items are ``imaging_study_upsert`` keyword arguments; returns ``(study pk, created)``
     per item, in order (studies by Study Instance UID, series by Series Instance UID).
     ``queue_linking=False``: no ``study_received`` message (the caller links the studies in
-    its transaction)."""
+    its transaction). ``prepare``: the PostgreSQL statement is prepared once per connection
+    (``pg_execute``; for ``imaging_study_upsert``, whose statement text never changes)."""
     if connection.vendor == "postgresql":
         return imaging_study_statement(items=items, actor=actor,
-                                       queue_linking=queue_linking).run()
+                                       queue_linking=queue_linking).run(prepare=prepare)
     rows = _study_rows(items)
     # Locked first: the patient a study has before the upsert (the rows stay locked until
     # commit, so no concurrent upsert moves them in between).

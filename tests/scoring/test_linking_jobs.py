@@ -257,3 +257,18 @@ def test_the_sql_and_python_rules_of_a_scorable_series_agree():
         s.pk for s in study.series.exclude(pk__in=[r.pk for r in rows]) if _looks_scorable(s)}
     assert in_sql == in_python
     assert 0 < len({r.pk for r in rows} & in_sql) < len(rows)
+
+
+@pytest.mark.postgres
+def test_the_ingest_of_one_study_runs_prepared_statements(settings):
+    """The fixed-text statements an ingested study costs (the study upsert, its link, its
+    jobs) are prepared once per connection (``DB_PREPARED_STATEMENTS``): parse and plan were
+    most of their server CPU."""
+    settings.DB_PREPARED_STATEMENTS = True
+    patient, index_day = _patient_with_index()
+    _study(patient, index_day, "2.25.7401", days_before=10, link=True)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        prepared = [row[0] for row in cursor.fetchall()]
+    for marker in ("WITH studies AS", "WITH nearer AS", "INSERT INTO \"scoring_vbqresult\""):
+        assert sum(marker in sql for sql in prepared) == 1, (marker, prepared)
