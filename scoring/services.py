@@ -80,7 +80,10 @@ def imaging_study_upsert(
         "endpoint_url": endpoint_url, "identifier_system": identifier_system,
         "identifier_value": identifier_value, "series": series,
         "record_status": record_status}], actor=actor, queue_linking=False, prepare=True)
-    study = _as_written(pk, patient, {
+    # No patient given: a study already known keeps its patient (the upsert's COALESCE), so
+    # read it back; otherwise the values just written are the row.
+    study = ImagingStudy.objects.select_related("patient").get(pk=pk) if (
+        patient is None and not created) else _as_written(pk, patient, {
         "study_instance_uid": study_instance_uid, "identifier_system": identifier_system,
         "identifier_value": identifier_value, "started_at": started_at,
         "started_on": clinic_date(started_at) if started_at else None, "modality": modality,

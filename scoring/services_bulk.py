@@ -24,6 +24,7 @@ from typing import Any
 
 from django.db import connection, transaction
 
+from registry.models import Patient
 from registry.services import SYSTEM_ACTOR, Actor, audit_record, deferred_side_effects
 from registry.services_bulk import (
     StatementPart,
@@ -72,6 +73,13 @@ def imaging_study_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor =
               ImagingStudy.objects.select_for_update().filter(
                   study_instance_uid__in=[row["study_instance_uid"] for row in rows])
               .values_list("pk", "patient_id", "record_status")}
+    if before:  # a re-send naming no patient keeps the study's (as the statement does)
+        kept = {uid: patient for uid, patient in ImagingStudy.objects.filter(
+            pk__in=[pk for pk, prior in before.items() if prior.patient_id]).values_list(
+            "study_instance_uid", "patient")}
+        for row in rows:
+            if row["patient"] is None and kept.get(row["study_instance_uid"]):
+                row["patient"] = Patient(pk=kept[row["study_instance_uid"]])
     results = upsert_returning(ImagingStudy, rows, conflict=["study_instance_uid"],
                                update=STUDY_FIELDS)
     if before:
@@ -212,8 +220,9 @@ def imaging_study_statement(*, items: Sequence[dict[str, Any]], actor: Actor = S
 
     The "before" values are the statement's snapshot: a concurrent transaction that changed
     the same study after it was taken (READ COMMITTED) is not seen in them, so the audit
-    could name the patient before that one; the moved results themselves are always the
-    study's patient's after this statement."""
+    could name the patient before that one, and a job a concurrent linker inserted for the
+    former patient meanwhile is not moved here: ``scoring.tasks._claim`` moves a job to its
+    study's patient when a worker claims it."""
     qn = connection.ops.quote_name
     study_table = qn(ImagingStudy._meta.db_table)
     series_table = qn(ImagingSeries._meta.db_table)
@@ -222,9 +231,13 @@ def imaging_study_statement(*, items: Sequence[dict[str, Any]], actor: Actor = S
     for row in rows:
         row["link_reason"] = LINK_PENDING if row["record_status"] == "active" else ""
     slot_of, unique = _dedupe(rows, ["study_instance_uid"])
-    same_patient = f"EXCLUDED.patient_id IS NOT DISTINCT FROM {study_table}.patient_id"
+    # A re-send that names no patient (the DICOM receiver, files whose PatientID is not
+    # registered) keeps the study's patient: "unknown" is not "unassigned".
+    same_patient = (f"(EXCLUDED.patient_id IS NULL OR EXCLUDED.patient_id IS NOT DISTINCT "
+                    f"FROM {study_table}.patient_id)")
     study_sql, study_records = _pg_insert_sql(
         ImagingStudy, unique, ["study_instance_uid"], STUDY_FIELDS, "", update_sql={
+            "patient_id": f"COALESCE(EXCLUDED.patient_id, {study_table}.patient_id)",
             "link_reason": f"CASE WHEN EXCLUDED.record_status = 'active' THEN "
                            f"EXCLUDED.link_reason WHEN {same_patient} THEN "
                            f"{study_table}.link_reason ELSE '' END",
@@ -281,6 +294,10 @@ def imaging_study_statement(*, items: Sequence[dict[str, Any]], actor: Actor = S
             if status is not None:
                 before[pk] = _Before(patient_id, status,
                                      [(rid, moved_from) for rid, moved_from in moved or ()])
+        for row in rows:  # a re-send naming no patient kept the study's (``patient_id``)
+            prior = before.get(written[row["study_instance_uid"]][0])
+            if row["patient"] is None and prior is not None and prior.patient_id:
+                row["patient"] = Patient(pk=uuid.UUID(prior.patient_id))
         results = _expand(slot_of, [written[row["study_instance_uid"]] for row in unique])
         _side_effects(results, rows, actor, queue_linking, before)
         return results

@@ -102,7 +102,11 @@ class _Claimed:
 def _claim(result_id: int) -> _Claimed | None:
     """Claim the job with one conditional UPDATE (queued → running) that also returns its
     series, its study and the patient's fractured L1–L4 levels; ``None`` if it is not queued
-    (done, running elsewhere or unknown)."""
+    (done, running elsewhere or unknown).
+
+    The job is scored for its study's patient AS OF NOW: a job created for the study's former
+    patient by a linker that raced a misfile correction (the correction's statement moves
+    only the results that existed when it started) moves to the study's patient here."""
     from registry.models import Fracture
     from registry.services_bulk import pg_execute
     from scoring.models import ImagingSeries, ImagingStudy, VbqResult
@@ -111,10 +115,14 @@ def _claim(result_id: int) -> _Claimed | None:
         return _claim_orm(result_id)
     sql = f"""
         WITH claimed AS (
-            UPDATE {VbqResult._meta.db_table} SET status = %s, started_at = %s,
-                   attempts = attempts + 1
-            WHERE id = %s AND status = %s
-            RETURNING patient_id, series_id)
+            UPDATE {VbqResult._meta.db_table} AS r SET status = %s, started_at = %s,
+                   attempts = attempts + 1,
+                   patient_id = coalesce((
+                       SELECT st.patient_id FROM {ImagingSeries._meta.db_table} s
+                       JOIN {ImagingStudy._meta.db_table} st ON st.id = s.study_id
+                       WHERE s.id = r.series_id), r.patient_id)
+            WHERE r.id = %s AND r.status = %s
+            RETURNING r.patient_id, r.series_id)
         SELECT c.patient_id, coalesce(s.local_path, ''), coalesce(st.study_instance_uid, ''),
                coalesce(s.series_instance_uid, ''), coalesce(st.endpoint_url, ''),
                ARRAY(SELECT DISTINCT f.vertebral_level FROM {Fracture._meta.db_table} f
@@ -145,6 +153,9 @@ def _claim_orm(result_id: int) -> _Claimed | None:
         return None
     result = VbqResult.objects.select_related("series__study").get(pk=result_id)
     series = result.series
+    if series and series.study.patient_id and series.study.patient_id != result.patient_id:
+        result.patient_id = series.study.patient_id  # see ``_claim``
+        VbqResult.objects.filter(pk=result_id).update(patient_id=result.patient_id)
     fractured = set(Fracture.objects.filter(
         patient_id=result.patient_id, site="vertebral", record_status="active",
         vertebral_level__in=["L1", "L2", "L3", "L4"]).values_list("vertebral_level", flat=True))

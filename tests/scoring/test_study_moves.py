@@ -277,3 +277,53 @@ def test_a_fhir_transaction_bundle_correcting_the_study_moves_its_result(client,
     assert _due_today(other)
     assert AuditEvent.objects.filter(object_type="VbqResult", object_id=str(result.pk),
                                      detail__moved_from_patient=str(owner.pk)).exists()
+
+
+def test_a_re_send_that_names_no_patient_keeps_the_studys_patient_and_its_vbq():
+    """The DICOM receiver registers files whose PatientID is not (yet) in the registry with
+    no patient: for a study already known that means "unknown", not "unassigned". The study
+    keeps its patient, the VBQ still counts, nothing is audited as moved and nobody becomes
+    due; an open high-VBQ alert would otherwise resolve on a VBQ that merely looked gone."""
+    a = _patient()
+    result = _score(_send(a))
+    _not_due(a)
+    study = _send(None)
+    assert study.patient_id == a.pk
+    assert ImagingStudy.objects.get(pk=study.pk).patient_id == a.pk
+    result.refresh_from_db()
+    assert result.patient_id == a.pk
+    assert _vbq(a) == 3.6
+    assert not _due_today(a)
+    assert not AuditEvent.objects.filter(object_type="VbqResult").exists()
+    assert not AuditEvent.objects.filter(detail__has_key="moved_from_patient").exists()
+    # and through the bulk path (a bundle's studies)
+    imaging_study_upsert_many(items=[{
+        "study_instance_uid": UID, "patient": None, "source": "dicom", "modality": "MR",
+        "series": [SeriesInput(UID + ".1", "MR", "SAG T1")]}])
+    assert ImagingStudy.objects.get(pk=study.pk).patient_id == a.pk
+    assert _vbq(a) == 3.6
+    assert not _due_today(a)
+
+
+def test_a_job_created_for_the_former_patient_is_scored_for_the_studys_patient(tmp_path):
+    """The race the correction's statement cannot see: a linker inserts the study's job for
+    patient A while the correction to B waits for the study's row lock; the correction then
+    moves only the results that existed when it started. The worker's claim scores the job
+    for the study's patient as of the claim. (Simulated: the study's patient changed without
+    moving its job.)"""
+    from scoring.engine.phantom import make_phantom
+    from scoring.tasks import vbq_compute
+
+    a, b = _patient(), _patient()
+    phantom = make_phantom(171, slices=9)
+    folder = tmp_path / "series"
+    phantom.write(folder)
+    study = _send(a)
+    ImagingStudy.objects.filter(pk=study.pk).update(patient=b)
+    study.series.update(local_path=str(folder), series_instance_uid=str(
+        phantom.datasets[0].SeriesInstanceUID))
+    job = VbqResult.objects.get(series__study=study)
+    assert job.patient_id == a.pk
+    assert vbq_compute(job.pk)["status"] in ("succeeded", "needs_review")
+    job.refresh_from_db()
+    assert job.patient_id == b.pk
