@@ -101,8 +101,8 @@ else:
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DB_CONN_MAX_AGE", default=60))
     DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
 # The imaging pipeline's hot statements are prepared once per connection (registry.services_bulk
-# pg_execute(prepare=True)). Turn off behind a transaction-mode PgBouncer older than 1.21, which
-# cannot route named prepared statements.
+# pg_execute(prepare=True)). Behind a transaction-mode PgBouncer keep it only with PgBouncer
+# >= 1.22 and max_prepared_statements > 0 (psycopg sends DEALLOCATE ALL after a rollback).
 DB_PREPARED_STATEMENTS = env.bool("DB_PREPARED_STATEMENTS", default=True)
 if DB_PREPARED_STATEMENTS and DATABASES["default"]["ENGINE"] != "django.db.backends.sqlite3":
     # Django turns psycopg's preparing off (threshold None), which also ignores an explicit

@@ -125,7 +125,7 @@ def _link_nearest_pg(study: ImagingStudy, index: Procedure, reason: str) -> bool
             link_reason = CASE WHEN (SELECT found FROM nearer) THEN %(linked)s
                                ELSE %(reason)s END
         WHERE id = %(id)s
-        RETURNING linked_procedure_id, link_reason
+        RETURNING linked_procedure_id, link_reason::text
     """  # noqa: S608 (the table name from the model's metadata; values are parameters)
     from registry.services_bulk import pg_execute
 

@@ -48,15 +48,18 @@ def _client(base_url: str, username: str = "", password: str = "",
 def _new_client(base_url: str, username: str, password: str,
                 timeout: float) -> DICOMwebClient:
     session = requests.Session()
-    # requests re-reads the environment (proxies, no_proxy, netrc, CA bundle) on EVERY request
-    # when ``trust_env`` is on: walking os.environ cost ~0.5-0.8 ms of a worker's CPU per
-    # series fetched. The same settings are read once here, when the worker first talks to
-    # this endpoint; a change of the environment needs a worker restart, as any setting does.
+    # requests re-reads the environment (proxies, no_proxy, CA bundle) and ~/.netrc on EVERY
+    # request when ``trust_env`` is on: walking os.environ cost ~0.5-0.8 ms of a worker's CPU
+    # per series fetched. The same settings are read once here, when the worker first talks
+    # to this endpoint; a change needs a worker restart, as any setting does.
     session.proxies.update(requests.utils.get_environ_proxies(base_url))
     ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
     if ca_bundle:
         session.verify = ca_bundle
     session.trust_env = False
+    netrc = None if username else requests.utils.get_netrc_auth(base_url)
+    if netrc:  # credentials in ~/.netrc, as requests would have found them per request
+        session.auth = netrc
     if username:
         session.auth = (username, password)
     client = DICOMwebClient(url=base_url.rstrip("/"), session=session, timeout=timeout)

@@ -11,7 +11,9 @@ whose writes commit one by one, by one autocommit INSERT (``_store_first``); a t
 bundle in the pipeline that opens its transaction (``_store_at_begin``: no round trip of its
 own), its outcome then set by the bundle's last statement (``_record_outcome``: committed with
 the bundle) or, if the bundle rolls back, by ``_finish``. A request refused before it wrote
-anything stores the payload with its error in one INSERT.
+anything stores the payload with its error in one INSERT, except a transaction bundle refused
+while parsing its entries (inside its first attempt, after ``_store_at_begin``): a ROLLBACK
+and an UPDATE of the stored row.
 Errors always answer an OperationOutcome with the right 4xx — never a 5xx for bad input.
 """
 
@@ -226,7 +228,13 @@ def _store_at_begin(message: InboundMessage) -> Callable[[], None]:
 
     Inside an enclosing transaction (a caller's own ``atomic``, a test's) nothing can be
     committed first: the payload is then INSERTed with its outcome by ``_record_outcome``, as
-    part of the bundle, as before. Once stored, later attempts (retries) do nothing."""
+    part of the bundle, as before. Once stored, later attempts (retries) do nothing.
+
+    Limits: the pipeline's plain BEGIN opens a transaction at the server's default isolation
+    level (DATABASES OPTIONS set no ``isolation_level`` here; if one is ever set, build the
+    BEGIN from it). A connection lost after the pipeline's COMMIT ran but before its reply
+    came back leaves a ``received`` row the retry does not know of: the payload, never the
+    bundle, is then stored twice."""
 
     def at_begin() -> None:
         import psycopg  # (PostgreSQL only: not needed by a SQLite installation)

@@ -45,6 +45,7 @@ class _Pacs(ThreadingHTTPServer):
         self.truncated: set[str] = set()  # series answered half, then the connection dropped
         self.connections = 0
         self.paths: list[str] = []  # request targets as received (absolute via a proxy)
+        self.auth: list[str | None] = []  # Authorization headers as received
 
     def get_request(self):  # type: ignore[no-untyped-def]
         self.connections += 1
@@ -61,6 +62,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         series_uid = self.path.rstrip("/").rsplit("/", 1)[-1]
         self.server.paths.append(self.path)  # type: ignore[attr-defined]
+        self.server.auth.append(self.headers.get("Authorization"))  # type: ignore[attr-defined]
         body = self.server.bodies.get(series_uid)  # type: ignore[attr-defined]
         if body is None:
             self.send_response(404)
@@ -176,3 +178,21 @@ def test_the_environment_proxy_is_used_though_it_is_read_once(pacs, monkeypatch)
     base = "http://pacs-behind-proxy.invalid/dicom-web"
     assert len(fetch_series(base, study, uid)) == 3
     assert pacs.paths == [f"{base}/studies/{study}/series/{uid}"]
+
+
+def test_netrc_credentials_are_still_sent(pacs, tmp_path, monkeypatch):
+    """With no PACS username configured, credentials in a netrc file are used, as requests
+    would find them (read once per endpoint now, not per request)."""
+    import base64
+
+    phantom = make_phantom(156, slices=3)
+    uid = str(phantom.datasets[0].SeriesInstanceUID)
+    study = str(phantom.datasets[0].StudyInstanceUID)
+    pacs.bodies[uid] = _multipart([_dicom_bytes(ds) for ds in phantom.datasets])
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login vbq-reader password SYNTHETIC-secret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    base = pacs.url.replace("/dicom-web", "/netrc-dicom-web")  # a client of its own
+    assert len(fetch_series(base, study, uid)) == 3
+    assert pacs.auth == ["Basic " + base64.b64encode(b"vbq-reader:SYNTHETIC-secret").decode()]
