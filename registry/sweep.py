@@ -73,8 +73,8 @@ def config_from_settings() -> FollowupConfig:
 # did not follow it (``scoring.services_bulk`` moves them; this is the second line), must not
 # raise or suppress an alert on images that are not this patient's. A result with no series
 # (an imported value, e.g. the demo cohort's) has no study to check and counts.
-_COUNTED_STUDY = Q(series__isnull=True) | Q(series__study__record_status=RecordStatus.ACTIVE,
-                                             series__study__patient_id=F("patient_id"))
+COUNTED_STUDY = Q(series__isnull=True) | Q(series__study__record_status=RecordStatus.ACTIVE,
+                                            series__study__patient_id=F("patient_id"))
 
 
 def load_facts(patient_ids: Iterable[Any]) -> dict[Any, PatientFacts]:
@@ -96,7 +96,7 @@ def load_facts(patient_ids: Iterable[Any]) -> dict[Any, PatientFacts]:
         VbqResult.objects.filter(patient_id__in=ids)
         .filter(Q(review_status=VbqResult.Review.ACCEPTED)
                 | Q(status=VbqResult.Status.SUCCEEDED, review_status=VbqResult.Review.PENDING))
-        .filter(_COUNTED_STUDY)
+        .filter(COUNTED_STUDY)
         .order_by("patient_id", "queued_at", "pk")
         .values_list("patient_id", "vbq_all_levels", "vbq_excluding_fractured")
     ):
@@ -325,7 +325,7 @@ def patient_facts_sql(patient_id: uuid.UUID) -> tuple[str, dict[str, Any]]:
 
 def _facts_sql(selection: str) -> tuple[str, dict[str, Any]]:
     """The facts statement. The VBQ lookup reads the patient's results by ``patient_id`` (its
-    index) and each candidate's series and study by primary key (``_COUNTED_STUDY``)."""
+    index) and each candidate's series and study by primary key (``COUNTED_STUDY``)."""
     from scoring.models import ImagingSeries, ImagingStudy, VbqResult
 
     sql = f"""

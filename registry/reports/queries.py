@@ -31,6 +31,7 @@ from registry.models import (
     TherapyExposure,
 )
 from registry.reports.survival import AlertRow, CohortRow
+from registry.sweep import COUNTED_STUDY
 from registry.timeutil import clinic_today
 
 
@@ -128,6 +129,7 @@ def build_cohort(filters: CohortFilters | None = None) -> Cohort:
             Q(review_status=VbqResult.Review.ACCEPTED)
             | Q(status=VbqResult.Status.SUCCEEDED, review_status=VbqResult.Review.PENDING)
         )
+        .filter(COUNTED_STUDY)  # as the alerts count them: not a voided or misfiled study's
         .order_by("patient_id", "queued_at", "pk")
         .annotate(pid=_text_id())
         .values_list("pid", "vbq_all_levels", "vbq_excluding_fractured",

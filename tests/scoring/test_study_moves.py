@@ -327,3 +327,17 @@ def test_a_job_created_for_the_former_patient_is_scored_for_the_studys_patient(t
     assert vbq_compute(job.pk)["status"] in ("succeeded", "needs_review")
     job.refresh_from_db()
     assert job.patient_id == b.pk
+
+
+def test_the_qi_report_counts_the_same_results_as_the_alerts():
+    """The cohort the QI reports (Kaplan-Meier by VBQ group, ROC, export) are built from drops
+    a voided study's result, as the follow-up does: the report must not group a patient by a
+    VBQ the alerts no longer use."""
+    from registry.reports.queries import build_cohort
+
+    a = _patient()
+    _score(_send(a))
+    [row] = [r for r in build_cohort().rows if r.vbq_all_levels is not None]
+    assert row.vbq_all_levels == 3.6
+    _send(a, record_status="entered-in-error")
+    assert [r.vbq_all_levels for r in build_cohort().rows] == [None]
