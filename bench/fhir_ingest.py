@@ -21,9 +21,9 @@ their ~300,000 containers slowed every full garbage collection of the baseline p
 What a bundle costs in the ingest (see docs/fhir.md, "How a transaction bundle is written"):
 the per-resource parse above, then 6 PostgreSQL round trips for a bundle of new patients
 (feed check, raw payload + BEGIN in one pipeline, patient/held lookup, every clinical row,
-audit + due dates + the payload's outcome, COMMIT) and two Celery publishes. The ratio depends on the other load on the
-machine (the ingest is a chain of processes waking each other; the baseline is one busy
-thread): report the load average with the figures.
+audit + due dates + the payload's outcome, COMMIT) and two Celery publishes. The ratio
+depends on the other load on the machine (the ingest is a chain of processes waking each
+other; the baseline is one busy thread): report the load average with the figures.
 
     .venv/bin/python bench/fhir_ingest.py
 """

@@ -46,14 +46,25 @@ Figures of 2026-11-25 (evening), 200 series, 256x256x11, exactly as printed (2-c
 - final, load 0.1-1.1: ratio=2.07 and 2.06, 1932 and 1971 series/min; CPU per series: ingest
   6.2 / 6.2, workers 41.3 / 40.7, Orthanc 3.7 / 3.6, Redis 0.3 / 0.4, PostgreSQL 6.2 / 6.1;
   total 57.7 / 56.9 ms vs engine sequential 28.3 / 28.5 ms.
-Where the rest goes (py-spy ``--gil`` of the workers, share of worker CPU): the engine 58 %
-(including reading the fetched datasets), the WADO-RS fetch 18-24 % (pydicom parsing the parts
-about half of it: the engine-only side pays the same reading files), the result and level rows
-5 %, the follow-up 2 %, Celery around the task 3-5 %. The target (<= 1.5) needs the whole
-pipeline (ingest, PostgreSQL, Orthanc, fetch, store, Celery) at about half the engine's CPU,
-~14 ms per series; it is ~29 ms. A bigger matrix does not help: the engine works on a 1 mm grid
-and grows little with the matrix, while the bytes to fetch and parse grow with it
-(``--rows 512 --slices 13`` measured a HIGHER ratio, 2.45-2.65, on 2026-11-25).
+Figures of 2026-11-25 (night), same bench, alternating with the evening's tree (bc45877), load
+0.8-1.5: ratio 2.01, 1.89, 2.17, 1.89, 1.81 (median 1.89) against 2.21, 2.18, 2.17, 1.94
+(median 2.18); ingest 6.5-7.1 vs 8.0-9.1 ms and PostgreSQL 6.0-6.5 vs 7.8-8.3 ms of CPU per
+series in paired runs. What changed: the hot statements are prepared once per connection
+(claim, result, link, jobs, study upsert: Django's prepare_threshold=None had silently
+disabled psycopg's explicit prepare), two statements fewer per ingested study (no read-back,
+jobs as INSERT .. SELECT), two fewer per job (no extra savepoint), ``to_dict`` without
+``asdict``'s deep copy, and no per-request environment walk in requests. ``--cpu`` now also
+prints the workers' CPU alone over the engine's (1.39-1.67): what the ratio approaches when the
+database, Orthanc and the ingest run on other cores or hosts, as in a deployment; on this
+2-core host they share the two cores with the workers, which the engine-only side does not.
+Where the rest goes (py-spy ``--gil`` of the workers, share of worker CPU, evening figures): the
+engine 58 % (including reading the fetched datasets), the WADO-RS fetch 18-24 % (pydicom parsing
+the parts about half of it: the engine-only side pays the same reading files), the result and
+level rows 5 %, the follow-up 2 %, Celery around the task 3-5 %. The target (<= 1.5) needs the
+whole pipeline (ingest, PostgreSQL, Orthanc, fetch, store, Celery) at about half the engine's
+CPU, ~14 ms per series; it is ~29 ms. A bigger matrix does not help: the engine works on a 1 mm
+grid and grows little with the matrix, while the bytes to fetch and parse grow with it (``--rows
+512 --slices 13`` measured a HIGHER ratio, 2.45-2.65, on 2026-11-25).
 
 Run: ``.venv/bin/python bench/imaging_pipeline.py [--series 200] [--rows 256 --slices 11]``;
 ``--log-dir DIR`` keeps the workers' JSON logs (per-task ``runtime_ms``).
