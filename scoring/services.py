@@ -80,17 +80,18 @@ def imaging_study_upsert(
         "endpoint_url": endpoint_url, "identifier_system": identifier_system,
         "identifier_value": identifier_value, "series": series,
         "record_status": record_status}], actor=actor, queue_linking=False, prepare=True)
-    # No patient given: a study already known keeps its patient (the upsert's COALESCE), so
-    # read it back; otherwise the values just written are the row.
-    study = ImagingStudy.objects.select_related("patient").get(pk=pk) if (
-        patient is None and not created) else _as_written(pk, patient, {
-        "study_instance_uid": study_instance_uid, "identifier_system": identifier_system,
-        "identifier_value": identifier_value, "started_at": started_at,
-        "started_on": clinic_date(started_at) if started_at else None, "modality": modality,
-        "description": description, "source": source, "endpoint_url": endpoint_url,
-        "record_status": record_status,
-        # the upsert marks an active study "linking pending" and keeps another's reason
-        **({"link_reason": LINK_PENDING} if record_status == "active" else {})})
+    if patient is None and not created:
+        # A study already known keeps its patient (the upsert's COALESCE): read it back.
+        study = ImagingStudy.objects.select_related("patient").get(pk=pk)
+    else:  # the values just written are the row
+        study = _as_written(pk, patient, {
+            "study_instance_uid": study_instance_uid, "identifier_system": identifier_system,
+            "identifier_value": identifier_value, "started_at": started_at,
+            "started_on": clinic_date(started_at) if started_at else None,
+            "modality": modality, "description": description, "source": source,
+            "endpoint_url": endpoint_url, "record_status": record_status,
+            # the upsert marks an active study "linking pending" and keeps another's reason
+            **({"link_reason": LINK_PENDING} if record_status == "active" else {})})
     if link:
         link_or_defer(study)
     return study, created
@@ -198,8 +199,6 @@ def vbq_jobs_create(*, study: ImagingStudy) -> list[int]:
     ``study_received``) a failure here rolls the link back with it."""
     from django.conf import settings
 
-    from scoring.engine import ALGORITHM_VERSION
-
     created_ids: list[int] = []
     if study.patient_id is None:
         return created_ids
@@ -222,9 +221,7 @@ def vbq_jobs_create(*, study: ImagingStudy) -> list[int]:
                         link_reason=(study.link_reason + note)[:300])
                 continue
             to_score.append(series)
-        jobs = [VbqResult(series=series, patient_id=study.patient_id,
-                          algorithm_version=ALGORITHM_VERSION, source=VbqResult.Source.AUTO,
-                          revision=0) for series in to_score]
+        jobs = [_new_job(study, series) for series in to_score]
         if connection.vendor == "postgresql":
             created_ids = _insert_new_jobs(jobs)
         else:
@@ -246,11 +243,38 @@ def _queue_jobs(created_ids: Sequence[int]) -> None:
         transaction.on_commit(lambda pk=pk: enqueue_vbq_compute(pk))
 
 
-def _job_template(study: ImagingStudy) -> VbqResult:
+def _new_job(study: ImagingStudy, series: ImagingSeries | None = None) -> VbqResult:
+    """The unsaved queued automatic job of one series of the study (model defaults apply)."""
     from scoring.engine import ALGORITHM_VERSION
 
-    return VbqResult(patient_id=study.patient_id, algorithm_version=ALGORITHM_VERSION,
-                     source=VbqResult.Source.AUTO, revision=0)
+    return VbqResult(series=series, patient_id=study.patient_id,
+                     algorithm_version=ALGORITHM_VERSION, source=VbqResult.Source.AUTO,
+                     revision=0)
+
+
+def _insert_jobs(rows_sql: str, params: Sequence[Any], *, prepare: bool = False) -> list[int]:
+    """``INSERT INTO <jobs> (<every column but the id>) <rows_sql> ON CONFLICT (series,
+    algorithm version, source, revision) DO NOTHING RETURNING id``: the ids of the rows
+    created. ``rows_sql`` gives the rows in the columns' order (``_job_fields``)."""
+    from registry.services_bulk import pg_execute
+
+    meta = VbqResult._meta
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(f.column) for f in _job_fields())
+    # Names from the model's metadata; values are parameters.
+    sql = (f"INSERT INTO {quote(meta.db_table)} ({columns}) {rows_sql} "
+           "ON CONFLICT (series_id, algorithm_version, source, revision) DO NOTHING "
+           f"RETURNING {quote(meta.pk.column)}")
+    return [row[0] for row in pg_execute(sql, params, prepare=prepare)]
+
+
+def _job_fields() -> list[Any]:
+    return [f for f in VbqResult._meta.concrete_fields if not f.primary_key]
+
+
+def _db_value(field: Any, job: VbqResult) -> Any:
+    """The column value ``save()`` would write for this new job."""
+    return field.get_db_prep_save(field.pre_save(job, add=True), connection)
 
 
 def _insert_jobs_for_study(study: ImagingStudy) -> list[int]:
@@ -258,43 +282,22 @@ def _insert_jobs_for_study(study: ImagingStudy) -> list[int]:
     study (``SCORABLE_SQL``), every other column with its model default as ``save()`` would
     write it, ``ON CONFLICT DO NOTHING``; the ids of the rows created. Prepared once per
     connection (its text never changes)."""
-    meta = VbqResult._meta
-    template = _job_template(study)
-    fields = [f for f in meta.concrete_fields if not f.primary_key]
-    quote = connection.ops.quote_name
-    columns = ", ".join(quote(f.column) for f in fields)
+    template = _new_job(study)
+    fields = _job_fields()
     select = ", ".join("s.id" if f.attname == "series_id" else "%s" for f in fields)
-    params: list[Any] = [f.get_db_prep_save(f.pre_save(template, add=True), connection)
-                         for f in fields if f.attname != "series_id"]
-    # Names from the models' metadata; values are parameters.
-    sql = (f"INSERT INTO {quote(meta.db_table)} ({columns}) "  # noqa: S608
-           f"SELECT {select} FROM {quote(ImagingSeries._meta.db_table)} AS s "
-           f"WHERE s.study_id = %s AND {SCORABLE_SQL} ORDER BY s.id "
-           "ON CONFLICT (series_id, algorithm_version, source, revision) DO NOTHING "
-           f"RETURNING {quote(meta.pk.column)}")
-    from registry.services_bulk import pg_execute
-
-    return [row[0] for row in pg_execute(sql, [*params, study.pk, NOT_SCORED_PATTERNS],
-                                         prepare=True)]
+    params = [_db_value(f, template) for f in fields if f.attname != "series_id"]
+    series_table = connection.ops.quote_name(ImagingSeries._meta.db_table)
+    rows_sql = (f"SELECT {select} FROM {series_table} AS s "  # noqa: S608 (names from metadata)
+                f"WHERE s.study_id = %s AND {SCORABLE_SQL} ORDER BY s.id")
+    return _insert_jobs(rows_sql, [*params, study.pk, NOT_SCORED_PATTERNS], prepare=True)
 
 
 def _insert_new_jobs(jobs: Sequence[VbqResult]) -> list[int]:
-    """``INSERT .. ON CONFLICT (series, algorithm version, source, revision) DO NOTHING
-    RETURNING id`` of these unsaved rows (every column with its model default, as
-    ``save()`` would write it); the ids of the rows created."""
+    """``INSERT .. VALUES`` of these unsaved rows (every column with its model default, as
+    ``save()`` would write it), ``ON CONFLICT DO NOTHING``; the ids of the rows created."""
     if not jobs:
         return []
-    meta = VbqResult._meta
-    fields = [f for f in meta.concrete_fields if not f.primary_key]
-    values = [[f.get_db_prep_save(f.pre_save(job, add=True), connection) for f in fields]
-              for job in jobs]
-    placeholders = ", ".join("(" + ", ".join(["%s"] * len(fields)) + ")" for _ in jobs)
-    quote = connection.ops.quote_name
-    columns = ", ".join(quote(f.column) for f in fields)
-    # Names from the model's metadata; values are parameters.
-    sql = (f"INSERT INTO {quote(meta.db_table)} ({columns}) VALUES {placeholders} "  # noqa: S608
-           "ON CONFLICT (series_id, algorithm_version, source, revision) DO NOTHING "
-           f"RETURNING {quote(meta.pk.column)}")
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [v for row in values for v in row])
-        return [row[0] for row in cursor.fetchall()]
+    fields = _job_fields()
+    row = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    return _insert_jobs("VALUES " + ", ".join([row] * len(jobs)),
+                        [_db_value(f, job) for job in jobs for f in fields])
