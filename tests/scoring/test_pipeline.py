@@ -399,13 +399,18 @@ def test_a_stored_result_re_evaluates_the_follow_up_in_the_same_task(tmp_path):
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize(("failure", "seed"), [("python", 131), ("database", 132)])
 def test_a_failing_follow_up_evaluation_keeps_the_result_and_leaves_the_patient_to_the_sweep(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, failure, seed
 ):
+    """``python``: the rules raise. ``database``: the evaluation's SQL fails; the evaluation's
+    own savepoint (``followup_evaluate``'s per-patient ``atomic``) is what keeps the job's
+    transaction usable. Either way the result and its levels are stored and the patient is
+    left due today for the sweep."""
     import registry.sweep
     from registry.models import Alert
 
-    phantom = make_phantom(131, slices=9)
+    phantom = make_phantom(seed, slices=9)
     expected = _engine_outcome(phantom)
     patient, result = _local_study(tmp_path, phantom, index_days_ago=70, mri_days_before=10)
     patient.followup_next_check_on = None
@@ -414,36 +419,15 @@ def test_a_failing_follow_up_evaluation_keeps_the_result_and_leaves_the_patient_
     def broken(*args, **kwargs):
         raise RuntimeError("SYNTHETIC evaluation failure")
 
-    monkeypatch.setattr(registry.sweep, "evaluate", broken)
-    assert vbq_compute(result.pk)["status"] == expected.status
-    result.refresh_from_db()
-    assert (result.status, result.vbq_all_levels) == (expected.status, expected.vbq_all_levels)
-    assert result.levels.count() >= 5
-    patient.refresh_from_db()
-    assert patient.followup_next_check_on == clinic_today()  # the sweep's safety net
-    assert not Alert.objects.filter(patient=patient).exists()
-
-
-@pytest.mark.django_db
-def test_a_database_error_in_the_follow_up_evaluation_keeps_the_result(tmp_path, monkeypatch):
-    """The evaluation's own savepoint (``followup_evaluate``'s per-patient ``atomic``) is what
-    keeps the job's transaction usable when the evaluation's SQL fails: the result and its
-    levels are still stored and the patient is left due today for the sweep."""
-    import registry.sweep
-
-    phantom = make_phantom(132, slices=9)
-    expected = _engine_outcome(phantom)
-    patient, result = _local_study(tmp_path, phantom, index_days_ago=70, mri_days_before=10)
-    patient.followup_next_check_on = None
-    patient.save(update_fields=["followup_next_check_on"])
-
     def broken_facts(*args, **kwargs):
         raise DatabaseError("SYNTHETIC failure of the facts query")
 
     def broken_sql(*args, **kwargs):
         return "SELECT no_such_column FROM no_such_table WHERE %(x)s", {"x": 1}
 
-    if connection.vendor == "postgresql":
+    if failure == "python":
+        monkeypatch.setattr(registry.sweep, "evaluate", broken)
+    elif connection.vendor == "postgresql":
         monkeypatch.setattr(registry.sweep, "patient_facts_sql", broken_sql)
     else:
         monkeypatch.setattr(registry.sweep, "load_facts", broken_facts)
@@ -452,7 +436,8 @@ def test_a_database_error_in_the_follow_up_evaluation_keeps_the_result(tmp_path,
     assert (result.status, result.vbq_all_levels) == (expected.status, expected.vbq_all_levels)
     assert result.levels.count() >= 5
     patient.refresh_from_db()
-    assert patient.followup_next_check_on == clinic_today()
+    assert patient.followup_next_check_on == clinic_today()  # the sweep's safety net
+    assert not Alert.objects.filter(patient=patient).exists()
 
 
 @pytest.mark.django_db
