@@ -69,17 +69,16 @@ def imaging_study_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor =
     rows = _study_rows(items)
     # Locked first: the patient a study has before the upsert (the rows stay locked until
     # commit, so no concurrent upsert moves them in between).
-    before = {pk: _Before(str(patient) if patient else None, status) for pk, patient, status in
-              ImagingStudy.objects.select_for_update().filter(
-                  study_instance_uid__in=[row["study_instance_uid"] for row in rows])
-              .values_list("pk", "patient_id", "record_status")}
-    if before:  # a re-send naming no patient keeps the study's (as the statement does)
-        kept = {uid: patient for uid, patient in ImagingStudy.objects.filter(
-            pk__in=[pk for pk, prior in before.items() if prior.patient_id]).values_list(
-            "study_instance_uid", "patient")}
-        for row in rows:
-            if row["patient"] is None and kept.get(row["study_instance_uid"]):
-                row["patient"] = Patient(pk=kept[row["study_instance_uid"]])
+    existing = list(ImagingStudy.objects.select_for_update().filter(
+        study_instance_uid__in=[row["study_instance_uid"] for row in rows])
+        .values_list("pk", "study_instance_uid", "patient_id", "record_status"))
+    before = {pk: _Before(str(patient) if patient else None, status)
+              for pk, _, patient, status in existing}
+    # A re-send naming no patient keeps the study's (as the statement's COALESCE does).
+    kept = {uid: patient for _, uid, patient, _ in existing if patient}
+    for row in rows:
+        if row["patient"] is None and row["study_instance_uid"] in kept:
+            row["patient"] = Patient(pk=kept[row["study_instance_uid"]])
     results = upsert_returning(ImagingStudy, rows, conflict=["study_instance_uid"],
                                update=STUDY_FIELDS)
     if before:
