@@ -15,7 +15,12 @@ app.autodiscover_tasks()
 # tasks; Django's own request-cycle rule still applies around each task: a connection past
 # CONN_MAX_AGE, or broken (the database was restarted), is closed and reopened on next use.
 # Eager tasks run inside their caller's transaction and are left alone.
-from celery.signals import task_postrun, task_prerun  # noqa: E402
+from celery.signals import (  # noqa: E402
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+)
 
 import config.task_metrics  # noqa: E402, F401
 
@@ -28,3 +33,16 @@ def _close_old_db_connections(sender=None, **kwargs) -> None:  # type: ignore[no
     from django.db import close_old_connections
 
     close_old_connections()
+
+
+@worker_init.connect
+@worker_process_init.connect
+def _tune_worker_malloc(**kwargs) -> None:  # type: ignore[no-untyped-def]
+    """glibc malloc settings of config/worker_memory.py in the worker's process (``worker_init``:
+    the solo and threads pools run tasks in it; ``worker_process_init``: each prefork child)."""
+    from django.conf import settings
+
+    if settings.WORKER_MALLOC_TUNING:
+        from config.worker_memory import tune_malloc
+
+        tune_malloc()

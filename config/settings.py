@@ -278,6 +278,8 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # config/celery.py still runs close_old_connections() around each task, so CONN_MAX_AGE,
 # CONN_HEALTH_CHECKS and dropping a broken connection (database restarted) keep working.
 CELERY_DB_REUSE_MAX = env.int("CELERY_DB_REUSE_MAX", default=1_000_000)
+# Workers keep large freed blocks in their heap between jobs (config/worker_memory.py).
+WORKER_MALLOC_TUNING = env.bool("WORKER_MALLOC_TUNING", default=True)
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_CONNECTION_TIMEOUT = env.float("CELERY_BROKER_CONNECTION_TIMEOUT", default=4.0)
