@@ -363,3 +363,23 @@ def test_re_evaluation_accepts_patient_ids_as_strings_like_celery_sends_them():
     patient = high_vbq_patient(70)
     stats = followup_evaluate([str(patient.pk)])
     assert stats.opened == 1
+
+
+def test_re_evaluation_writes_the_next_check_date_only_when_it_changes():
+    patient = high_vbq_patient(20)  # no decision today; next check on day 60
+    Patient.objects.filter(pk=patient.pk).update(followup_next_check_on=None)
+    with CaptureQueriesContext(connection) as first:
+        followup_evaluate([patient.pk])
+    patient.refresh_from_db()
+    assert patient.followup_next_check_on == clinic_today() + dt.timedelta(days=40)
+    with CaptureQueriesContext(connection) as again:
+        followup_evaluate([patient.pk])
+    patient.refresh_from_db()
+    assert patient.followup_next_check_on == clinic_today() + dt.timedelta(days=40)
+
+    def patient_updates(ctx):
+        return [q["sql"] for q in ctx.captured_queries
+                if q["sql"].startswith("UPDATE") and "registry_patient" in q["sql"]]
+
+    assert len(patient_updates(first)) == 1
+    assert patient_updates(again) == []
