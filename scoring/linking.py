@@ -152,11 +152,40 @@ def _index_procedure_locking_pg(patient_id: Any) -> Procedure | None:
     would run only for the rows the scan finds). The procedure is read in this statement's
     snapshot, taken before the lock was granted: a procedure recorded meanwhile is not seen,
     as before (``relink_after_procedures`` re-links then); the links are read by the next
-    statement, after the lock."""
-    inner, params = index_procedure_query(patient_id=patient_id)[:1].query.sql_with_params()
-    sql = f"""
-        SELECT p.* FROM (SELECT pg_advisory_xact_lock(%s, %s)) AS link_lock
-        LEFT JOIN LATERAL ({inner}) AS p ON TRUE
-    """  # noqa: S608 (``inner`` is the ORM's own SQL; values are parameters)
-    rows = list(Procedure.objects.raw(sql, [*link_lock_key(patient_id), *params]))
-    return rows[0] if rows and rows[0].pk is not None else None
+    statement, after the lock.
+
+    The statement's text is the same for every patient: it is built from the ORM's query once
+    per process and prepared once per connection (building and compiling the query, then a
+    raw queryset, cost ~0.6 ms of the ingest's CPU per study)."""
+    from registry.services_bulk import pg_execute
+
+    sql, params, slot = _index_statement()
+    params[slot] = patient_id if isinstance(patient_id, uuid.UUID) else uuid.UUID(str(patient_id))
+    [row] = pg_execute(sql, [*link_lock_key(patient_id), *params], prepare=True)
+    if len(row) != len(_PROCEDURE_COLUMNS):  # the rule's query changed shape
+        raise RuntimeError("index_procedure_query must select the Procedure's columns")
+    if row[0] is None:  # the LEFT JOIN's NULL row: no index procedure
+        return None
+    return Procedure.from_db(connection.alias, _PROCEDURE_COLUMNS, row)
+
+
+_PROCEDURE_COLUMNS = [f.attname for f in Procedure._meta.concrete_fields]
+_INDEX_STATEMENT: list[tuple[str, list[Any], int]] = []
+
+
+def _index_statement() -> tuple[str, list[Any], int]:
+    """(sql, a copy of its parameters, the position of the patient id among them)."""
+    if not _INDEX_STATEMENT:
+        probe = uuid.UUID(int=0)
+        query = index_procedure_query(patient_id=probe)[:1].query
+        inner, params = query.sql_with_params()
+        slots = [i for i, value in enumerate(params) if value == probe]
+        if len(slots) != 1:  # the rule's query changed shape: fail loudly, not silently
+            raise RuntimeError("index_procedure_query must take the patient id exactly once")
+        sql = f"""
+            SELECT p.* FROM (SELECT pg_advisory_xact_lock(%s, %s)) AS link_lock
+            LEFT JOIN LATERAL ({inner}) AS p ON TRUE
+        """  # noqa: S608 (``inner`` is the ORM's own SQL; values are parameters)
+        _INDEX_STATEMENT.append((sql, list(params), slots[0]))
+    sql, params, slot = _INDEX_STATEMENT[0]
+    return sql, list(params), slot
