@@ -479,7 +479,17 @@ def procedure_record(
     )
     followup_changed(patient.pk)
     _procedures_recorded([patient.pk])
+    _fractured_levels_changed([patient.pk], actor)
     return proc, created
+
+
+def _fractured_levels_changed(patient_ids: Iterable[Any], actor: Actor) -> None:
+    """A fracture or procedure was written for these patients: their VBQ results' fractured
+    levels are recomputed from the stored level medians (``scoring.fractured``: one statement
+    for all of them on PostgreSQL; audited; follow-up re-evaluated)."""
+    from scoring.fractured import results_refresh_fractured
+
+    results_refresh_fractured(patient_ids, actor=actor)
 
 
 def _procedures_recorded(patient_ids: Iterable[Any]) -> None:
@@ -557,6 +567,7 @@ def fracture_record(
         patient_id=patient.pk,
     )
     followup_changed(patient.pk)
+    _fractured_levels_changed([patient.pk], actor)
     return fracture, created
 
 
@@ -656,6 +667,7 @@ def patient_merge(*, source: Patient, target: Patient, actor: Actor = SYSTEM_ACT
                  object_id=str(target.pk), patient_id=target.pk,
                  detail={"merged_from": str(source.pk)})
     followup_changed(target.pk)
+    _fractured_levels_changed([target.pk], actor)  # the target's fractures and index decide
     return target
 
 

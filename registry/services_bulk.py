@@ -45,6 +45,7 @@ from registry.services import (
     ConcurrentWriteError,
     RegistryValidationError,
     _earliest_event_date,
+    _fractured_levels_changed,
     _procedures_recorded,
     audit_record,
     deferred_side_effects,
@@ -503,6 +504,8 @@ def _sourced_side_effects(model: type[models.Model], results: Sequence[tuple[Any
             followup_changed(values["patient"].pk)
         if model is Procedure and rows:
             _procedures_recorded([values["patient"].pk for values in rows])
+        if model in (Procedure, Fracture) and rows:
+            _fractured_levels_changed([values["patient"].pk for values in rows], actor)
 
 
 def _sourced_many(model: type[models.Model], build: Callable[..., dict[str, Any]],

@@ -107,6 +107,10 @@ class VbqResult(models.Model):
     confidence = models.FloatField(null=True, blank=True)
     qc_flags = models.JSONField(default=list, blank=True)
     fractured_levels = models.JSONField(default=list, blank=True)
+    fractured_levels_by_reviewer = models.BooleanField(
+        default=False, db_default=False,
+        help_text="A reviewer chose the fractured levels: never recomputed automatically "
+                  "(scoring.fractured)")
     field_strength_t = models.FloatField(null=True, blank=True)
     measurement = models.JSONField(default=dict, blank=True, help_text="Engine JSON contract")
     error_code = models.CharField(max_length=50, blank=True)

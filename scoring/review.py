@@ -28,6 +28,7 @@ from django.utils import timezone
 from registry.services import Actor, RegistryValidationError, audit_record, followup_changed
 from scoring.engine import EngineError, Roi, VbqMeasurement, compute_vbq
 from scoring.engine.dicom_io import Series, read_series
+from scoring.fractured import apply_fractured_levels
 from scoring.models import VbqLevel, VbqResult
 
 ROI_LEVELS = ("L1", "L2", "L3", "L4", "csf")
@@ -259,7 +260,7 @@ def _save_corrected(*, result: VbqResult, measurement: VbqMeasurement, rois: Map
         csf_median_si=measurement.csf.median_si if measurement.csf else None,
         confidence=measurement.confidence,
         qc_flags=[f.__dict__ for f in measurement.qc_flags],
-        fractured_levels=measurement.fractured_levels,
+        fractured_levels=measurement.fractured_levels, fractured_levels_by_reviewer=True,
         field_strength_t=measurement.acquisition.field_strength_t,
         measurement=measurement.to_dict(), started_at=now, finished_at=now,
         reviewer_id=actor.user_id, reviewed_at=now,
@@ -320,22 +321,12 @@ def review_decide(*, result: VbqResult, decision: str, actor: Actor, reason: str
 def review_mark_fractured(*, result: VbqResult, levels: Iterable[Any], actor: Actor
                           ) -> VbqResult:
     """Set the fractured levels of a result; the VBQ excluding fractured levels follows from
-    the stored per-level medians (the same definition as the engine)."""
+    the stored per-level medians (the same definition as the engine:
+    ``scoring.fractured.apply_fractured_levels``, shared with the automatic recompute). The
+    reviewer's choice is kept: the automatic recompute never overwrites it."""
     fractured = parse_levels(levels)
     locked = _locked(result)
-    stored = {lv.level: lv for lv in locked.levels.all()}
-    for level in stored.values():
-        flag = level.level in fractured
-        if level.fractured != flag:
-            level.fractured = flag
-            level.save(update_fields=["fractured"])
-    csf = stored.get("csf")
-    kept = [stored[lv].median_si for lv in VBQ_LEVELS if lv in stored and lv not in fractured]
-    locked.fractured_levels = fractured
-    if csf is not None and csf.median_si > 0 and locked.vbq_all_levels is not None:
-        locked.vbq_excluding_fractured = (float(np.median(kept)) / csf.median_si
-                                          if kept else None)
-    locked.save(update_fields=["fractured_levels", "vbq_excluding_fractured"])
+    apply_fractured_levels(locked, fractured, by_reviewer=True)
     audit_record(actor=actor, action="update", object_type="VbqResult", object_id=str(locked.pk),
                  patient_id=locked.patient_id,
                  detail={"review": "fractured-levels", "levels": fractured})

@@ -8,8 +8,9 @@ A study re-sent for ANOTHER patient (a misfile the EHR corrects, a DICOM upload 
 patient) takes its VBQ results with it: they belong to the study's images, and left behind
 they would raise or suppress the old patient's follow-up alerts on someone else's images (and
 the new patient would get none: the jobs are unique per series, so none is created again).
-Both patients are re-evaluated, the old patient's other studies are linked again, and the
-study's link to the old patient's procedure is dropped. A study whose record status changes
+Both patients are re-evaluated, the old patient's other studies are linked again, the
+study's link to the old patient's procedure is dropped, and the moved results' fractured
+levels become the new patient's (``scoring.fractured``). A study whose record status changes
 (e.g. entered in error) gets its patient re-evaluated (``registry.sweep`` counts only the
 results of active studies)."""
 
@@ -172,13 +173,17 @@ def _moves(results: Sequence[tuple[Any, bool]], rows: Sequence[dict[str, Any]], 
     (ids only); the follow-up of both patients re-evaluated (``followup_changed``: due today
     and a re-evaluation queued after commit), and of a study's patient when its record status
     changed; the old patient's unlinked studies linked again (``relink_after_procedures``: the
-    study that left may have been the one linked to their index procedure)."""
+    study that left may have been the one linked to their index procedure); the fractured
+    levels of the moved results recomputed for their new patient
+    (``scoring.fractured.results_refresh_fractured``: one statement for every such patient)."""
     from registry.services import followup_changed
+    from scoring.fractured import results_refresh_fractured
 
     now = {pk: (row["patient"].pk if row["patient"] else None, row["record_status"])
            for (pk, _), row in zip(results, rows, strict=True)}  # the last row of a UID wins
     reevaluate: set[uuid.UUID] = set()  # UUIDs, as the other writes of a bundle add them
     relink: set[str] = set()
+    received: set[str] = set()  # patients the moved results now belong to
     for study_pk, prior in before.items():
         patient_id, status = now[study_pk]
         if prior.patient_id != (str(patient_id) if patient_id else None):
@@ -196,6 +201,10 @@ def _moves(results: Sequence[tuple[Any, bool]], rows: Sequence[dict[str, Any]], 
                                  "study_id": study_pk})
             reevaluate.add(uuid.UUID(moved_from))
             reevaluate.add(uuid.UUID(str(patient_id)))
+            received.add(str(patient_id))
+    if received:
+        # the moved results drop their new patient's fractured levels, not the old one's
+        results_refresh_fractured(received, actor=actor, reason=MOVE_REASON)
     for pid in sorted(reevaluate):
         followup_changed(pid)
     if relink:

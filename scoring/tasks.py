@@ -101,14 +101,15 @@ class _Claimed:
 
 def _claim(result_id: int) -> _Claimed | None:
     """Claim the job with one conditional UPDATE (queued → running) that also returns its
-    series, its study and the patient's fractured L1–L4 levels; ``None`` if it is not queued
-    (done, running elsewhere or unknown).
+    series, its study and the patient's fractured L1–L4 levels (``scoring.fractured``: the
+    index procedure's treated levels and the fractures that are not secondary); ``None`` if it
+    is not queued (done, running elsewhere or unknown).
 
     The job is scored for its study's patient AS OF NOW: a job created for the study's former
     patient by a linker that raced a misfile correction (the correction's statement moves
     only the results that existed when it started) moves to the study's patient here."""
-    from registry.models import Fracture
     from registry.services_bulk import pg_execute
+    from scoring.fractured import fractured_levels_sql
     from scoring.models import ImagingSeries, ImagingStudy, VbqResult
 
     if connection.vendor != "postgresql":
@@ -125,10 +126,7 @@ def _claim(result_id: int) -> _Claimed | None:
             RETURNING r.patient_id, r.series_id)
         SELECT c.patient_id, coalesce(s.local_path, ''), coalesce(st.study_instance_uid, ''),
                coalesce(s.series_instance_uid, ''), coalesce(st.endpoint_url, ''),
-               ARRAY(SELECT DISTINCT f.vertebral_level FROM {Fracture._meta.db_table} f
-                     WHERE f.patient_id = c.patient_id AND f.site = 'vertebral'
-                       AND f.record_status = 'active'
-                       AND f.vertebral_level IN ('L1', 'L2', 'L3', 'L4'))
+               {fractured_levels_sql("c.patient_id")}
         FROM claimed c
         LEFT JOIN {ImagingSeries._meta.db_table} s ON s.id = c.series_id
         LEFT JOIN {ImagingStudy._meta.db_table} st ON st.id = s.study_id
@@ -143,8 +141,8 @@ def _claim(result_id: int) -> _Claimed | None:
 
 
 def _claim_orm(result_id: int) -> _Claimed | None:
-    """``_claim`` in three ORM statements (databases other than PostgreSQL)."""
-    from registry.models import Fracture
+    """``_claim`` in a few ORM statements (databases other than PostgreSQL)."""
+    from scoring.fractured import fractured_levels_of
     from scoring.models import VbqResult
 
     claimed = VbqResult.objects.filter(pk=result_id, status=VbqResult.Status.QUEUED).update(
@@ -156,13 +154,11 @@ def _claim_orm(result_id: int) -> _Claimed | None:
     if series and series.study.patient_id and series.study.patient_id != result.patient_id:
         result.patient_id = series.study.patient_id  # see ``_claim``
         VbqResult.objects.filter(pk=result_id).update(patient_id=result.patient_id)
-    fractured = set(Fracture.objects.filter(
-        patient_id=result.patient_id, site="vertebral", record_status="active",
-        vertebral_level__in=["L1", "L2", "L3", "L4"]).values_list("vertebral_level", flat=True))
+    fractured = fractured_levels_of([result.patient_id])[str(result.patient_id)]
     return _Claimed(result.patient_id, series.local_path if series else "",
                     series.study.study_instance_uid if series else "",
                     series.series_instance_uid if series else "",
-                    series.study.endpoint_url if series else "", sorted(fractured))
+                    series.study.endpoint_url if series else "", fractured)
 
 
 def _load_source(job: _Claimed):  # type: ignore[no-untyped-def]

@@ -1,0 +1,224 @@
+"""The fractured levels of a VBQ result and the VBQ excluding them.
+
+Rule (docs/engine.md, "Fractured levels"): the fractured levels of a patient's result are the
+L1–L4 levels among the index procedure's treated levels (``Procedure.levels``) and the levels
+of the patient's active vertebral fractures that are NOT secondary (diagnosed on or before the
+index procedure's ``performed_on``, or at a treated level; ``registry.selectors.
+secondary_fractures`` is the complement). A patient without an index procedure: every active
+vertebral L1–L4 fracture. A reviewer's choice (``scoring.review.review_mark_fractured``, a
+corrected manual result) wins: such a result has ``fractured_levels_by_reviewer`` set and is
+never recomputed here.
+
+Written twice, on purpose, and tested to agree: as SQL (``fractured_levels_sql``: the worker's
+claim statement and ``results_refresh_fractured``'s statement on PostgreSQL, one statement
+per batch of patients) and in Python (``fractured_levels_of``, ``apply_fractured_levels``:
+other databases, and the reviewer's single-result write).
+
+``results_refresh_fractured`` recomputes, without re-running the engine, the stored results of
+the given patients from their per-level medians (``VbqLevel``) when what decides their
+fractured levels changed: results moved to another patient, a fracture or a procedure
+recorded, corrected or voided, patients merged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from django.db import connection
+
+from registry.models import AuditEvent, Fracture, Procedure, RecordStatus
+from scoring.models import VbqLevel, VbqResult
+
+VBQ_LEVELS = ("L1", "L2", "L3", "L4")
+REFRESH_REASON = "fractured levels recomputed"
+
+
+def fractured_levels_sql(patient: str) -> str:
+    """PostgreSQL: an expression giving the sorted ``text[]`` of fractured L1–L4 levels of the
+    patient whose id is the SQL expression ``patient`` (a column of the enclosing query). The
+    index procedure is ``registry.selectors.index_procedure_query``'s (first active by
+    ``performed_at``, then id)."""
+    fracture = connection.ops.quote_name(Fracture._meta.db_table)
+    procedure = connection.ops.quote_name(Procedure._meta.db_table)
+    # Table names from the models' metadata; no values in the text.
+    return (
+        "ARRAY(SELECT DISTINCT x.lv FROM (VALUES (1)) AS one(k) "  # noqa: S608
+        f"LEFT JOIN LATERAL (SELECT p.performed_on, p.levels FROM {procedure} AS p "
+        f"WHERE p.patient_id = {patient} AND p.record_status = 'active' "
+        "ORDER BY p.performed_at, p.id LIMIT 1) AS ip ON true "
+        "CROSS JOIN LATERAL (SELECT jsonb_array_elements_text(ip.levels) AS lv "
+        f"UNION ALL SELECT f.vertebral_level FROM {fracture} AS f "
+        f"WHERE f.patient_id = {patient} AND f.site = 'vertebral' "
+        "AND f.record_status = 'active' AND (ip.performed_on IS NULL "
+        "OR f.diagnosed_on <= ip.performed_on OR ip.levels ? f.vertebral_level)) AS x "
+        "WHERE x.lv IN ('L1', 'L2', 'L3', 'L4') ORDER BY x.lv)"
+    )
+
+
+def fractured_levels_of(patient_ids: Iterable[Any]) -> dict[str, list[str]]:
+    """The rule in Python (two queries for any number of patients): patient id (``str``) →
+    sorted fractured L1–L4 levels (every given patient is a key)."""
+    ids = [str(p) for p in dict.fromkeys(patient_ids)]
+    index: dict[str, tuple[Any, list[str]]] = {}
+    for pid, performed_on, levels in (
+            Procedure.objects.filter(patient_id__in=ids, record_status=RecordStatus.ACTIVE)
+            .order_by("patient_id", "performed_at", "pk")
+            .values_list("patient_id", "performed_on", "levels")):
+        index.setdefault(str(pid), (performed_on, list(levels or [])))
+    out: dict[str, set[str]] = {pid: set(index.get(pid, (None, []))[1]) for pid in ids}
+    for pid, level, diagnosed_on in Fracture.objects.filter(
+            patient_id__in=ids, site="vertebral", record_status=RecordStatus.ACTIVE,
+            vertebral_level__in=VBQ_LEVELS).values_list(
+            "patient_id", "vertebral_level", "diagnosed_on"):
+        found = index.get(str(pid))
+        if found is None or diagnosed_on <= found[0] or level in found[1]:
+            out[str(pid)].add(level)
+    return {pid: sorted(lv for lv in levels if lv in VBQ_LEVELS) for pid, levels in out.items()}
+
+
+def vbq_excluding(medians: Mapping[str, float], csf_median_si: float,
+                  fractured: Iterable[str]) -> float | None:
+    """The engine's definition: median of the L1–L4 medians not fractured ÷ the CSF median;
+    None when every measured level is fractured. (The PostgreSQL statement of
+    ``results_refresh_fractured`` computes the same median as the mean of its lower and upper
+    middle values, which is what numpy does: equal to the last bit.)"""
+    excluded = set(fractured)
+    kept = [medians[lv] for lv in VBQ_LEVELS if lv in medians and lv not in excluded]
+    return float(np.median(kept)) / csf_median_si if kept else None
+
+
+def apply_fractured_levels(result: VbqResult, fractured: list[str], *,
+                           by_reviewer: bool) -> None:
+    """Set ``fractured`` (sorted L1–L4 levels) on a LOCKED ``result`` from its stored level
+    rows: the levels' ``fractured`` flags, ``fractured_levels``, the VBQ excluding fractured
+    levels (unchanged when the result has no VBQ or no usable CSF level) and the same keys of
+    its ``measurement`` JSON; saved. ``by_reviewer``: a reviewer chose them (never recomputed
+    afterwards)."""
+    stored = {lv.level: lv for lv in result.levels.all()}
+    for level in stored.values():
+        flag = level.level in fractured
+        if level.fractured != flag:
+            level.fractured = flag
+            level.save(update_fields=["fractured"])
+    csf = stored.get("csf")
+    if csf is not None and csf.median_si > 0 and result.vbq_all_levels is not None:
+        result.vbq_excluding_fractured = vbq_excluding(
+            {k: v.median_si for k, v in stored.items()}, csf.median_si, fractured)
+    result.fractured_levels = fractured
+    result.fractured_levels_by_reviewer = by_reviewer or result.fractured_levels_by_reviewer
+    result.measurement = _measurement_with(result.measurement, fractured,
+                                           result.vbq_excluding_fractured)
+    result.save(update_fields=["fractured_levels", "vbq_excluding_fractured",
+                               "fractured_levels_by_reviewer", "measurement"])
+
+
+def _measurement_with(measurement: Any, fractured: list[str], value: float | None) -> Any:
+    """The engine JSON with the new fractured levels (as ``_MEASUREMENT_SQL`` does)."""
+    if not isinstance(measurement, dict) or "fractured_levels" not in measurement:
+        return measurement
+    out = {**measurement, "fractured_levels": list(fractured), "vbq_excluding_fractured": value}
+    if isinstance(measurement.get("levels"), dict):
+        out["levels"] = {k: ({**v, "fractured": k in fractured} if isinstance(v, dict) else v)
+                         for k, v in measurement["levels"].items()}
+    return out
+
+
+# The engine JSON of ``r`` with the target's levels (t.levels) and value (c.excl).
+_MEASUREMENT_SQL = (
+    "CASE WHEN jsonb_typeof(r.measurement) = 'object' AND r.measurement ? 'fractured_levels' "
+    "THEN r.measurement || jsonb_build_object('fractured_levels', to_jsonb(t.levels), "
+    "'vbq_excluding_fractured', c.excl) || CASE WHEN jsonb_typeof(r.measurement->'levels') = "
+    "'object' THEN jsonb_build_object('levels', (SELECT coalesce(jsonb_object_agg(e.key, "
+    "CASE WHEN jsonb_typeof(e.value) = 'object' THEN e.value || jsonb_build_object("
+    "'fractured', e.key = ANY(t.levels)) ELSE e.value END), '{}'::jsonb) "
+    "FROM jsonb_each(r.measurement->'levels') AS e)) ELSE '{}'::jsonb END "
+    "ELSE r.measurement END")
+
+
+def results_refresh_fractured(patient_ids: Iterable[Any], *, actor: Any = None,
+                              reason: str = "") -> list[int]:
+    """Recompute the fractured levels of these patients' results that have level rows and
+    whose levels were not set by a reviewer, where the rule now gives other levels (inside
+    the caller's transaction; the rows are locked). Each changed result gets an audit row
+    (ids and levels only) and its patient's follow-up is re-evaluated
+    (``registry.services.followup_changed``). Returns the changed result ids.
+
+    PostgreSQL: ONE statement for all the patients (the rule, the level flags, the values,
+    the JSON and the audit rows); other databases: a few ORM statements and a loop."""
+    from registry.services import SYSTEM_ACTOR, followup_changed
+
+    actor = actor or SYSTEM_ACTOR
+    ids = [str(p) for p in dict.fromkeys(patient_ids) if p is not None]
+    if not ids:
+        return []
+    detail_reason = reason or REFRESH_REASON
+    if connection.vendor == "postgresql":
+        rows = _refresh_pg(ids, actor, detail_reason)
+    else:
+        rows = _refresh_orm(ids, actor, detail_reason)
+    for patient_id in sorted({str(pid) for _, pid in rows}):
+        followup_changed(patient_id)
+    return sorted(rid for rid, _ in rows)
+
+
+def _refresh_pg(ids: list[str], actor: Any, reason: str) -> list[tuple[int, Any]]:
+    from registry.services_bulk import pg_execute
+
+    qn = connection.ops.quote_name
+    result = qn(VbqResult._meta.db_table)
+    level = qn(VbqLevel._meta.db_table)
+    audit = qn(AuditEvent._meta.db_table)
+    # Names from the models' metadata; values are parameters. The median of the kept levels
+    # is (lower middle + upper middle) / 2, numpy's (``vbq_excluding``).
+    sql = (
+        f"WITH pt AS (SELECT pid, {fractured_levels_sql('pid')} AS levels "  # noqa: S608
+        "FROM unnest(%(ids)s::uuid[]) AS pid), "
+        f"t AS (SELECT r.id, r.patient_id, pt.levels, r.vbq_all_levels, "
+        f"r.vbq_excluding_fractured FROM {result} AS r JOIN pt ON r.patient_id = pt.pid "
+        "WHERE NOT r.fractured_levels_by_reviewer "
+        "AND r.fractured_levels IS DISTINCT FROM to_jsonb(pt.levels) "
+        f"AND EXISTS (SELECT 1 FROM {level} AS l WHERE l.result_id = r.id) "
+        "FOR UPDATE OF r), "
+        f"flags AS (UPDATE {level} AS l SET fractured = (l.level = ANY(t.levels)) FROM t "
+        "WHERE l.result_id = t.id AND l.fractured <> (l.level = ANY(t.levels))), "
+        "c AS (SELECT t.id, CASE WHEN csf.median_si > 0 AND t.vbq_all_levels IS NOT NULL "
+        "THEN (SELECT (percentile_disc(0.5) WITHIN GROUP (ORDER BY k.median_si) "
+        "+ percentile_disc(0.5) WITHIN GROUP (ORDER BY k.median_si DESC)) / 2 "
+        f"FROM {level} AS k WHERE k.result_id = t.id "
+        "AND k.level IN ('L1', 'L2', 'L3', 'L4') AND NOT k.level = ANY(t.levels)) "
+        "/ csf.median_si ELSE t.vbq_excluding_fractured END AS excl "
+        f"FROM t LEFT JOIN {level} AS csf ON csf.result_id = t.id AND csf.level = 'csf'), "
+        f"u AS (UPDATE {result} AS r SET fractured_levels = to_jsonb(t.levels), "
+        f"vbq_excluding_fractured = c.excl, measurement = {_MEASUREMENT_SQL} "
+        "FROM t JOIN c ON c.id = t.id WHERE r.id = t.id "
+        "RETURNING r.id, r.patient_id, r.fractured_levels) "
+        f"INSERT INTO {audit} (at, actor_id, feed_id, action, patient_id, object_type, "
+        "object_id, via, detail) SELECT now(), %(actor)s, %(feed)s, 'update', u.patient_id, "
+        "'VbqResult', u.id::text, %(via)s, jsonb_build_object('fractured_levels', "
+        "u.fractured_levels, 'reason', %(reason)s::text) FROM u "
+        "RETURNING object_id, patient_id")
+    rows = pg_execute(sql, {"ids": ids, "actor": actor.user_id, "feed": actor.feed_id,
+                            "via": actor.via, "reason": reason})
+    return [(int(rid), pid) for rid, pid in rows]
+
+
+def _refresh_orm(ids: list[str], actor: Any, reason: str) -> list[tuple[int, Any]]:
+    from registry.services import audit_record
+
+    wanted = fractured_levels_of(ids)
+    changed = []
+    for result in (VbqResult.objects.select_for_update()
+                   .filter(patient_id__in=ids, fractured_levels_by_reviewer=False,
+                           pk__in=VbqLevel.objects.values("result_id"))
+                   .prefetch_related("levels").order_by("pk")):
+        levels = wanted[str(result.patient_id)]
+        if result.fractured_levels == levels:
+            continue
+        apply_fractured_levels(result, levels, by_reviewer=False)
+        audit_record(actor=actor, action="update", object_type="VbqResult",
+                     object_id=str(result.pk), patient_id=result.patient_id,
+                     detail={"fractured_levels": levels, "reason": reason})
+        changed.append((result.pk, result.patient_id))
+    return changed

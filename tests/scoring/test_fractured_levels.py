@@ -1,0 +1,246 @@
+"""The fractured levels a VBQ result drops are its patient's INDEX fractures (the index
+procedure's treated levels and the vertebral fractures that are not secondary), and they follow
+changes: a study moved to another patient, a fracture or procedure recorded, corrected or
+voided after the result. A reviewer's choice is never overwritten. SYNTHETIC patients and
+medians; PostgreSQL (one statement) and the ORM path (SQLite) alike.
+
+Medians (CSF 100): L1 320, L2 305, L3 285, L4 150 → VBQ all levels (285 + 305) / 2 / 100 =
+2.95 (below the 3.0 threshold); excluding L4 (a dark, fractured body) 305 / 100 = 3.05 (high).
+"""
+
+import datetime as dt
+
+import pytest
+from django.db import connection
+
+from registry import codes
+from registry.followup import HIGH_VBQ
+from registry.models import Alert, AuditEvent, Fracture, Patient
+from registry.services import SYSTEM_ACTOR, Identifier, fracture_record, procedure_record
+from registry.services_bulk import fracture_record_many
+from registry.sweep import followup_evaluate
+from registry.timeutil import clinic_today, start_of_clinic_day
+from scoring.engine.model import ALGORITHM_VERSION
+from scoring.fractured import fractured_levels_of, fractured_levels_sql, vbq_excluding
+from scoring.models import VbqLevel, VbqResult
+from scoring.review import review_mark_fractured
+from scoring.services import SeriesInput, imaging_study_upsert
+from scoring.tasks import _claim
+from tests.factories import FractureFactory, PatientFactory, ProcedureFactory
+
+pytestmark = pytest.mark.django_db
+MEDIANS = {"L1": 320.0, "L2": 305.0, "L3": 285.0, "L4": 150.0, "L5": 260.0, "csf": 100.0}
+ALL_LEVELS = 2.95
+WITHOUT_L4 = 3.05
+CONDITION = "https://ehr.example.org/condition"
+
+
+def _day(days_ago):
+    return clinic_today() - dt.timedelta(days=days_ago)
+
+
+def _at(days_ago):
+    return start_of_clinic_day(_day(days_ago)) + dt.timedelta(hours=10)
+
+
+def _patient(*, treated=("T12",), days_since_procedure=70):
+    """A patient whose index procedure (at ``treated``) was ``days_since_procedure`` days ago;
+    ``treated=None``: no procedure."""
+    patient = PatientFactory()
+    if treated is not None:
+        ProcedureFactory(patient=patient, performed_at=_at(days_since_procedure),
+                         levels=list(treated))
+    return patient
+
+
+def _study(patient, uid):
+    study, _ = imaging_study_upsert(
+        study_instance_uid=uid, patient=patient, source="dicom",
+        started_at=_at(90), modality="MR", description="L-SPINE",
+        endpoint_url="http://127.0.0.1:9/dicom-web",
+        series=[SeriesInput(uid + ".1", "MR", "SAG T1")])
+    return study
+
+
+def _job(patient, uid):
+    """The study's queued job (created here when the study is not linked: no procedure)."""
+    study = _study(patient, uid)
+    result, _ = VbqResult.objects.get_or_create(
+        series=study.series.get(), algorithm_version=ALGORITHM_VERSION, source="auto",
+        revision=0, defaults={"patient": patient})
+    return result
+
+
+def _scored(patient, *, uid="2.25.7200000000000000000001", fractured=()):
+    """The study's job as a worker would have stored it, with ``fractured`` excluded."""
+    result = _job(patient, uid)
+    fractured = sorted(fractured)
+    levels = {k: v for k, v in MEDIANS.items() if k != "csf"}
+    excl = vbq_excluding(levels, MEDIANS["csf"], fractured)
+    VbqResult.objects.filter(pk=result.pk).update(
+        status="succeeded", vbq_all_levels=vbq_excluding(levels, MEDIANS["csf"], ()),
+        vbq_excluding_fractured=excl, fractured_levels=fractured,
+        measurement={"status": "succeeded", "vbq_excluding_fractured": excl,
+                     "fractured_levels": fractured,
+                     "levels": {k: {"median_si": v, "fractured": k in fractured}
+                                for k, v in levels.items()},
+                     "csf": {"median_si": MEDIANS["csf"], "fractured": False}})
+    VbqLevel.objects.bulk_create([
+        VbqLevel(result=result, level=k, median_si=v, pixel_count=100, fractured=k in fractured)
+        for k, v in MEDIANS.items()])
+    result.refresh_from_db()
+    return result
+
+
+def _assert_levels(result, fractured, value):
+    result.refresh_from_db()
+    assert result.fractured_levels == fractured
+    assert result.vbq_excluding_fractured == pytest.approx(value, abs=1e-12)
+    assert result.measurement["fractured_levels"] == fractured
+    assert result.measurement["vbq_excluding_fractured"] == result.vbq_excluding_fractured
+    assert {k for k, v in result.measurement["levels"].items() if v["fractured"]} == set(fractured)
+    assert set(result.levels.filter(fractured=True).values_list("level", flat=True)) == set(
+        fractured)
+
+
+def _high_alert(patient):
+    Patient.objects.filter(pk=patient.pk).update(followup_next_check_on=None)
+    followup_evaluate([patient.pk])
+    return Alert.objects.filter(patient=patient, rule_id=HIGH_VBQ, status="open").exists()
+
+
+def _vertebral(patient, level, *, days_ago, value, status="active"):
+    return fracture_record(
+        patient=patient, site="vertebral", vertebral_level=level, diagnosed_at=_at(days_ago),
+        identifier=Identifier(CONDITION, value), record_status=status)
+
+
+def test_a_result_moved_to_another_patient_drops_that_patients_fractured_levels():
+    a, b = _patient(), _patient()
+    FractureFactory(patient=a, site="vertebral", vertebral_level="L4",
+                    diagnosed_at=_at(75), diagnosed_on=_day(75))  # A's index fracture
+    result = _scored(a, fractured=["L4"])
+    assert result.vbq_excluding_fractured == pytest.approx(WITHOUT_L4)
+
+    _study(b, "2.25.7200000000000000000001")  # the EHR corrects the study to B
+
+    result.refresh_from_db()
+    assert result.patient_id == b.pk
+    _assert_levels(result, [], ALL_LEVELS)
+    assert result.vbq_excluding_fractured == vbq_excluding(MEDIANS, MEDIANS["csf"], ())
+    audit = AuditEvent.objects.get(object_type="VbqResult", object_id=str(result.pk),
+                                   detail__fractured_levels=[])
+    assert audit.patient_id == b.pk
+    assert Patient.objects.get(pk=b.pk).followup_next_check_on == clinic_today()
+
+
+@pytest.mark.parametrize("bulk", [False, True], ids=["single", "bulk"])
+def test_an_index_fracture_recorded_after_the_result_changes_its_value_and_the_alert(bulk):
+    patient = _patient()
+    result = _scored(patient)
+    assert not _high_alert(patient)  # 2.95
+
+    item = {"patient": patient, "site": "vertebral", "vertebral_level": "L4",
+            "diagnosed_at": _at(72), "identifier": Identifier(CONDITION, "FX-L4")}
+    if bulk:
+        fracture_record_many(items=[item])
+    else:
+        fracture_record(**item)
+
+    _assert_levels(result, ["L4"], WITHOUT_L4)
+    assert result.vbq_excluding_fractured == vbq_excluding(MEDIANS, MEDIANS["csf"], ["L4"])
+    assert Patient.objects.get(pk=patient.pk).followup_next_check_on == clinic_today()
+    assert _high_alert(patient)  # 3.05
+    assert AuditEvent.objects.filter(object_type="VbqResult", object_id=str(result.pk),
+                                     detail__fractured_levels=["L4"]).count() == 1
+
+
+def test_voiding_the_fracture_restores_the_value():
+    patient = _patient()
+    result = _scored(patient)
+    _vertebral(patient, "L4", days_ago=72, value="FX-VOID")
+    _assert_levels(result, ["L4"], WITHOUT_L4)
+
+    _vertebral(patient, "L4", days_ago=72, value="FX-VOID", status="entered-in-error")
+
+    _assert_levels(result, [], ALL_LEVELS)
+
+
+def test_a_secondary_fracture_is_not_excluded():
+    """After the index procedure, at a level it did not treat: a new fracture, not the one
+    the VBQ was measured around (e.g. a re-score months later)."""
+    patient = _patient(treated=("L2",))
+    result = _scored(patient, fractured=["L2"])
+    _vertebral(patient, "L4", days_ago=10, value="FX-SECONDARY")
+
+    result.refresh_from_db()
+    assert result.fractured_levels == ["L2"]
+
+    VbqResult.objects.filter(pk=result.pk).update(status="queued")  # re-scored now
+    job = _claim(result.pk)
+    assert job.fractured_levels == ["L2"]  # the treated level, not the secondary L4
+
+
+def test_the_claim_takes_the_treated_levels_and_the_fractures_before_the_index():
+    patient = _patient(treated=("L1", "T12"))
+    FractureFactory(patient=patient, site="vertebral", vertebral_level="L3",
+                    diagnosed_at=_at(80), diagnosed_on=_day(80))  # before the index: kept
+    FractureFactory(patient=patient, site="vertebral", vertebral_level="L1",
+                    diagnosed_at=_at(5), diagnosed_on=_day(5))  # treated level: kept
+    FractureFactory(patient=patient, site="vertebral", vertebral_level="L4",
+                    diagnosed_at=_at(5), diagnosed_on=_day(5))  # secondary: not kept
+    job = _claim(_job(patient, "2.25.7200000000000000000002").pk)
+    assert job.fractured_levels == ["L1", "L3"]
+
+
+def test_without_an_index_procedure_every_active_vertebral_fracture_counts():
+    patient = _patient(treated=None)
+    FractureFactory(patient=patient, site="vertebral", vertebral_level="L4",
+                    diagnosed_at=_at(5), diagnosed_on=_day(5))
+    FractureFactory(patient=patient, site="vertebral", vertebral_level="L2",
+                    diagnosed_at=_at(5), diagnosed_on=_day(5), record_status="entered-in-error")
+    assert _claim(_job(patient, "2.25.7200000000000000000003").pk).fractured_levels == ["L4"]
+
+
+def test_an_index_procedure_recorded_later_makes_a_later_fracture_secondary():
+    patient = _patient(treated=None)
+    _vertebral(patient, "L4", days_ago=30, value="FX-LATER")
+    result = _scored(patient, fractured=["L4"])
+
+    procedure_record(patient=patient, code_system=codes.CPT,
+                     code="22511", performed_at=_at(70), levels=["L1"])
+
+    _assert_levels(result, ["L1"], vbq_excluding(MEDIANS, MEDIANS["csf"], ["L1"]))
+
+
+def test_a_reviewers_choice_survives_a_later_fracture():
+    patient = _patient()
+    reviewed = _scored(patient)
+    other = _scored(patient, uid="2.25.7200000000000000000004")
+    review_mark_fractured(result=reviewed, levels=["L1"], actor=SYSTEM_ACTOR)
+    _assert_levels(reviewed, ["L1"], vbq_excluding(MEDIANS, MEDIANS["csf"], ["L1"]))
+    assert reviewed.fractured_levels_by_reviewer
+
+    _vertebral(patient, "L4", days_ago=72, value="FX-REVIEWED")
+
+    _assert_levels(reviewed, ["L1"], vbq_excluding(MEDIANS, MEDIANS["csf"], ["L1"]))
+    _assert_levels(other, ["L4"], WITHOUT_L4)  # the result no one reviewed follows
+
+
+def test_the_sql_rule_and_the_python_rule_agree():
+    if connection.vendor != "postgresql":
+        pytest.skip("the SQL rule is PostgreSQL's")
+    patients = [_patient(treated=None), _patient(treated=("L2",)), _patient(treated=("T12",))]
+    for patient in patients:
+        for level, days_ago in (("L1", 80), ("L3", 5), ("L2", 5)):
+            FractureFactory(patient=patient, site="vertebral", vertebral_level=level,
+                            diagnosed_at=_at(days_ago), diagnosed_on=_day(days_ago))
+    assert Fracture.objects.count() == 9
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT pid::text, {fractured_levels_sql('pid')} "  # noqa: S608
+                       "FROM unnest(%s::uuid[]) AS pid", [[str(p.pk) for p in patients]])
+        from_sql = {pid: list(levels) for pid, levels in cursor.fetchall()}
+    assert from_sql == fractured_levels_of([p.pk for p in patients])
+    assert from_sql[str(patients[0].pk)] == ["L1", "L2", "L3"]
+    assert from_sql[str(patients[1].pk)] == ["L1", "L2"]
+    assert from_sql[str(patients[2].pk)] == ["L1"]
