@@ -200,6 +200,19 @@ _ASYNC = "SET LOCAL synchronous_commit TO off"
 _COMMIT = "COMMIT"
 
 
+def _begin(pg: Any) -> str:
+    """The BEGIN psycopg itself would send on this connection: with its isolation level, read
+    only and deferrable settings (Django sets them from ``DATABASES OPTIONS``)."""
+    words = ["BEGIN"]
+    if pg.isolation_level is not None:
+        words.append("ISOLATION LEVEL " + pg.isolation_level.name.replace("_", " "))
+    if pg.read_only is not None:
+        words.append("READ ONLY" if pg.read_only else "READ WRITE")
+    if pg.deferrable is not None:
+        words.append("DEFERRABLE" if pg.deferrable else "NOT DEFERRABLE")
+    return " ".join(words)
+
+
 def _store_at_begin(message: InboundMessage) -> Callable[[], None]:
     """For a transaction bundle (``Context.at_begin``, PostgreSQL): store the raw payload
     (outcome ``received``) in its OWN commit, at no round trip of its own, so that a worker
@@ -230,11 +243,12 @@ def _store_at_begin(message: InboundMessage) -> Callable[[], None]:
     committed first: the payload is then INSERTed with its outcome by ``_record_outcome``, as
     part of the bundle, as before. Once stored, later attempts (retries) do nothing.
 
-    Limits: the pipeline's plain BEGIN opens a transaction at the server's default isolation
-    level (DATABASES OPTIONS set no ``isolation_level`` here; if one is ever set, build the
-    BEGIN from it). A connection lost after the pipeline's COMMIT ran but before its reply
-    came back leaves a ``received`` row the retry does not know of: the payload, never the
-    bundle, is then stored twice."""
+    The bundle's BEGIN carries the connection's transaction characteristics, as psycopg's own
+    would (``DATABASES OPTIONS`` ``isolation_level``, read only, deferrable: ``_begin``).
+
+    Limit: a connection lost after the pipeline's COMMIT ran but before its reply came back
+    leaves a ``received`` row the retry does not know of: the payload, never the bundle, is
+    then stored twice."""
 
     def at_begin() -> None:
         import psycopg  # (PostgreSQL only: not needed by a SQLite installation)
@@ -259,7 +273,7 @@ def _store_at_begin(message: InboundMessage) -> Callable[[], None]:
                     command.execute(_ASYNC)
                     insert.execute(sql, params)
                     command.execute(_COMMIT)
-                    command.execute(_BEGIN)
+                    command.execute(_begin(pg))
                 ((message.pk,),) = insert.fetchall()
         finally:
             if pg.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE:

@@ -137,3 +137,38 @@ def test_a_refused_bundle_keeps_its_payload_with_the_refusal(client, token, muta
     assert json.loads(message.body) == bundle
     assert Patient.objects.count() == 0
     assert connection.get_autocommit()
+
+
+@pytest.mark.parametrize("level", ["SERIALIZABLE", "REPEATABLE_READ"])
+def test_the_bundles_transaction_keeps_the_connections_isolation_level(token, level):
+    """``DATABASES OPTIONS isolation_level``: the BEGIN sent in the payload's pipeline is the
+    one psycopg would have sent, so the bundle runs at the configured level."""
+    if connection.vendor != "postgresql":
+        pytest.skip("the pipelined BEGIN is PostgreSQL's")
+    import hashlib
+
+    import psycopg
+    from django.db import transaction
+    from django.utils import timezone
+
+    from integrations.fhir.views import _store_at_begin
+    from integrations.models import Feed
+
+    body = json.dumps(_bundle())
+    message = InboundMessage(
+        feed=Feed.objects.get(name="durability-ehr"), channel="fhir-rest", content_type=FHIR,
+        sha256=hashlib.sha256(body.encode()).hexdigest(), size_bytes=len(body), body=body,
+        received_at=timezone.now())
+    connection.ensure_connection()
+    pg = connection.connection
+    pg.isolation_level = getattr(psycopg.IsolationLevel, level)
+    try:
+        with transaction.atomic():
+            _store_at_begin(message)()
+            with connection.cursor() as cursor:
+                cursor.execute("SHOW transaction_isolation")
+                seen = cursor.fetchone()[0]
+    finally:
+        pg.isolation_level = None
+    assert seen == level.replace("_", " ").lower()
+    assert [outcome for outcome, _ in _rows_seen_by_another_connection()] == ["received"]
