@@ -93,9 +93,9 @@ def apply_fractured_levels(result: VbqResult, fractured: list[str], *,
                            by_reviewer: bool) -> None:
     """Set ``fractured`` (sorted L1–L4 levels) on a LOCKED ``result`` from its stored level
     rows: the levels' ``fractured`` flags, ``fractured_levels``, the VBQ excluding fractured
-    levels (unchanged when the result has no VBQ or no usable CSF level) and the same keys of
-    its ``measurement`` JSON; saved. ``by_reviewer``: a reviewer chose them (never recomputed
-    afterwards)."""
+    levels and the engine's ``all-levels-fractured`` QC flag (both unchanged when the result
+    has no VBQ or no usable CSF level), and the same keys of its ``measurement`` JSON; saved.
+    ``by_reviewer``: a reviewer chose them (never recomputed afterwards)."""
     stored = {lv.level: lv for lv in result.levels.all()}
     for level in stored.values():
         flag = level.level in fractured
@@ -103,18 +103,31 @@ def apply_fractured_levels(result: VbqResult, fractured: list[str], *,
             level.fractured = flag
             level.save(update_fields=["fractured"])
     csf = stored.get("csf")
+    recomputed = False
     if csf is not None and csf.median_si > 0 and result.vbq_all_levels is not None:
+        recomputed = True
         result.vbq_excluding_fractured = vbq_excluding(
             {k: v.median_si for k, v in stored.items()}, csf.median_si, fractured)
+        result.qc_flags = _flags_with(result.qc_flags, result.vbq_excluding_fractured)
     result.fractured_levels = fractured
     result.fractured_levels_by_reviewer = by_reviewer or result.fractured_levels_by_reviewer
     result.measurement = _measurement_with(result.measurement, fractured,
-                                           result.vbq_excluding_fractured)
-    result.save(update_fields=["fractured_levels", "vbq_excluding_fractured",
+                                           result.vbq_excluding_fractured, recomputed)
+    result.save(update_fields=["fractured_levels", "vbq_excluding_fractured", "qc_flags",
                                "fractured_levels_by_reviewer", "measurement"])
 
 
-def _measurement_with(measurement: Any, fractured: list[str], value: float | None) -> Any:
+def _flags_with(flags: Any, value: float | None) -> Any:
+    """QC flags with the engine's ``all-levels-fractured`` flag iff there is no value (as
+    ``_FLAGS_SQL``)."""
+    if not isinstance(flags, list):
+        return flags
+    kept = [f for f in flags if not (isinstance(f, dict) and f.get("code") == ALL_FRACTURED)]
+    return kept + ([dict(ALL_FRACTURED_FLAG)] if value is None else [])
+
+
+def _measurement_with(measurement: Any, fractured: list[str], value: float | None,
+                      recomputed: bool) -> Any:
     """The engine JSON with the new fractured levels (as ``_MEASUREMENT_SQL`` does)."""
     if not isinstance(measurement, dict) or "fractured_levels" not in measurement:
         return measurement
@@ -122,18 +135,42 @@ def _measurement_with(measurement: Any, fractured: list[str], value: float | Non
     if isinstance(measurement.get("levels"), dict):
         out["levels"] = {k: ({**v, "fractured": k in fractured} if isinstance(v, dict) else v)
                          for k, v in measurement["levels"].items()}
+    if recomputed and "qc_flags" in measurement:
+        out["qc_flags"] = _flags_with(measurement["qc_flags"], value)
     return out
 
 
-# The engine JSON of ``r`` with the target's levels (t.levels) and value (c.excl).
+# The engine's flag (scoring.engine.vbq._finish) when every measured level is fractured.
+ALL_FRACTURED = "all-levels-fractured"
+ALL_FRACTURED_FLAG = {"code": ALL_FRACTURED, "message": "every measured level is fractured",
+                      "severity": "warning"}
+
+
+def _flags_sql(flags: str) -> str:
+    """The JSON array ``flags`` with the ``all-levels-fractured`` flag iff ``c.excl`` is null
+    (``_flags_with``)."""
+    return (  # constants only, no values in the text
+        f"CASE WHEN jsonb_typeof({flags}) = 'array' THEN (SELECT coalesce(jsonb_agg(q.f "  # noqa: S608
+        f"ORDER BY q.n), '[]'::jsonb) FROM jsonb_array_elements({flags}) WITH ORDINALITY "
+        f"AS q(f, n) WHERE q.f->>'code' IS DISTINCT FROM '{ALL_FRACTURED}') || CASE WHEN "
+        "c.excl IS NULL THEN jsonb_build_array(jsonb_build_object('code', "
+        f"'{ALL_FRACTURED}', 'message', '{ALL_FRACTURED_FLAG['message']}', 'severity', "
+        f"'{ALL_FRACTURED_FLAG['severity']}')) ELSE '[]'::jsonb END ELSE {flags} END")
+
+
+# The engine JSON of ``r`` with the target's levels (t.levels), value (c.excl) and QC flags
+# (constants only, no values in the text).
+_MEASUREMENT_FLAGS = "(r.measurement->'qc_flags')"
 _MEASUREMENT_SQL = (
-    "CASE WHEN jsonb_typeof(r.measurement) = 'object' AND r.measurement ? 'fractured_levels' "
+    "CASE WHEN jsonb_typeof(r.measurement) = 'object' AND r.measurement ? 'fractured_levels' "  # noqa: S608
     "THEN r.measurement || jsonb_build_object('fractured_levels', to_jsonb(t.levels), "
     "'vbq_excluding_fractured', c.excl) || CASE WHEN jsonb_typeof(r.measurement->'levels') = "
     "'object' THEN jsonb_build_object('levels', (SELECT coalesce(jsonb_object_agg(e.key, "
     "CASE WHEN jsonb_typeof(e.value) = 'object' THEN e.value || jsonb_build_object("
     "'fractured', e.key = ANY(t.levels)) ELSE e.value END), '{}'::jsonb) "
     "FROM jsonb_each(r.measurement->'levels') AS e)) ELSE '{}'::jsonb END "
+    "|| CASE WHEN c.recomputed AND r.measurement ? 'qc_flags' THEN jsonb_build_object("
+    f"'qc_flags', {_flags_sql(_MEASUREMENT_FLAGS)}) ELSE '{{}}'::jsonb END "
     "ELSE r.measurement END")
 
 
@@ -183,7 +220,8 @@ def _refresh_pg(ids: list[str], actor: Any, reason: str) -> list[tuple[int, Any]
         "FOR UPDATE OF r), "
         f"flags AS (UPDATE {level} AS l SET fractured = (l.level = ANY(t.levels)) FROM t "
         "WHERE l.result_id = t.id AND l.fractured <> (l.level = ANY(t.levels))), "
-        "c AS (SELECT t.id, CASE WHEN csf.median_si > 0 AND t.vbq_all_levels IS NOT NULL "
+        "c AS (SELECT t.id, coalesce(csf.median_si > 0 AND t.vbq_all_levels IS NOT NULL, "
+        "false) AS recomputed, CASE WHEN csf.median_si > 0 AND t.vbq_all_levels IS NOT NULL "
         "THEN (SELECT (percentile_disc(0.5) WITHIN GROUP (ORDER BY k.median_si) "
         "+ percentile_disc(0.5) WITHIN GROUP (ORDER BY k.median_si DESC)) / 2 "
         f"FROM {level} AS k WHERE k.result_id = t.id "
@@ -191,7 +229,9 @@ def _refresh_pg(ids: list[str], actor: Any, reason: str) -> list[tuple[int, Any]
         "/ csf.median_si ELSE t.vbq_excluding_fractured END AS excl "
         f"FROM t LEFT JOIN {level} AS csf ON csf.result_id = t.id AND csf.level = 'csf'), "
         f"u AS (UPDATE {result} AS r SET fractured_levels = to_jsonb(t.levels), "
-        f"vbq_excluding_fractured = c.excl, measurement = {_MEASUREMENT_SQL} "
+        f"vbq_excluding_fractured = c.excl, measurement = {_MEASUREMENT_SQL}, "
+        f"qc_flags = CASE WHEN c.recomputed THEN {_flags_sql('r.qc_flags')} "
+        "ELSE r.qc_flags END "
         "FROM t JOIN c ON c.id = t.id WHERE r.id = t.id "
         "RETURNING r.id, r.patient_id, r.fractured_levels) "
         f"INSERT INTO {audit} (at, actor_id, feed_id, action, patient_id, object_type, "

@@ -9,6 +9,7 @@ Medians (CSF 100): L1 320, L2 305, L3 285, L4 150 → VBQ all levels (285 + 305)
 """
 
 import datetime as dt
+import random
 
 import pytest
 from django.db import connection
@@ -16,7 +17,13 @@ from django.db import connection
 from registry import codes
 from registry.followup import HIGH_VBQ
 from registry.models import Alert, AuditEvent, Fracture, Patient
-from registry.services import SYSTEM_ACTOR, Identifier, fracture_record, procedure_record
+from registry.services import (
+    SYSTEM_ACTOR,
+    Identifier,
+    fracture_record,
+    patient_merge,
+    procedure_record,
+)
 from registry.services_bulk import fracture_record_many
 from registry.sweep import followup_evaluate
 from registry.timeutil import clinic_today, start_of_clinic_day
@@ -71,23 +78,24 @@ def _job(patient, uid):
     return result
 
 
-def _scored(patient, *, uid="2.25.7200000000000000000001", fractured=()):
+def _scored(patient, *, uid="2.25.7200000000000000000001", fractured=(), medians=None):
     """The study's job as a worker would have stored it, with ``fractured`` excluded."""
     result = _job(patient, uid)
     fractured = sorted(fractured)
-    levels = {k: v for k, v in MEDIANS.items() if k != "csf"}
-    excl = vbq_excluding(levels, MEDIANS["csf"], fractured)
+    medians = medians or MEDIANS
+    levels = {k: v for k, v in medians.items() if k != "csf"}
+    excl = vbq_excluding(levels, medians["csf"], fractured)
     VbqResult.objects.filter(pk=result.pk).update(
-        status="succeeded", vbq_all_levels=vbq_excluding(levels, MEDIANS["csf"], ()),
-        vbq_excluding_fractured=excl, fractured_levels=fractured,
+        status="succeeded", vbq_all_levels=vbq_excluding(levels, medians["csf"], ()),
+        vbq_excluding_fractured=excl, fractured_levels=fractured, qc_flags=[],
         measurement={"status": "succeeded", "vbq_excluding_fractured": excl,
-                     "fractured_levels": fractured,
+                     "fractured_levels": fractured, "qc_flags": [],
                      "levels": {k: {"median_si": v, "fractured": k in fractured}
                                 for k, v in levels.items()},
-                     "csf": {"median_si": MEDIANS["csf"], "fractured": False}})
+                     "csf": {"median_si": medians["csf"], "fractured": False}})
     VbqLevel.objects.bulk_create([
         VbqLevel(result=result, level=k, median_si=v, pixel_count=100, fractured=k in fractured)
-        for k, v in MEDIANS.items()])
+        for k, v in medians.items()])
     result.refresh_from_db()
     return result
 
@@ -244,3 +252,71 @@ def test_the_sql_rule_and_the_python_rule_agree():
     assert from_sql[str(patients[0].pk)] == ["L1", "L2", "L3"]
     assert from_sql[str(patients[1].pk)] == ["L1", "L2"]
     assert from_sql[str(patients[2].pk)] == ["L1"]
+
+
+def test_every_level_fractured_leaves_no_value_and_the_engines_flag():
+    patient = _patient(treated=("L1", "L2", "L3"))
+    result = _scored(patient, fractured=["L1", "L2", "L3"])
+    flag = {"code": "all-levels-fractured", "message": "every measured level is fractured",
+            "severity": "warning"}
+
+    _vertebral(patient, "L4", days_ago=72, value="FX-ALL")
+
+    result.refresh_from_db()
+    assert result.fractured_levels == ["L1", "L2", "L3", "L4"]
+    assert result.vbq_excluding_fractured is None
+    assert result.qc_flags == [flag]
+    assert result.measurement["qc_flags"] == [flag]
+
+    _vertebral(patient, "L4", days_ago=72, value="FX-ALL", status="entered-in-error")
+
+    _assert_levels(result, ["L1", "L2", "L3"], 1.5)
+    assert result.qc_flags == []
+    assert result.measurement["qc_flags"] == []
+
+
+def test_merging_patients_gives_the_results_the_targets_fractured_levels():
+    source, target = _patient(treated=None), _patient()
+    FractureFactory(patient=target, site="vertebral", vertebral_level="L4",
+                    diagnosed_at=_at(75), diagnosed_on=_day(75))
+    result = _scored(source)
+
+    patient_merge(source=source, target=target)
+
+    result.refresh_from_db()
+    assert result.patient_id == target.pk
+    _assert_levels(result, ["L4"], WITHOUT_L4)
+
+
+def test_one_bulk_write_recomputes_many_patients_with_the_engines_median_to_the_bit():
+    rng = random.Random(20261125)
+    patients, results = [], []
+    for n in range(12):  # odd n: the index treated L3 too (two levels kept: an even median)
+        patient = _patient(treated=("L3",) if n % 2 else ("T12",))
+        medians = {lv: round(rng.uniform(80, 400), 3) for lv in ("L1", "L2", "L3", "L4")}
+        medians["csf"] = round(rng.uniform(60, 140), 3)
+        patients.append(patient)
+        results.append((_scored(patient, uid=f"2.25.73000000000000000{n:05d}", medians=medians),
+                        medians))
+    fracture_record_many(items=[
+        {"patient": patient, "site": "vertebral", "vertebral_level": ("L1", "L2", "L4")[n % 3],
+         "diagnosed_at": _at(72), "identifier": Identifier(CONDITION, f"FX-MANY-{n}")}
+        for n, patient in enumerate(patients)])
+    for n, (result, medians) in enumerate(results):
+        levels = sorted({("L1", "L2", "L4")[n % 3], *(["L3"] if n % 2 else [])})
+        result.refresh_from_db()
+        assert result.fractured_levels == levels
+        assert result.vbq_excluding_fractured == vbq_excluding(medians, medians["csf"], levels)
+
+
+def test_the_refresh_command_applies_the_rule_to_results_stored_before_it():
+    from django.core.management import call_command
+
+    patient = _patient(treated=("L2",))
+    FractureFactory(patient=patient, site="vertebral", vertebral_level="L4",
+                    diagnosed_at=_at(5), diagnosed_on=_day(5))  # secondary
+    result = _scored(patient, fractured=["L4"])  # as the old claim stored it
+
+    call_command("vbq_refresh_fractured", batch=1)
+
+    _assert_levels(result, ["L2"], vbq_excluding(MEDIANS, MEDIANS["csf"], ["L2"]))
