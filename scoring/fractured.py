@@ -235,12 +235,16 @@ def _refresh_pg(ids: list[str], actor: Any, reason: str) -> list[tuple[int, Any]
         "FROM t JOIN c ON c.id = t.id WHERE r.id = t.id "
         "RETURNING r.id, r.patient_id, r.fractured_levels) "
         f"INSERT INTO {audit} (at, actor_id, feed_id, action, patient_id, object_type, "
-        "object_id, via, detail) SELECT now(), %(actor)s, %(feed)s, 'update', u.patient_id, "
-        "'VbqResult', u.id::text, %(via)s, jsonb_build_object('fractured_levels', "
+        "object_id, via, detail) SELECT now(), %(actor)s::bigint, %(feed)s::bigint, 'update', "
+        "u.patient_id, "
+        "'VbqResult', u.id::text, %(via)s::text, jsonb_build_object('fractured_levels', "
         "u.fractured_levels, 'reason', %(reason)s::text) FROM u "
         "RETURNING object_id, patient_id")
+    # Fixed text (the patients travel as one array): prepared once per connection. Planning
+    # was most of its cost: one patient without results 1.47 ms unprepared, 0.17 ms prepared;
+    # 200 patients 2.0 / 0.62 ms (2026-11-25, local PostgreSQL, round trip included).
     rows = pg_execute(sql, {"ids": ids, "actor": actor.user_id, "feed": actor.feed_id,
-                            "via": actor.via, "reason": reason})
+                            "via": actor.via, "reason": reason}, prepare=True)
     return [(int(rid), pid) for rid, pid in rows]
 
 
