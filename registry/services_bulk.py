@@ -495,7 +495,11 @@ def _sourced_rows(build: Callable[..., dict[str, Any]], items: Sequence[dict[str
 
 
 def _sourced_side_effects(model: type[models.Model], results: Sequence[tuple[Any, bool]],
-                          rows: Sequence[dict[str, Any]], actor: Actor) -> None:
+                          rows: Sequence[dict[str, Any]], actor: Actor,
+                          refresh_fractured: bool = True) -> None:
+    """Audit rows, follow-up re-evaluation and, for procedures and fractures, the patients'
+    studies re-linked and (``refresh_fractured``: unless the caller does it once for several
+    kinds) their VBQ results' fractured levels recomputed."""
     with deferred_side_effects():
         for (pk, created), values in zip(results, rows, strict=True):
             audit_record(actor=actor, action=AuditAction.CREATE if created
@@ -504,7 +508,7 @@ def _sourced_side_effects(model: type[models.Model], results: Sequence[tuple[Any
             followup_changed(values["patient"].pk)
         if model is Procedure and rows:
             _procedures_recorded([values["patient"].pk for values in rows])
-        if model in (Procedure, Fracture) and rows:
+        if refresh_fractured and model in (Procedure, Fracture) and rows:
             _fractured_levels_changed([values["patient"].pk for values in rows], actor)
 
 
@@ -581,7 +585,8 @@ def sourced_record_many(*, groups: dict[str, Sequence[dict[str, Any]]],
             update = [name for name in rows[0] if name not in SOURCED_CONFLICT]
             out[kind] = upsert_returning(model, rows, conflict=SOURCED_CONFLICT, update=update,
                                          conflict_where=SOURCED_CONFLICT_WHERE)
-            _sourced_side_effects(model, out[kind], rows, actor)
+            _sourced_side_effects(model, out[kind], rows, actor, refresh_fractured=False)
+        _fractured_levels_of_kinds(prepared, actor)
         return out
     ctes, params, plans = [], [], []
     for n, (kind, rows) in enumerate(prepared.items()):
@@ -608,10 +613,21 @@ def sourced_record_many(*, groups: dict[str, Sequence[dict[str, Any]]],
     out = {}
     for n, (kind, model, rows, slot_of) in enumerate(plans):
         out[kind] = _expand(slot_of, [(pk, inserted) for pk, inserted, _ in by_k[n]])
-        _sourced_side_effects(model, out[kind], rows, actor)
+        _sourced_side_effects(model, out[kind], rows, actor, refresh_fractured=False)
+    _fractured_levels_of_kinds(prepared, actor)
     for n, (kind, part) in enumerate(extra.items(), start=len(plans)):
         out[kind] = part.finish(by_k[n])
     return out
+
+
+def _fractured_levels_of_kinds(prepared: Mapping[str, Sequence[dict[str, Any]]],
+                               actor: Actor) -> None:
+    """The fractured levels of the patients of the procedures and fractures written, once for
+    both kinds (one statement on PostgreSQL)."""
+    patients = [row["patient"].pk for kind in ("procedure", "fracture")
+                for row in prepared.get(kind, ())]
+    if patients:
+        _fractured_levels_changed(patients, actor)
 
 
 def procedure_record_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR

@@ -24,7 +24,7 @@ from registry.services import (
     patient_merge,
     procedure_record,
 )
-from registry.services_bulk import fracture_record_many
+from registry.services_bulk import fracture_record_many, sourced_record_many
 from registry.sweep import followup_evaluate
 from registry.timeutil import clinic_today, start_of_clinic_day
 from scoring.engine.model import ALGORITHM_VERSION
@@ -320,3 +320,22 @@ def test_the_refresh_command_applies_the_rule_to_results_stored_before_it():
     call_command("vbq_refresh_fractured", batch=1)
 
     _assert_levels(result, ["L2"], vbq_excluding(MEDIANS, MEDIANS["csf"], ["L2"]))
+
+
+def test_a_bundle_with_the_index_procedure_and_fractures_recomputes_once_with_both():
+    """As a FHIR transaction bundle writes them (``sourced_record_many``: one statement for
+    both kinds on PostgreSQL): the new index procedure makes the later L3 fracture secondary
+    and its treated level L1 fractured; the earlier L4 fracture stays."""
+    patient = _patient(treated=None)
+    result = _scored(patient, fractured=[])
+
+    sourced_record_many(groups={
+        "procedure": [{"patient": patient, "code_system": codes.CPT, "code": "22511",
+                       "performed_at": _at(70), "levels": ["L1"]}],
+        "fracture": [{"patient": patient, "site": "vertebral", "vertebral_level": level,
+                      "diagnosed_at": _at(days_ago),
+                      "identifier": Identifier(CONDITION, f"FX-BUNDLE-{level}")}
+                     for level, days_ago in (("L4", 75), ("L3", 20))]})
+
+    _assert_levels(result, ["L1", "L4"], vbq_excluding(MEDIANS, MEDIANS["csf"], ["L1", "L4"]))
+    assert AuditEvent.objects.filter(object_type="VbqResult", object_id=str(result.pk)).count() == 1
