@@ -217,7 +217,7 @@ def _refresh_pg(ids: list[str], actor: Any, reason: str) -> list[tuple[int, Any]
         "WHERE NOT r.fractured_levels_by_reviewer "
         "AND r.fractured_levels IS DISTINCT FROM to_jsonb(pt.levels) "
         f"AND EXISTS (SELECT 1 FROM {level} AS l WHERE l.result_id = r.id) "
-        "FOR UPDATE OF r), "
+        "ORDER BY r.id FOR UPDATE OF r), "  # one lock order for concurrent recomputes
         f"flags AS (UPDATE {level} AS l SET fractured = (l.level = ANY(t.levels)) FROM t "
         "WHERE l.result_id = t.id AND l.fractured <> (l.level = ANY(t.levels))), "
         "c AS (SELECT t.id, coalesce(csf.median_si > 0 AND t.vbq_all_levels IS NOT NULL, "
