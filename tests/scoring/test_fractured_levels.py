@@ -339,3 +339,26 @@ def test_a_bundle_with_the_index_procedure_and_fractures_recomputes_once_with_bo
 
     _assert_levels(result, ["L1", "L4"], vbq_excluding(MEDIANS, MEDIANS["csf"], ["L1", "L4"]))
     assert AuditEvent.objects.filter(object_type="VbqResult", object_id=str(result.pk)).count() == 1
+
+
+def test_the_migration_marks_the_existing_reviewer_choices():
+    import importlib
+
+    from django.apps import apps
+
+    migration = importlib.import_module(
+        "scoring.migrations.0002_vbqresult_fractured_levels_by_reviewer")
+    patient = _patient()
+    marked = _scored(patient, uid="2.25.7200000000000000000005")
+    manual = _scored(patient, uid="2.25.7200000000000000000006")
+    untouched = _scored(patient, uid="2.25.7200000000000000000007")
+    VbqResult.objects.filter(pk=manual.pk).update(source="manual")
+    AuditEvent.objects.create(action="update", object_type="VbqResult", object_id=str(marked.pk),
+                              via="ui", detail={"review": "fractured-levels", "levels": []})
+    VbqResult.objects.update(fractured_levels_by_reviewer=False)
+
+    migration.mark_reviewer_choices(apps, None)
+
+    assert set(VbqResult.objects.filter(fractured_levels_by_reviewer=True).values_list(
+        "pk", flat=True)) == {marked.pk, manual.pk}
+    assert not VbqResult.objects.get(pk=untouched.pk).fractured_levels_by_reviewer
