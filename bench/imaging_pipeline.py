@@ -409,6 +409,12 @@ def main() -> int:
               f"ratio on this CPU-bound host); workers alone / engine {workers / engine_s:.2f} "
               "(what the ratio approaches with the ingest, PostgreSQL, Orthanc and Redis on "
               "other cores or hosts, as in a deployment)")
+        others = sum(sec for name, sec in cpu_used.items() if name != "celery workers")
+        print(f"floor on this host: (engine + everything but the workers) / engine = "
+              f"{(engine_s + others) / engine_s:.2f}: the CPU ratio if the workers spent "
+              f"nothing beyond the engine's own CPU; they spend "
+              f"{1000 * (workers - engine_s) / n:.1f} ms/series more (fetch over DICOMweb "
+              "instead of reading files, claim, store, follow-up, Celery)")
     strict = e2e_s / baseline_s
     print(f"engine only, {args.workers} processes in parallel (same series): "
           f"{engine_parallel_s:.2f} s ({engine_s / engine_parallel_s:.2f}x faster than "
