@@ -198,12 +198,19 @@ def _reevaluate_followup(patient_id: Any) -> None:
 STORED_LEVELS = ("L1", "L2", "L3", "L4", "L5", "S1", "csf")
 
 
-def _store(result_id: int, measurement: Any) -> None:
+def _store(result_id: int, measurement: Any) -> tuple[Any, list[str]]:
     """Write the result and its level rows (inside the caller's transaction). On PostgreSQL in
     ONE statement: the result's UPDATE, the DELETE of level rows this measurement no longer
     has and an upsert of its levels (a re-run replaces the rows, as the ORM path below),
-    prepared once per connection (its text depends only on the number of levels)."""
+    prepared once per connection (its text depends only on the number of levels).
+
+    Returns the result's patient and that patient's fractured levels AS OF NOW
+    (``scoring.fractured``), read by the same statement: a fracture or procedure written, or
+    the study moved to another patient, while the job ran (after its claim read them) is
+    caught here, and the caller recomputes the value (the writer's own recompute skipped this
+    result: it had no level rows yet)."""
     from registry.services_bulk import pg_execute
+    from scoring.fractured import fractured_levels_of, fractured_levels_sql
     from scoring.models import VbqLevel, VbqResult
 
     values = {
@@ -226,7 +233,9 @@ def _store(result_id: int, measurement: Any) -> None:
         VbqResult.objects.filter(pk=result_id).update(**values)
         VbqLevel.objects.filter(result_id=result_id).delete()
         VbqLevel.objects.bulk_create(levels)
-        return
+        patient_id = VbqResult.objects.filter(pk=result_id).values_list(
+            "patient_id", flat=True).first()
+        return patient_id, fractured_levels_of([patient_id])[str(patient_id)]
     quote = connection.ops.quote_name
     result_fields = [VbqResult._meta.get_field(name) for name in values]
     sets = ", ".join(f"{quote(f.column)} = %s" for f in result_fields)
@@ -236,20 +245,25 @@ def _store(result_id: int, measurement: Any) -> None:
     columns = ", ".join(quote(f.column) for f in level_fields)
     # Names from the models' metadata; values are parameters.
     sql = (f"WITH result AS (UPDATE {quote(VbqResult._meta.db_table)} SET {sets} "  # noqa: S608
-           "WHERE id = %s), "
+           "WHERE id = %s RETURNING patient_id), "
            f"stale AS (DELETE FROM {quote(VbqLevel._meta.db_table)} "
            f"WHERE result_id = %s AND NOT (level = ANY(%s::varchar[])))")
     if levels:
         rows = ", ".join("(" + ", ".join(["%s"] * len(level_fields)) + ")" for _ in levels)
         updates = ", ".join(f"{quote(f.column)} = EXCLUDED.{quote(f.column)}"
                             for f in level_fields)
-        sql += (f" INSERT INTO {quote(VbqLevel._meta.db_table)} ({columns}) "  # noqa: S608
-                f"VALUES {rows} ON CONFLICT (result_id, level) DO UPDATE SET {updates}")
+        sql += (f", written AS (INSERT INTO {quote(VbqLevel._meta.db_table)} "  # noqa: S608
+                f"({columns}) VALUES {rows} "
+                f"ON CONFLICT (result_id, level) DO UPDATE SET {updates})")
         params += [f.get_db_prep_save(getattr(lv, f.attname), connection)
                    for lv in levels for f in level_fields]
-    else:
-        sql += " SELECT 1"
-    pg_execute(sql, params, prepare=True)
+    # (a data-modifying WITH runs to completion whether or not the SELECT reads it)
+    sql += f" SELECT r.patient_id, {fractured_levels_sql('r.patient_id')} FROM result r"  # noqa: S608
+    rows_out = pg_execute(sql, params, prepare=True)
+    if not rows_out:
+        return None, []
+    [(patient_id, fractured)] = rows_out
+    return patient_id, sorted(fractured or [])
 
 
 @shared_task(name="scoring.vbq_compute", bind=True, acks_late=True, reject_on_worker_lost=True,
@@ -284,7 +298,12 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
         logger.info("vbq_compute failed result=%s code=%s", result_id, code)
         return {"result": result_id, "status": "failed", "error_code": code}
     with transaction.atomic():
-        _store(result_id, measurement)
+        patient_id, fractured_now = _store(result_id, measurement)
+        if patient_id is not None and fractured_now != sorted(set(job.fractured_levels)):
+            # changed while the job ran: the value follows the patient's levels as of now
+            from scoring.fractured import results_refresh_fractured
+
+            results_refresh_fractured([patient_id])
         _reevaluate_followup(job.patient_id)
     return {"result": result_id, "status": measurement.status}
 

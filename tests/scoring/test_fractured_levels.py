@@ -362,3 +362,37 @@ def test_the_migration_marks_the_existing_reviewer_choices():
     assert set(VbqResult.objects.filter(fractured_levels_by_reviewer=True).values_list(
         "pk", flat=True)) == {marked.pk, manual.pk}
     assert not VbqResult.objects.get(pk=untouched.pk).fractured_levels_by_reviewer
+
+
+def test_a_fracture_recorded_while_the_job_runs_is_applied_when_the_result_is_stored(
+        tmp_path, monkeypatch):
+    """The race: the claim read the levels (none), an index fracture arrives while the engine
+    runs (its own recompute skips the result: no level rows yet), then the worker stores.
+    The store reads the levels again and the value follows them."""
+    import scoring.engine
+    from scoring.engine.phantom import make_phantom
+    from scoring.models import ImagingSeries
+    from scoring.tasks import vbq_compute
+
+    patient = _patient(treated=("T12",), days_since_procedure=70)
+    result = _job(patient, "2.25.7200000000000000000099")
+    make_phantom(4242, rows=256, cols=256, slices=11).write(tmp_path / "series")
+    ImagingSeries.objects.filter(pk=result.series_id).update(local_path=str(tmp_path / "series"))
+    real = scoring.engine.compute_vbq
+
+    def engine_while_a_fracture_arrives(source, **kwargs):
+        assert kwargs["fractured_levels"] == []  # what the claim read
+        _vertebral(patient, "L4", days_ago=75, value="fx-during-job")  # before the index
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(scoring.engine, "compute_vbq", engine_while_a_fracture_arrives)
+    vbq_compute(result.pk)
+
+    result.refresh_from_db()
+    medians = dict(result.levels.values_list("level", "median_si"))
+    assert {"L1", "L2", "L3", "L4", "csf"} <= set(medians)
+    assert result.fractured_levels == ["L4"]
+    assert result.vbq_excluding_fractured == pytest.approx(
+        vbq_excluding(medians, medians["csf"], ["L4"]), abs=1e-12)
+    assert result.vbq_excluding_fractured != pytest.approx(result.vbq_all_levels)
+    assert set(result.levels.filter(fractured=True).values_list("level", flat=True)) == {"L4"}
