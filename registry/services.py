@@ -88,6 +88,9 @@ class _Deferred:
     followup_patient_ids: set[Any] = field(default_factory=set)
     # other data-modifying statements (sql, params), PostgreSQL only: CTEs of the final one
     statements: list[tuple[str, list[Any]]] = field(default_factory=list)
+    # statements that must see the block's writes (sql, params, prepare), PostgreSQL only:
+    # sent after the final one, in the same round trip (one pipeline)
+    followers: list[tuple[str, Any, bool]] = field(default_factory=list)
 
 
 _deferred = threading.local()
@@ -110,10 +113,11 @@ def deferred_side_effects() -> Iterator[None]:
         _deferred.current = None
     rows = pending.audits
     if connection.vendor == "postgresql" and (
-            pending.statements or (rows and pending.followup_patient_ids)):
+            pending.statements or pending.followers or (rows and pending.followup_patient_ids)):
         # One statement (data-modifying CTEs): the audit rows, the deferred statements (e.g.
-        # the FHIR InboundMessage outcome) and the patients' due dates.
-        from registry.services_bulk import insert_rows_sql, pg_execute
+        # the FHIR InboundMessage outcome) and the patients' due dates; then the followers
+        # (``defer_after``), in the same round trip.
+        from registry.services_bulk import insert_rows_sql, pg_pipeline
 
         ctes, params = [], []
         if rows:
@@ -129,7 +133,9 @@ def deferred_side_effects() -> Iterator[None]:
             main = (f"UPDATE {Patient._meta.db_table} SET followup_next_check_on = %s "  # noqa: S608
                     "WHERE id = ANY(%s::uuid[])")
             params += [clinic_today(), ids]
-        pg_execute(f"WITH {', '.join(ctes)} {main}", params)
+        final = [(f"WITH {', '.join(ctes)} {main}", params, False)] if ctes or (
+            pending.followup_patient_ids) else []
+        pg_pipeline([*final, *pending.followers])
         if pending.followup_patient_ids:
             _queue_followup(ids)
         return
@@ -139,6 +145,18 @@ def deferred_side_effects() -> Iterator[None]:
         insert_rows(AuditEvent, rows)
     if pending.followup_patient_ids:
         _followup_changed_now(pending.followup_patient_ids)
+
+
+def defer_after(sql: str, params: Any, *, prepare: bool = False) -> bool:
+    """Inside ``deferred_side_effects()`` on PostgreSQL: queue one statement that must see the
+    block's writes (it cannot be a CTE of the final statement: a statement does not see its
+    own CTEs' changes) to run right after that final statement, in the same round trip; its
+    rows are not returned. ``False`` (nothing queued): run it yourself, now."""
+    pending = getattr(_deferred, "current", None)
+    if pending is None or connection.vendor != "postgresql":
+        return False
+    pending.followers.append((sql, params, prepare))
+    return True
 
 
 def execute_or_defer(sql: str, params: list[Any]) -> None:

@@ -111,6 +111,32 @@ def insert_rows_sql(model: type[models.Model], rows: Sequence[dict[str, Any]]
     return sql, json_param(records)
 
 
+def pg_pipeline(statements: Sequence[tuple[str, Any, bool]]) -> None:
+    """Run several PostgreSQL statements ``(sql, params, prepare)`` in ONE round trip (psycopg
+    pipeline: one Sync), server-side binding as ``pg_execute``; their rows are discarded. The
+    first error is raised (as Django's) and the statements after it do not run; the caller's
+    transaction then rolls back, as with separate statements."""
+    import psycopg
+    from django.conf import settings
+
+    if len(statements) <= 1:
+        for sql, params, prepare in statements:
+            pg_execute(sql, params, prepare=prepare)
+        return
+    connection.close_if_health_check_failed()
+    connection.ensure_connection()
+    pg = connection.connection
+    cursors = [psycopg.Cursor(pg) for _ in statements]
+    try:
+        with connection.wrap_database_errors, pg.pipeline():
+            for cursor, (sql, params, prepare) in zip(cursors, statements, strict=True):
+                cursor.execute(sql, params, prepare=True if prepare and (
+                    settings.DB_PREPARED_STATEMENTS) else None)
+    finally:
+        for cursor in cursors:
+            cursor.close()
+
+
 def pg_execute(sql: str, params: Sequence[Any] | Mapping[str, Any], *, prepare: bool = False
                ) -> list[tuple[Any, ...]]:
     """Run one PostgreSQL statement with SERVER-side parameter binding and return its rows.
