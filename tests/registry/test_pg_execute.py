@@ -63,3 +63,23 @@ def test_a_claimed_job_uses_the_prepared_claim(settings):
     settings.DB_PREPARED_STATEMENTS = True
     assert _claim(987654321) is None  # no such job: nothing claimed, the statement still ran
     assert len(_prepared("WITH claimed AS")) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_pipeline_runs_its_statements_in_order_and_an_error_stops_and_rolls_back():
+    from django.db import DatabaseError, transaction
+
+    from registry.services_bulk import pg_pipeline
+
+    pg_execute("CREATE TEMP TABLE pipe_t (n int PRIMARY KEY)", [])
+    with transaction.atomic():
+        pg_pipeline([("INSERT INTO pipe_t VALUES (%s)", [1], False),
+                     # sees the first one's row: statements run in order, one after the other
+                     ("INSERT INTO pipe_t SELECT n + 1 FROM pipe_t", [], True)])
+    assert pg_execute("SELECT n FROM pipe_t ORDER BY n", []) == [(1,), (2,)]
+    with pytest.raises(DatabaseError), transaction.atomic():
+        pg_pipeline([("INSERT INTO pipe_t VALUES (%s)", [3], False),
+                     ("INSERT INTO pipe_t VALUES (%s)", [1], False),  # duplicate key
+                     ("INSERT INTO pipe_t VALUES (%s)", [4], False)])
+    assert pg_execute("SELECT n FROM pipe_t ORDER BY n", []) == [(1,), (2,)]
+    pg_execute("DROP TABLE pipe_t", [])
