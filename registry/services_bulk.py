@@ -111,27 +111,33 @@ def insert_rows_sql(model: type[models.Model], rows: Sequence[dict[str, Any]]
     return sql, json_param(records)
 
 
-def pg_pipeline(statements: Sequence[tuple[str, Any, bool]]) -> None:
+def pg_pipeline(statements: Sequence[tuple[str, Any, bool]]) -> list[tuple[Any, ...]]:
     """Run several PostgreSQL statements ``(sql, params, prepare)`` in ONE round trip (psycopg
-    pipeline: one Sync), server-side binding as ``pg_execute``; their rows are discarded. The
-    first error is raised (as Django's) and the statements after it do not run; the caller's
+    pipeline: one Sync), server-side binding as ``pg_execute``; returns the LAST statement's
+    rows. Each statement runs after the one before it, with its own snapshot (a lock taken by
+    one is held when the next starts, which then sees what the lock waited for). The first
+    error is raised (as Django's) and the statements after it do not run; the caller's
     transaction then rolls back, as with separate statements."""
     import psycopg
     from django.conf import settings
 
-    if len(statements) <= 1:
-        for sql, params, prepare in statements:
-            pg_execute(sql, params, prepare=prepare)
-        return
+    if not statements:
+        return []
+    if len(statements) == 1:
+        [(sql, params, prepare)] = statements
+        return pg_execute(sql, params, prepare=prepare)
     connection.close_if_health_check_failed()
     connection.ensure_connection()
     pg = connection.connection
     cursors = [psycopg.Cursor(pg) for _ in statements]
     try:
-        with connection.wrap_database_errors, pg.pipeline():
-            for cursor, (sql, params, prepare) in zip(cursors, statements, strict=True):
-                cursor.execute(sql, params, prepare=True if prepare and (
-                    settings.DB_PREPARED_STATEMENTS) else None)
+        with connection.wrap_database_errors:
+            with pg.pipeline():
+                for cursor, (sql, params, prepare) in zip(cursors, statements, strict=True):
+                    cursor.execute(sql, params, prepare=True if prepare and (
+                        settings.DB_PREPARED_STATEMENTS) else None)
+            last = cursors[-1]
+            return last.fetchall() if last.description else []
     finally:
         for cursor in cursors:
             cursor.close()

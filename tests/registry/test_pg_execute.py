@@ -73,9 +73,11 @@ def test_a_pipeline_runs_its_statements_in_order_and_an_error_stops_and_rolls_ba
 
     pg_execute("CREATE TEMP TABLE pipe_t (n int PRIMARY KEY)", [])
     with transaction.atomic():
-        pg_pipeline([("INSERT INTO pipe_t VALUES (%s)", [1], False),
-                     # sees the first one's row: statements run in order, one after the other
-                     ("INSERT INTO pipe_t SELECT n + 1 FROM pipe_t", [], True)])
+        rows = pg_pipeline([("INSERT INTO pipe_t VALUES (%s)", [1], False),
+                            # sees the first one's row: statements run in order
+                            ("INSERT INTO pipe_t SELECT n + 1 FROM pipe_t RETURNING n", [],
+                             True)])
+    assert rows == [(2,)]  # the last statement's rows
     assert pg_execute("SELECT n FROM pipe_t ORDER BY n", []) == [(1,), (2,)]
     with pytest.raises(DatabaseError), transaction.atomic():
         pg_pipeline([("INSERT INTO pipe_t VALUES (%s)", [3], False),
