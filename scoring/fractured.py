@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from django.db import connection
 
-from registry.models import AuditEvent, Fracture, Procedure, RecordStatus
+from registry.models import AuditEvent, Fracture, Patient, Procedure, RecordStatus
 from scoring.models import VbqLevel, VbqResult
 
 VBQ_LEVELS = ("L1", "L2", "L3", "L4")
@@ -182,10 +182,16 @@ def results_refresh_fractured(patient_ids: Iterable[Any], *, actor: Any = None,
     (ids and levels only) and its patient's follow-up is re-evaluated
     (``registry.services.followup_changed``). Returns the changed result ids.
 
-    PostgreSQL: ONE statement for all the patients (the rule, the level flags, the values,
-    the JSON and the audit rows); other databases: a few ORM statements and a loop."""
+    PostgreSQL: the patients' rows are locked first (``PATIENT_LOCK_SQL``, in id order), then
+    ONE statement for all of them (the rule, the level flags, the values, the JSON and the
+    audit rows), both in one round trip. The lock serialises the writers of a patient's
+    fractures and procedures and the worker storing a result (``scoring.tasks``): the
+    statement after it starts with a fresh snapshot, so it sees what the lock waited for (in
+    one statement it would not: two bundles adding fractures at the same time lost one's
+    level). Other databases: a few ORM statements and a loop (their writers are serialised
+    by the database)."""
     from registry.services import SYSTEM_ACTOR, followup_changed
-    from registry.services_bulk import pg_execute
+    from registry.services_bulk import pg_pipeline
 
     actor = actor or SYSTEM_ACTOR
     ids = [str(p) for p in dict.fromkeys(patient_ids) if p is not None]
@@ -196,19 +202,26 @@ def results_refresh_fractured(patient_ids: Iterable[Any], *, actor: Any = None,
         from registry.services import defer_after
 
         sql, params = _refresh_pg_statement(ids, actor, detail_reason)
-        if defer_after(sql, params, prepare=True):
+        lock = (PATIENT_LOCK_SQL, [sorted(ids)], True)
+        if defer_after(*lock[:2], prepare=True) and defer_after(sql, params, prepare=True):
             # Inside ``deferred_side_effects`` (a FHIR bundle): run after the block's final
             # statement, in its round trip; the patients' follow-up is queued after commit
             # (which of their results change is not known yet: all of them are re-evaluated).
             for patient_id in ids:
                 followup_changed(patient_id)
             return []
-        rows = [(int(rid), pid) for rid, pid in pg_execute(sql, params, prepare=True)]
+        rows = [(int(rid), pid) for rid, pid in pg_pipeline([lock, (sql, params, True)])]
     else:
         rows = _refresh_orm(ids, actor, detail_reason)
     for patient_id in sorted({str(pid) for _, pid in rows}):
         followup_changed(patient_id)
     return sorted(rid for rid, _ in rows)
+
+
+# The patients' rows locked in one order (PostgreSQL), before their results are recomputed or
+# a worker stores one of theirs: one lock order (patient, then results by id) everywhere.
+PATIENT_LOCK_SQL = (f"SELECT 1 FROM {Patient._meta.db_table} "  # noqa: S608
+                    "WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE")
 
 
 def _refresh_pg_statement(ids: list[str], actor: Any, reason: str

@@ -208,8 +208,13 @@ def _store(result_id: int, measurement: Any) -> tuple[Any, list[str]]:
     (``scoring.fractured``), read by the same statement: a fracture or procedure written, or
     the study moved to another patient, while the job ran (after its claim read them) is
     caught here, and the caller recomputes the value (the writer's own recompute skipped this
-    result: it had no level rows yet)."""
-    from registry.services_bulk import pg_execute
+    result: it had no level rows yet). On PostgreSQL the patient's row is locked first, by a
+    statement sent in the same round trip (``pg_pipeline``): the writers of fractures and
+    procedures take the same lock before their recompute (``scoring.fractured``), so either
+    this statement sees their fracture or their recompute sees this result, and the lock
+    order (patient, then results) is theirs."""
+    from registry.models import Patient
+    from registry.services_bulk import pg_pipeline
     from scoring.fractured import fractured_levels_of, fractured_levels_sql
     from scoring.models import VbqLevel, VbqResult
 
@@ -259,7 +264,10 @@ def _store(result_id: int, measurement: Any) -> tuple[Any, list[str]]:
                    for lv in levels for f in level_fields]
     # (a data-modifying WITH runs to completion whether or not the SELECT reads it)
     sql += f" SELECT r.patient_id, {fractured_levels_sql('r.patient_id')} FROM result r"  # noqa: S608
-    rows_out = pg_execute(sql, params, prepare=True)
+    lock = (f"SELECT 1 FROM {quote(Patient._meta.db_table)} WHERE id = ("  # noqa: S608
+            f"SELECT patient_id FROM {quote(VbqResult._meta.db_table)} WHERE id = %s) "
+            "FOR UPDATE")
+    rows_out = pg_pipeline([(lock, [result_id], True), (sql, params, True)])
     if not rows_out:
         return None, []
     [(patient_id, fractured)] = rows_out
