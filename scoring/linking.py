@@ -166,7 +166,12 @@ def _index_procedure_locking_pg(patient_id: Any) -> Procedure | None:
         raise RuntimeError("index_procedure_query must select the Procedure's columns")
     if row[0] is None:  # the LEFT JOIN's NULL row: no index procedure
         return None
-    return Procedure.from_db(connection.alias, _PROCEDURE_COLUMNS, row)
+    # Django's own converters (``from_db_value``: the JSON ``levels`` arrive as text), as the
+    # ORM applies them to a queryset's rows
+    values = [field.from_db_value(value, None, connection)
+              if value is not None and hasattr(field, "from_db_value") else value
+              for field, value in zip(Procedure._meta.concrete_fields, row, strict=True)]
+    return Procedure.from_db(connection.alias, _PROCEDURE_COLUMNS, values)
 
 
 _PROCEDURE_COLUMNS = [f.attname for f in Procedure._meta.concrete_fields]

@@ -272,3 +272,26 @@ def test_the_ingest_of_one_study_runs_prepared_statements(settings):
         prepared = [row[0] for row in cursor.fetchall()]
     for marker in ("WITH studies AS", "WITH nearer AS", "INSERT INTO \"scoring_vbqresult\""):
         assert sum(marker in sql for sql in prepared) == 1, (marker, prepared)
+
+
+@pytest.mark.postgres
+def test_the_locking_index_lookup_gives_the_same_procedure_as_the_orm():
+    """``scoring.linking`` reads the index procedure with its own prepared statement: the
+    instance has the ORM's values (JSON levels as a list, dates as dates), and a patient with
+    no procedure gives None."""
+    from django.db import transaction
+
+    from registry.selectors import index_procedure
+    from scoring.linking import _index_procedure_locking_pg
+    from tests.factories import PatientFactory, ProcedureFactory
+
+    patient = PatientFactory()
+    ProcedureFactory(patient=patient, levels=["L1", "L2"])
+    with transaction.atomic():
+        found = _index_procedure_locking_pg(patient.pk)
+        assert _index_procedure_locking_pg(PatientFactory().pk) is None
+    expected = index_procedure(patient=patient)
+    assert found.pk == expected.pk
+    assert found.levels == ["L1", "L2"]
+    assert {f.attname: getattr(found, f.attname) for f in found._meta.concrete_fields} == {
+        f.attname: getattr(expected, f.attname) for f in expected._meta.concrete_fields}
