@@ -7,6 +7,7 @@ and triggers are the second line of defence.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import hashlib
 import logging
@@ -133,7 +134,8 @@ def deferred_side_effects() -> Iterator[None]:
             main = (f"UPDATE {Patient._meta.db_table} SET followup_next_check_on = %s "  # noqa: S608
                     "WHERE id = ANY(%s::uuid[])")
             params += [clinic_today(), ids]
-        final = [(f"WITH {', '.join(ctes)} {main}", params, False)] if ctes or (
+        # (no CTE: e.g. only follow-up and followers, as ``vbq_refresh_fractured``'s batch)
+        final = [(f"WITH {', '.join(ctes)} {main}" if ctes else main, params, False)] if ctes or (
             pending.followup_patient_ids) else []
         pg_pipeline([*final, *pending.followers])
         if pending.followup_patient_ids:
@@ -425,12 +427,38 @@ def _upsert_sourced(model: type, identifier: Identifier | None, values: dict[str
     Any, bool
 ]:
     """Update-or-create on the business identifier (or create when there is none)."""
-    if identifier is None or not identifier.value:
-        return model.objects.create(**values), True
-    obj, created = model.objects.select_for_update().update_or_create(
-        identifier_system=identifier.system, identifier_value=identifier.value, defaults=values
-    )
+    obj, created, _ = _upsert_sourced_previous(model, identifier, values)
     return obj, created
+
+
+def _upsert_sourced_previous(model: type, identifier: Identifier | None,
+                             values: dict[str, Any]) -> tuple[Any, bool, Any]:
+    """``_upsert_sourced`` that also returns the row as it was before the update (an unsaved
+    copy; None when created): a re-send may move the record to another patient (an EHR misfile
+    correction), whose side effects then concern both. The same statements as
+    ``update_or_create`` (its locked read is the "before")."""
+    if identifier is None or not identifier.value:
+        return model.objects.create(**values), True, None
+    with transaction.atomic():
+        obj, created = model.objects.select_for_update().get_or_create(
+            values, identifier_system=identifier.system, identifier_value=identifier.value)
+        if created:
+            return obj, True, None
+        previous = copy.copy(obj)
+        for name, value in values.items():
+            setattr(obj, name, value)
+        obj.save(update_fields=[*values, *(f.name for f in model._meta.concrete_fields
+                                           if getattr(f, "auto_now", False)
+                                           and f.name not in values)])
+    return obj, False, previous
+
+
+def _moved_from(previous: Any, patient: Patient) -> list[Any]:
+    """The patient a re-sent record belonged to before this write, if another one (as a
+    list: ``[]`` or ``[id]``)."""
+    if previous is None or previous.patient_id == patient.pk:
+        return []
+    return [previous.patient_id]
 
 
 def procedure_values(
@@ -487,17 +515,22 @@ def procedure_record(
         patient=patient, code_system=code_system, code=code, performed_at=performed_at,
         code_display=code_display, levels=levels, record_status=record_status,
     )
-    proc, created = _upsert_sourced(Procedure, identifier, values)
+    proc, created, previous = _upsert_sourced_previous(Procedure, identifier, values)
+    moved_from = _moved_from(previous, patient)
     audit_record(
         actor=actor,
         action=AuditAction.CREATE if created else AuditAction.UPDATE,
         object_type="Procedure",
         object_id=str(proc.pk),
         patient_id=patient.pk,
+        detail={"moved_from_patient": str(moved_from[0])} if moved_from else None,
     )
-    followup_changed(patient.pk)
-    _procedures_recorded([patient.pk])
-    _fractured_levels_changed([patient.pk], actor)
+    # A re-send under the same identifier for another patient (misfile correction): the
+    # former patient lost it (their index procedure, studies and levels may change too).
+    for pid in [patient.pk, *moved_from]:
+        followup_changed(pid)
+    _procedures_recorded([patient.pk, *moved_from])
+    _fractured_levels_changed([patient.pk, *moved_from], actor)
     return proc, created
 
 
@@ -576,16 +609,23 @@ def fracture_record(
         code_system=code_system, code=code, code_display=code_display,
         record_status=record_status,
     )
-    fracture, created = _upsert_sourced(Fracture, identifier, values)
+    fracture, created, previous = _upsert_sourced_previous(Fracture, identifier, values)
+    moved_from = _moved_from(previous, patient)
     audit_record(
         actor=actor,
         action=AuditAction.CREATE if created else AuditAction.UPDATE,
         object_type="Fracture",
         object_id=str(fracture.pk),
         patient_id=patient.pk,
+        detail={"moved_from_patient": str(moved_from[0])} if moved_from else None,
     )
-    followup_changed(patient.pk)
-    _fractured_levels_changed([patient.pk], actor)
+    for pid in [patient.pk, *moved_from]:  # a re-send for another patient: both
+        followup_changed(pid)
+    # Only a vertebral fracture (before or after this write) can change fractured levels: a
+    # hip or wrist one costs no recompute statement.
+    if site == FractureSite.VERTEBRAL or (
+            previous is not None and previous.site == FractureSite.VERTEBRAL):
+        _fractured_levels_changed([patient.pk, *moved_from], actor)
     return fracture, created
 
 

@@ -528,30 +528,57 @@ def _sourced_rows(build: Callable[..., dict[str, Any]], items: Sequence[dict[str
 
 def _sourced_side_effects(model: type[models.Model], results: Sequence[tuple[Any, bool]],
                           rows: Sequence[dict[str, Any]], actor: Actor,
-                          refresh_fractured: bool = True) -> None:
+                          refresh_fractured: bool = True,
+                          previous: Sequence[Any] | None = None) -> list[Any]:
     """Audit rows, follow-up re-evaluation and, for procedures and fractures, the patients'
     studies re-linked and (``refresh_fractured``: unless the caller does it once for several
-    kinds) their VBQ results' fractured levels recomputed."""
+    kinds) their VBQ results' fractured levels recomputed. ``previous``: per item, the patient
+    the record had before the upsert (None: new, or unknown); a record re-sent for another
+    patient (an EHR misfile correction) concerns both. Returns the former patients."""
+    moved_from: list[Any] = []
     with deferred_side_effects():
-        for (pk, created), values in zip(results, rows, strict=True):
+        for n, ((pk, created), values) in enumerate(zip(results, rows, strict=True)):
+            patient_id = values["patient"].pk
+            before = previous[n] if previous else None
+            moved = before is not None and str(before) != str(patient_id)
             audit_record(actor=actor, action=AuditAction.CREATE if created
                          else AuditAction.UPDATE, object_type=model.__name__,
-                         object_id=str(pk), patient_id=values["patient"].pk)
-            followup_changed(values["patient"].pk)
+                         object_id=str(pk), patient_id=patient_id,
+                         detail={"moved_from_patient": str(before)} if moved else None)
+            followup_changed(patient_id)
+            if moved:
+                followup_changed(uuid.UUID(str(before)))
+                moved_from.append(before)
         if model is Procedure and rows:
-            _procedures_recorded([values["patient"].pk for values in rows])
+            _procedures_recorded([values["patient"].pk for values in rows] + moved_from)
         if refresh_fractured and model in (Procedure, Fracture) and rows:
-            _fractured_levels_changed([values["patient"].pk for values in rows], actor)
+            _fractured_levels_changed([values["patient"].pk for values in rows] + moved_from,
+                                      actor)
+    return moved_from
 
 
 def _sourced_many(model: type[models.Model], build: Callable[..., dict[str, Any]],
                   items: Sequence[dict[str, Any]], actor: Actor) -> list[tuple[Any, bool]]:
-    rows = _sourced_rows(build, items)
-    update = [name for name in rows[0] if name not in SOURCED_CONFLICT] if rows else []
-    results = upsert_returning(model, rows, conflict=SOURCED_CONFLICT, update=update,
-                               conflict_where=SOURCED_CONFLICT_WHERE)
-    _sourced_side_effects(model, results, rows, actor)
-    return results
+    kind = next(k for k, (m, _) in SOURCED_KINDS.items() if m is model)
+    return sourced_record_many(groups={kind: items}, actor=actor).get(kind, [])
+
+
+def _previous_patients_orm(model: type[models.Model], rows: Sequence[dict[str, Any]]
+                           ) -> list[Any]:
+    """Other databases: per row, the patient of the record already holding its identifier
+    (None: none), in one query before the upsert."""
+    keys = {(r["identifier_system"], r["identifier_value"]) for r in rows
+            if r["identifier_value"]}
+    if not keys:
+        return [None] * len(rows)
+    match = models.Q()
+    for system, value in keys:
+        match |= models.Q(identifier_system=system, identifier_value=value)
+    held = {(system, value): patient_id for system, value, patient_id in
+            model._default_manager.select_for_update().filter(match).values_list(
+                "identifier_system", "identifier_value", "patient_id")}
+    return [held.get((r["identifier_system"], r["identifier_value"])) if r["identifier_value"]
+            else None for r in rows]
 
 
 def _dedupe(rows: Sequence[dict[str, Any]], conflict: Sequence[str]
@@ -610,30 +637,43 @@ def sourced_record_many(*, groups: dict[str, Sequence[dict[str, Any]]],
         except RegistryValidationError as exc:
             exc.kind = kind  # type: ignore[attr-defined]
             raise
-    if connection.vendor != "postgresql" or len(prepared) + len(extra) < 2:
+    moved_from: list[Any] = []
+    if not prepared and not extra:
+        return {}
+    if connection.vendor != "postgresql":
         out = {kind: part.run() for kind, part in extra.items()}
         for kind, rows in prepared.items():
             model = SOURCED_KINDS[kind][0]
             update = [name for name in rows[0] if name not in SOURCED_CONFLICT]
+            previous = _previous_patients_orm(model, rows)
             out[kind] = upsert_returning(model, rows, conflict=SOURCED_CONFLICT, update=update,
                                          conflict_where=SOURCED_CONFLICT_WHERE)
-            _sourced_side_effects(model, out[kind], rows, actor, refresh_fractured=False)
-        _fractured_levels_of_kinds(prepared, actor)
+            moved = _sourced_side_effects(model, out[kind], rows, actor, refresh_fractured=False,
+                                          previous=previous)
+            if model in (Procedure, Fracture):
+                moved_from += moved
+        _fractured_levels_of_kinds(prepared, actor, moved_from)
         return out
-    ctes, params, plans = [], [], []
+    qn = connection.ops.quote_name
+    ctes, params, plans, selects = [], [], [], []
     for n, (kind, rows) in enumerate(prepared.items()):
         model = SOURCED_KINDS[kind][0]
+        table = qn(model._meta.db_table)
         slot_of, unique = _dedupe(rows, SOURCED_CONFLICT)
         update = [name for name in rows[0] if name not in SOURCED_CONFLICT]
         sql, records = _pg_insert_sql(model, unique, SOURCED_CONFLICT, update,
                                       SOURCED_CONFLICT_WHERE)
         ctes.append(f"c{n} AS ({sql}RETURNING {n} AS k, "
-                    f"{connection.ops.quote_name(model._meta.pk.column)} AS pk, "
-                    "(xmax = 0) AS inserted)")
+                    f"{qn(model._meta.pk.column)} AS pk, (xmax = 0) AS inserted)")
         params.append(json_param(records))
         plans.append((kind, model, rows, slot_of))
-    selects = [f"SELECT k, pk, inserted, NULL::text AS key FROM c{n}"  # noqa: S608
-               for n in range(len(ctes))]
+        # The key column: the patient of an updated record BEFORE this statement (the
+        # table's row here is the statement's snapshot: RETURNING only gives new values), for
+        # a re-send that moves it to another patient. No round trip more.
+        selects.append(
+            f"SELECT c.k, c.pk, c.inserted, t.patient_id::text AS key FROM c{n} AS c "  # noqa: S608
+            f"LEFT JOIN {table} AS t ON t.{qn(model._meta.pk.column)} = c.pk "
+            "AND NOT c.inserted")
     for n, part in enumerate(extra.values(), start=len(ctes)):
         ctes += part.ctes
         params += part.params
@@ -645,19 +685,24 @@ def sourced_record_many(*, groups: dict[str, Sequence[dict[str, Any]]],
     out = {}
     for n, (kind, model, rows, slot_of) in enumerate(plans):
         out[kind] = _expand(slot_of, [(pk, inserted) for pk, inserted, _ in by_k[n]])
-        _sourced_side_effects(model, out[kind], rows, actor, refresh_fractured=False)
-    _fractured_levels_of_kinds(prepared, actor)
+        previous = [by_k[n][slot][2] for slot in slot_of]
+        moved = _sourced_side_effects(model, out[kind], rows, actor, refresh_fractured=False,
+                                      previous=previous)
+        if model in (Procedure, Fracture):
+            moved_from += moved
+    _fractured_levels_of_kinds(prepared, actor, moved_from)
     for n, (kind, part) in enumerate(extra.items(), start=len(plans)):
         out[kind] = part.finish(by_k[n])
     return out
 
 
 def _fractured_levels_of_kinds(prepared: Mapping[str, Sequence[dict[str, Any]]],
-                               actor: Actor) -> None:
-    """The fractured levels of the patients of the procedures and fractures written, once for
-    both kinds (one statement on PostgreSQL)."""
+                               actor: Actor, moved_from: Sequence[Any] = ()) -> None:
+    """The fractured levels of the patients of the procedures and fractures written, and of
+    the patients such a record moved away from (``moved_from``), once for both kinds (one
+    statement on PostgreSQL)."""
     patients = [row["patient"].pk for kind in ("procedure", "fracture")
-                for row in prepared.get(kind, ())]
+                for row in prepared.get(kind, ())] + list(moved_from)
     if patients:
         _fractured_levels_changed(patients, actor)
 
