@@ -1,33 +1,77 @@
 """Recompute the fractured levels of stored VBQ results by the current rule
 (``scoring.fractured``), e.g. once after upgrading from the rule that excluded every active
-vertebral fracture: ``manage.py vbq_refresh_fractured [--batch 500]``."""
+vertebral fracture: ``manage.py vbq_refresh_fractured [--batch 500] [--dry-run]``.
+
+``--dry-run`` runs every batch as usual and rolls it back: it reports how many results would
+change and how many would cross the high-VBQ threshold (``settings.VBQ_HIGH_THRESHOLD``, either
+way), and writes nothing (no result, audit row, due date or follow-up message)."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 from django.db import transaction
 
-from registry.services import Actor
+from registry.services import Actor, deferred_side_effects
 from scoring.fractured import results_refresh_fractured
 from scoring.models import VbqResult
+
+
+def _high(value: float | None) -> bool:
+    """The follow-up rule's "high" (``registry.followup``: VBQ ≥ threshold)."""
+    return value is not None and value >= settings.VBQ_HIGH_THRESHOLD
+
+
+def _stored(patient_ids: list[Any]) -> dict[int, tuple[Any, float | None]]:
+    """Result id → (fractured levels, VBQ excluding them) of these patients' results the
+    refresh may change (not set by a reviewer)."""
+    return {pk: (levels, value) for pk, levels, value in VbqResult.objects.filter(
+        patient_id__in=patient_ids, fractured_levels_by_reviewer=False).values_list(
+        "pk", "fractured_levels", "vbq_excluding_fractured")}
 
 
 class Command(BaseCommand):
     help = ("Recompute the fractured levels (and the VBQ excluding them) of every stored result "
             "not set by a reviewer, from the stored level medians; audited; follow-up "
-            "re-evaluated.")
+            "re-evaluated. --dry-run: report what would change, write nothing.")
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--batch", type=int, default=500, help="patients per transaction")
+        parser.add_argument("--dry-run", action="store_true",
+                            help="report the results that would change and the ones that "
+                                 "would cross VBQ_HIGH_THRESHOLD; roll every batch back")
 
-    def handle(self, *args, **options) -> None:
+    def handle(self, *args: Any, **options: Any) -> None:
+        dry_run = options["dry_run"]
         patients = list(VbqResult.objects.filter(fractured_levels_by_reviewer=False)
                         .values_list("patient_id", flat=True).distinct().order_by("patient_id"))
         batch = max(1, options["batch"])
-        changed = 0
+        changed = crossing = 0
         for start in range(0, len(patients), batch):
+            ids = patients[start:start + batch]
             with transaction.atomic():
-                changed += len(results_refresh_fractured(
-                    patients[start:start + batch], actor=Actor(via="command"),
-                    reason="fractured levels rule"))
-        self.stdout.write(f"{changed} result(s) of {len(patients)} patient(s) recomputed.")
+                before = _stored(ids)
+                # One due-date UPDATE and one follow-up message per batch, not per patient
+                # (on PostgreSQL every patient of the batch is re-evaluated: the recompute
+                # runs at the end of the block and does not return the changed ones).
+                with deferred_side_effects():
+                    results_refresh_fractured(ids, actor=Actor(via="command"),
+                                              reason="fractured levels rule")
+                after = _stored(ids)
+                for pk, (levels, value) in after.items():
+                    old_levels, old_value = before.get(pk, (levels, value))
+                    if old_levels != levels:  # what the recompute changes
+                        changed += 1
+                        crossing += _high(old_value) != _high(value)
+                if dry_run:
+                    transaction.set_rollback(True)  # no write, and no message after commit
+        threshold = f"the VBQ threshold {settings.VBQ_HIGH_THRESHOLD:g}"
+        if dry_run:
+            self.stdout.write(f"Dry run, nothing written: {changed} result(s) of "
+                              f"{len(patients)} patient(s) would be recomputed; {crossing} "
+                              f"would cross {threshold}.")
+        else:
+            self.stdout.write(f"{changed} result(s) of {len(patients)} patient(s) recomputed; "
+                              f"{crossing} crossed {threshold}.")
