@@ -159,6 +159,17 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _peak_rss_mb(pid: int) -> float:
+    """A process's peak resident memory so far (Linux VmHWM), MiB; 0 if unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
 def _postgres_pids() -> list[int]:
     """The PostgreSQL backends serving the bench database (their process title names it);
     the server's shared processes (WAL writer, checkpointer) serve everyone and are left out."""
@@ -351,6 +362,7 @@ def main() -> int:
                 for name, seconds in _cpu_snapshot(cpu_groups).items():
                     cpu_used[name] = cpu_used.get(name, 0.0) + seconds - before[name]
         pool.close()
+        peak_rss_mb = [_peak_rss_mb(p.pid) for p in processes[1:]]  # the workers, still up
         rows = list(VbqResult.objects.select_related("series"))  # a fresh database
         versions = sorted({r.algorithm_version for r in rows})
         differing = [(r.series.series_instance_uid[-8:], engine_status[
@@ -409,6 +421,8 @@ def main() -> int:
               f"ratio on this CPU-bound host); workers alone / engine {workers / engine_s:.2f} "
               "(what the ratio approaches with the ingest, PostgreSQL, Orthanc and Redis on "
               "other cores or hosts, as in a deployment)")
+        print("workers' peak resident memory (VmHWM): "
+              + ", ".join(f"{mb:.0f} MiB" for mb in peak_rss_mb))
         others = sum(sec for name, sec in cpu_used.items() if name != "celery workers")
         print(f"floor on this host: (engine + everything but the workers) / engine = "
               f"{(engine_s + others) / engine_s:.2f}: the CPU ratio if the workers spent "
