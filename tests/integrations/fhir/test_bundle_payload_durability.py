@@ -161,6 +161,7 @@ def test_the_bundles_transaction_keeps_the_connections_isolation_level(token, le
         received_at=timezone.now())
     connection.ensure_connection()
     pg = connection.connection
+    configured = pg.isolation_level
     pg.isolation_level = getattr(psycopg.IsolationLevel, level)
     try:
         with transaction.atomic():
@@ -169,6 +170,6 @@ def test_the_bundles_transaction_keeps_the_connections_isolation_level(token, le
                 cursor.execute("SHOW transaction_isolation")
                 seen = cursor.fetchone()[0]
     finally:
-        pg.isolation_level = None
+        pg.isolation_level = configured
     assert seen == level.replace("_", " ").lower()
     assert [outcome for outcome, _ in _rows_seen_by_another_connection()] == ["received"]
