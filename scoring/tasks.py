@@ -202,7 +202,7 @@ def _store(result_id: int, measurement: Any) -> tuple[Any, list[str]]:
     """Write the result and its level rows (inside the caller's transaction). On PostgreSQL in
     ONE statement: the result's UPDATE, the DELETE of level rows this measurement no longer
     has and an upsert of its levels (a re-run replaces the rows, as the ORM path below),
-    prepared once per connection (its text depends only on the number of levels).
+    prepared once per connection (its text is fixed: the levels travel as one JSON parameter).
 
     Returns the result's patient and that patient's fractured levels AS OF NOW
     (``scoring.fractured``), read by the same statement: a fracture or procedure written, or
@@ -214,7 +214,7 @@ def _store(result_id: int, measurement: Any) -> tuple[Any, list[str]]:
     this statement sees their fracture or their recompute sees this result, and the lock
     order (patient, then results) is theirs."""
     from registry.models import Patient
-    from registry.services_bulk import pg_pipeline
+    from registry.services_bulk import _pg_insert_sql, json_param, pg_pipeline
     from scoring.fractured import fractured_levels_of, fractured_levels_sql
     from scoring.models import VbqLevel, VbqResult
 
@@ -229,15 +229,15 @@ def _store(result_id: int, measurement: Any) -> tuple[Any, list[str]]:
         "finished_at": timezone.now(),
     }
     kept = [*measurement.levels.values(), *([measurement.csf] if measurement.csf else [])]
-    levels = [VbqLevel(result_id=result_id, level=m.level, median_si=m.median_si,
-                       pixel_count=m.pixel_count,
-                       centroid={"pixel": m.centroid_pixel, "lps_mm": m.centroid_lps_mm},
-                       roi=m.roi.__dict__, fractured=m.fractured)
-              for m in kept if m.level in STORED_LEVELS]
+    level_rows = [{"result_id": result_id, "level": m.level, "median_si": m.median_si,
+                   "pixel_count": m.pixel_count,
+                   "centroid": {"pixel": m.centroid_pixel, "lps_mm": m.centroid_lps_mm},
+                   "roi": m.roi.__dict__, "fractured": m.fractured}
+                  for m in kept if m.level in STORED_LEVELS]
     if connection.vendor != "postgresql":
         VbqResult.objects.filter(pk=result_id).update(**values)
         VbqLevel.objects.filter(result_id=result_id).delete()
-        VbqLevel.objects.bulk_create(levels)
+        VbqLevel.objects.bulk_create([VbqLevel(**row) for row in level_rows])
         patient_id = VbqResult.objects.filter(pk=result_id).values_list(
             "patient_id", flat=True).first()
         return patient_id, fractured_levels_of([patient_id])[str(patient_id)]
@@ -245,23 +245,20 @@ def _store(result_id: int, measurement: Any) -> tuple[Any, list[str]]:
     result_fields = [VbqResult._meta.get_field(name) for name in values]
     sets = ", ".join(f"{quote(f.column)} = %s" for f in result_fields)
     params: list[Any] = [f.get_db_prep_save(values[f.name], connection) for f in result_fields]
-    params += [result_id, result_id, [lv.level for lv in levels]]
-    level_fields = [f for f in VbqLevel._meta.concrete_fields if not f.primary_key]
-    columns = ", ".join(quote(f.column) for f in level_fields)
-    # Names from the models' metadata; values are parameters.
+    params += [result_id, result_id, [row["level"] for row in level_rows]]
+    # Names from the models' metadata; values are parameters (the level rows as ONE JSON
+    # parameter: the statement's text and parameter count stay small and fixed, so psycopg
+    # converts it once per process, not on every call as with a VALUES list of ~60).
     sql = (f"WITH result AS (UPDATE {quote(VbqResult._meta.db_table)} SET {sets} "  # noqa: S608
            "WHERE id = %s RETURNING patient_id), "
            f"stale AS (DELETE FROM {quote(VbqLevel._meta.db_table)} "
            f"WHERE result_id = %s AND NOT (level = ANY(%s::varchar[])))")
-    if levels:
-        rows = ", ".join("(" + ", ".join(["%s"] * len(level_fields)) + ")" for _ in levels)
-        updates = ", ".join(f"{quote(f.column)} = EXCLUDED.{quote(f.column)}"
-                            for f in level_fields)
-        sql += (f", written AS (INSERT INTO {quote(VbqLevel._meta.db_table)} "  # noqa: S608
-                f"({columns}) VALUES {rows} "
-                f"ON CONFLICT (result_id, level) DO UPDATE SET {updates})")
-        params += [f.get_db_prep_save(getattr(lv, f.attname), connection)
-                   for lv in levels for f in level_fields]
+    if level_rows:
+        insert_sql, records = _pg_insert_sql(
+            VbqLevel, level_rows, ("result", "level"),
+            ("median_si", "pixel_count", "centroid", "roi", "fractured"), "")
+        sql += f", written AS ({insert_sql})"
+        params.append(json_param(records))
     # (a data-modifying WITH runs to completion whether or not the SELECT reads it)
     sql += f" SELECT r.patient_id, {fractured_levels_sql('r.patient_id')} FROM result r"  # noqa: S608
     lock = (f"SELECT 1 FROM {quote(Patient._meta.db_table)} WHERE id = ("  # noqa: S608
