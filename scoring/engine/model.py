@@ -146,16 +146,22 @@ class VbqMeasurement:
         )
 
 
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+# Per type: its dataclass field names, or None for any other type (asked once per type).
+_FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}
+_LEAVES = frozenset({str, int, float, bool, type(None)})
 
 
 def _plain(value: Any) -> Any:
     """``dataclasses.asdict`` for these result types, minus the deep copy of the leaves."""
-    if is_dataclass(value) and not isinstance(value, type):
-        kind = type(value)
-        names = _FIELD_NAMES.get(kind)
-        if names is None:
-            names = _FIELD_NAMES[kind] = tuple(f.name for f in fields(value))
+    kind = type(value)
+    if kind in _LEAVES:
+        return value
+    try:
+        names = _FIELD_NAMES[kind]
+    except KeyError:
+        names = _FIELD_NAMES[kind] = (tuple(f.name for f in fields(value))
+                                      if is_dataclass(kind) else None)
+    if names is not None:
         return {name: _plain(getattr(value, name)) for name in names}
     if isinstance(value, dict):
         return {key: _plain(item) for key, item in value.items()}
