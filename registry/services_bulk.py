@@ -7,10 +7,12 @@ call instead of several per record:
 
 - patients: one locked SELECT of the known identifiers, one upsert of the new and changed
   patients (unchanged ones are not rewritten), one INSERT of the new identifiers;
-- procedures, fractures, therapy: one ``INSERT ... SELECT FROM json_populate_recordset(...)
-  ON CONFLICT (identifier) DO UPDATE ... RETURNING`` per model on PostgreSQL (a concurrent
-  sender's row is updated, not duplicated); other databases fall back to the single-record
-  upsert per row;
+- procedures, fractures, therapy: ONE statement on PostgreSQL, each model's ``INSERT ...
+  SELECT FROM json_populate_recordset(...) ON CONFLICT (identifier) DO UPDATE ... RETURNING``
+  a data-modifying CTE (a concurrent sender's row is updated, not duplicated), the final
+  SELECT also reading the patient an updated record had before it (a re-send for another
+  patient concerns both); other databases read those patients in one query, then fall back to
+  the single-record upsert per row;
 - audit rows and follow-up re-evaluation (once per patient) through ``deferred_side_effects``.
 
 Items are dicts of the single service's keyword arguments (without ``actor``). An item that fails
