@@ -317,8 +317,12 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
 def vbq_requeue_stale(stuck_after_seconds: float | None = None,
                       requeue_after_seconds: float | None = None) -> dict:
     """Outbox sweep: link studies still ``LINK_PENDING`` or never linked (their message was
-    lost); re-send queued jobs older than a few minutes; recover jobs stuck in ``running``
+    lost), and studies that lost their link to a nearer study their patient no longer has
+    linked; re-send queued jobs older than a few minutes; recover jobs stuck in ``running``
     (their worker died: a re-delivered message skips a row it cannot claim)."""
+    from django.db.models import Exists, OuterRef
+
+    from scoring.linking import NEARER_ARRIVED, NEARER_LINKED
     from scoring.models import ImagingStudy, VbqResult
     from scoring.services import LINK_PENDING, RELINK_PENDING
 
@@ -334,6 +338,17 @@ def vbq_requeue_stale(stuck_after_seconds: float | None = None,
     pending = list(ImagingStudy.objects.filter(
         record_status="active", link_reason__in=[LINK_PENDING, RELINK_PENDING, ""],
         updated_at__lt=now - requeue_after).values_list("pk", flat=True)[:200])
+    # Healing: a study left unlinked because a nearer one was linked (or arrived), while its
+    # patient now has NO linked study (that nearer study was moved to another patient,
+    # voided, or lost a race with a misfile correction): linked again, nearest wins.
+    linked = ImagingStudy.objects.filter(patient_id=OuterRef("patient_id"),
+                                         record_status="active",
+                                         linked_procedure__isnull=False)
+    pending += list(ImagingStudy.objects.filter(
+        record_status="active", linked_procedure__isnull=True,
+        link_reason__in=[NEARER_LINKED, NEARER_ARRIVED], updated_at__lt=now - requeue_after,
+    ).filter(~Exists(linked)).order_by("patient_id", "-started_on").values_list(
+        "pk", flat=True)[:200])
     for pk in pending:
         study_received(pk)  # in this worker: the original message may never come
     stale = list(VbqResult.objects.filter(status=VbqResult.Status.QUEUED,

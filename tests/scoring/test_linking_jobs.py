@@ -295,3 +295,29 @@ def test_the_locking_index_lookup_gives_the_same_procedure_as_the_orm():
     assert found.levels == ["L1", "L2"]
     assert {f.attname: getattr(found, f.attname) for f in found._meta.concrete_fields} == {
         f.attname: getattr(expected, f.attname) for f in expected._meta.concrete_fields}
+
+
+def test_the_periodic_sweep_links_again_a_study_that_lost_its_link_to_a_vanished_one():
+    """A study left unlinked because a nearer one was linked, whose patient no longer has a
+    linked study (the nearer one was voided or moved by a path that raced the linking), is
+    linked again by ``vbq_requeue_stale`` (nearest wins among what is left)."""
+    from scoring.linking import NEARER_ARRIVED, NEARER_LINKED
+    from scoring.tasks import vbq_requeue_stale
+
+    patient, index_day = _patient_with_index()
+    far = _study(patient, index_day, "2.25.7601", days_before=30, link=True)
+    near = _study(patient, index_day, "2.25.7602", days_before=10, link=True)
+    far.refresh_from_db()
+    near.refresh_from_db()
+    assert near.linked_procedure_id is not None
+    assert far.link_reason in (NEARER_LINKED, NEARER_ARRIVED)
+    # the state a race can leave: the nearer study gone, the other one not relinked
+    ImagingStudy.objects.filter(pk=near.pk).update(record_status="entered-in-error",
+                                                   linked_procedure=None)
+    assert vbq_requeue_stale(requeue_after_seconds=0)["linked"] == 1
+    far.refresh_from_db()
+    assert far.linked_procedure_id is not None
+    assert far.link_reason == "nearest lumbar MRI, 30 days before the procedure"
+    assert VbqResult.objects.filter(series__study=far).count() == 1
+    # nothing left to heal: the next sweep links nothing
+    assert vbq_requeue_stale(requeue_after_seconds=0)["linked"] == 0
