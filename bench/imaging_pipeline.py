@@ -57,6 +57,19 @@ jobs as INSERT .. SELECT), two fewer per job (no extra savepoint), ``to_dict`` w
 prints the workers' CPU alone over the engine's (1.39-1.67): what the ratio approaches when the
 database, Orthanc and the ingest run on other cores or hosts, as in a deployment; on this
 2-core host they share the two cores with the workers, which the engine-only side does not.
+Figures of 2026-11-25 (late), quiet (load 0.6-1.6), alternating with the night's tree
+(89743ce): ratio 1.94, 2.01, 2.09 against 2.08, 2.10, 2.14; CPU per series 34.6-37.7 ms against
+39.7-42.5 ms. What changed: the workers tune glibc malloc (``config/worker_memory.py``: ~1,900
+minor page faults per job before, ~50 after; peak RSS per worker unchanged, 231 vs 230 MiB over
+400 series), the linking statement is built once and prepared, the result's level rows go as
+one JSON parameter. ``--cpu`` now also prints the FLOOR on this host: (engine + ingest +
+PostgreSQL + Orthanc + Redis CPU) / engine = 1.45-1.48, the CPU ratio even if the workers spent
+nothing beyond the engine's own CPU; the wall ratio adds the machine's idle moments (~5-10 %).
+So <= 1.5 cannot be reached here with the whole stack on the workers' two cores: the workers'
+own overhead (6-8 ms per series: the DICOMweb fetch alone costs ~1.5 ms more than reading the
+same files, then claim, store, follow-up, Celery) would have to be about zero. ``--workers 1``
+(the other core left to the database, the PACS and the ingest, as in a deployment where they
+run elsewhere): 1.61-1.67 against 1.78 for 89743ce.
 Where the rest goes (py-spy ``--gil`` of the workers, share of worker CPU, evening figures): the
 engine 58 % (including reading the fetched datasets), the WADO-RS fetch 18-24 % (pydicom parsing
 the parts about half of it: the engine-only side pays the same reading files), the result and
