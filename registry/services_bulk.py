@@ -671,11 +671,13 @@ def sourced_record_many(*, groups: dict[str, Sequence[dict[str, Any]]],
         plans.append((kind, model, rows, slot_of))
         # The key column: the patient of an updated record BEFORE this statement (the
         # table's row here is the statement's snapshot: RETURNING only gives new values), for
-        # a re-send that moves it to another patient. No round trip more.
+        # a re-send that moves it to another patient. No round trip more. A scalar subquery,
+        # not a join: the rows must come back in the CTE's order (the caller matches them to
+        # the items by position; a hash join emitted them in the table's order).
         selects.append(
-            f"SELECT c.k, c.pk, c.inserted, t.patient_id::text AS key FROM c{n} AS c "  # noqa: S608
-            f"LEFT JOIN {table} AS t ON t.{qn(model._meta.pk.column)} = c.pk "
-            "AND NOT c.inserted")
+            f"SELECT c.k, c.pk, c.inserted, CASE WHEN c.inserted THEN NULL ELSE ("  # noqa: S608
+            f"SELECT t.patient_id::text FROM {table} AS t "
+            f"WHERE t.{qn(model._meta.pk.column)} = c.pk) END AS key FROM c{n} AS c")
     for n, part in enumerate(extra.values(), start=len(ctes)):
         ctes += part.ctes
         params += part.params

@@ -86,7 +86,7 @@ def link_study(study: ImagingStudy) -> bool:
                 if connection.vendor == "postgresql":
                     return _link_nearest_pg(study, index, reason)
                 nearer = ImagingStudy.objects.filter(
-                    patient=study.patient, linked_procedure=index,
+                    patient=study.patient, linked_procedure=index, record_status="active",
                     started_on__gt=study.started_on, started_on__lte=index.performed_on,
                 ).exclude(pk=study.pk).exists()
                 if nearer:
@@ -113,6 +113,7 @@ def _link_nearest_pg(study: ImagingStudy, index: Procedure, reason: str) -> bool
         WITH nearer AS (
             SELECT EXISTS (SELECT 1 FROM {table}
                            WHERE patient_id = %(patient)s AND linked_procedure_id = %(index)s
+                             AND record_status = 'active'
                              AND started_on > %(on)s AND started_on <= %(performed)s
                              AND id <> %(id)s) AS found),
         unlinked AS (

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.db import connection, transaction
+from django.db.models import F
 
-from registry.models import Patient
+from registry.models import Patient, Procedure
 from registry.services import SYSTEM_ACTOR, Actor
 from registry.timeutil import clinic_date
 from scoring.models import ImagingSeries, ImagingStudy, VbqResult
@@ -154,16 +155,26 @@ def relink_after_procedures(patient_ids: Iterable[Any]) -> None:
     if not ids:
         return
     pending = [LINK_PENDING, RELINK_PENDING]
+    # Also a study of these patients still linked to a procedure that is now ANOTHER
+    # patient's (the procedure was re-sent for another patient: an EHR misfile correction):
+    # unlinked, and linked again to its own patient's index procedure, if any.
     if connection.vendor == "postgresql":
+        study, procedure = ImagingStudy._meta.db_table, Procedure._meta.db_table
         execute_or_defer(
-            f"UPDATE {ImagingStudy._meta.db_table} SET link_reason = %s "  # noqa: S608
-            "WHERE patient_id = ANY(%s::uuid[]) AND record_status = 'active' "
-            "AND linked_procedure_id IS NULL AND link_reason <> ALL(%s::varchar[])",
+            f"UPDATE {study} AS s SET link_reason = %s, linked_procedure_id = NULL "  # noqa: S608
+            "WHERE s.patient_id = ANY(%s::uuid[]) AND s.record_status = 'active' "
+            "AND ((s.linked_procedure_id IS NULL AND s.link_reason <> ALL(%s::varchar[])) "
+            f"OR EXISTS (SELECT 1 FROM {procedure} AS p WHERE p.id = s.linked_procedure_id "
+            "AND p.patient_id IS DISTINCT FROM s.patient_id))",
             [RELINK_PENDING, ids, pending])
     else:
         ImagingStudy.objects.filter(
             patient_id__in=ids, record_status="active", linked_procedure__isnull=True,
         ).exclude(link_reason__in=pending).update(link_reason=RELINK_PENDING)
+        ImagingStudy.objects.filter(
+            patient_id__in=ids, record_status="active", linked_procedure__isnull=False,
+        ).exclude(linked_procedure__patient_id=F("patient_id")).update(
+            link_reason=RELINK_PENDING, linked_procedure=None)
     from scoring.tasks import enqueue_link_pending_studies
 
     transaction.on_commit(functools.partial(enqueue_link_pending_studies, ids))

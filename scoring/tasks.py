@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from celery import shared_task
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -196,6 +197,18 @@ def _reevaluate_followup(patient_id: Any) -> None:
 
 
 STORED_LEVELS = ("L1", "L2", "L3", "L4", "L5", "S1", "csf")
+STORE_ATTEMPTS = 3
+
+
+def _finite(value: float) -> float:
+    """A level's median as stored: JSON (the level rows' one parameter) has no NaN or
+    infinity, and a measured level always has a finite median; anything else is an engine
+    error, refused here with its value rather than by PostgreSQL's JSON parser."""
+    if not math.isfinite(value):
+        from scoring.engine import EngineError
+
+        raise EngineError(f"a level's median signal intensity is not finite ({value})")
+    return value
 
 
 def _store(result_id: int, measurement: Any) -> tuple[Any, list[str]]:
@@ -208,13 +221,12 @@ def _store(result_id: int, measurement: Any) -> tuple[Any, list[str]]:
     (``scoring.fractured``), read by the same statement: a fracture or procedure written, or
     the study moved to another patient, while the job ran (after its claim read them) is
     caught here, and the caller recomputes the value (the writer's own recompute skipped this
-    result: it had no level rows yet). On PostgreSQL the patient's row is locked first, by a
-    statement sent in the same round trip (``pg_pipeline``): the writers of fractures and
-    procedures take the same lock before their recompute (``scoring.fractured``), so either
-    this statement sees their fracture or their recompute sees this result, and the lock
-    order (patient, then results) is theirs."""
-    from registry.models import Patient
-    from registry.services_bulk import _pg_insert_sql, json_param, pg_pipeline
+    result: it had no level rows yet). Not closed: a writer whose recompute ran before this
+    commit and who commits after this statement began is seen by neither (a window of a few
+    milliseconds). Locking the patient first here would close it, but study moves and
+    patient merges lock results before patients (a deadlock, found in review), so the worker
+    keeps their order (result, then patient in the follow-up) and retries a deadlock."""
+    from registry.services_bulk import _pg_insert_sql, json_param, pg_execute
     from scoring.fractured import fractured_levels_of, fractured_levels_sql
     from scoring.models import VbqLevel, VbqResult
 
@@ -229,7 +241,7 @@ def _store(result_id: int, measurement: Any) -> tuple[Any, list[str]]:
         "finished_at": timezone.now(),
     }
     kept = [*measurement.levels.values(), *([measurement.csf] if measurement.csf else [])]
-    level_rows = [{"result_id": result_id, "level": m.level, "median_si": m.median_si,
+    level_rows = [{"result_id": result_id, "level": m.level, "median_si": _finite(m.median_si),
                    "pixel_count": m.pixel_count,
                    "centroid": {"pixel": m.centroid_pixel, "lps_mm": m.centroid_lps_mm},
                    "roi": m.roi.__dict__, "fractured": m.fractured}
@@ -261,10 +273,7 @@ def _store(result_id: int, measurement: Any) -> tuple[Any, list[str]]:
         params.append(json_param(records))
     # (a data-modifying WITH runs to completion whether or not the SELECT reads it)
     sql += f" SELECT r.patient_id, {fractured_levels_sql('r.patient_id')} FROM result r"  # noqa: S608
-    lock = (f"SELECT 1 FROM {quote(Patient._meta.db_table)} WHERE id = ("  # noqa: S608
-            f"SELECT patient_id FROM {quote(VbqResult._meta.db_table)} WHERE id = %s) "
-            "FOR UPDATE")
-    rows_out = pg_pipeline([(lock, [result_id], True), (sql, params, True)])
+    rows_out = pg_execute(sql, params, prepare=True)
     if not rows_out:
         return None, []
     [(patient_id, fractured)] = rows_out
@@ -286,6 +295,9 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
     try:
         source = _load_source(job)
         measurement = compute_vbq(source, fractured_levels=job.fractured_levels)
+        for level in [*measurement.levels.values(), *([measurement.csf] if measurement.csf
+                                                      else [])]:
+            _finite(level.median_si)  # an EngineError: failed with its reason, as any
     except TransientFetchError as exc:
         VbqResult.objects.filter(pk=result_id, status=VbqResult.Status.RUNNING).update(
             status=VbqResult.Status.QUEUED, error_code="pacs-unavailable",
@@ -302,14 +314,28 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
             finished_at=timezone.now())
         logger.info("vbq_compute failed result=%s code=%s", result_id, code)
         return {"result": result_id, "status": "failed", "error_code": code}
-    with transaction.atomic():
-        patient_id, fractured_now = _store(result_id, measurement)
-        if patient_id is not None and fractured_now != sorted(set(job.fractured_levels)):
-            # changed while the job ran: the value follows the patient's levels as of now
-            from scoring.fractured import results_refresh_fractured
+    for attempt in range(1, STORE_ATTEMPTS + 1):
+        try:
+            with transaction.atomic():
+                patient_id, fractured_now = _store(result_id, measurement)
+                if patient_id is not None and fractured_now != sorted(set(
+                        job.fractured_levels)):
+                    # changed while the job ran: the value follows the levels as of now
+                    from scoring.fractured import results_refresh_fractured
 
-            results_refresh_fractured([patient_id])
-        _reevaluate_followup(job.patient_id)
+                    results_refresh_fractured([patient_id])
+                for patient in dict.fromkeys(p for p in (patient_id, job.patient_id) if p):
+                    _reevaluate_followup(patient)  # the result's patient now (and before)
+            break
+        except OperationalError as exc:
+            # a deadlock or serialization failure with a concurrent writer (a study move, a
+            # merge): the transaction was rolled back; storing again is safe, the engine is
+            # not re-run
+            if attempt == STORE_ATTEMPTS or getattr(exc.__cause__, "sqlstate", "") not in (
+                    "40P01", "40001"):
+                raise
+            logger.info("vbq_compute store retried result=%s (%s)", result_id,
+                        exc.__cause__.sqlstate)  # type: ignore[union-attr]
     return {"result": result_id, "status": measurement.status}
 
 

@@ -321,3 +321,22 @@ def test_the_periodic_sweep_links_again_a_study_that_lost_its_link_to_a_vanished
     assert VbqResult.objects.filter(series__study=far).count() == 1
     # nothing left to heal: the next sweep links nothing
     assert vbq_requeue_stale(requeue_after_seconds=0)["linked"] == 0
+
+
+def test_the_sweep_heals_the_link_when_the_nearer_study_is_voided_through_the_service():
+    """Voiding keeps a study's ``linked_procedure`` (history): the linker ignores a voided
+    study as "nearer", so the other study is linked again, once (review finding)."""
+    from scoring.tasks import vbq_requeue_stale
+
+    patient, index_day = _patient_with_index()
+    far = _study(patient, index_day, "2.25.7611", days_before=30, link=True)
+    _study(patient, index_day, "2.25.7612", days_before=10, link=True)
+    imaging_study_upsert(  # the EHR voids the nearer study
+        study_instance_uid="2.25.7612", patient=patient, source="fhir",
+        started_at=start_of_clinic_day(index_day - dt.timedelta(days=10)), modality="MR",
+        endpoint_url=ENDPOINT, series=[SeriesInput("2.25.7612.1", "MR", "SAG T1")],
+        record_status="entered-in-error")
+    linked = [vbq_requeue_stale(requeue_after_seconds=0)["linked"] for _ in range(3)]
+    far.refresh_from_db()
+    assert far.linked_procedure_id is not None
+    assert linked[1:] == [0, 0]
