@@ -185,11 +185,12 @@ def results_refresh_fractured(patient_ids: Iterable[Any], *, actor: Any = None,
     PostgreSQL: the patients' rows are locked first (``PATIENT_LOCK_SQL``, in id order), then
     ONE statement for all of them (the rule, the level flags, the values, the JSON and the
     audit rows), both in one round trip. The lock serialises the writers of a patient's
-    fractures and procedures and the worker storing a result (``scoring.tasks``): the
-    statement after it starts with a fresh snapshot, so it sees what the lock waited for (in
-    one statement it would not: two bundles adding fractures at the same time lost one's
-    level). Other databases: a few ORM statements and a loop (their writers are serialised
-    by the database)."""
+    fractures and procedures: the statement after it starts with a fresh snapshot, so it
+    sees what the lock waited for (in one statement it would not: two bundles adding
+    fractures at the same time lost one's level). The worker storing a result does not take
+    it (study moves and merges lock results before patients); it re-reads the levels in its
+    store statement and retries a deadlock (``scoring.tasks``). Other databases: a few ORM
+    statements and a loop (their writers are serialised by the database)."""
     from registry.services import SYSTEM_ACTOR, followup_changed
     from registry.services_bulk import pg_pipeline
 
@@ -218,8 +219,8 @@ def results_refresh_fractured(patient_ids: Iterable[Any], *, actor: Any = None,
     return sorted(rid for rid, _ in rows)
 
 
-# The patients' rows locked in one order (PostgreSQL), before their results are recomputed or
-# a worker stores one of theirs: one lock order (patient, then results by id) everywhere.
+# The patients' rows locked in one order (PostgreSQL) before their results are recomputed
+# (patient, then results by id).
 PATIENT_LOCK_SQL = (f"SELECT 1 FROM {Patient._meta.db_table} "  # noqa: S608
                     "WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE")
 
