@@ -11,8 +11,10 @@ ingest's own transaction; a job is a ``queued`` VbqResult until a worker claims 
 of a FHIR bundle carry ``link_reason = LINK_PENDING`` until ``study_received`` links them (one
 Celery ``chunks`` message per bundle, so a feed of many studies does not link them inside its
 request). Sending after commit never fails the write (a broker outage is logged); the periodic
-``vbq_requeue_stale`` links studies still pending, re-sends queued jobs whose message may have
-been lost, and recovers ``running`` rows of dead workers.
+``vbq_requeue_stale`` links studies still pending (and studies left unlinked behind a nearer
+study their patient no longer has linked), re-sends queued jobs whose message may have been
+lost, and recovers ``running`` rows of dead workers. The result's transaction keeps the lock
+order of study moves and merges (result, then patient) and is retried on a deadlock.
 """
 
 from __future__ import annotations
