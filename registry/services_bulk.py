@@ -119,7 +119,10 @@ def pg_pipeline(statements: Sequence[tuple[str, Any, bool]]) -> list[tuple[Any, 
     rows. Each statement runs after the one before it, with its own snapshot (a lock taken by
     one is held when the next starts, which then sees what the lock waited for). The first
     error is raised (as Django's) and the statements after it do not run; the caller's
-    transaction then rolls back, as with separate statements."""
+    transaction then rolls back, as with separate statements. Outside a transaction (Django's
+    autocommit) the pipeline is ONE implicit transaction: an error rolls back the statements
+    before it too. Like ``pg_execute`` it bypasses Django's cursor (``connection.queries``
+    and ``CaptureQueriesContext`` do not see these statements)."""
     import psycopg
     from django.conf import settings
 
