@@ -85,3 +85,14 @@ def test_a_run_re_evaluates_follow_up_once_per_batch(settings, monkeypatch):
         _assert_levels(result, ["L2"], WITH_L2)
     assert [len(ids) for ids in queued] == [2, 1]  # one message per batch of patients
     assert Patient.objects.filter(followup_next_check_on=clinic_today()).count() == 3
+
+
+def test_a_dry_run_counts_crossings_on_the_value_the_alert_rule_reads(settings):
+    """With VBQ_ALERT_VALUE=all_levels the recompute cannot move the rule's value: no
+    crossing, though the excluding value crosses the threshold (review finding)."""
+    _stored_under_the_old_rule(2)
+    settings.VBQ_HIGH_THRESHOLD = 3.0  # 3.05 -> 2.85 crosses it; all levels (2.95) does not
+    settings.VBQ_ALERT_VALUE = "all_levels"
+    assert "2 result(s) of 2 patient(s) would be recomputed; 0 would cross" in _run(dry_run=True)
+    settings.VBQ_ALERT_VALUE = "excluding_fractured"
+    assert "2 result(s) of 2 patient(s) would be recomputed; 2 would cross" in _run(dry_run=True)

@@ -4,7 +4,9 @@ vertebral fracture: ``manage.py vbq_refresh_fractured [--batch 500] [--dry-run]`
 
 ``--dry-run`` runs every batch as usual and rolls it back: it reports how many results would
 change and how many would cross the high-VBQ threshold (``settings.VBQ_HIGH_THRESHOLD``, either
-way), and writes nothing (no result, audit row, due date or follow-up message)."""
+way, on the value the 60-day rule reads: ``VBQ_ALERT_VALUE``), and writes nothing (no result,
+audit row, due date or follow-up message). The count is per result; the follow-up counts only
+a patient's current result."""
 
 from __future__ import annotations
 
@@ -24,12 +26,22 @@ def _high(value: float | None) -> bool:
     return value is not None and value >= settings.VBQ_HIGH_THRESHOLD
 
 
+def _rule_value(all_levels: float | None, excluding: float | None) -> float | None:
+    """The value the 60-day rule reads (``registry.followup.chosen_vbq``): all levels when
+    ``VBQ_ALERT_VALUE`` says so, else the value excluding fractured levels, falling back to all
+    levels when there is none."""
+    if settings.VBQ_ALERT_VALUE == "all_levels" or excluding is None:
+        return all_levels
+    return excluding
+
+
 def _stored(patient_ids: list[Any]) -> dict[int, tuple[Any, float | None]]:
-    """Result id → (fractured levels, VBQ excluding them) of these patients' results the
-    refresh may change (not set by a reviewer)."""
-    return {pk: (levels, value) for pk, levels, value in VbqResult.objects.filter(
-        patient_id__in=patient_ids, fractured_levels_by_reviewer=False).values_list(
-        "pk", "fractured_levels", "vbq_excluding_fractured")}
+    """Result id → (fractured levels, the value the follow-up rule reads) of these patients'
+    results the refresh may change (not set by a reviewer)."""
+    return {pk: (levels, _rule_value(all_levels, excluding))
+            for pk, levels, all_levels, excluding in VbqResult.objects.filter(
+                patient_id__in=patient_ids, fractured_levels_by_reviewer=False).values_list(
+                "pk", "fractured_levels", "vbq_all_levels", "vbq_excluding_fractured")}
 
 
 class Command(BaseCommand):
