@@ -134,9 +134,9 @@ def deferred_side_effects() -> Iterator[None]:
             main = (f"UPDATE {Patient._meta.db_table} SET followup_next_check_on = %s "  # noqa: S608
                     "WHERE id = ANY(%s::uuid[])")
             params += [clinic_today(), ids]
-        # (no CTE: e.g. only follow-up and followers, as ``vbq_refresh_fractured``'s batch)
-        final = [(f"WITH {', '.join(ctes)} {main}" if ctes else main, params, False)] if ctes or (
-            pending.followup_patient_ids) else []
+        final = []
+        if ctes or pending.followup_patient_ids:  # (no CTE: only follow-up and followers)
+            final.append((f"WITH {', '.join(ctes)} {main}" if ctes else main, params, False))
         pg_pipeline([*final, *pending.followers])
         if pending.followup_patient_ids:
             _queue_followup(ids)

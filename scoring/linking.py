@@ -45,6 +45,7 @@ transactions), so the ORM path below runs with no other linker in between.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from typing import Any
 
@@ -160,7 +161,8 @@ def _index_procedure_locking_pg(patient_id: Any) -> Procedure | None:
     raw queryset, cost ~0.6 ms of the ingest's CPU per study)."""
     from registry.services_bulk import pg_execute
 
-    sql, params, slot = _index_statement()
+    sql, template, slot = _index_statement()
+    params = list(template)
     params[slot] = patient_id if isinstance(patient_id, uuid.UUID) else uuid.UUID(str(patient_id))
     [row] = pg_execute(sql, [*link_lock_key(patient_id), *params], prepare=True)
     if len(row) != len(_PROCEDURE_COLUMNS):  # the rule's query changed shape
@@ -176,22 +178,18 @@ def _index_procedure_locking_pg(patient_id: Any) -> Procedure | None:
 
 
 _PROCEDURE_COLUMNS = [f.attname for f in Procedure._meta.concrete_fields]
-_INDEX_STATEMENT: list[tuple[str, list[Any], int]] = []
 
 
-def _index_statement() -> tuple[str, list[Any], int]:
-    """(sql, a copy of its parameters, the position of the patient id among them)."""
-    if not _INDEX_STATEMENT:
-        probe = uuid.UUID(int=0)
-        query = index_procedure_query(patient_id=probe)[:1].query
-        inner, params = query.sql_with_params()
-        slots = [i for i, value in enumerate(params) if value == probe]
-        if len(slots) != 1:  # the rule's query changed shape: fail loudly, not silently
-            raise RuntimeError("index_procedure_query must take the patient id exactly once")
-        sql = f"""
-            SELECT p.* FROM (SELECT pg_advisory_xact_lock(%s, %s)) AS link_lock
-            LEFT JOIN LATERAL ({inner}) AS p ON TRUE
-        """  # noqa: S608 (``inner`` is the ORM's own SQL; values are parameters)
-        _INDEX_STATEMENT.append((sql, list(params), slots[0]))
-    sql, params, slot = _INDEX_STATEMENT[0]
-    return sql, list(params), slot
+@functools.cache
+def _index_statement() -> tuple[str, tuple[Any, ...], int]:
+    """(sql, its parameters, the position of the patient id among them), built once."""
+    probe = uuid.UUID(int=0)
+    inner, params = index_procedure_query(patient_id=probe)[:1].query.sql_with_params()
+    slots = [i for i, value in enumerate(params) if value == probe]
+    if len(slots) != 1:  # the rule's query changed shape: fail loudly, not silently
+        raise RuntimeError("index_procedure_query must take the patient id exactly once")
+    sql = f"""
+        SELECT p.* FROM (SELECT pg_advisory_xact_lock(%s, %s)) AS link_lock
+        LEFT JOIN LATERAL ({inner}) AS p ON TRUE
+    """  # noqa: S608 (``inner`` is the ORM's own SQL; values are parameters)
+    return sql, tuple(params), slots[0]

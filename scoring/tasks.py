@@ -202,6 +202,11 @@ STORED_LEVELS = ("L1", "L2", "L3", "L4", "L5", "S1", "csf")
 STORE_ATTEMPTS = 3
 
 
+def _measured_levels(measurement: Any) -> list[Any]:
+    """The measurement's level results: the vertebral levels, then the CSF if measured."""
+    return [*measurement.levels.values(), *([measurement.csf] if measurement.csf else [])]
+
+
 def _finite(value: float) -> float:
     """A level's median as stored: JSON (the level rows' one parameter) has no NaN or
     infinity, and a measured level always has a finite median; anything else is an engine
@@ -242,7 +247,7 @@ def _store(result_id: int, measurement: Any) -> tuple[Any, list[str]]:
         "measurement": measurement.to_dict(), "error_code": "", "error_message": "",
         "finished_at": timezone.now(),
     }
-    kept = [*measurement.levels.values(), *([measurement.csf] if measurement.csf else [])]
+    kept = _measured_levels(measurement)
     level_rows = [{"result_id": result_id, "level": m.level, "median_si": _finite(m.median_si),
                    "pixel_count": m.pixel_count,
                    "centroid": {"pixel": m.centroid_pixel, "lps_mm": m.centroid_lps_mm},
@@ -297,8 +302,7 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
     try:
         source = _load_source(job)
         measurement = compute_vbq(source, fractured_levels=job.fractured_levels)
-        for level in [*measurement.levels.values(), *([measurement.csf] if measurement.csf
-                                                      else [])]:
+        for level in _measured_levels(measurement):
             _finite(level.median_si)  # an EngineError: failed with its reason, as any
     except TransientFetchError as exc:
         VbqResult.objects.filter(pk=result_id, status=VbqResult.Status.RUNNING).update(
@@ -333,11 +337,10 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
             # a deadlock or serialization failure with a concurrent writer (a study move, a
             # merge): the transaction was rolled back; storing again is safe, the engine is
             # not re-run
-            if attempt == STORE_ATTEMPTS or getattr(exc.__cause__, "sqlstate", "") not in (
-                    "40P01", "40001"):
+            sqlstate = getattr(exc.__cause__, "sqlstate", "")
+            if attempt == STORE_ATTEMPTS or sqlstate not in ("40P01", "40001"):
                 raise
-            logger.info("vbq_compute store retried result=%s (%s)", result_id,
-                        exc.__cause__.sqlstate)  # type: ignore[union-attr]
+            logger.info("vbq_compute store retried result=%s (%s)", result_id, sqlstate)
     return {"result": result_id, "status": measurement.status}
 
 
