@@ -45,7 +45,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import Comprehensive3DSRStorage, generate_uid
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, DT, TM
 
 from scoring.engine.dicom_io import Series
 from scoring.engine.model import LevelMeasurement, Roi, VbqMeasurement
@@ -365,6 +365,9 @@ def build_sr(report: VbqReport, series: Series, uids: ExportUids) -> hd.sr.Compr
         previous_versions=previous or None)
     sr.SeriesDescription = SR_SERIES_DESCRIPTION
     sr.ContentDate, sr.ContentTime = _content_date_time(report)
+    if accepted:  # when it was accepted, not when it was built: every send is the same
+        date, time = _content_date_time(report)
+        sr.VerifyingObserverSequence[0].VerificationDateTime = DT(f"{date}{time}")
     scheme = Dataset()
     scheme.CodingSchemeDesignator = PRIVATE_SCHEME
     scheme.CodingSchemeName = PRIVATE_SCHEME_NAME
