@@ -267,3 +267,68 @@ def test_the_export_rule_is_accepted_or_automatic_unflagged_and_confident(
               "source": "auto", "status": "succeeded", "qc_flags": [], "confidence": 0.9,
               **changes}
     assert result_may_be_exported(VbqResult(**values)) is expected
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_a_job_in_a_real_worker_ends_with_the_sr_and_sc_in_orthanc(
+        orthanc, transactional_db, tmp_path):
+    """The whole chain in a real Celery worker: the job scores the series fetched from Orthanc,
+    stores the result with its export row, queues the send after commit, and the same worker
+    stores the SR and the SC in the source study."""
+    import time
+
+    import redis
+
+    from config.celery import app
+    from tests.conftest import CeleryWorker, test_database_url
+
+    broker = os.environ["REDIS_URL"]  # this run's own Redis database: no other worker reads it
+    redis.Redis.from_url(broker).flushdb()
+    env = {**os.environ, "DATABASE_URL": test_database_url(), "CELERY_BROKER_URL": broker,
+           "PACS_EXPORT_ENDPOINTS": orthanc.dicomweb, "PYTHONUNBUFFERED": "1"}
+    phantom = make_phantom(CLEAN_SEEDS[0], slices=9)
+    orthanc.upload(phantom.datasets)
+    patient = PatientFactory()
+    index_day = clinic_today() - dt.timedelta(days=5)
+    procedure_record(patient=patient, code_system="http://www.ama-assn.org/go/cpt",
+                     code="22511", performed_at=start_of_clinic_day(index_day)
+                     + dt.timedelta(hours=10), identifier=Identifier("urn:t", str(patient.pk)))
+    ds = phantom.datasets[0]
+    study, _ = imaging_study_upsert(
+        study_instance_uid=str(ds.StudyInstanceUID), patient=patient, source="fhir",
+        started_at=start_of_clinic_day(index_day - dt.timedelta(days=20)), modality="MR",
+        endpoint_url=orthanc.dicomweb,
+        series=[SeriesInput(str(ds.SeriesInstanceUID), "MR", str(ds.SeriesDescription))])
+    result = VbqResult.objects.get(series__study=study)
+    with app.connection_for_write(broker) as conn:
+        vbq_compute.apply_async((result.pk,), connection=conn)
+    worker = CeleryWorker(env, tmp_path / "worker.log", ["--pool", "solo"])
+    worker.start()
+    try:
+        deadline = time.monotonic() + 90
+        row = None
+        while time.monotonic() < deadline:
+            row = DicomExport.objects.filter(result=result, status="sent").first()
+            if row:
+                break
+            time.sleep(0.5)
+        assert row is not None, worker.log_path.read_text()[-3000:]
+    finally:
+        worker.stop()
+    by_modality = _series_in_study(orthanc, str(ds.StudyInstanceUID))
+    assert {s["0020000E"]["Value"][0] for s in by_modality["SR"]} == {row.sr_series_instance_uid}
+    assert {s["0020000E"]["Value"][0] for s in by_modality["OT"]} == {row.sc_series_instance_uid}
+
+
+def test_the_admin_action_sends_a_row_again(orthanc, exports_on, admin_client):
+    _, result = _scored(orthanc, 232)
+    [row] = DicomExport.objects.filter(result=result)
+    assert send_due_exports()["sent"] == 1
+    response = admin_client.post("/admin/integrations/dicomexport/", {
+        "action": "send_again", "_selected_action": [row.pk]})
+    assert response.status_code == 302
+    row.refresh_from_db()
+    assert (row.status, row.attempts) == ("pending", 0)
+    page = admin_client.get(f"/admin/integrations/dicomexport/{row.pk}/change/")
+    assert page.status_code == 200
