@@ -3,6 +3,7 @@ through the export outbox (integrations/dicom/export.py). SYNTHETIC phantoms onl
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import shutil
@@ -332,3 +333,34 @@ def test_the_admin_action_sends_a_row_again(orthanc, exports_on, admin_client):
     assert (row.status, row.attempts) == ("pending", 0)
     page = admin_client.get(f"/admin/integrations/dicomexport/{row.pk}/change/")
     assert page.status_code == 200
+
+
+def test_a_corrected_result_is_a_new_sr_naming_the_automatic_one_as_predecessor(
+        orthanc, exports_on, django_user_model):
+    from scoring.engine import Roi
+    from scoring.review import review_save_corrected
+
+    phantom, result = _scored(orthanc, 223)
+    assert send_due_exports()["sent"] == 1
+    automatic = DicomExport.objects.get(result=result)
+    rois = {lv.level: Roi(**lv.roi) for lv in result.levels.filter(
+        level__in=["L1", "L2", "L3", "L4", "csf"])}
+    rois["L1"] = dataclasses.replace(rois["L1"], col=rois["L1"].col + 2)
+    corrected = review_save_corrected(result=result, rois=rois, fractured_levels=[],
+                                      actor=_reviewer(django_user_model))
+    assert corrected.pk != result.pk
+    [row] = DicomExport.objects.filter(result=corrected)
+    assert send_due_exports()["sent"] == 1
+    study_uid = str(phantom.datasets[0].StudyInstanceUID)
+    srs = {str(ds.SOPInstanceUID): ds for ds in fetch_series(
+        orthanc.dicomweb, study_uid, row.sr_series_instance_uid)}
+    assert set(srs) == {automatic.sr_sop_instance_uid, row.sr_sop_instance_uid}
+    sr = srs[row.sr_sop_instance_uid]
+    [ref] = sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence
+    assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == automatic.sr_sop_instance_uid
+    parsed = hd.sr.MeasurementReport.from_sequence([sr])
+    [score] = parsed.get_image_measurement_groups()
+    evaluations = {(q.name.meaning, q.value.meaning) for q in score.get_qualitative_evaluations()}
+    assert ("VBQ result source", "Manual ROIs by a reviewer") in evaluations
+    values = {m.name.meaning: m.value for m in score.get_measurements()}
+    assert values["VBQ score, L1-L4"] == pytest.approx(round(corrected.vbq_all_levels, 4))
