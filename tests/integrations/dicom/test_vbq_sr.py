@@ -50,7 +50,8 @@ def _report(measurement, **changes) -> VbqReport:
         vbq_all_levels=measurement.vbq_all_levels, vbq_excluding_fractured=2.5,
         confidence=measurement.confidence, status="succeeded",
         content_datetime="2026-12-07T09:30:00-05:00", levels=levels,
-        qc_flags=(("small-csf-roi", "The CSF ROI is small (SYNTHETIC test flag)"),),
+        # a code longer than 16 characters travels as a Long Code Value
+        qc_flags=(("sacrum-not-identified", "The CSF ROI is small (SYNTHETIC test flag)"),),
         fractured_levels=("L2",))
     return dataclasses.replace(report, **changes)
 
@@ -88,6 +89,9 @@ def test_the_sr_reads_back_as_a_tid_1500_measurement_report_with_every_level(sco
     assert ("VBQ result source", "Manual ROIs by a reviewer") in evaluations
     assert ("VBQ review status", "Accepted by a reviewer") in evaluations
     assert ("VBQ quality control flag", "The CSF ROI is small (SYNTHETIC test flag)") in evaluations
+    [flag] = [q.value for q in score.get_qualitative_evaluations()
+              if q.name.meaning == "VBQ quality control flag"]
+    assert flag.value == "sacrum-not-identified"
     assert back.VerificationFlag == "VERIFIED"
     assert back.VerifyingObserverSequence[0].VerifyingObserverName == "Reviewer^SYNTHETIC"
     assert back.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == PRIVATE_SCHEME
@@ -199,4 +203,5 @@ def test_dsrdump_prints_the_vbq_values_and_the_level_names(scored, tmp_path):
         assert f'(,,"Tracking Identifier")="{level} vertebral body ROI"' in out
         assert f'SCT,"{level} vertebra")' in out
     assert '"CSF ROI at L3"' in out
+    assert '(sacrum-not-identified,99VBQ,"The CSF ROI is small (SYNTHETIC test flag)")' in out
     assert dcmread(path).Modality == "SR"
