@@ -236,7 +236,7 @@ def _source_dataset(series: Series, slice_index: int, level: str) -> Dataset:
     return series.datasets[slice_index]
 
 
-def _device_context(report: VbqReport, source_series_uid: str) -> hd.sr.ObserverContext:
+def _device_context(report: VbqReport) -> hd.sr.ObserverContext:
     uid = str(generate_uid(entropy_srcs=["vbq-registry", "device", report.algorithm_version]))
     return hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -341,10 +341,9 @@ def build_sr(report: VbqReport, series: Series, uids: ExportUids) -> hd.sr.Compr
         raise ReportError("the result has no measured level")
     algorithm = hd.sr.AlgorithmIdentification(name=ALGORITHM_NAME,
                                               version=report.algorithm_version)
-    series_uid = str(series.series_instance_uid)
     context = hd.sr.ObservationContext(
         observer_person_context=_person_context(report),
-        observer_device_context=_device_context(report, series_uid))
+        observer_device_context=_device_context(report))
     groups: list[Any] = [_level_group(report, lv, series, uids, algorithm)
                          for lv in report.levels]
     groups.append(_score_group(report, series, uids, algorithm))
