@@ -212,9 +212,12 @@ PACS_DICOMWEB_PASSWORD = env.str("PACS_DICOMWEB_PASSWORD", default="")
 # VBQ results stored back in the PACS as DICOM SR + overlay Secondary Capture
 # (integrations/dicom/export.py): DICOMweb base URLs whose studies get them ("default" =
 # PACS_DICOMWEB_URL, "*" = every endpoint). Empty (the default, and the embedded demo): off.
-PACS_EXPORT_ENDPOINTS = env.list("PACS_EXPORT_ENDPOINTS", default=[])
+PACS_EXPORT_ENDPOINTS = [
+    url.strip() for url in env.list("PACS_EXPORT_ENDPOINTS", default=[]) if url.strip()]
 # An automatic (unreviewed) result is exported only with no QC flag and at least this confidence.
 PACS_EXPORT_MIN_CONFIDENCE = env.float("PACS_EXPORT_MIN_CONFIDENCE", default=0.9)
+if not 0 <= PACS_EXPORT_MIN_CONFIDENCE <= 1:
+    raise environ.ImproperlyConfigured("PACS_EXPORT_MIN_CONFIDENCE must be between 0 and 1")
 PACS_EXPORT_EVERY_SECONDS = env.int("PACS_EXPORT_EVERY_SECONDS", default=60)
 READYZ_PACS_TIMEOUT_SECONDS = env.float("READYZ_PACS_TIMEOUT_SECONDS", default=2.0)
 DICOM_STORAGE_ROOT = Path(env.str("DICOM_STORAGE_ROOT", default=str(VAR_DIR / "dicom")))
