@@ -106,5 +106,7 @@ def build_logging(*, log_format: str, level: str) -> dict[str, Any]:
         "root": {"handlers": ["console"], "level": level},
         "loggers": {
             "django.db.backends": {"level": "WARNING"},
+            # highdicom logs each copied module with the source instance's UID at INFO
+            "highdicom": {"level": "WARNING"},
         },
     }

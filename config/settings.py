@@ -209,6 +209,16 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = FHIR_MAX_PAYLOAD_BYTES + 1024 * 1024
 PACS_DICOMWEB_URL = env.str("PACS_DICOMWEB_URL", default="")
 PACS_DICOMWEB_USERNAME = env.str("PACS_DICOMWEB_USERNAME", default="")
 PACS_DICOMWEB_PASSWORD = env.str("PACS_DICOMWEB_PASSWORD", default="")
+# VBQ results stored back in the PACS as DICOM SR + overlay Secondary Capture
+# (integrations/dicom/export.py): DICOMweb base URLs whose studies get them ("default" =
+# PACS_DICOMWEB_URL, "*" = every endpoint). Empty (the default, and the embedded demo): off.
+PACS_EXPORT_ENDPOINTS = [
+    url.strip() for url in env.list("PACS_EXPORT_ENDPOINTS", default=[]) if url.strip()]
+# An automatic (unreviewed) result is exported only with no QC flag and at least this confidence.
+PACS_EXPORT_MIN_CONFIDENCE = env.float("PACS_EXPORT_MIN_CONFIDENCE", default=0.9)
+if not 0 <= PACS_EXPORT_MIN_CONFIDENCE <= 1:
+    raise environ.ImproperlyConfigured("PACS_EXPORT_MIN_CONFIDENCE must be between 0 and 1")
+PACS_EXPORT_EVERY_SECONDS = env.int("PACS_EXPORT_EVERY_SECONDS", default=60)
 READYZ_PACS_TIMEOUT_SECONDS = env.float("READYZ_PACS_TIMEOUT_SECONDS", default=2.0)
 DICOM_STORAGE_ROOT = Path(env.str("DICOM_STORAGE_ROOT", default=str(VAR_DIR / "dicom")))
 DICOM_SCP_AE_TITLE = env.str("DICOM_SCP_AE_TITLE", default="VBQREGISTRY")
@@ -306,6 +316,9 @@ def _beat_schedule() -> dict[str, dict]:
             "schedule": float(DELIVERY_EVERY_SECONDS),
         },
         "vbq-requeue-stale": {"task": "scoring.vbq_requeue_stale", "schedule": 120.0},
+        **({"pacs-exports": {"task": "integrations.dicom_exports_send",
+                             "schedule": float(PACS_EXPORT_EVERY_SECONDS)}}
+           if PACS_EXPORT_ENDPOINTS else {}),
     }
 
 

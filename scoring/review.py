@@ -30,6 +30,7 @@ from scoring.engine import EngineError, Roi, VbqMeasurement, compute_vbq
 from scoring.engine.dicom_io import Series, read_series
 from scoring.fractured import apply_fractured_levels
 from scoring.models import VbqLevel, VbqResult
+from scoring.signals import result_ready
 
 ROI_LEVELS = ("L1", "L2", "L3", "L4", "csf")
 VBQ_LEVELS = ("L1", "L2", "L3", "L4")
@@ -284,6 +285,7 @@ def _save_corrected(*, result: VbqResult, measurement: VbqMeasurement, rois: Map
                  detail={"review": "corrected", "from_result": original.pk,
                          "revision": revision, "levels": sorted(rois)})
     followup_changed(new.patient_id)
+    result_ready(new.pk)
     return new
 
 
@@ -314,6 +316,7 @@ def review_decide(*, result: VbqResult, decision: str, actor: Actor, reason: str
                  patient_id=locked.patient_id,
                  detail={"review": decision, **({"reason": reason} if reason else {})})
     followup_changed(locked.patient_id)
+    result_ready(locked.pk)
     return locked
 
 
@@ -331,4 +334,5 @@ def review_mark_fractured(*, result: VbqResult, levels: Iterable[Any], actor: Ac
                  patient_id=locked.patient_id,
                  detail={"review": "fractured-levels", "levels": fractured})
     followup_changed(locked.patient_id)
+    result_ready(locked.pk)
     return locked

@@ -295,6 +295,7 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
     from integrations.dicom.dicomweb import PermanentFetchError, TransientFetchError
     from scoring.engine import EngineError, compute_vbq
     from scoring.models import VbqResult
+    from scoring.signals import result_ready
 
     job = _claim(result_id)
     if job is None:
@@ -332,6 +333,7 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
                     results_refresh_fractured([patient_id])
                 for patient in dict.fromkeys(p for p in (patient_id, job.patient_id) if p):
                     _reevaluate_followup(patient)  # the result's patient now (and before)
+                result_ready(result_id)  # scoring.signals (the PACS export's outbox row)
             break
         except OperationalError as exc:
             # a deadlock or serialization failure with a concurrent writer (a study move, a

@@ -111,3 +111,22 @@ def search_series(base_url: str, study_uid: str, **auth: Any) -> list[dict[str, 
         return list(_client(base_url, **auth).search_for_series(study_uid))
     except Exception as exc:
         raise _classify(exc) from exc
+
+
+def store_instances(base_url: str, datasets: list[Dataset], *, username: str = "",
+                    password: str = "") -> None:
+    """Store instances in the PACS (STOW-RS, one multipart request).
+
+    Raises ``TransientFetchError`` (PACS unreachable, HTTP 5xx/429: the outbox retries) or
+    ``PermanentFetchError`` (other 4xx, or an answer that lists a failed instance in its
+    Failed SOP Sequence). An instance the PACS already holds (the same SOP Instance UID) is
+    not an error: the PACS keeps its copy."""
+    try:
+        answer = _client(base_url, username, password).store_instances(datasets)
+    except Exception as exc:
+        raise _classify(exc) from exc
+    failed = getattr(answer, "FailedSOPSequence", None) or []
+    if failed:
+        reasons = sorted({str(getattr(item, "FailureReason", "?")) for item in failed})
+        raise PermanentFetchError(
+            f"the PACS refused {len(failed)} instance(s) (failure reason {', '.join(reasons)})")
