@@ -30,7 +30,7 @@ from scoring.engine.model import (
     TooFewSlicesError,
     VbqMeasurement,
 )
-from scoring.engine.segimport import rois_from_segmentation
+from scoring.engine.segimport import segmentation_rois
 
 TR_RANGE_MS = (350.0, 900.0)
 TE_RANGE_MS = (6.0, 25.0)
@@ -224,27 +224,48 @@ def _not_localised(result: Any, source: str, flags: list[QcFlag], message: str
 def _external(series: Series, fractured: list[str], flags: list[QcFlag], result: Any,
               segmentation: str | Path, labels: str | Mapping[Any, str] | None
               ) -> VbqMeasurement:
-    """Bodies from an external segmentation, CSF from our localisation."""
-    try:
-        loc = localize(series)
-    except LocalisationError as exc:
-        return _not_localised(result, "external-seg", flags, f"the CSF could not be localised: "
-                              f"{exc}. Place the CSF ROI by hand")
-    rois = rois_from_segmentation(segmentation, series, loc.mid_slice, loc.si_direction_px,
-                                  labels)
+    """Bodies, mid-sagittal slice and CSF from an external segmentation alone
+    (``segimport.segmentation_rois``; no automatic localisation)."""
+    seg = segmentation_rois(segmentation, series, labels)
+    return _measure_placed(series, fractured, flags, result, "external-seg", seg.rois,
+                           seg.csf_roi, seg.flags, "the segmentation has no")
+
+
+def _measure_placed(series: Series, fractured: list[str], flags: list[QcFlag], result: Any,
+                    source: str, rois: Mapping[str, Roi], csf_roi: Roi | None,
+                    found_flags: list[QcFlag], missing_text: str) -> VbqMeasurement:
+    """Measure body ROIs and a CSF ROI placed without the automatic localiser (external
+    segmentation, assisted path) with the same checks and confidence rules."""
     confidence = 1.0
-    for flag in loc.flags:
-        if flag.code in ("csf-unclear", "csf-not-at-l3"):
-            flags.append(flag)
-            confidence -= 0.3 if flag.code == "csf-unclear" else 0.1
+    for flag in found_flags:
+        flags.append(flag)
+        confidence -= {"csf-unclear": 0.3, "csf-not-at-l3": 0.1}.get(flag.code, 0.0)
+    if csf_roi is None:
+        reasons = "; ".join(f.message for f in found_flags) or "the CSF was not found"
+        return _not_localised(result, source, flags, f"{reasons}. Place the CSF ROI by hand")
     missing = [lv for lv in VBQ_LEVELS if lv not in rois]
     if missing:
-        flags.append(QcFlag("missing-levels", f"the segmentation has no {', '.join(missing)}"))
+        flags.append(QcFlag("missing-levels", f"{missing_text} {', '.join(missing)}"))
         confidence -= 0.4
-    levels = {lv: measure_roi(series, lv, roi, lv in fractured) for lv, roi in rois.items()}
-    csf = measure_roi(series, "csf", loc.csf_roi)
+    levels: dict[str, LevelMeasurement] = {}
+    for lv, roi in rois.items():
+        try:
+            levels[lv] = measure_roi(series, lv, roi, lv in fractured)
+        except EngineError:
+            if lv in VBQ_LEVELS:
+                confidence -= 0.3
+                flags.append(QcFlag("small-roi", f"the {lv} ROI is too small to measure"))
+    try:
+        csf = measure_roi(series, "csf", csf_roi)
+    except EngineError as exc:
+        return _not_localised(result, source, flags, f"{exc}. Place the CSF ROI by hand")
+    marrow = [levels[lv].median_si for lv in VBQ_LEVELS if lv in levels]
+    if marrow and csf.median_si > 0 and float(np.median(marrow)) < 1.1 * csf.median_si:
+        confidence -= 0.5
+        flags.append(QcFlag("weak-marrow-contrast", "marrow is not brighter than CSF as on a "
+                            "T1 image: check the series and the ROIs"))
     confidence -= _signal_voids(series, levels, csf, flags)
-    return _finish(result, "external-seg", levels, csf, fractured, flags, max(0.0, confidence))
+    return _finish(result, source, levels, csf, fractured, flags, max(0.0, confidence))
 
 
 def _auto(series: Series, fractured: list[str], flags: list[QcFlag], result: Any
