@@ -156,6 +156,7 @@ class CsfFinding:
     roi: Roi | None
     flags: list[QcFlag]
     width_mm: float = 0.0
+    darkest: float = float("inf")  # the band's level (closed profile)
 
 
 def csf_roi_behind(image: np.ndarray, axes: BodyAxes, marrow_si: float,
@@ -194,9 +195,9 @@ def csf_roi_behind(image: np.ndarray, axes: BodyAxes, marrow_si: float,
                             "(narrow or not found): check the CSF ROI"))
     # the ROI: the pure CSF core (within CSF_CORE_TOLERANCE of the darkest level), which
     # leaves out the walls, the dura and the roots lying along the posterior wall
-    core = low + max(CSF_CORE_TOLERANCE * low, 0.04 * (marrow_si - low))
+    core = low * (1 + CSF_CORE_TOLERANCE)
     c_lo, c_hi = _run_below(closed, i_min, core)
     d0, d1 = float(ds[c_lo]), float(ds[c_hi])
     half_v = max(CSF_MIN_HALF_WIDTH_MM, (d1 - d0) / 2 - CSF_WALL_MARGIN_MM)
     roi = _roi(axes, spacing_mm, slice_index, u_c, wall + (d0 + d1) / 2, half_h, half_v)
-    return CsfFinding(roi, flags, width)
+    return CsfFinding(roi, flags, width, low)

@@ -25,7 +25,9 @@ DICOM LPS), so it may come from a resampled or reoriented volume.
    ``bodies.body_roi`` along its own axes (the automatic path's definition).
 3. **CSF**: ``bodies.csf_roi_behind`` the L3 body (L2, then L4, with ``csf-not-at-l3``): the
    darkest band in the canal just behind its posterior wall, with thresholds from the body's
-   own marrow and the band's level and sizes in millimetres.
+   own marrow and the band's level and sizes in millimetres, on the same slice (the
+   reference measurement's definition; picking the darkest of three slices biases the CSF
+   low by about one grey level on 8-bit data).
 """
 
 from __future__ import annotations
