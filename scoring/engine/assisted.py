@@ -18,9 +18,13 @@ slice, without the automatic localiser.
    past the body's own at least ``MIN_RUN_HEIGHTS`` of a body height long, and its middle
    seeds the neighbour, grown as in 1 with its own marrow level. Each neighbour's own axes carry the
    count on (lordosis, tilt). Levels follow the count: one body up from L3 is L2, and so on.
-3. **Checks.** A neighbour's height must be within ``HEIGHT_RATIO`` of the body it was found
-   from, and the gap (disc) between them 1–20 mm; otherwise the count stops there with the
-   reason (``assist-failed``) and the result is ``needs_review`` without a value.
+   A darker neighbour (fresh fracture, oedema) that stays under the body's threshold is
+   looked for again on a lower cut (``LOW_FRACTION``).
+3. **Checks.** A neighbour's height must be within ``HEIGHT_RATIO`` of the clicked body's,
+   the gap (disc) 1–20 mm, and the centre-to-centre distance ``SPACING_HEIGHTS`` heights of
+   the body it was counted from (a disc grown as a body lies too close, a skipped body too
+   far); otherwise the count stops there with the reason (``assist-failed``) and the result
+   is ``needs_review`` without a value. A wrong level is worse than none.
 4. **ROIs and CSF.** Each body gets ``bodies.body_roi`` (the automatic path's box) and the CSF
    is found behind L3 by ``bodies.csf_roi_behind``, both on the clicked slice.
 
@@ -54,12 +58,15 @@ SEED_RADIUS_MM = 4.0
 WINDOW_MM = 40.0
 SMOOTH_MM = 0.7
 OPEN_MM = 1.5
+UPPER_FACTOR = 1.5  # brighter than marrow by more than this (fat, fluid on T2) is not body
 THRESHOLD_FRACTIONS = (0.5, 0.6, 0.7, 0.8)  # from the dark level towards the marrow level
 HEIGHT_MM = (10.0, 50.0)
 DEPTH_MM = (15.0, 70.0)
 REACH_HEIGHTS = 2.2
 MIN_RUN_HEIGHTS = 0.5
-HEIGHT_RATIO = (0.6, 1.6)
+HEIGHT_RATIO = (0.6, 1.6)  # against the clicked body
+SPACING_HEIGHTS = (1.05, 2.2)  # centre to centre, in heights of the body counted from
+LOW_FRACTION = 0.3  # the second, lower cut of the profile (a darker neighbour)
 GAP_MM = (1.0, 20.0)
 
 
@@ -97,6 +104,7 @@ class _Body:
     axes: BodyAxes
     marrow: float
     threshold: float
+    dark: float
 
 
 @dataclass
@@ -154,7 +162,9 @@ class _Slice:
         why = f"no body-sized bright region around the click on {level}"
         for fraction in THRESHOLD_FRACTIONS:
             threshold = dark + fraction * (marrow - dark)
-            bright = ndimage.binary_opening(crop >= threshold, structure=opener)
+            upper = marrow + UPPER_FACTOR * (marrow - threshold)
+            bright = ndimage.binary_opening((crop >= threshold) & (crop <= upper),
+                                            structure=opener)
             labels, n = ndimage.label(bright)
             if n == 0:
                 continue
@@ -180,10 +190,11 @@ class _Slice:
                 why = (f"the region around {level} is {axes.height_mm:.0f} × "
                        f"{axes.depth_mm:.0f} mm, not a vertebral body")
                 continue
-            return _Body(level, mask, axes, marrow, threshold)
+            return _Body(level, mask, axes, marrow, threshold, dark)
         return why
 
-    def neighbour(self, body: _Body, step: int, level: str) -> _Body | str:
+    def neighbour(self, body: _Body, step: int, level: str, seed_height_mm: float
+                  ) -> _Body | str:
         """The next body along ``body``'s axis (``step`` +1 inferior, -1 superior)."""
         ax = body.axes
         v_c = (ax.v_range[0] + ax.v_range[1]) / 2
@@ -196,37 +207,63 @@ class _Slice:
             patch = sample(self.smooth, ax.point(tt, vv), self.spacing)
             profile = np.nanmedian(patch, axis=1)
         profile = np.where(np.isfinite(profile), profile, -np.inf)
-        bright = profile >= body.threshold
         where = "below" if step > 0 else "above"
-        # runs of bright samples: the body's own first, then (past the dark endplate lines)
-        # a disc, which may be nearly as bright as marrow on T1 but is short, then the next
-        # body: the first run at least MIN_RUN_HEIGHTS of a body height long
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], bright.view(np.int8), [0]])))
-        runs = list(zip(edges[::2], edges[1::2] - 1, strict=True))
-        if not runs or runs[0][0] != 0:
-            return f"the profile {where} {body.level} does not start in the body"
-        own_end = runs[0][1]
-        nxt = next(((lo, hi) for lo, hi in runs[1:]
-                    if ts[hi] - ts[lo] + 0.5 >= MIN_RUN_HEIGHTS * ax.height_mm), None)
-        if nxt is None:
-            return f"no body-sized bright run {where} {body.level}"
-        run_start, run_end = int(nxt[0]), int(nxt[1])
-        gap_mm = ts[run_start] - ts[own_end]
-        if not GAP_MM[0] <= gap_mm <= GAP_MM[1]:
-            return (f"the gap between {body.level} and {level} is {gap_mm:.0f} mm, not a "
-                    "disc")
+        # a darker neighbour (a fresh fracture, oedema) may stay under the body's own
+        # threshold (no run, or a run one body further on): the profile is then cut again
+        # lower down
+        cuts = [body.threshold]
+        low = body.dark + LOW_FRACTION * (body.marrow - body.dark)
+        if low < body.threshold:
+            cuts.append(low)
+        why = ""
+        for cut in cuts:
+            found = _next_run(profile, ts, cut, ax.height_mm)
+            if isinstance(found, str):
+                why = f"{found} {where} {body.level}"
+                continue
+            own_end, run_start, run_end = found
+            gap_mm = ts[run_start] - ts[own_end]
+            if GAP_MM[0] <= gap_mm <= GAP_MM[1]:
+                break
+            why = (f"the gap between {body.level} and {level} is {gap_mm:.0f} mm, not a "
+                   "disc")
+        else:
+            return why
         t_mid = (ts[run_start] + min(ts[run_end], ts[run_start] + ax.height_mm)) / 2
         point = ax.point(u_c + step * t_mid, v_c)
         grown = self.grow(level, point[0] / self.spacing[0], point[1] / self.spacing[1])
         if isinstance(grown, str):
             return grown
-        ratio = grown.axes.height_mm / ax.height_mm
+        ratio = grown.axes.height_mm / seed_height_mm
         if not HEIGHT_RATIO[0] <= ratio <= HEIGHT_RATIO[1]:
-            return (f"{level} is {ratio:.1f} times as high as {body.level}: the count along "
-                    "the spine is not reliable")
+            return (f"{level} is {ratio:.1f} times as high as the clicked body: the count "
+                    "along the spine is not reliable")
+        spacing = abs(float((grown.axes.centre_mm - ax.centre_mm) @ ax.axis)) / ax.height_mm
+        if not SPACING_HEIGHTS[0] <= spacing <= SPACING_HEIGHTS[1]:
+            return (f"{level} is {spacing:.1f} body heights from {body.level} (a disc or a "
+                    "skipped body?): the count along the spine is not reliable")
         if (grown.mask & body.mask).any():
             return f"{level} and {body.level} merge: the disc between them was not found"
         return grown
+
+
+def _next_run(profile: np.ndarray, ts: np.ndarray, threshold: float, height_mm: float
+              ) -> tuple[int, int, int] | str:
+    """(end of the body's own run, start and end of the next body's run) on a profile cut
+    at ``threshold``, or what is missing. Runs of bright samples: the body's own first, then
+    (past the dark endplate lines) a disc, which may be nearly as bright as marrow on T1 but
+    is short, then the next body: the first run at least ``MIN_RUN_HEIGHTS`` of a body height
+    long."""
+    bright = profile >= threshold
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], bright.view(np.int8), [0]])))
+    runs = list(zip(edges[::2], edges[1::2] - 1, strict=True))
+    if not runs or runs[0][0] != 0:
+        return "the profile does not start in the body"
+    nxt = next(((lo, hi) for lo, hi in runs[1:]
+                if ts[hi] - ts[lo] + 0.5 >= MIN_RUN_HEIGHTS * height_mm), None)
+    if nxt is None:
+        return "no body-sized bright run"
+    return int(runs[0][1]), int(nxt[0]), int(nxt[1])
 
 
 def assisted_rois(series: Series, seed: Seed | Mapping[str, Any]) -> AssistedRois:
@@ -258,7 +295,7 @@ def assisted_rois(series: Series, seed: Seed | Mapping[str, Any]) -> AssistedRoi
         index = at
         while (index - last) * step < 0:
             index += step
-            grown = image.neighbour(body, step, SPINE[index])
+            grown = image.neighbour(body, step, SPINE[index], first.axes.height_mm)
             if isinstance(grown, str):
                 flags.append(QcFlag("assist-failed", grown))
                 break
