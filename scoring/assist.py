@@ -4,8 +4,10 @@ then takes the usual review (accept, correct, reject).
 
 The engine (``compute_vbq(seed=...)``) places L1–L4 and the L3 CSF from one click inside a
 named body; its result is always ``needs_review`` and is saved ``pending``: no alert moves on
-it until a reviewer accepts it. A click from which no value can be measured saves nothing and
-answers the engine's reasons. The images are read and measured before the transaction opens;
+it until a reviewer accepts it. The clicked result, if still pending, is marked superseded
+(rejected, with the new result's id), as a corrected manual result does, so the queue holds
+the new one only. A click from which no value can be measured saves nothing and answers the
+engine's reasons. The images are read and measured before the transaction opens;
 the writes are one transaction, audited.
 """
 
@@ -115,6 +117,14 @@ def _save(*, result: VbqResult, measurement: VbqMeasurement, actor: Actor, seed:
                  roi=m.roi.__dict__, fractured=m.fractured)
         for m in rows
     ])
+    original = VbqResult.objects.select_for_update().get(pk=result.pk)
+    if original.review_status == VbqResult.Review.PENDING:
+        # the clicked result leaves the queue: the new one takes its place there
+        original.review_status = VbqResult.Review.REJECTED
+        original.reviewer_id = actor.user_id
+        original.reviewed_at = now
+        original.review_note = f"superseded by assisted result {new.pk}"
+        original.save(update_fields=["review_status", "reviewer", "reviewed_at", "review_note"])
     audit_record(actor=actor, action="create", object_type="VbqResult", object_id=str(new.pk),
                  patient_id=new.patient_id,
                  detail={"review": "assisted", "from_result": result.pk, "revision": revision,

@@ -57,7 +57,8 @@ def test_a_click_in_l3_saves_a_pending_assisted_result_with_l1_to_l4_and_the_csf
     assert AuditEvent.objects.filter(object_type="VbqResult", object_id=str(new.pk),
                                      action="create", detail__review="assisted").exists()
     result.refresh_from_db()
-    assert result.review_status == "pending"  # the original waits for its own decision
+    assert result.review_status == "rejected"  # superseded: the queue holds the new one
+    assert str(new.pk) in result.review_note
 
 
 def test_a_second_click_saves_the_next_revision(reviewer, result):
