@@ -21,7 +21,7 @@ from django.db import transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from registry.services import Actor, audit_record
+from registry.services import Actor, audit_record, followup_changed
 from scoring.engine import EngineError, VbqMeasurement, compute_vbq
 from scoring.engine.assisted import SEED_LEVELS, Seed
 from scoring.models import ImagingSeries, VbqLevel, VbqResult
@@ -130,4 +130,5 @@ def _save(*, result: VbqResult, measurement: VbqMeasurement, actor: Actor, seed:
                  detail={"review": "assisted", "from_result": result.pk, "revision": revision,
                          "seed": {"level": seed.level, "slice_index": seed.slice_index,
                                   "row": round(seed.row, 1), "col": round(seed.col, 1)}})
+    followup_changed(new.patient_id)  # a superseded succeeded result no longer counts
     return new

@@ -102,3 +102,13 @@ def test_only_reviewers_may_place_rois(client, role_user, result):
     client.force_login(role_user("qi_analyst"))
     assert _post(client, result, _click(result)).status_code == 403
     assert VbqResult.objects.count() == 1
+
+
+def test_superseding_a_result_marks_the_patients_follow_up_due_today(reviewer, result):
+    from registry.models import Patient
+    from registry.timeutil import clinic_today
+
+    Patient.objects.filter(pk=result.patient_id).update(followup_next_check_on=None)
+    assert _post(reviewer, result, _click(result)).status_code == 201
+    patient = Patient.objects.get(pk=result.patient_id)
+    assert patient.followup_next_check_on == clinic_today()
