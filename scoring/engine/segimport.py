@@ -20,9 +20,10 @@ DICOM LPS), so it may come from a resampled or reoriented volume.
 ``segmentation_rois`` does the whole path from the segmentation alone:
 1. **Mid-sagittal slice**: the slice of the series nearest the centroid of all L1–L4 voxels
    (projected on the slice normal; for a SEG, the area-weighted mean of its frames).
-2. **Bodies**: on that slice each level's label keeps its largest connected part (the body:
-   the canal separates it from the posterior elements) and gets the box of
-   ``bodies.body_roi`` along its own axes (the automatic path's definition).
+2. **Bodies**: on that slice each level's label, opened by a 2 mm disc, keeps its largest
+   connected part (the body: the canal separates it from the posterior elements, which
+   whole-vertebra labels include; the opening breaks thin partial-volume bridges) and gets
+   the box of ``bodies.body_roi`` along its own axes (the automatic path's definition).
 3. **CSF**: ``bodies.csf_roi_behind`` the L3 body (L2, then L4, with ``csf-not-at-l3``): the
    darkest band in the canal just behind its posterior wall, with thresholds from the body's
    own marrow and the band's level and sizes in millimetres, on the same slice (the
@@ -57,6 +58,7 @@ TABLES: dict[str, dict[int, str]] = {
     "totalsegmentator": {1: "S1", 2: "L5", 3: "L4", 4: "L3", 5: "L2", 6: "L1", 7: "T12"},
     "spineps": {19: "T12", 20: "L1", 21: "L2", 22: "L3", 23: "L4", 24: "L5", 26: "S1"},
 }
+OPEN_MM = 2.0  # breaks bridges to the arch (see _opened)
 CSF_LEVELS = ("L3", "L2", "L4")  # where the CSF is measured, in order of preference
 _LEVEL = re.compile(r"\b(?:VERTEBRA(?:E)?[_ ]?)?([TLS])(\d{1,2})\b|\bSACRUM\b", re.I)
 
@@ -236,7 +238,7 @@ def segmentation_rois(path: str | Path, series: Series,
         mask = labels == label_id
         if mask.sum() < 30:
             continue
-        body = largest_part(mask)
+        body = largest_part(_opened(mask, spacing))
         axes = body_axes(body, spacing, inferior, posterior)
         if axes is not None:
             rois[level] = body_roi(axes, spacing, mid)
@@ -259,6 +261,18 @@ def segmentation_rois(path: str | Path, series: Series,
         flags.extend(found.flags)
         return SegmentationRois(mid, rois, found.roi, level, flags)
     return SegmentationRois(mid, rois, None, None, flags)
+
+
+def _opened(mask: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
+    """``mask`` opened by a disc of ``OPEN_MM``: a whole-vertebra label (TotalSegmentator's
+    and SPINEPS' instance labels include the arch) touching the body through a thin partial-
+    volume bridge comes apart, so that the largest part is the body. A mask the opening
+    empties is kept as it is."""
+    ry, rx = (max(1, round(OPEN_MM / sp)) for sp in spacing_mm)
+    y, x = np.ogrid[-ry:ry + 1, -rx:rx + 1]
+    disc = (y * spacing_mm[0]) ** 2 + (x * spacing_mm[1]) ** 2 <= OPEN_MM ** 2
+    opened = ndimage.binary_opening(mask, structure=disc)
+    return opened if opened.sum() >= 30 else mask
 
 
 def marrow_median(image: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float],

@@ -27,14 +27,16 @@ SEEDS = range(100, 112)
 LATERAL_MM = 15.0
 
 
-def label_map(phantom, path, table):
-    """The truth body masks as a NIfTI label map with ``table``'s ids and the series' affine."""
+def label_map(phantom, path, table, masks=None):
+    """The truth body masks (or ``masks``) as a NIfTI label map with ``table``'s ids and the
+    series' affine."""
     t = phantom.truth
+    masks = masks or t["body_masks"]
     series = read_series(phantom.datasets)
     ids = {level: i for i, level in table.items()}
     label = np.zeros((t["rows"], t["cols"]), np.int16)
     for level in LEVELS:
-        label[t["body_masks"][level]] = ids[level]
+        label[masks[level]] = ids[level]
     n, mid = series.pixels.shape[0], t["mid_slice"]
     thickness = float(np.linalg.norm(series.positions[1] - series.positions[0]))
     k = min(int(LATERAL_MM // thickness), mid, n - 1 - mid)
@@ -153,3 +155,30 @@ def test_the_cli_runs_the_assisted_path_from_a_seed(phantom, tmp_path, capsys):
     assert code == 0
     assert out["source"] == "assisted"
     assert out["vbq_all_levels"] == pytest.approx(phantom.truth["vbq_all_levels"], rel=0.03)
+
+
+def test_a_whole_vertebra_label_joined_to_its_arch_by_a_thin_bridge_measures_the_body(
+        phantom, tmp_path):
+    """TotalSegmentator's and SPINEPS' instance labels cover the whole vertebra: the arch
+    behind the canal, here joined to the L3 body by a one-pixel partial-volume bridge."""
+    t = phantom.truth
+    body = t["body_masks"]["L3"].copy()
+    rows, cols = np.nonzero(body)
+    sp_r, sp_c = t["spacing_rc_mm"]
+    wall = cols.max()
+    arch_from = wall + round((2 + t["canal_width_mm"] + 1) / sp_c)
+    fifth = (rows.max() - rows.min()) // 5
+    r0, r1 = rows.min() + fifth, rows.max() - fifth
+    whole = body.copy()
+    whole[r0:r1, arch_from:arch_from + round(25 / sp_c)] = True
+    whole[(r0 + r1) // 2, wall:arch_from] = True
+    masks = dict(t["body_masks"], L3=whole)
+    reference = compute_vbq(phantom.datasets, segmentation=label_map(
+        phantom, tmp_path / "body.nii.gz", TABLES["totalsegmentator"]))
+    result = compute_vbq(phantom.datasets, segmentation=label_map(
+        phantom, tmp_path / "whole.nii.gz", TABLES["totalsegmentator"], masks=masks))
+    assert result.status == "succeeded", result.qc_flags
+    assert result.vbq_all_levels == pytest.approx(reference.vbq_all_levels, rel=0.01)
+    _, row, col = t["centres_px"]["L3"]
+    got = result.levels["L3"].centroid_pixel
+    assert math.hypot((got[1] - row) * sp_r, (got[2] - col) * sp_c) < 6
