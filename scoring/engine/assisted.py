@@ -60,8 +60,6 @@ SMOOTH_MM = 0.7
 OPEN_MM = 1.5
 UPPER_FACTOR = 1.5  # brighter than marrow by more than this (fat, fluid on T2) is not body
 THRESHOLD_FRACTIONS = (0.5, 0.6, 0.7, 0.8)  # from the dark level towards the marrow level
-HEIGHT_MM = (10.0, 50.0)
-DEPTH_MM = (15.0, 70.0)
 REACH_HEIGHTS = 2.2
 MIN_RUN_HEIGHTS = 0.5
 HEIGHT_RATIO = (0.6, 1.6)  # against the clicked body
@@ -185,8 +183,7 @@ class _Slice:
             axes = body_axes(mask, sp, self.inferior, self.posterior)
             if axes is None:
                 continue
-            if not (HEIGHT_MM[0] <= axes.height_mm <= HEIGHT_MM[1]
-                    and DEPTH_MM[0] <= axes.depth_mm <= DEPTH_MM[1]):
+            if not axes.body_sized:
                 why = (f"the region around {level} is {axes.height_mm:.0f} × "
                        f"{axes.depth_mm:.0f} mm, not a vertebral body")
                 continue

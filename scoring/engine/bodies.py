@@ -39,6 +39,8 @@ CSF_MIN_HALF_WIDTH_MM = 1.0
 CSF_MIN_WIDTH_MM = 4.0  # a narrower sac is flagged
 CSF_MAX_FRACTION_OF_MARROW = 0.85  # a "CSF" band brighter than this is not CSF on T1
 STEP_MM = 0.5
+BODY_HEIGHT_MM = (10.0, 50.0)  # a lumbar body on a sagittal slice, with margin
+BODY_DEPTH_MM = (15.0, 70.0)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,12 @@ class BodyAxes:
     @property
     def depth_mm(self) -> float:
         return self.v_range[1] - self.v_range[0]
+
+    @property
+    def body_sized(self) -> bool:
+        """Whether height and depth are those of a vertebral body (``BODY_*_MM``)."""
+        return (BODY_HEIGHT_MM[0] <= self.height_mm <= BODY_HEIGHT_MM[1]
+                and BODY_DEPTH_MM[0] <= self.depth_mm <= BODY_DEPTH_MM[1])
 
     def point(self, u: float | np.ndarray, v: float | np.ndarray) -> np.ndarray:
         """(row mm, column mm) of body coordinates ``u``, ``v`` (broadcast on the last axis)."""

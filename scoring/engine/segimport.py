@@ -234,6 +234,7 @@ def segmentation_rois(path: str | Path, series: Series,
     inferior, posterior = series_directions(series)
     rois: dict[str, Roi] = {}
     bodies: dict[str, tuple[BodyAxes, np.ndarray]] = {}
+    odd: list[str] = []
     for label_id, level in label_map.table.items():
         mask = labels == label_id
         if mask.sum() < 30:
@@ -243,10 +244,16 @@ def segmentation_rois(path: str | Path, series: Series,
         if axes is not None:
             rois[level] = body_roi(axes, spacing, mid)
             bodies[level] = (axes, body)
+            if level in VBQ_LEVELS and not axes.body_sized:
+                odd.append(f"{level} {axes.height_mm:.0f} × {axes.depth_mm:.0f} mm")
     if not any(lv in rois for lv in VBQ_LEVELS):
         raise SegmentationError("the segmentation holds no vertebra of the label table on the "
                                 "mid-sagittal slice")
     flags: list[QcFlag] = []
+    if odd:
+        flags.append(QcFlag("implausible-body", f"segmented bodies not shaped like a lumbar "
+                            f"body on the mid-sagittal slice ({'; '.join(odd)}, height × "
+                            "depth): check the segmentation's labels"))
     for level in CSF_LEVELS:
         if level not in bodies:
             continue

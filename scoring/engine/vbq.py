@@ -269,7 +269,8 @@ def _measure_placed(series: Series, fractured: list[str], flags: list[QcFlag], r
     confidence = 1.0
     for flag in found_flags:
         flags.append(flag)
-        confidence -= {"csf-unclear": 0.3, "csf-not-at-l3": 0.1}.get(flag.code, 0.0)
+        confidence -= {"csf-unclear": 0.3, "csf-not-at-l3": 0.1,
+                       "implausible-body": 0.4}.get(flag.code, 0.0)
     if csf_roi is None:
         reasons = "; ".join(f.message for f in found_flags) or "the CSF was not found"
         return _not_localised(result, source, flags, f"{reasons}. Place the CSF ROI by hand")

@@ -182,3 +182,18 @@ def test_a_whole_vertebra_label_joined_to_its_arch_by_a_thin_bridge_measures_the
     _, row, col = t["centres_px"]["L3"]
     got = result.levels["L3"].centroid_pixel
     assert math.hypot((got[1] - row) * sp_r, (got[2] - col) * sp_c) < 6
+
+
+def test_a_label_that_is_not_body_shaped_sends_the_result_to_review(phantom, tmp_path):
+    """L3 labelled together with the canal and the arch (a mislabelled or merged map)."""
+    t = phantom.truth
+    body = t["body_masks"]["L3"]
+    rows, cols = np.nonzero(body)
+    sp_c = t["spacing_rc_mm"][1]
+    merged = body.copy()
+    merged[rows.min():rows.max(), cols.min():cols.max() + round(45 / sp_c)] = True
+    masks = dict(t["body_masks"], L3=merged)
+    result = compute_vbq(phantom.datasets, segmentation=label_map(
+        phantom, tmp_path / "merged.nii.gz", TABLES["totalsegmentator"], masks=masks))
+    assert result.status == "needs_review"
+    assert "implausible-body" in {f.code for f in result.qc_flags}
