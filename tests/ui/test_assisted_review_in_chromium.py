@@ -10,6 +10,7 @@ pixels, 15 slices of 3–4.5 mm), stored the way the DICOM receiver stores it. S
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -25,6 +26,12 @@ from tests.factories import PatientFactory
 
 pytestmark = [pytest.mark.browser, pytest.mark.postgres, pytest.mark.slow]
 
+ROOT = Path(__file__).resolve().parents[2]
+if os.environ.get("UPDATE_SCREENSHOTS") in {"1", "true", "yes"}:
+    SHOTS = ROOT / "docs" / "screenshots"
+else:
+    SHOTS = Path(os.environ.get("UI_SCREENSHOT_DIR")
+                 or Path(os.environ.get("VAR_DIR") or "/tmp") / "ui-screenshots")
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -97,6 +104,16 @@ def _login(browser, live_server):
     return page
 
 
+def _shot(page, name):
+    """A viewport screenshot, palette-reduced (docs/screenshots only with UPDATE_SCREENSHOTS)."""
+    from PIL import Image
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    picture = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
+    picture.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(
+        SHOTS / f"{name}.png", optimize=True)
+
+
 def _show_slice(page, wanted):
     """Step the viewer to slice ``wanted`` with its buttons."""
     for _ in range(6):
@@ -143,6 +160,8 @@ def test_clinician_places_rois_from_one_click_in_l3_sees_the_vbq_and_accepts_it(
         expect(page.locator(f'#roi-layer .roi[data-level="{level}"]')).to_have_count(1)
     shown = float(page.locator("#vbq-all").inner_text())
     assert shown == pytest.approx(truth["vbq_all_levels"], rel=0.03)
+    page.wait_for_timeout(300)  # the slice PNG paints
+    _shot(page, "vbq-review-assisted")
     expect(page.get_by_text("Assisted (one click)").first).to_be_visible()
     assert assisted.status == "needs_review"
     assert assisted.review_status == "pending"
