@@ -4,6 +4,7 @@ from django.urls import path, reverse_lazy
 from config.auth_views import RateLimitedPasswordResetView
 from registry import ui_views, views
 from scoring import views as scoring_views
+from scoring import views_assist
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -31,6 +32,8 @@ urlpatterns = [
     path("vbq/review/<int:result_id>/preview/", scoring_views.review_preview,
          name="vbq-review-preview"),
     path("vbq/review/<int:result_id>/save/", scoring_views.review_save, name="vbq-review-save"),
+    path("vbq/review/<int:result_id>/assist/", views_assist.review_assist_view,
+         name="vbq-review-assist"),
     path("vbq/review/<int:result_id>/<slug:action>/", scoring_views.review_action,
          name="vbq-review-action"),
     path("vbq/jobs/", scoring_views.job_list, name="vbq-jobs"),

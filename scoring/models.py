@@ -76,6 +76,7 @@ class VbqResult(models.Model):
         AUTO = "auto", "Automatic"
         MANUAL = "manual", "Manual ROIs"
         EXTERNAL_SEG = "external-seg", "External segmentation"
+        ASSISTED = "assisted", "Assisted (one click)"
         IMPORTED = "imported", "Imported value"
 
     class Status(models.TextChoices):

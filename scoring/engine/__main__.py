@@ -1,5 +1,6 @@
 """CLI: ``python -m scoring.engine PATH [--fractured L2] [--rois rois.json] [--seg FILE
-[--seg-labels totalsegmentator|spineps|table.json]] [--png out.png] [--json]``.
+[--seg-labels totalsegmentator|spineps|table.json]] [--seed LEVEL,SLICE,ROW,COL] [--png out.png]
+[--json]``.
 
 Exit codes: 0 measured (succeeded or needs_review), 1 refused by protocol QC, 2 input error."""
 
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seg-labels", default=None,
                         help="label table of a NIfTI map: totalsegmentator (default), spineps, "
                         "or a JSON file {id: level}")
+    parser.add_argument("--seed", help="assisted path: one click inside a named body, "
+                        "LEVEL,SLICE,ROW,COL (0-based slice in the sorted series, pixel row "
+                        "and column), e.g. L3,10,200.5,160")
     parser.add_argument("--png", help="write the slice with ROIs, labels and VBQ to this PNG")
     parser.add_argument("--json", action="store_true", help="print the JSON contract")
     args = parser.parse_args(argv)
@@ -33,11 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.rois:
         with open(args.rois, encoding="utf-8") as handle:
             rois = {k: Roi(**v) for k, v in json.load(handle).items()}
+    seed = None
+    if args.seed:
+        parts = args.seed.split(",")
+        if len(parts) != 4:
+            parser.error("--seed takes LEVEL,SLICE,ROW,COL")
+        seed = dict(zip(("level", "slice_index", "row", "col"), parts, strict=True))
     try:
         series = read_series(args.path)
         result = compute_vbq(series.datasets, fractured_levels=args.fractured,
                              manual_rois=rois, segmentation=args.seg,
-                             segmentation_labels=args.seg_labels)
+                             segmentation_labels=args.seg_labels, seed=seed)
         if args.png:
             render_png(series, result, args.png)
     except EngineError as exc:

@@ -97,7 +97,7 @@ class VbqMeasurement:
     """The engine's result: the JSON contract of ``to_dict`` is documented in docs/engine.md."""
 
     status: str  # succeeded | needs_review | failed
-    source: str  # auto | manual | external-seg
+    source: str  # auto | manual | external-seg | assisted
     series_instance_uid: str
     vbq_all_levels: float | None
     vbq_excluding_fractured: float | None

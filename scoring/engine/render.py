@@ -4,6 +4,11 @@
 fractured or suggested fractured), the CSF ROI (cyan), each level's name beside its ROI, and a
 header with the VBQ values, status, confidence and algorithm version. The image is windowed
 from its own 1st–99.5th percentiles and scaled to at least 512 pixels high.
+
+Text is drawn with DejaVu Sans (shipped inside matplotlib, a pinned requirement), which has
+every character the overlay writes ("—" for a missing value included); Pillow's built-in
+font lacks such glyphs and draws boxes. Where the DejaVu file cannot be found the text falls
+back to Pillow's font and plain ASCII (``ascii_text``).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from scoring.engine.dicom_io import Series
 from scoring.engine.model import Roi, VbqMeasurement
@@ -33,6 +38,30 @@ def roi_outline(roi: Roi, points: int = 48) -> list[tuple[float, float]]:
     return [(float(p[1]), float(p[0])) for p in pts]
 
 
+FONT_SIZE = 12
+MISSING = "—"
+
+
+def overlay_font(size: int = FONT_SIZE) -> tuple[ImageFont.FreeTypeFont | ImageFont.ImageFont,
+                                                  bool]:
+    """(font, has_unicode): DejaVu Sans from matplotlib's data folder, else Pillow's built-in
+    font (then only ASCII is written)."""
+    try:
+        import matplotlib
+
+        path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        return ImageFont.truetype(str(path), size), True
+    except (ImportError, OSError):
+        return ImageFont.load_default(size), False
+
+
+def ascii_text(text: str) -> str:
+    """``text`` with the overlay's few non-ASCII characters spelled in ASCII."""
+    for uni, plain in ((MISSING, "-"), ("–", "-"), ("±", "+/-"), ("≥", ">="), ("≤", "<=")):
+        text = text.replace(uni, plain)
+    return text.encode("ascii", "replace").decode("ascii")
+
+
 def render_png(series: Series, result: VbqMeasurement, path: str | Path) -> Path:
     """Write the overlay PNG; returns its path."""
     rois = [m.roi for m in result.levels.values()]
@@ -48,6 +77,10 @@ def render_png(series: Series, result: VbqMeasurement, path: str | Path) -> Path
     canvas.paste(Image.fromarray(grey).convert("RGB").resize(
         (grey.shape[1] * scale, grey.shape[0] * scale), Image.Resampling.BILINEAR), (0, header))
     draw = ImageDraw.Draw(canvas)
+    font, has_unicode = overlay_font()
+
+    def text(at: tuple[float, float], value: str, colour: tuple[int, int, int]) -> None:
+        draw.text(at, value if has_unicode else ascii_text(value), fill=colour, font=font)
 
     def xy(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
         return [((x + 0.5) * scale, (y + 0.5) * scale + header) for x, y in points]
@@ -58,18 +91,17 @@ def render_png(series: Series, result: VbqMeasurement, path: str | Path) -> Path
         draw.polygon(outline, outline=colour, width=2)
         x = min(p[0] for p in outline) - 34
         y = sum(p[1] for p in outline) / len(outline) - 6
-        draw.text((max(0, x), y), level + ("*" if m.suggested_fractured else ""), fill=colour)
+        text((max(0, x), y), level + ("*" if m.suggested_fractured else ""), colour)
     if result.csf is not None:
         draw.polygon(xy(roi_outline(result.csf.roi)), outline=(0, 220, 255), width=2)
-    vbq = "—" if result.vbq_all_levels is None else f"{result.vbq_all_levels:.2f}"
-    excl = ("—" if result.vbq_excluding_fractured is None
+    vbq = MISSING if result.vbq_all_levels is None else f"{result.vbq_all_levels:.2f}"
+    excl = (MISSING if result.vbq_excluding_fractured is None
             else f"{result.vbq_excluding_fractured:.2f}")
-    draw.text((6, 4), f"VBQ {vbq} (excluding fractured {excl})  status {result.status}  "
-              f"confidence {result.confidence:.2f}", fill=(255, 255, 255))
-    draw.text((6, 20), f"slice {slice_index + 1}/{series.pixels.shape[0]}  source "
-              f"{result.source}  engine {result.algorithm_version}  "
-              f"{result.acquisition.series_description[:40]}",
-              fill=(200, 200, 200))
+    text((6, 4), f"VBQ {vbq} (excluding fractured {excl})   status {result.status}   "
+         f"confidence {result.confidence:.2f}", (255, 255, 255))
+    text((6, 20), f"slice {slice_index + 1}/{series.pixels.shape[0]}   source "
+         f"{result.source}   engine {result.algorithm_version}   "
+         f"{result.acquisition.series_description[:40]}", (200, 200, 200))
     out = Path(path)
     canvas.save(out, format="PNG")
     return out

@@ -3,6 +3,10 @@
 Paths:
 - ``manual_rois`` (level → ``Roi``, including ``"csf"``): a reviewer's ROIs; the engine only
   measures. This path is exact and is the reference for the others.
+- ``segmentation``: an external label map / DICOM SEG gives the slice, bodies and CSF
+  (``segimport.segmentation_rois``), no automatic localiser.
+- ``seed``: one click inside a named body; ``assisted.assisted_rois`` counts the other
+  bodies along the spine and finds the CSF behind L3 (source ``assisted``, always reviewed).
 - automatic (no ROIs): ``scoring.engine.localize`` finds the mid-sagittal slice, labels the
   levels and places the ROIs; a result below ``REVIEW_BELOW_CONFIDENCE`` or whose localisation
   failed is ``needs_review`` with the reasons, never a silent guess.
@@ -19,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from scoring.engine.assisted import Seed, assisted_rois
 from scoring.engine.dicom_io import Series, describe_orientation, read_series
 from scoring.engine.localize import LocalisationError, localize
 from scoring.engine.model import (
@@ -30,7 +35,7 @@ from scoring.engine.model import (
     TooFewSlicesError,
     VbqMeasurement,
 )
-from scoring.engine.segimport import rois_from_segmentation
+from scoring.engine.segimport import segmentation_rois
 
 TR_RANGE_MS = (350.0, 900.0)
 TE_RANGE_MS = (6.0, 25.0)
@@ -152,12 +157,15 @@ def compute_vbq(
     manual_rois: Mapping[str, Roi] | None = None,
     segmentation: str | Path | None = None,
     segmentation_labels: str | Mapping[Any, str] | None = None,
+    seed: Seed | Mapping[str, Any] | None = None,
 ) -> VbqMeasurement:
     """Measure VBQ on ``source`` (folder, file paths, or pydicom Datasets).
 
-    Three paths, one result type: ``manual_rois`` (level → ``Roi`` incl. ``"csf"``), an
-    external ``segmentation`` (NIfTI label map with ``segmentation_labels``, or DICOM SEG; the
-    CSF ROI then comes from our localisation), or neither (automatic).
+    Four paths, one result type: ``manual_rois`` (level → ``Roi`` incl. ``"csf"``), an
+    external ``segmentation`` (NIfTI label map with ``segmentation_labels``, or DICOM SEG;
+    slice, bodies and CSF from it alone), a ``seed`` (one click inside a named body:
+    ``assisted.Seed`` or a mapping with level, slice_index, row, col; source ``assisted``,
+    always ``needs_review``), or none of them (automatic).
 
     Raises a typed ``EngineError`` for unreadable/empty/non-image/wrong-modality input or
     invalid ROIs / segmentation. Protocol problems do not raise: they come back as
@@ -175,13 +183,16 @@ def compute_vbq(
         return VbqMeasurement(series_instance_uid=series.series_instance_uid,
                               acquisition=series.acquisition, fractured_levels=fractured, **kw)
 
-    source = "manual" if manual_rois else "external-seg" if segmentation else "auto"
+    source = ("manual" if manual_rois else "external-seg" if segmentation
+              else "assisted" if seed is not None else "auto")
     if any(f.severity == "refusal" for f in flags):
         return result(status="failed", source=source,
                       vbq_all_levels=None, vbq_excluding_fractured=None, confidence=0.0,
                       qc_flags=flags)
     if segmentation and not manual_rois:
         return _external(series, fractured, flags, result, segmentation, segmentation_labels)
+    if seed is not None and not manual_rois:
+        return _assisted(series, fractured, flags, result, seed)
     if not manual_rois:
         return _auto(series, fractured, flags, result)
     rois = {k.strip(): v for k, v in manual_rois.items()}
@@ -224,27 +235,68 @@ def _not_localised(result: Any, source: str, flags: list[QcFlag], message: str
 def _external(series: Series, fractured: list[str], flags: list[QcFlag], result: Any,
               segmentation: str | Path, labels: str | Mapping[Any, str] | None
               ) -> VbqMeasurement:
-    """Bodies from an external segmentation, CSF from our localisation."""
-    try:
-        loc = localize(series)
-    except LocalisationError as exc:
-        return _not_localised(result, "external-seg", flags, f"the CSF could not be localised: "
-                              f"{exc}. Place the CSF ROI by hand")
-    rois = rois_from_segmentation(segmentation, series, loc.mid_slice, loc.si_direction_px,
-                                  labels)
+    """Bodies, mid-sagittal slice and CSF from an external segmentation alone
+    (``segimport.segmentation_rois``; no automatic localisation)."""
+    seg = segmentation_rois(segmentation, series, labels)
+    return _measure_placed(series, fractured, flags, result, "external-seg", seg.rois,
+                           seg.csf_roi, seg.flags, "the segmentation has no")
+
+
+def _assisted(series: Series, fractured: list[str], flags: list[QcFlag], result: Any,
+              seed: Seed | Mapping[str, Any]) -> VbqMeasurement:
+    """Bodies and CSF placed from one click (``assisted.assisted_rois``); the result always
+    goes to review, and without a value when a level or the CSF was not found."""
+    placed = assisted_rois(series, seed)
+    missing = [lv for lv in VBQ_LEVELS if lv not in placed.rois]
+    if missing or placed.csf_roi is None:
+        flags.extend(placed.flags)
+        what = f"{', '.join(missing)} not found" if missing else "the CSF not found"
+        reasons = "; ".join(f.message for f in placed.flags if f.code != "assisted-placement")
+        return _not_localised(result, "assisted", flags, f"assisted placement: {what}"
+                              f"{': ' + reasons if reasons else ''}. Place the ROIs by hand")
+    out = _measure_placed(series, fractured, flags, result, "assisted", placed.rois,
+                          placed.csf_roi, placed.flags, "no body found for")
+    if out.status == "succeeded":
+        out.status = "needs_review"
+    return out
+
+
+def _measure_placed(series: Series, fractured: list[str], flags: list[QcFlag], result: Any,
+                    source: str, rois: Mapping[str, Roi], csf_roi: Roi | None,
+                    found_flags: list[QcFlag], missing_text: str) -> VbqMeasurement:
+    """Measure body ROIs and a CSF ROI placed without the automatic localiser (external
+    segmentation, assisted path) with the same checks and confidence rules."""
     confidence = 1.0
-    for flag in loc.flags:
-        if flag.code in ("csf-unclear", "csf-not-at-l3"):
-            flags.append(flag)
-            confidence -= 0.3 if flag.code == "csf-unclear" else 0.1
+    for flag in found_flags:
+        flags.append(flag)
+        confidence -= {"csf-unclear": 0.3, "csf-not-at-l3": 0.1,
+                       "implausible-body": 0.4}.get(flag.code, 0.0)
+    if csf_roi is None:
+        reasons = "; ".join(f.message for f in found_flags) or "the CSF was not found"
+        return _not_localised(result, source, flags, f"{reasons}. Place the CSF ROI by hand")
     missing = [lv for lv in VBQ_LEVELS if lv not in rois]
     if missing:
-        flags.append(QcFlag("missing-levels", f"the segmentation has no {', '.join(missing)}"))
+        flags.append(QcFlag("missing-levels", f"{missing_text} {', '.join(missing)}"))
         confidence -= 0.4
-    levels = {lv: measure_roi(series, lv, roi, lv in fractured) for lv, roi in rois.items()}
-    csf = measure_roi(series, "csf", loc.csf_roi)
+    levels: dict[str, LevelMeasurement] = {}
+    for lv, roi in rois.items():
+        try:
+            levels[lv] = measure_roi(series, lv, roi, lv in fractured)
+        except EngineError:
+            if lv in VBQ_LEVELS:
+                confidence -= 0.3
+                flags.append(QcFlag("small-roi", f"the {lv} ROI is too small to measure"))
+    try:
+        csf = measure_roi(series, "csf", csf_roi)
+    except EngineError as exc:
+        return _not_localised(result, source, flags, f"{exc}. Place the CSF ROI by hand")
+    marrow = [levels[lv].median_si for lv in VBQ_LEVELS if lv in levels]
+    if marrow and csf.median_si > 0 and float(np.median(marrow)) < 1.1 * csf.median_si:
+        confidence -= 0.5
+        flags.append(QcFlag("weak-marrow-contrast", "marrow is not brighter than CSF as on a "
+                            "T1 image: check the series and the ROIs"))
     confidence -= _signal_voids(series, levels, csf, flags)
-    return _finish(result, "external-seg", levels, csf, fractured, flags, max(0.0, confidence))
+    return _finish(result, source, levels, csf, fractured, flags, max(0.0, confidence))
 
 
 def _auto(series: Series, fractured: list[str], flags: list[QcFlag], result: Any
