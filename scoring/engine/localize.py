@@ -604,7 +604,10 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     vals = flat[np.isfinite(flat)]
     if vals.size < 100:
         raise LocalisationError("the vertebral column is too short in this image")
-    thr = float(threshold_otsu(vals))
+    # bright fat or dark air beyond the column (below the sacrum, above the first body) must
+    # not pull the threshold: it splits the central 5–90 % of the profile (bodies and discs)
+    lo_v, hi_v = np.percentile(vals, [5.0, 90.0])
+    thr = float(threshold_otsu(np.clip(vals, lo_v, hi_v)))
     bright = np.isfinite(flat) & (flat > thr)
     bright = ndimage.binary_opening(ndimage.binary_closing(bright, np.ones(3)), np.ones(3))
     segments = [(a, b) for a, b in _runs(bright) if b - a + 1 >= 4]
