@@ -63,6 +63,12 @@ LABELS_UP_FROM_SACRUM = ("S1", "L5", "L4", "L3", "L2", "L1", "T12")
 REQUIRED = ("S1", "L5", "L4", "L3", "L2", "L1")
 GRID_MM = 1.0  # straightened image and profiles
 DETECT_MM = 2.0  # canal search
+# one doubt about the level labels or the CSF alone sends the result to review (1 - 0.35 is
+# below vbq.REVIEW_BELOW_CONFIDENCE): a wrong level or a CSF ROI outside the thecal sac must
+# never come back as a confident value
+LABEL_DOUBT_PENALTY = 0.35
+MAX_MARROW_TO_CSF = 6.0  # marrow / CSF of L1–L4 above this: the CSF ROI is not in CSF
+LEVEL_SPACING_MM = (28.0, 48.0)  # adult lumbar segment (body + disc), centre to centre
 
 
 class LocalisationError(Exception):
@@ -378,6 +384,87 @@ def _run_around(column: np.ndarray, centre: int, thr: float, limit: int) -> floa
     return float(best[1] - best[0] + 1)
 
 
+def _disc_minima(flat: np.ndarray) -> list[tuple[int, int, int, float]]:
+    """Discs along the posterior-band profile ``flat`` (1 mm samples): thin dark bands, each
+    darker than the brightest marrow within 16 mm on *both* sides (a ratio, so the bias and
+    a body darker than its neighbours cancel), at least 8 mm apart. The depth threshold comes
+    from the profile: 40 % of the median depth of its five deepest bands (at least 0.08).
+    Returns (first, centre, last, depth) of each disc's dark run, top to bottom."""
+    ok = np.isfinite(flat)
+    if ok.sum() < 30:
+        return []
+    sm = ndimage.gaussian_filter1d(np.where(ok, flat, np.nanmedian(flat)), 1.0)
+    reach = 16
+    windows = np.lib.stride_tricks.sliding_window_view(
+        np.pad(sm, (reach, reach + 1), mode="edge"), reach).max(axis=1)
+    left = windows[: len(sm)]  # sm[t - 16: t]
+    right = windows[reach + 1: reach + 1 + len(sm)]  # sm[t + 1: t + 17]
+    walls = np.minimum(left, right)
+    depth = np.where(ok & (walls > 0), 1.0 - sm / np.maximum(walls, 1e-9), 0.0)
+    peak = (depth == ndimage.maximum_filter1d(depth, 17, mode="nearest")) & (depth > 0)
+    idx = np.flatnonzero(peak)
+    if idx.size == 0:
+        return []
+    top = np.sort(depth[idx])[::-1][:5]
+    need = max(0.08, 0.4 * float(np.median(top)))
+    out = []
+    for i in idx[depth[idx] >= need]:
+        level = sm[i] + 0.5 * (walls[i] - sm[i])
+        a = i
+        while a > 0 and sm[a - 1] < level and i - a < 12:
+            a -= 1
+        b = i
+        while b < len(sm) - 1 and sm[b + 1] < level and b - i < 12:
+            b += 1
+        if b - a + 1 <= 22:  # a disc is thin; a long dark stretch is a dark body or no spine
+            out.append((int(a), int(i), int(b), float(depth[i])))
+    return out
+
+
+def _lordotic_tail(py: np.ndarray, px: np.ndarray, d_end: np.ndarray, n: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` 1 mm steps below the end of the canal path (canonical mm: rows down, columns
+    posterior). Below the thecal sac the column goes on curving posteriorly (lumbar lordosis
+    into the sacrum): where the last 60 mm of the path turn posteriorly, the extension keeps
+    turning at that rate (at most 45° in all); otherwise it follows the end tangent."""
+    theta0 = float(np.arctan2(d_end[1], d_end[0]))
+    rate = 0.0
+    span = min(60, len(py) - 1)
+    if span >= 30:
+        a = np.arctan2(px[-span + 10] - px[-span], py[-span + 10] - py[-span])
+        rate = max(0.0, (theta0 - float(a)) / (span - 10))
+    theta = theta0 + np.minimum(rate * np.arange(1, n + 1), np.radians(45.0))
+    return (py[-1] + np.cumsum(np.cos(theta)), px[-1] + np.cumsum(np.sin(theta)))
+
+
+def _split_merged(segments: list[tuple[int, int]], flat: np.ndarray
+                  ) -> list[tuple[int, int]]:
+    """Split bright runs that hold two bodies at the discs found inside them
+    (``_disc_minima``). On real T1 a disc can be barely darker than marrow next to a bright
+    body, so thresholding the profile joins two bodies; the disc is still a thin band darker
+    than the marrow on both sides. A run is split only if it is longer than 1.4 × the median
+    run, at discs at least 8 mm from its ends."""
+    if len(segments) < 3:
+        return segments
+    typical = float(np.median([b - a + 1 for a, b in segments]))
+    discs = None
+    out: list[tuple[int, int]] = []
+    for a, b in segments:
+        if b - a + 1 <= 1.4 * typical:
+            out.append((a, b))
+            continue
+        if discs is None:
+            discs = _disc_minima(flat)
+        cuts = [(d0, d1) for d0, c, d1, _ in discs if a + 8 <= c <= b - 8]
+        start = a
+        for d0, d1 in cuts:
+            if d0 - start >= 8:
+                out.append((start, d0 - 1))
+                start = d1 + 1
+        out.append((start, b))
+    return out
+
+
 def localize(series: Series, debug: dict | None = None) -> Localisation:
     """Find the mid-sagittal slice, label T12–S1, and place body and CSF ROIs.
 
@@ -457,7 +544,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
         midline = strong_c
         flags.append(QcFlag("canal-uncertain", "the darkest long band does not fade "
                             "laterally like the spinal canal: check the slice and the levels"))
-        penalties.append(0.3)
+        penalties.append(LABEL_DOUBT_PENALTY)
     _, path_x, run, _, _ = min(midline, key=lambda c: c[0])
     top, bottom = run
     ys = yc[top: bottom + 1]
@@ -498,10 +585,9 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     d_start = np.array([py[head] - py[0], px[head] - px[0]])
     d_start /= max(np.linalg.norm(d_start), 1e-6)
     ext_lo, ext_hi = 15, 90
-    py = np.concatenate([py[0] - d_start[0] * np.arange(ext_lo, 0, -1), py,
-                         py[-1] + d_end[0] * np.arange(1, ext_hi + 1)])
-    px = np.concatenate([px[0] - d_start[1] * np.arange(ext_lo, 0, -1), px,
-                         px[-1] + d_end[1] * np.arange(1, ext_hi + 1)])
+    tail_y, tail_x = _lordotic_tail(py, px, d_end, ext_hi)
+    py = np.concatenate([py[0] - d_start[0] * np.arange(ext_lo, 0, -1), py, tail_y])
+    px = np.concatenate([px[0] - d_start[1] * np.arange(ext_lo, 0, -1), px, tail_x])
     canal_t = (ext_lo, ext_lo + len(t) - 1)  # where the canal valley itself is
     ty = np.gradient(ndimage.gaussian_filter1d(py, 5.0, mode="nearest"))
     tx = np.gradient(ndimage.gaussian_filter1d(px, 5.0, mode="nearest"))
@@ -616,6 +702,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
         lens = np.sort([b - a + 1 for a, b in segments])
         ref = float(np.median(lens[len(lens) // 2:]))
         segments = [(a, b) for a, b in segments if b - a + 1 >= max(8.0, 0.55 * ref)]
+        segments = _split_merged(segments, flat)
     end_t = int(np.flatnonzero(ok_rows)[-1]) if ok_rows.any() else len(flat) - 1
     if debug is not None:
         debug.update(detect=detect, flat=flat, thr=thr, segments=list(segments), k_wall=k_wall,
@@ -719,7 +806,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     if merged_runs:
         flags.append(QcFlag("merged-bodies", f"{', '.join(merged_runs)}: longer than 1.5 "
                             "bodies (two bodies without a visible disc?): check the labels"))
-        penalties.append(0.3)
+        penalties.append(LABEL_DOUBT_PENALTY)
     inferred = [lv for lv, it in labels.items() if it[2]]
     if inferred:
         flags.append(QcFlag("inferred-body", f"{', '.join(inferred)}: body too dark to "
@@ -732,12 +819,30 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     if cv > 0.25:
         flags.append(QcFlag("irregular-spacing", f"level spacing varies by {cv:.0%}: check "
                             "the labels"))
-        penalties.append(0.3)
+        penalties.append(LABEL_DOUBT_PENALTY)
+    if not LEVEL_SPACING_MM[0] <= float(np.mean(steps)) * GRID_MM <= LEVEL_SPACING_MM[1]:
+        flags.append(QcFlag("implausible-spacing", f"the levels are {np.mean(steps):.0f} mm "
+                            "apart, outside an adult lumbar segment "
+                            f"({LEVEL_SPACING_MM[0]:.0f}–{LEVEL_SPACING_MM[1]:.0f} mm): check "
+                            "the labels and the pixel spacing"))
+        penalties.append(LABEL_DOUBT_PENALTY)
     s1_top = labels["S1"][0]
+    # the lumbosacral disc is a full disc; below S1 there is at most a thin remnant. A disc as
+    # deep as the lumbar ones just below the body called S1 means that body is L5
+    discs = _disc_minima(flat)
+    lumbar_depths = [d[3] for d in discs if labels["L1"][0] <= d[1] <= s1_top]
+    if lumbar_depths:
+        need = 0.6 * float(np.median(lumbar_depths))
+        below_s1 = [d for d in discs if s1_top + 0.6 * body_len <= d[1] <= s1_top + 1.4 * spacing
+                    and d[3] >= need]
+        if below_s1:
+            flags.append(QcFlag("disc-below-s1", "a full disc lies below the body taken for "
+                                "S1: it may be L5 (labels shifted by one)"))
+            penalties.append(LABEL_DOUBT_PENALTY)
     if not (s1_top - 0.5 * spacing <= canal_t[1] <= s1_top + 3.0 * spacing):
         flags.append(QcFlag("label-crosscheck", "the thecal sac does not end near S1–S2: "
                             "the level labels may be shifted"))
-        penalties.append(0.3)
+        penalties.append(LABEL_DOUBT_PENALTY)
 
     # 7. per-body geometry and ROIs on the mid slice
     prof_disc = prof_t[np.isfinite(flat) & (flat <= thr)]
@@ -821,8 +926,22 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     if csf_level != "L3":
         flags.append(QcFlag("csf-not-at-l3", f"the CSF at L3 is obscured: measured at "
                             f"{csf_level}"))
-        penalties.append(0.1)
+        # VBQ's CSF is the thecal sac at L3: where it cannot be outlined there, the canal is
+        # narrow or unclear and the ROI found elsewhere needs a reviewer's look
+        penalties.append(LABEL_DOUBT_PENALTY)
 
+    from scoring.engine.vbq import roi_values  # local: vbq imports this module
+
+    marrow = [float(np.median(v)) for lv in ("L1", "L2", "L3", "L4")
+              if (v := roi_values(series.pixels[bodies[lv].roi.slice_index],
+                                  bodies[lv].roi)).size]
+    csf_v = roi_values(series.pixels[csf_roi.slice_index], csf_roi)
+    csf_si = float(np.median(csf_v)) if csf_v.size else 0.0
+    if marrow and (csf_si <= 0 or float(np.median(marrow)) > MAX_MARROW_TO_CSF * csf_si):
+        flags.append(QcFlag("csf-too-dark", f"the CSF ROI is more than {MAX_MARROW_TO_CSF:g} "
+                            "times darker than the marrow (VBQ is rarely above 5): it may lie "
+                            "on bone, ligament or air, not in the thecal sac"))
+        penalties.append(LABEL_DOUBT_PENALTY)
     confidence = float(max(0.0, 1.0 - sum(penalties)))
     path = [fr.to_original(float(y / fr.spacing[0]), float(x / fr.spacing[1]))
             for y, x in zip(py[sl][::5], px[sl][::5], strict=True)]

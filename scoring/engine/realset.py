@@ -12,9 +12,11 @@ nothing of the set is ever copied into the repository. The folder holds (see its
 
 **T2 as development data for a T1 localiser.** Protocol QC refuses T2 series (VBQ is defined on
 T1), so the benchmark scores T2 images through ``t1_like``: a fold of the intensities about the
-foreground's median (``m - |x - m|``), which turns the bright CSF and discs of a T2 image dark
-as on T1 and keeps marrow bright. Fat also turns dark (on T1 it is bright), so this is a test of
-the anatomy, not of T1 intensities.
+marrow level ``m`` (``m - |x - m|``), which turns the bright CSF and discs of a T2 image darker
+than marrow as on T1, keeps muscle below marrow and makes marrow the brightest tissue. ``m`` is
+the median intensity under the truth's vertebra masks: one number per image, no position
+reaches the engine. Fat also turns dark (on T1 it is bright), so this tests the anatomy, not T1
+intensities.
 
 **SPIDER levels** (``spider_levels``): per slice, the vertebral *bodies* are the connected
 components of label 1 of at least 80 mm² that lie mostly anterior to the canal (label 3; for
@@ -57,10 +59,11 @@ def default_dir(repo_root: Path) -> Path:
     return Path(env) if env else (repo_root.parent / "shared" / "mri")
 
 
-def t1_like(volume: np.ndarray) -> np.ndarray:
-    """A T2 volume folded about its foreground median (see the module docstring), uint16."""
+def t1_like(volume: np.ndarray, marrow: np.ndarray) -> np.ndarray:
+    """A T2 volume folded about its marrow level, uint16 (see the module docstring).
+    ``marrow``: a mask of vertebral bone, used only for that one number."""
     v = np.asarray(volume, np.float32)
-    m = float(np.median(v[v > np.percentile(v, 50)]))
+    m = float(np.median(v[marrow]))
     return np.clip(np.rint(m - np.abs(v - m)), 0, 65535).astype(np.uint16)
 
 
@@ -154,7 +157,8 @@ def score_siegen(folder: Path) -> CaseResult:
     m = compute_vbq(files)
     refusal = "; ".join(f.code for f in m.qc_flags if f.severity == "refusal")
     if refusal:
-        remapped = t1_like(np.asarray(series.pixels))
+        bone = np.transpose(labels, (2, 0, 1))[instance] > 0  # in the series' slice order
+        remapped = t1_like(np.asarray(series.pixels), bone)
         m = compute_vbq(datasets_from_volume(remapped, series.pixel_spacing_mm,
                                              "SAG T1-LIKE FOLDED (DEVELOPMENT)"))
         # datasets_from_volume stores slices in the series' order: slice i = series slice i
@@ -252,7 +256,7 @@ def score_spider(path: Path) -> CaseResult:
     data = np.load(path)
     image, mask = data["image"], data["mask"]
     sp = spider_spacing_mm(mask)
-    m = compute_vbq(datasets_from_volume(t1_like(image), (sp, sp),
+    m = compute_vbq(datasets_from_volume(t1_like(image, mask == 1), (sp, sp),
                                          "SAG T1-LIKE SPIDER FOLDED (DEVELOPMENT)"))
     level_ok: dict[str, bool] = {}
     cache: dict[int, dict[str, np.ndarray]] = {}
