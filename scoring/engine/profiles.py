@@ -13,6 +13,8 @@ from scipy import ndimage
 
 from scoring.engine.sampling import odd_half_width, otsu_per_image
 
+BODY_MM = 30.0  # an adult lumbar body's height, at most (L1 ~25 mm, L5 ~28 mm)
+
 
 def valley_depth(image: np.ndarray, cell: float, tissue: np.ndarray | None = None) -> np.ndarray:
     """How much darker a ~5 mm wide band is than tissue ~7–19 mm away on both sides along the
@@ -117,7 +119,8 @@ def run_around(column: np.ndarray, centre: int, thr: float, limit: int) -> float
 def disc_minima(flat: np.ndarray) -> list[tuple[int, int, int, float]]:
     """Discs along the posterior-band profile ``flat`` (1 mm samples): thin dark bands, each
     darker than the brightest marrow within 16 mm on *both* sides (a ratio, so the bias and
-    a body darker than its neighbours cancel), at least 8 mm apart. The depth threshold comes
+    a body darker than its neighbours cancel), each the deepest within 20 mm (a lumbar segment
+    is at least ~28 mm; endplate lines and marrow texture are closer). The depth threshold comes
     from the profile: 40 % of the median depth of its five deepest bands (at least 0.08).
     Returns (first, centre, last, depth) of each disc's dark run, top to bottom."""
     ok = np.isfinite(flat)
@@ -131,7 +134,7 @@ def disc_minima(flat: np.ndarray) -> list[tuple[int, int, int, float]]:
     right = windows[reach + 1: reach + 1 + len(sm)]  # sm[t + 1: t + 17]
     walls = np.minimum(left, right)
     depth = np.where(ok & (walls > 0), 1.0 - sm / np.maximum(walls, 1e-9), 0.0)
-    peak = (depth == ndimage.maximum_filter1d(depth, 17, mode="nearest")) & (depth > 0)
+    peak = (depth == ndimage.maximum_filter1d(depth, 41, mode="nearest")) & (depth > 0)
     idx = np.flatnonzero(peak)
     if idx.size == 0:
         return []
@@ -172,11 +175,15 @@ def split_merged(segments: list[tuple[int, int]], flat: np.ndarray
     """Split bright runs that hold two bodies at the discs found inside them
     (``disc_minima``). On real T1 a disc can be barely darker than marrow next to a bright
     body, so thresholding the profile joins two bodies; the disc is still a thin band darker
-    than the marrow on both sides. A run is split only if it is longer than 1.4 × the median
-    run, at discs at least 8 mm from its ends."""
-    if len(segments) < 3:
+    than the marrow on both sides. A run is split only if it is longer than 1.4 × the typical
+    body (the median run, at most ``BODY_MM``; ``BODY_MM`` with fewer than three runs, when
+    the runs themselves are merged bodies), at discs at least 8 mm from its ends. ``flat``:
+    1 mm samples."""
+    if not segments:
         return segments
-    typical = float(np.median([b - a + 1 for a, b in segments]))
+    typical = BODY_MM
+    if len(segments) >= 3:
+        typical = min(typical, float(np.median([b - a + 1 for a, b in segments])))
     discs = None
     out: list[tuple[int, int]] = []
     for a, b in segments:
