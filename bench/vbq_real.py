@@ -40,10 +40,12 @@ def _row(c: CaseResult) -> str:
     vbq = "-" if c.vbq is None else f"{c.vbq:.2f}"
     if c.vbq_error is not None:
         vbq += f" (ref {c.vbq_reference:.2f}, {c.vbq_error:+.1%})"
-    qc = f"refused ({c.protocol_refusal}), localised on T1-like" if c.protocol_refusal else ""
-    reason = c.reason if c.status != "succeeded" or c.reason else ""
+    notes = f"refused ({c.protocol_refusal}), localised on T1-like; " if c.protocol_refusal else ""
+    notes += ", ".join(c.flags)
+    if "localisation-failed" in c.flags:
+        notes += ": " + c.reason.split("localisation-failed: ", 1)[-1].split(". Place")[0]
     return (f"| {c.name} | {c.bodies_found} | {lv} | {csf} | {vbq} | {c.confidence:.2f} | "
-            f"{c.status} | {qc} {reason[:160]} |")
+            f"{c.status} | {notes} |")
 
 
 def main() -> None:

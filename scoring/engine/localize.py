@@ -174,6 +174,8 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
                     (DETECT_MM,))[0].images  # the first and last slices
     wide_outer = ndimage.uniform_filter1d(outer.mean(axis=0), dark_w, axis=1, mode="nearest")
     near_c = np.arange(-round(6.0 / cell_c), round(6.0 / cell_c) + 1)
+    behind_c = np.arange(round(15.0 / cell_c), round(30.0 / cell_c) + 1)
+    tissue_level = float(np.median(tissue))
     candidates = []
     masked = valley.copy()
     for _ in range(4):
@@ -192,8 +194,12 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
             darkness = float(np.median(centre_dark[np.arange(len(seg_rows)), pick]))
             outer_v = wide_outer[seg_rows, near_cols[np.arange(len(seg_rows)), pick]]
             lateral = darkness / max(float(np.median(outer_v)), 1e-6)
-            candidates.append((darkness, cand, run_c, float(np.mean(along_c[seg_rows]))
-                               * len(seg_rows) * cell_r, lateral))
+            # the canal has the posterior elements and the back muscles behind it: a band
+            # with air 15-30 mm behind it is the skin line, not the canal
+            behind = np.clip(cand[seg_rows][:, None] + behind_c[None, :], 0, grid.shape[1] - 1)
+            if float(np.median(grid[seg_rows[:, None], behind])) >= tissue_level:
+                candidates.append((darkness, cand, run_c, float(np.mean(along_c[seg_rows]))
+                                   * len(seg_rows) * cell_r, lateral))
         cols = np.arange(grid.shape[1])[None, :]
         masked = np.where(np.abs(cols - cand[:, None]) <= round(8.0 / cell_c), 0.0, masked)
     if not candidates:

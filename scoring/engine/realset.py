@@ -115,6 +115,7 @@ class CaseResult:
     vbq_reference: float | None = None
     protocol_refusal: str = ""
     reason: str = ""
+    flags: list[str] = field(default_factory=list)  # codes of the non-info QC flags
 
     @property
     def levels_right(self) -> bool:
@@ -133,6 +134,10 @@ class CaseResult:
 
 def _reason(m: VbqMeasurement) -> str:
     return "; ".join(f"{f.code}: {f.message}" for f in m.qc_flags if f.severity != "info")
+
+
+def _codes(m: VbqMeasurement) -> list[str]:
+    return [f.code for f in m.qc_flags if f.severity not in ("info", "refusal")]
 
 
 def _near(mask: np.ndarray, r: float, c: float) -> bool:
@@ -196,7 +201,7 @@ def score_siegen(folder: Path) -> CaseResult:
     return CaseResult(name=name, kind="siegen", status=m.status,
                       confidence=m.confidence, bodies_found=len(m.levels), level_ok=level_ok,
                       csf_ok=csf_ok, vbq=m.vbq_all_levels, vbq_reference=ref,
-                      protocol_refusal=refusal, reason=_reason(m))
+                      protocol_refusal=refusal, reason=_reason(m), flags=_codes(m))
 
 
 def spider_levels(mask: np.ndarray, spacing_mm: float | None = None
@@ -277,7 +282,7 @@ def score_spider(path: Path) -> CaseResult:
         csf_ok = bool(mask[roi.slice_index][r, c] == 3)
     return CaseResult(name=path.stem, kind="spider", status=m.status, confidence=m.confidence,
                       bodies_found=len(m.levels), level_ok=level_ok, csf_ok=csf_ok,
-                      vbq=m.vbq_all_levels, reason=_reason(m))
+                      vbq=m.vbq_all_levels, reason=_reason(m), flags=_codes(m))
 
 
 def siegen_folders(root: Path) -> list[Path]:
