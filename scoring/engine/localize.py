@@ -24,16 +24,23 @@ the pixel spacing, so neither the matrix nor the intensity scale matters.
 4. **Straightening.** The image is resampled along the smoothed canal path (arc length *t*)
    and its anterior normal (*k*, mm): lordosis, tilt and scoliosis become a straight column.
    The canal's anterior wall is where the AP profile rises half-way from CSF to marrow.
-5. **Bodies.** In a band 2–12 mm anterior to the canal wall (the posterior part of the
+5. **Bodies.** In a band 6–23 mm anterior to the canal wall (the posterior part of the
    bodies, which keeps its height in wedge fractures), the profile along *t* alternates
    marrow (bright) and disc/endplate (dark). After flattening the slow bias along the spine,
-   Otsu separates the two; runs ≥ 6 mm are bodies. A gap of about twice the median spacing
-   holds a body too dark to threshold (e.g. an acute fracture): it is inserted and flagged.
+   Otsu on the central 5–90 % of the profile (bright fat below the sacrum or air above the
+   first body must not pull it) separates the two; runs ≥ 8 mm are bodies. On real T1 a
+   disc can be barely darker than a bright neighbouring body, so a run longer than 1.4 × the
+   median run is split at the discs found inside it (``profiles.disc_minima``: thin bands
+   darker than the marrow within 16 mm on both sides). A gap of about twice the median
+   spacing holds a body too dark to threshold (e.g. an acute fracture): it is inserted and
+   flagged.
 6. **Labels.** Counting up from the sacrum: S1 is the lowest body whose bone continues
    inferiorly (run ≥ 1.25 × median body height or reaching the end of the sampled column);
    then L5, L4 … T12. Cross-checks: the thecal sac (end of the canal valley) must end between
-   the top of S1 and ~3 levels below it; spacing must be regular (CV < 0.25). A failed check
-   lowers the confidence.
+   the top of S1 and ~3 levels below it; spacing must be regular (CV < 0.25) and that of an
+   adult lumbar segment (28–48 mm); no full disc may lie just below the body called S1 (it
+   would be L5). Each failed check costs ``LABEL_DOUBT_PENALTY`` (0.35): one doubt alone
+   sends the result to review.
 7. **ROIs.** Per body: AP extent from its own profile (half-way between its marrow and the
    disc level), heights at 20/50/85 % of the depth; the ROI is a box along the local spine
    axis covering the central 60 % of the smallest height and 35–80 % of the depth from the
@@ -43,8 +50,14 @@ the pixel spacing, so neither the matrix nor the intensity scale matters.
    of the canal cross-section 1.5 mm inside the walls (excludes cord, roots, walls), on the
    slice among mid±1 where it is darkest.
 8. **Confidence** starts at 1 and loses weight for each failed check (inferred bodies,
-   irregular spacing, sacrum not seen, label cross-check, small ROIs, weak marrow/CSF
-   contrast). Below ``REVIEW_BELOW_CONFIDENCE`` the caller answers ``needs_review``.
+   irregular or implausible spacing, sacrum not seen, label cross-checks, small ROIs, weak
+   marrow/CSF contrast, CSF not at L3, CSF more than 6 × darker than marrow). Below
+   ``REVIEW_BELOW_CONFIDENCE`` the caller answers ``needs_review``. The penalties were set
+   so that no case of the real development set (``bench/vbq_real.py``) comes back confident
+   with a wrong level or a CSF ROI outside the sac.
+
+The sampling (canonical frame, block means, bilinear samples) is in ``sampling.py``; the 1-D
+profiles (canal valley, best path, runs, discs) are in ``profiles.py``.
 """
 
 from __future__ import annotations
@@ -58,11 +71,37 @@ from skimage.filters import threshold_otsu
 
 from scoring.engine.dicom_io import PixelStack, Series
 from scoring.engine.model import QcFlag, Roi
+from scoring.engine.profiles import (
+    best_path,
+    disc_minima,
+    longest_run,
+    lordotic_tail,
+    run_around,
+    runs_of,
+    smooth_nan,
+    split_merged,
+    valley_depth,
+)
+from scoring.engine.sampling import (
+    Frame,
+    bilinear,
+    block_means,
+    frame_of,
+    nanmedian_rows,
+    odd_half_width,
+    otsu_per_image,
+)
 
 LABELS_UP_FROM_SACRUM = ("S1", "L5", "L4", "L3", "L2", "L1", "T12")
 REQUIRED = ("S1", "L5", "L4", "L3", "L2", "L1")
 GRID_MM = 1.0  # straightened image and profiles
 DETECT_MM = 2.0  # canal search
+# one doubt about the level labels or the CSF alone sends the result to review (1 - 0.35 is
+# below vbq.REVIEW_BELOW_CONFIDENCE): a wrong level or a CSF ROI outside the thecal sac must
+# never come back as a confident value
+LABEL_DOUBT_PENALTY = 0.35
+MAX_MARROW_TO_CSF = 6.0  # marrow / CSF of L1–L4 above this: the CSF ROI is not in CSF
+LEVEL_SPACING_MM = (28.0, 48.0)  # adult lumbar segment (body + disc), centre to centre
 
 
 class LocalisationError(Exception):
@@ -91,293 +130,6 @@ class Localisation:
     si_direction_px: tuple[float, float] = (1.0, 0.0)  # superior→inferior, original pixels
 
 
-@dataclass
-class _Frame:
-    """Canonical frame: rows superior→inferior, cols anterior→posterior."""
-
-    transpose: bool
-    flip_r: bool
-    flip_c: bool
-    shape: tuple[int, int]  # canonical shape
-    spacing: tuple[float, float]  # canonical (row, col) spacing, mm
-
-    def canon(self, image: np.ndarray) -> np.ndarray:
-        out = image.T if self.transpose else image
-        if self.flip_r:
-            out = out[::-1]
-        if self.flip_c:
-            out = out[:, ::-1]
-        return out
-
-    def to_original(self, r: float, c: float) -> tuple[float, float]:
-        if self.flip_r:
-            r = self.shape[0] - 1 - r
-        if self.flip_c:
-            c = self.shape[1] - 1 - c
-        return (c, r) if self.transpose else (r, c)
-
-    def points_to_original(self, r: np.ndarray, c: np.ndarray
-                           ) -> tuple[np.ndarray, np.ndarray]:
-        """``to_original`` for arrays of points (canonical → stored pixel coordinates)."""
-        if self.flip_r:
-            r = (self.shape[0] - 1) - r
-        if self.flip_c:
-            c = (self.shape[1] - 1) - c
-        return (c, r) if self.transpose else (r, c)
-
-    def direction_to_original(self, dr: float, dc: float) -> tuple[float, float]:
-        if self.flip_r:
-            dr = -dr
-        if self.flip_c:
-            dc = -dc
-        return (dc, dr) if self.transpose else (dr, dc)
-
-
-def _frame(series: Series) -> _Frame:
-    row_dir, col_dir = series.orientation[:3], series.orientation[3:]
-    transpose = abs(row_dir[2]) > abs(col_dir[2])
-    si_vec, ap_vec = (row_dir, col_dir) if transpose else (col_dir, row_dir)
-    rows, cols = series.pixels.shape[1:]
-    shape = (cols, rows) if transpose else (rows, cols)
-    sp = series.pixel_spacing_mm
-    spacing = (sp[1], sp[0]) if transpose else (sp[0], sp[1])
-    return _Frame(transpose, bool(si_vec[2] > 0), bool(ap_vec[1] < 0), shape, spacing)
-
-
-def _bin(arr: np.ndarray, axis: int, k: int) -> np.ndarray:
-    """Sums (float32) of ``k`` consecutive pixels along ``axis`` of a 2-D image (a last
-    partial block is dropped)."""
-    n = arr.shape[axis] // k
-    if axis == 0:  # whole rows: one reduction, no temporary
-        return arr[: n * k].reshape(n, k, arr.shape[1]).sum(axis=1, dtype=np.float32)
-    out = arr[:, 0: n * k: k].astype(np.float32)
-    for m in range(1, k):
-        out += arr[:, m: n * k: k]
-    return out
-
-
-@dataclass
-class _Grid:
-    """Block means on the canonical frame: ``images`` (slices, rows, cols), the positions
-    (mm, canonical, from the first pixel's centre) of its rows and columns, block sizes (mm)."""
-
-    images: np.ndarray
-    row_mm: np.ndarray
-    col_mm: np.ndarray
-    cell_r: float
-    cell_c: float
-
-
-def _coarse(pixels: PixelStack, indices: list[int], fr: _Frame, spacing: tuple[float, float],
-            step_si: float, steps_ap: tuple[float, ...]) -> list[_Grid]:
-    """Slices ``indices`` of ``pixels`` (stored orientation, pixel ``spacing`` mm) as means
-    of blocks of whole pixels (the integer number closest to the step, at least one):
-    ``step_si`` mm along the spine, and each of ``steps_ap`` mm across it (one grid each; the
-    pass along the spine is shared). Block means are a cheap pass over the pixels and average
-    the noise as a smoothing would. The sums are taken over the stored values (exact for
-    integers) and rescaled after, so the slices need not be converted."""
-    si_axis, ap_axis = (1, 0) if fr.transpose else (0, 1)  # of one stored image
-    k_si = max(1, round(step_si / spacing[si_axis]))
-    k_aps = [max(1, round(step_ap / spacing[ap_axis])) for step_ap in steps_ap]
-    grids: list[np.ndarray] = []
-    rescale = []
-    for n, i in enumerate(indices):  # image by image: small temporaries, cache-friendly
-        image, slope, intercept = pixels.stored(i)
-        rescale.append((slope, intercept))
-        along = _bin(image, si_axis, k_si)
-        for j, k_ap in enumerate(k_aps):
-            block = _bin(along, ap_axis, k_ap)
-            if n == 0:
-                grids.append(np.empty((len(indices), *block.shape), np.float32))
-            grids[j][n] = block
-    for grid, k_ap in zip(grids, k_aps, strict=True):
-        grid *= np.float32(1.0 / (k_si * k_ap))
-        for n, (slope, intercept) in enumerate(rescale):
-            if (slope, intercept) != (1.0, 0.0):
-                grid[n] = grid[n] * slope + intercept
-    out = []
-    for grid, k_ap in zip(grids, k_aps, strict=True):
-        pos_r = np.arange(grid.shape[1 + si_axis]) * k_si + (k_si - 1) / 2  # stored pixels
-        pos_c = np.arange(grid.shape[1 + ap_axis]) * k_ap + (k_ap - 1) / 2
-        view = grid.transpose(0, 2, 1) if fr.transpose else grid
-        if fr.flip_r:
-            view, pos_r = view[:, ::-1], (fr.shape[0] - 1 - pos_r)[::-1]
-        if fr.flip_c:
-            view, pos_c = view[:, :, ::-1], (fr.shape[1] - 1 - pos_c)[::-1]
-        out.append(_Grid(np.ascontiguousarray(view), pos_r * fr.spacing[0],
-                         pos_c * fr.spacing[1], k_si * spacing[si_axis],
-                         k_ap * spacing[ap_axis]))
-    return out
-
-
-def _odd(width_mm: float, cell: float) -> int:
-    """Half-width (cells) of the odd window closest to ``width_mm`` on ``cell`` mm cells."""
-    return max(0, round((width_mm / cell - 1) / 2))
-
-
-def _bilinear(stack: np.ndarray | PixelStack, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
-    """Bilinear samples of every image of ``stack`` (slices, rows, cols) at the points (cy, cx)
-    (pixels; outside points take the nearest edge value, as ``map_coordinates(order=1,
-    mode="nearest")``). Returns (slices, *cy.shape) float32. The four neighbours are taken
-    from the flat images by one index; a ``PixelStack`` is sampled without converting its
-    slices."""
-    h, w = stack.shape[-2:]
-    y = np.clip(cy, 0.0, h - 1.0)
-    x = np.clip(cx, 0.0, w - 1.0)
-    y0 = np.minimum(y.astype(np.intp), max(h - 2, 0))  # floor: y, x are not negative
-    x0 = np.minimum(x.astype(np.intp), max(w - 2, 0))
-    fy, fx = (y - y0).astype(np.float32), (x - x0).astype(np.float32)
-    dy, dx = (w if h > 1 else 0), (1 if w > 1 else 0)
-    i = y0 * w + x0
-    corners = np.stack([i, i + dx, i + dy, i + dy + dx])  # the four neighbours, one index
-    if isinstance(stack, PixelStack):
-        values = np.stack([stack.take(s, corners) for s in range(stack.shape[0])], axis=1)
-    else:
-        values = np.moveaxis(
-            np.ascontiguousarray(stack).reshape(stack.shape[0], -1).take(corners, axis=1), 1, 0)
-    top, top_r, bottom, bottom_r = values  # each (slices, *cy.shape)
-    top += (top_r - top) * fx
-    bottom += (bottom_r - bottom) * fx
-    top += (bottom - top) * fy
-    return top.astype(np.float32, copy=False)
-
-
-def _nanmedian_rows(a: np.ndarray) -> np.ndarray:
-    """``np.nanmedian(a, axis=0)`` for a 2-D array, by one sort (NaN sorts last) instead of
-    numpy's masked-array path; all-NaN columns give NaN."""
-    if a.shape[0] == 0:
-        return np.nanmedian(a, axis=0)
-    srt = np.sort(a, axis=0)
-    n = np.count_nonzero(~np.isnan(a), axis=0)
-    lo = np.take_along_axis(srt, np.maximum((n - 1) // 2, 0)[None, :], axis=0)[0]
-    hi = np.take_along_axis(srt, np.maximum(n // 2, 0)[None, :], axis=0)[0]
-    mid = (lo + hi) / 2
-    return np.where(n > 0, mid, np.nan)
-
-
-def _otsu_per_image(stack: np.ndarray) -> np.ndarray:
-    """Otsu's threshold of each image of ``stack`` (slices, ...): the same 256-bin histogram
-    over each image's range and between-class variance as ``skimage``'s ``threshold_otsu``,
-    for all images in one pass."""
-    nbins = 256
-    flat = stack.reshape(stack.shape[0], -1)
-    lo, hi = flat.min(axis=1), flat.max(axis=1)
-    span = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
-    scaled = flat - lo[:, None]
-    scaled *= (nbins / span)[:, None]
-    idx = scaled.astype(np.intp)
-    np.minimum(idx, nbins - 1, out=idx)
-    idx += (np.arange(flat.shape[0]) * nbins)[:, None]
-    hist = np.bincount(idx.ravel(), minlength=flat.shape[0] * nbins).reshape(-1, nbins)
-    hist = hist.astype(np.float64)
-    centres = lo[:, None] + (np.arange(nbins) + 0.5)[None, :] * (span / nbins)[:, None]
-    w1 = np.cumsum(hist, axis=1)
-    w2 = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]
-    m1 = np.cumsum(hist * centres, axis=1) / np.maximum(w1, 1e-12)
-    m2 = (np.cumsum((hist * centres)[:, ::-1], axis=1) / np.maximum(w2[:, ::-1], 1e-12))[:, ::-1]
-    between = w1[:, :-1] * w2[:, 1:] * (m1[:, :-1] - m2[:, 1:]) ** 2
-    out = centres[np.arange(len(hist)), np.argmax(between, axis=1)]
-    return np.where(hi > lo, out, lo)
-
-
-def _valley(image: np.ndarray, cell: float, tissue: np.ndarray | None = None) -> np.ndarray:
-    """How much darker a ~5 mm wide band is than tissue ~7–19 mm away on both sides along the
-    AP axis (0–1); ``cell``: the grid's column size, mm. The width requirement ignores thin
-    dark lines (cortex, ligaments). ``image``: (slices, rows, cols), each slice on its own.
-    The walls must be tissue (above half the slice's Otsu threshold), not air."""
-    if tissue is None:
-        tissue = (0.5 * _otsu_per_image(image)).astype(np.float32)[:, None, None]
-    gaps = sorted({max(1, round(g / cell)) for g in (10.0, 12.0, 14.0, 16.0)})
-    w = image.shape[-1]
-    pad = gaps[-1]
-    padded = np.pad(image, [(0, 0), (0, 0), (pad, pad)], mode="edge")
-    centre = ndimage.uniform_filter1d(image, 2 * _odd(5.0, cell) + 1, axis=-1, mode="nearest")
-    side = ndimage.uniform_filter1d(padded, 2 * _odd(6.0, cell) + 1, axis=-1, mode="nearest")
-    # the walls at a gap: the darker of the two sides. The depth 1 - centre / walls grows
-    # with the walls, so the deepest gap is the one with the brightest walls; and the
-    # brightest walls are tissue exactly when some gap's walls are (one division in all)
-    brightest = np.minimum(side[..., pad - gaps[0]: pad - gaps[0] + w],
-                           side[..., pad + gaps[0]: pad + gaps[0] + w])
-    for g in gaps[1:]:
-        np.maximum(brightest, np.minimum(side[..., pad - g: pad - g + w],
-                                         side[..., pad + g: pad + g + w]), out=brightest)
-    seen = brightest > tissue
-    depth = np.zeros_like(centre)
-    np.divide(centre, brightest, out=depth, where=seen)
-    np.subtract(1.0, depth, out=depth, where=seen)
-    return np.clip(depth, 0.0, 1.0, out=depth)
-
-
-def _best_path(score: np.ndarray, margin: int) -> np.ndarray:
-    """Column per row maximising the summed score; ≤ 1 column change per row (a move costs
-    0.02; ties: stay, then from the left, then from the right)."""
-    h, w = score.shape
-    s = score.astype(np.float64)
-    s[:, :margin] = -1.0
-    s[:, w - margin:] = -1.0
-    # the running best per column, with a column of -inf on each side: per row, the better
-    # neighbour (one call for both sides) less the move cost against staying, in four calls
-    # on row views made once (the loop is bound by the calls, not by the arithmetic)
-    pad = np.full((h, w + 2), -np.inf)
-    acc = pad[:, 1:-1]
-    acc[0] = s[0]
-    nb = np.empty(w)
-    rows_l, rows_r, rows, s_rows = list(pad[:, :-2]), list(pad[:, 2:]), list(acc), list(s)
-    for r in range(1, h):
-        np.maximum(rows_l[r - 1], rows_r[r - 1], out=nb)
-        nb -= 0.02
-        cur = rows[r]
-        np.maximum(rows[r - 1], nb, out=cur)
-        cur += s_rows[r]
-    # the moves, read back for all rows at once from the stored values
-    prev = acc[:-1]
-    move = np.argmax(np.stack([prev, pad[:-1, :-2] - 0.02, pad[:-1, 2:] - 0.02]), axis=0)
-    back = np.array([0, -1, 1], np.int8)[move]
-    path = np.zeros(h, int)
-    path[-1] = int(np.argmax(acc[-1]))
-    for r in range(h - 1, 0, -1):
-        path[r - 1] = path[r] + back[r - 1, path[r]]
-    return path
-
-
-def _longest_run(mask: np.ndarray, bridge: int) -> tuple[int, int] | None:
-    closed = ndimage.binary_closing(mask, np.ones(bridge)) | mask if bridge > 1 else mask
-    labels, n = ndimage.label(closed)
-    if n == 0:
-        return None
-    sizes = ndimage.sum(closed, labels, range(1, n + 1))
-    best = int(np.argmax(sizes)) + 1
-    idx = np.flatnonzero(labels == best)
-    return int(idx[0]), int(idx[-1])
-
-
-def _smooth_nan(profile: np.ndarray, sigma: float) -> np.ndarray:
-    ok = np.isfinite(profile)
-    num = ndimage.gaussian_filter1d(np.where(ok, profile, 0.0), sigma, mode="nearest")
-    den = ndimage.gaussian_filter1d(ok.astype(float), sigma, mode="nearest")
-    return np.where(den > 1e-3, num / np.maximum(den, 1e-3), np.nan)
-
-
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(first, last) index of each run of true values of a 1-D mask, left to right."""
-    edges = np.diff(np.concatenate(([0], np.asarray(mask, np.int8), [0])))
-    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    return [(int(a), int(b) - 1) for a, b in zip(starts, stops, strict=True)]
-
-
-def _run_around(column: np.ndarray, centre: int, thr: float, limit: int) -> float | None:
-    """Length (samples) of the above-threshold run containing (or nearest to) ``centre``."""
-    lo_i, hi_i = max(0, centre - limit), min(len(column), centre + limit + 1)
-    seg = column[lo_i:hi_i] > thr
-    runs = _runs(seg)
-    if not runs:
-        return None
-    c = centre - lo_i
-    best = min(runs, key=lambda r: 0 if r[0] <= c <= r[1] else min(abs(r[0] - c),
-                                                                   abs(r[1] - c)))
-    return float(best[1] - best[0] + 1)
-
-
 def localize(series: Series, debug: dict | None = None) -> Localisation:
     """Find the mid-sagittal slice, label T12–S1, and place body and CSF ROIs.
 
@@ -391,7 +143,7 @@ def localize(series: Series, debug: dict | None = None) -> Localisation:
 
 
 def _localize(series: Series, debug: dict | None) -> Localisation:
-    fr = _frame(series)
+    fr = frame_of(series)
     # the pixels stay in their stored orientation (contiguous): points on the canonical frame
     # are mapped to it when sampled
     volume = series.pixels
@@ -406,31 +158,33 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     half = max(0, n_slices // 6)
     centre = n_slices // 2
     central_idx = range(max(0, centre - half), min(n_slices, centre + half + 1))
-    coarse, fine = _coarse(volume, list(central_idx), fr, series.pixel_spacing_mm, DETECT_MM,
+    coarse, fine = block_means(volume, list(central_idx), fr, series.pixel_spacing_mm, DETECT_MM,
                            (DETECT_MM, GRID_MM))
     grids, yc, xc, cell_r, cell_c = (coarse.images, coarse.row_mm, coarse.col_mm,
                                      coarse.cell_r, coarse.cell_c)
-    tissue = (0.5 * _otsu_per_image(grids)).astype(np.float32)[:, None, None]
+    tissue = (0.5 * otsu_per_image(grids)).astype(np.float32)[:, None, None]
     grid = grids.min(axis=0)
-    valley = ndimage.gaussian_filter1d(_valley(grids, cell_c, tissue).max(axis=0), 10.0 / cell_r,
-                                       axis=0)
+    valley = ndimage.gaussian_filter1d(valley_depth(grids, cell_c, tissue).max(axis=0),
+                                       10.0 / cell_r, axis=0)
     rows_idx = np.arange(grid.shape[0])
-    dark_w = 2 * _odd(7.0, cell_c) + 1  # the canal is ≥ ~7 mm wide
+    dark_w = 2 * odd_half_width(7.0, cell_c) + 1  # the canal is ≥ ~7 mm wide
     wide_dark = ndimage.uniform_filter1d(grid, dark_w, axis=1, mode="nearest")
     # the canal is a midline structure: laterally (pedicles, foramina) the band is brighter
-    outer = _coarse(volume, [0, n_slices - 1], fr, series.pixel_spacing_mm, DETECT_MM,
+    outer = block_means(volume, [0, n_slices - 1], fr, series.pixel_spacing_mm, DETECT_MM,
                     (DETECT_MM,))[0].images  # the first and last slices
     wide_outer = ndimage.uniform_filter1d(outer.mean(axis=0), dark_w, axis=1, mode="nearest")
     near_c = np.arange(-round(6.0 / cell_c), round(6.0 / cell_c) + 1)
+    behind_c = np.arange(round(15.0 / cell_c), round(30.0 / cell_c) + 1)
+    tissue_level = float(np.median(tissue))
     candidates = []
     masked = valley.copy()
     for _ in range(4):
         # the canal, and other long dark bands (muscle between the spinous processes and the
         # subcutaneous fat, vessels): the canal holds CSF, the darkest of them on T1
-        cand = _best_path(masked, margin=round(20.0 / cell_c))
+        cand = best_path(masked, margin=round(20.0 / cell_c))
         along_c = masked[rows_idx, cand]
         strong = float(np.percentile(along_c, 75))
-        run_c = _longest_run(along_c > 0.4 * strong, bridge=round(12.0 / cell_r))
+        run_c = longest_run(along_c > 0.4 * strong, bridge=round(12.0 / cell_r))
         if run_c is not None and yc[run_c[1]] - yc[run_c[0]] >= 120 and strong >= 0.05:
             seg_rows = rows_idx[run_c[0]: run_c[1] + 1]
             # darkest ~7 mm window within 6 mm of the path (the path may hug a wall)
@@ -440,8 +194,12 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
             darkness = float(np.median(centre_dark[np.arange(len(seg_rows)), pick]))
             outer_v = wide_outer[seg_rows, near_cols[np.arange(len(seg_rows)), pick]]
             lateral = darkness / max(float(np.median(outer_v)), 1e-6)
-            candidates.append((darkness, cand, run_c, float(np.mean(along_c[seg_rows]))
-                               * len(seg_rows) * cell_r, lateral))
+            # the canal has the posterior elements and the back muscles behind it: a band
+            # with air 15-30 mm behind it is the skin line, not the canal
+            behind = np.clip(cand[seg_rows][:, None] + behind_c[None, :], 0, grid.shape[1] - 1)
+            if float(np.median(grid[seg_rows[:, None], behind])) >= tissue_level:
+                candidates.append((darkness, cand, run_c, float(np.mean(along_c[seg_rows]))
+                                   * len(seg_rows) * cell_r, lateral))
         cols = np.arange(grid.shape[1])[None, :]
         masked = np.where(np.abs(cols - cand[:, None]) <= round(8.0 / cell_c), 0.0, masked)
     if not candidates:
@@ -457,7 +215,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
         midline = strong_c
         flags.append(QcFlag("canal-uncertain", "the darkest long band does not fade "
                             "laterally like the spinal canal: check the slice and the levels"))
-        penalties.append(0.3)
+        penalties.append(LABEL_DOUBT_PENALTY)
     _, path_x, run, _, _ = min(midline, key=lambda c: c[0])
     top, bottom = run
     ys = yc[top: bottom + 1]
@@ -472,7 +230,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     reach = round(22.0 / cell_f)
     c0, c1 = max(0, int(jc.min()) - reach), min(len(xf), int(jc.max()) + reach + 1)
     band = ndimage.gaussian_filter1d(fine.images[:, :, c0:c1], 1.0 / cell_f, axis=-1)
-    v_f = ndimage.gaussian_filter1d(_valley(band, cell_f, tissue).max(axis=0), 10.0 / cell_r,
+    v_f = ndimage.gaussian_filter1d(valley_depth(band, cell_f, tissue).max(axis=0), 10.0 / cell_r,
                                     axis=0)[seg_r]
     off = max(1, round(2.0 / cell_f))
     width = v_f.shape[1]
@@ -498,10 +256,9 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     d_start = np.array([py[head] - py[0], px[head] - px[0]])
     d_start /= max(np.linalg.norm(d_start), 1e-6)
     ext_lo, ext_hi = 15, 90
-    py = np.concatenate([py[0] - d_start[0] * np.arange(ext_lo, 0, -1), py,
-                         py[-1] + d_end[0] * np.arange(1, ext_hi + 1)])
-    px = np.concatenate([px[0] - d_start[1] * np.arange(ext_lo, 0, -1), px,
-                         px[-1] + d_end[1] * np.arange(1, ext_hi + 1)])
+    tail_y, tail_x = lordotic_tail(py, px, d_end, ext_hi)
+    py = np.concatenate([py[0] - d_start[0] * np.arange(ext_lo, 0, -1), py, tail_y])
+    px = np.concatenate([px[0] - d_start[1] * np.arange(ext_lo, 0, -1), px, tail_x])
     canal_t = (ext_lo, ext_lo + len(t) - 1)  # where the canal valley itself is
     ty = np.gradient(ndimage.gaussian_filter1d(py, 5.0, mode="nearest"))
     tx = np.gradient(ndimage.gaussian_filter1d(px, 5.0, mode="nearest"))
@@ -527,7 +284,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
         pad = int(4.0 * sigma_mm / GRID_MM + 0.5) + 1
         a, b = (0, len(cy_grid)) if rows is None else (max(0, lo - pad),
                                                        min(len(cy_grid), hi + pad))
-        out = _bilinear(image[None], oy_grid[a:b], ox_grid[a:b])[0]
+        out = bilinear(image[None], oy_grid[a:b], ox_grid[a:b])[0]
         out = ndimage.gaussian_filter(out, sigma_mm / GRID_MM)
         return np.where(inside_grid[a:b], out, np.nan)[lo - a: hi - a]
 
@@ -538,17 +295,17 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     # profile is a median along the canal), sampled on the straightened grid
     central = fine.images.mean(axis=0)
     row_step, col_step = fine.row_mm[1] - fine.row_mm[0], fine.col_mm[1] - fine.col_mm[0]
-    central_s = _bilinear(
+    central_s = bilinear(
         central[None], (cy_grid[sl] * fr.spacing[0] - fine.row_mm[0]) / row_step,
         (cx_grid[sl] * fr.spacing[1] - fine.col_mm[0]) / col_step)[0]
     central_s[~inside_grid[sl]] = np.nan
-    prof_c = _nanmedian_rows(central_s)
+    prof_c = nanmedian_rows(central_s)
     wide_c = ndimage.median_filter(np.nan_to_num(prof_c, nan=float(np.nanmax(prof_c))), 5)
     trough_k = k0 - 12 + int(np.argmin(wide_c[k0 - 12: k0 + 13]))
     level = float(wide_c[trough_k])
     ant = float(np.max(wide_c[trough_k: trough_k + 30]))
     inner_mask = wide_c < level + 0.3 * (ant - level)
-    inner_run = [r for r in _runs(inner_mask) if r[0] <= trough_k <= r[1]]
+    inner_run = [r for r in runs_of(inner_mask) if r[0] <= trough_k <= r[1]]
     k_in = (np.arange(inner_run[0][0] + 1, inner_run[0][1]) if inner_run and
             inner_run[0][1] - inner_run[0][0] >= 3 else np.array([trough_k]))
     above_c = np.flatnonzero(wide_c[trough_k:] >= (level + ant) / 2)
@@ -556,7 +313,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     rows_sel = np.arange(sl.start, sl.stop, 4)  # every 4 mm along the canal
     # every slice sampled at once on the same points (bilinear, edges replicated)
     kk = ks[np.concatenate([k_in, k_body[k_body < len(ks)]])][None, :]
-    both = _bilinear(volume, *fr.points_to_original(  # every slice, at a few points
+    both = bilinear(volume, *fr.points_to_original(  # every slice, at a few points
         (py[rows_sel][:, None] + kk * ny[rows_sel][:, None]) / fr.spacing[0],
         (px[rows_sel][:, None] + kk * nx[rows_sel][:, None]) / fr.spacing[1]))
     inner_v = np.median(both[:, :, : len(k_in)].reshape(n_slices, -1), axis=1)
@@ -585,7 +342,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     # 4. canal walls from the AP profile
     valid_t = np.isfinite(detect[:, k0])
     canal_rows = detect[canal_t[0]: canal_t[1] + 1]
-    prof = _nanmedian_rows(canal_rows)
+    prof = nanmedian_rows(canal_rows)
     centre_k = k0 - 6 + int(np.nanargmin(prof[k0 - 6: k0 + 7]))
     canal_si = float(prof[centre_k])
     body_level = float(np.nanpercentile(prof[centre_k: centre_k + 40], 75))
@@ -600,19 +357,23 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     prof_t = np.full(len(band), np.nan)
     if ok_rows.any():
         prof_t[ok_rows] = np.median(band[ok_rows], axis=1)
-    flat = prof_t / _smooth_nan(prof_t, 50.0)  # bias varies slowly; a dark body must stay dark
+    flat = prof_t / smooth_nan(prof_t, 50.0)  # bias varies slowly; a dark body must stay dark
     vals = flat[np.isfinite(flat)]
     if vals.size < 100:
         raise LocalisationError("the vertebral column is too short in this image")
-    thr = float(threshold_otsu(vals))
+    # bright fat or dark air beyond the column (below the sacrum, above the first body) must
+    # not pull the threshold: it splits the central 5–90 % of the profile (bodies and discs)
+    lo_v, hi_v = np.percentile(vals, [5.0, 90.0])
+    thr = float(threshold_otsu(np.clip(vals, lo_v, hi_v)))
     bright = np.isfinite(flat) & (flat > thr)
     bright = ndimage.binary_opening(ndimage.binary_closing(bright, np.ones(3)), np.ones(3))
-    segments = [(a, b) for a, b in _runs(bright) if b - a + 1 >= 4]
+    segments = [(a, b) for a, b in runs_of(bright) if b - a + 1 >= 4]
     if segments:
         # with faint disc contrast the endplates split bodies from discs: keep the long runs
         lens = np.sort([b - a + 1 for a, b in segments])
         ref = float(np.median(lens[len(lens) // 2:]))
         segments = [(a, b) for a, b in segments if b - a + 1 >= max(8.0, 0.55 * ref)]
+        segments = split_merged(segments, flat)
     end_t = int(np.flatnonzero(ok_rows)[-1]) if ok_rows.any() else len(flat) - 1
     if debug is not None:
         debug.update(detect=detect, flat=flat, thr=thr, segments=list(segments), k_wall=k_wall,
@@ -644,7 +405,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
 
     def bone_labels() -> np.ndarray:  # the 2-D bone components, made when first needed
         if not bone_cache:
-            trend = _smooth_nan(prof_t, 50.0)
+            trend = smooth_nan(prof_t, 50.0)
             flat2d = detect / np.where(np.isfinite(trend), trend, np.nan)[:, None]
             bone = ndimage.binary_opening(np.nan_to_num(flat2d, nan=0.0) > thr,
                                           np.ones((3, 3)))
@@ -716,7 +477,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     if merged_runs:
         flags.append(QcFlag("merged-bodies", f"{', '.join(merged_runs)}: longer than 1.5 "
                             "bodies (two bodies without a visible disc?): check the labels"))
-        penalties.append(0.3)
+        penalties.append(LABEL_DOUBT_PENALTY)
     inferred = [lv for lv, it in labels.items() if it[2]]
     if inferred:
         flags.append(QcFlag("inferred-body", f"{', '.join(inferred)}: body too dark to "
@@ -729,12 +490,30 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     if cv > 0.25:
         flags.append(QcFlag("irregular-spacing", f"level spacing varies by {cv:.0%}: check "
                             "the labels"))
-        penalties.append(0.3)
+        penalties.append(LABEL_DOUBT_PENALTY)
+    if not LEVEL_SPACING_MM[0] <= float(np.mean(steps)) * GRID_MM <= LEVEL_SPACING_MM[1]:
+        flags.append(QcFlag("implausible-spacing", f"the levels are {np.mean(steps):.0f} mm "
+                            "apart, outside an adult lumbar segment "
+                            f"({LEVEL_SPACING_MM[0]:.0f}–{LEVEL_SPACING_MM[1]:.0f} mm): check "
+                            "the labels and the pixel spacing"))
+        penalties.append(LABEL_DOUBT_PENALTY)
     s1_top = labels["S1"][0]
+    # the lumbosacral disc is a full disc; below S1 there is at most a thin remnant. A disc as
+    # deep as the lumbar ones just below the body called S1 means that body is L5
+    discs = disc_minima(flat)
+    lumbar_depths = [d[3] for d in discs if labels["L1"][0] <= d[1] <= s1_top]
+    if lumbar_depths:
+        need = 0.6 * float(np.median(lumbar_depths))
+        below_s1 = [d for d in discs if s1_top + 0.6 * body_len <= d[1] <= s1_top + 1.4 * spacing
+                    and d[3] >= need]
+        if below_s1:
+            flags.append(QcFlag("disc-below-s1", "a full disc lies below the body taken for "
+                                "S1: it may be L5 (labels shifted by one)"))
+            penalties.append(LABEL_DOUBT_PENALTY)
     if not (s1_top - 0.5 * spacing <= canal_t[1] <= s1_top + 3.0 * spacing):
         flags.append(QcFlag("label-crosscheck", "the thecal sac does not end near S1–S2: "
                             "the level labels may be shifted"))
-        penalties.append(0.3)
+        penalties.append(LABEL_DOUBT_PENALTY)
 
     # 7. per-body geometry and ROIs on the mid slice
     prof_disc = prof_t[np.isfinite(flat) & (flat <= thr)]
@@ -746,7 +525,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     for lv, (a0, b0, _inf) in labels.items():
         tc = round((a0 + b0) / 2)
         rows_b = detect[max(0, tc - 4): tc + 5]
-        ap = _nanmedian_rows(rows_b) if rows_b.size else np.full(len(ks), np.nan)
+        ap = nanmedian_rows(rows_b) if rows_b.size else np.full(len(ks), np.nan)
         ap = ndimage.uniform_filter1d(np.nan_to_num(ap, nan=0.0), 3)
         level_si = float(np.median(ap[k_wall + 2: k_wall + 12]))
         depth_mm: float | None = None
@@ -770,7 +549,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
             cut = (level_si + disc_level) / 2
             for f in (0.25, 0.5, 0.75):
                 col = detect_s[:, k_wall + round(f * dep)]
-                run_len = _run_around(col, tc, cut, int(0.9 * spacing))
+                run_len = run_around(col, tc, cut, int(0.9 * spacing))
                 if run_len is not None:
                     hs.append(run_len)
         heights[lv] = (hs[0], hs[1], hs[2]) if len(hs) == 3 else None
@@ -818,8 +597,22 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     if csf_level != "L3":
         flags.append(QcFlag("csf-not-at-l3", f"the CSF at L3 is obscured: measured at "
                             f"{csf_level}"))
-        penalties.append(0.1)
+        # VBQ's CSF is the thecal sac at L3: where it cannot be outlined there, the canal is
+        # narrow or unclear and the ROI found elsewhere needs a reviewer's look
+        penalties.append(LABEL_DOUBT_PENALTY)
 
+    from scoring.engine.vbq import roi_values  # local: vbq imports this module
+
+    marrow = [float(np.median(v)) for lv in ("L1", "L2", "L3", "L4")
+              if (v := roi_values(series.pixels[bodies[lv].roi.slice_index],
+                                  bodies[lv].roi)).size]
+    csf_v = roi_values(series.pixels[csf_roi.slice_index], csf_roi)
+    csf_si = float(np.median(csf_v)) if csf_v.size else 0.0
+    if marrow and (csf_si <= 0 or float(np.median(marrow)) > MAX_MARROW_TO_CSF * csf_si):
+        flags.append(QcFlag("csf-too-dark", f"the CSF ROI is more than {MAX_MARROW_TO_CSF:g} "
+                            "times darker than the marrow (VBQ is rarely above 5): it may lie "
+                            "on bone, ligament or air, not in the thecal sac"))
+        penalties.append(LABEL_DOUBT_PENALTY)
     confidence = float(max(0.0, 1.0 - sum(penalties)))
     path = [fr.to_original(float(y / fr.spacing[0]), float(x / fr.spacing[1]))
             for y, x in zip(py[sl][::5], px[sl][::5], strict=True)]
@@ -834,7 +627,7 @@ def _neighbour(level: str, step: int) -> str | None:
     return order[i] if 0 <= i < len(order) - 1 else None
 
 
-def _roi(fr: _Frame, py: np.ndarray, px: np.ndarray, ty: np.ndarray, tx: np.ndarray,
+def _roi(fr: Frame, py: np.ndarray, px: np.ndarray, ty: np.ndarray, tx: np.ndarray,
          ny: np.ndarray, nx: np.ndarray, t_c: float, k_c: float, half_t: float,
          half_k: float, slice_index: int) -> Roi:
     """A box along the local spine axis, in the original pixel frame."""
@@ -851,7 +644,7 @@ def _roi(fr: _Frame, py: np.ndarray, px: np.ndarray, ty: np.ndarray, tx: np.ndar
                angle)
 
 
-def _csf_roi(fr: _Frame, volume: PixelStack, straighten, py, px, ty, tx, ny, nx,  # type: ignore[no-untyped-def]
+def _csf_roi(fr: Frame, volume: PixelStack, straighten, py, px, ty, tx, ny, nx,  # type: ignore[no-untyped-def]
              a0: float, b0: float, k0: int, k_wall: int, mid: int, n_slices: int,
              series: Series) -> tuple[Roi, float, list[str]] | None:
     from scoring.engine.vbq import roi_values  # local: vbq imports this module
@@ -865,7 +658,7 @@ def _csf_roi(fr: _Frame, volume: PixelStack, straighten, py, px, ty, tx, ny, nx,
                 straighten(volume[s], 0.6)[r0:r1])
         if rows.size == 0:
             continue
-        prof = _nanmedian_rows(rows)
+        prof = nanmedian_rows(rows)
         if not np.isfinite(prof[k0 - 25: k_wall + 4]).all():
             continue
         lo_k = k0 - 25
@@ -881,17 +674,20 @@ def _csf_roi(fr: _Frame, volume: PixelStack, straighten, py, px, ty, tx, ny, nx,
         if wall <= trough * 1.05:
             continue
         inside = wide < trough + 0.5 * (wall - trough)
-        runs = [r for r in _runs(inside) if r[0] <= trough_i <= r[1]]
+        runs = [r for r in runs_of(inside) if r[0] <= trough_i <= r[1]]
         if not runs:
             continue
         lo_c, hi_c = runs[0][0] + 1.5, runs[0][1] - 1.5
         if hi_c - lo_c < 2:
             continue
-        # pure CSF: within 8 % of the canal's typical darkness (not cortex, cord or roots)
-        pure = np.abs(seg - trough) <= 0.08 * trough
+        # pure CSF: within 8 % of the canal's typical darkness (not cortex, cord or roots);
+        # where the CSF is nearly black (below a tenth of its walls) 8 % of it is below the
+        # noise, and a tenth of the way to the walls counts instead
+        tol = 0.08 * trough if trough >= 0.1 * wall else 0.1 * (wall - trough)
+        pure = np.abs(seg - trough) <= tol
         pure[: int(np.ceil(lo_c))] = False
         pure[int(np.floor(hi_c)) + 1:] = False
-        pruns = [r for r in _runs(pure) if r[1] - r[0] + 1 >= 2]
+        pruns = [r for r in runs_of(pure) if r[1] - r[0] + 1 >= 2]
         if not pruns:
             continue
         pr = min(pruns, key=lambda r: 0 if r[0] <= trough_i <= r[1] else

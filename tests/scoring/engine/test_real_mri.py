@@ -1,0 +1,101 @@
+"""The engine on REAL lumbar MRI (``../shared/mri``, or ``$VBQ_REAL_MRI_DIR``).
+
+The set is development material that is never copied into the repository: these tests read it
+in place and skip, with the reason, where it is absent (CI has it at ``../shared/mri`` relative
+to the clone). What they hold is what ``bench/vbq_real.py`` measures; the figures are in
+docs/engine.md.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scoring.engine.localize import localize
+from scoring.engine.realset import (
+    default_dir,
+    score_siegen,
+    score_spider,
+    siegen_folders,
+    spider_files,
+    spider_levels,
+    spider_spacing_mm,
+)
+from scoring.engine.vbq import compute_vbq
+
+ROOT = Path(__file__).resolve().parents[3]
+MRI = default_dir(ROOT)
+
+pytestmark = pytest.mark.skipif(not (MRI / "siegen").is_dir(),
+                                reason=f"the real MRI set is not at {MRI} (set VBQ_REAL_MRI_DIR)")
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return [score_siegen(f) for f in siegen_folders(MRI)] + [
+        score_spider(p) for p in spider_files(MRI)]
+
+
+def test_no_real_exam_or_person_comes_back_confident_with_a_wrong_level_or_csf(cases):
+    wrong = [c.name for c in cases if c.confident and not (c.levels_right and c.csf_ok)]
+    assert wrong == []
+
+
+def test_spider_levels_and_csf_hold_at_least_the_measured_figures(cases):
+    # floors at the figures of docs/engine.md (0.3.0: 13/41 and 15/41); the issue's targets
+    # (37/41, 39/41) are not reached yet
+    spider = [c for c in cases if c.kind == "spider"]
+    assert sum(c.levels_right for c in spider) >= 20
+    assert sum(bool(c.csf_ok) for c in spider) >= 28
+
+
+def test_t2_exams_are_refused_by_protocol_qc():
+    for exam in ("DzZ_T2", "F02"):
+        m = compute_vbq(sorted((MRI / "siegen" / exam / "dicom").glob("*.dcm")))
+        assert m.status == "failed"
+        assert "t2-like" in [f.code for f in m.qc_flags]
+
+
+def test_dzz_t1_localises_its_bodies_despite_bright_fat_below_the_column():
+    # the body/disc threshold used to be pulled above every body by the fat below the sacrum
+    # ("only 1 vertebral bodies were found")
+    from scoring.engine.dicom_io import read_series
+
+    series = read_series(sorted((MRI / "siegen" / "DzZ_T1" / "dicom").glob("*.dcm")))
+    loc = localize(series)
+    assert len(loc.bodies) >= 6
+
+
+def test_dzz_t1_vbq_is_within_ten_percent_of_the_hand_measured_reference(cases):
+    dzz = next(c for c in cases if c.name == "DzZ_T1")
+    assert dzz.vbq_error is not None
+    assert abs(dzz.vbq_error) <= 0.10
+
+
+def test_spider_levels_are_counted_up_from_the_lumbosacral_disc():
+    for path in spider_files(MRI)[:5]:
+        mask = np.load(path)["mask"]
+        levels = spider_levels(mask[3], spider_spacing_mm(mask))
+        rows = [np.nonzero(levels[lv])[0].mean() for lv in ("L1", "L2", "L3", "L4", "L5")]
+        assert rows == sorted(rows)  # L1 above L2 ... above L5
+        # L5 sits directly above the lowest disc
+        discs = np.nonzero(mask[3] == 2)[0]
+        assert rows[-1] < discs.max()
+
+
+def test_spider_pixel_spacing_from_the_anatomy_is_about_half_a_millimetre():
+    spacings = [spider_spacing_mm(np.load(p)["mask"]) for p in spider_files(MRI)]
+    assert min(spacings) >= 0.4
+    assert max(spacings) <= 0.7
+
+
+def test_the_benchmark_says_why_and_exits_zero_without_the_folder(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "vbq_real.py"),
+                          str(tmp_path / "absent")], capture_output=True, text=True, check=False,
+                         timeout=60)
+    assert out.returncode == 0
+    assert "no real MRI folder" in out.stdout
