@@ -19,10 +19,12 @@ from registry.reports.survival import CohortRow, ReportParams, vbq_group
 COUNT_KEYS = {
     "n", "events", "eligible", "treated", "patients", "patients_with_secondary_fracture",
     "tp", "fp", "fn", "tn", "resolved", "missing_vbq", "unknown_field_strength",
+    "cases", "controls", "excluded_short_followup", "treated_high_vbq", "ph_test_n",
 }
 # Lists of individual values that would re-identify in a small cohort; dropped when de-identified
 # (the figures are drawn from the identified data server-side and carry no identifiers).
-ROW_LEVEL_KEYS = {"days_to_fracture", "values", "means", "differences"}
+ROW_LEVEL_KEYS = {"days_to_fracture", "values", "means", "differences", "points",
+                  "points_time_days"}
 
 IDENTIFIED_COLUMNS = [
     "patient_id", "index_date", "age_years", "sex", "bmi", "care_team", "vbq_all_levels",
