@@ -603,8 +603,8 @@ def roc(rows: Sequence[CohortRow], params: ReportParams) -> Section:
     excluded = len(usable) - len(known)
     restriction = (
         f"Cases: secondary fracture within {horizon} days; controls: followed "
-        f"fracture-free for {horizon} days. {excluded} patient(s) censored earlier are "
-        "left out of this ROC."
+        f"fracture-free for {horizon} days. Patients censored earlier without a fracture "
+        "are left out of this ROC (their number: excluded_short_followup)."
     )
     data: dict[str, Any] = {"horizon_days": horizon, "n": len(known),
                             "excluded_short_followup": excluded, "time_dependent": {}}
