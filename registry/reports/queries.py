@@ -7,7 +7,8 @@ words, with its reference):
   and, by default (``as_recorded``), RECORDED in the registry by the end of C in the clinic's
   time zone (``created_at`` of procedures, fractures and therapy; ``opened_at`` /
   ``acknowledged_at`` / ``resolved_at`` of alerts; ``finished_at`` or ``queued_at`` of VBQ
-  results). A fact recorded later did not exist at C;
+  results, whose review counts only if ``reviewed_at`` is before the end of C). A fact
+  recorded later did not exist at C;
 - index procedure = first active vertebroplasty/kyphoplasty known at C;
 - current VBQ = latest usable result (succeeded or accepted, never rejected/failed/needs_review);
 - last contact = the later of the patient's recorded last contact and the latest fracture
@@ -142,16 +143,25 @@ def build_cohort(filters: CohortFilters | None = None) -> Cohort:
     last_fracture: dict = {}
     therapy: dict = {}
     alerts: list[AlertRow] = []
-    vbq_known = (
-        Q(finished_at__lt=known_before)
-        | Q(finished_at__isnull=True, queued_at__lt=known_before)
-    ) if f.as_recorded else Q()
-    for pid, all_levels, excluding, field in _fetch(
-        VbqResult.objects.filter(patient_q, vbq_known)
-        .filter(
+    if f.as_recorded:
+        # Finished by the cut-off, and usable as reviewed by then: accepted before it, or
+        # succeeded and not yet reviewed at it (a review after the cut-off had not happened).
+        reviewed_after = Q(reviewed_at__gte=known_before)
+        vbq_usable = (
+            Q(finished_at__lt=known_before)
+            | Q(finished_at__isnull=True, queued_at__lt=known_before)
+        ) & (
+            (Q(review_status=VbqResult.Review.ACCEPTED) & ~reviewed_after)
+            | Q(status=VbqResult.Status.SUCCEEDED, review_status=VbqResult.Review.PENDING)
+            | (Q(status=VbqResult.Status.SUCCEEDED) & reviewed_after)
+        )
+    else:
+        vbq_usable = (
             Q(review_status=VbqResult.Review.ACCEPTED)
             | Q(status=VbqResult.Status.SUCCEEDED, review_status=VbqResult.Review.PENDING)
         )
+    for pid, all_levels, excluding, field in _fetch(
+        VbqResult.objects.filter(patient_q, vbq_usable)
         .filter(COUNTED_STUDY)  # as the alerts count them: not a voided or misfiled study's
         .order_by("patient_id", "queued_at", "pk")
         .annotate(pid=_text_id())

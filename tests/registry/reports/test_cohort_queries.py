@@ -102,3 +102,23 @@ def test_an_alert_resolved_after_the_cut_off_is_open_at_it():
     alert = build_cohort(CohortFilters(cutoff=dt.date(2024, 6, 1))).alerts[0]
     assert alert.hours_to_acknowledge == pytest.approx(24.0)
     assert (alert.hours_to_resolve, alert.resolution_reason) == (None, "")
+
+
+def _vbq(patient, value, *, status="succeeded", review="pending", finished, reviewed=None,
+         version="h19-test"):
+    from scoring.models import VbqResult
+
+    return VbqResult.objects.create(
+        patient=patient, algorithm_version=version, source="imported", status=status,
+        review_status=review, vbq_all_levels=value, vbq_excluding_fractured=value,
+        finished_at=finished, reviewed_at=reviewed)
+
+
+def test_the_vbq_known_at_the_cut_off_is_the_one_finished_and_reviewed_by_then():
+    patient = _patient()
+    _vbq(patient, 2.5, finished=_at(dt.date(2024, 1, 5)), version="a")
+    # Needs review at the cut-off, accepted only afterwards: not usable at the cut-off.
+    _vbq(patient, 3.4, status="needs_review", review="accepted",
+         finished=_at(dt.date(2024, 2, 1)), reviewed=_at(dt.date(2024, 7, 1)), version="b")
+    assert _only_row(cutoff=dt.date(2024, 6, 1)).vbq_excluding_fractured == 2.5
+    assert _only_row(cutoff=dt.date(2024, 8, 1)).vbq_excluding_fractured == 3.4
