@@ -4,8 +4,8 @@ An unavailable section renders a placeholder figure carrying its message, so a p
 a broken image. Text stays text in SVG (readable, searchable, accessible). Every drawer takes
 ``deidentified`` and ``small_cell_min``: for the de-identified role a count from 1 to
 ``small_cell_min - 1`` is never drawn — numbers at risk and legend counts print as
-"<5", and a histogram bin holding such a count is drawn empty and labelled "<5" — as the
-page says ("counts below 5 suppressed").
+"<5", and the histogram's bins are coarsened until none holds such a count (a bin that still
+does is drawn empty and labelled "<5") — as the page says.
 """
 
 from __future__ import annotations
@@ -144,29 +144,34 @@ def roc_plot(section: Section, fmt: str = "svg", synthetic: bool = False, *,
 def days_histogram(section: Section, fmt: str = "svg", synthetic: bool = False, *,
                    deidentified: bool = False, small_cell_min: int = 5) -> bytes:
     """Days from the index procedure to the secondary fracture, in bins of
-    ``HISTOGRAM_BIN_DAYS``; de-identified, a bin with 1..small_cell_min-1 fractures is drawn
+    ``HISTOGRAM_BIN_DAYS``. De-identified, the bins are coarsened (90, then 180, then 365
+    days) until none holds 1..small_cell_min-1 fractures; a bin that still does is drawn
     empty and labelled "<5"."""
     days = section.data.get("days_to_fracture", []) if section.available else []
     if not days:
         return _placeholder(section.message or "No secondary fractures.", fmt, synthetic)
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    edges = np.arange(0, max(days) + HISTOGRAM_BIN_DAYS + 1, HISTOGRAM_BIN_DAYS)
-    counts, _ = np.histogram(days, bins=edges)
-    small = deidentified & (counts > 0) & (counts < small_cell_min)
+    for width in (HISTOGRAM_BIN_DAYS, 180, 365) if deidentified else (HISTOGRAM_BIN_DAYS,):
+        edges = np.arange(0, max(days) + width + 1, width)
+        counts, _ = np.histogram(days, bins=edges)
+        small = deidentified & (counts > 0) & (counts < small_cell_min)
+        if not small.any():
+            break
     heights = np.where(small, 0, counts)
-    ax.bar(edges[:-1], heights, width=HISTOGRAM_BIN_DAYS, align="edge", color="#0b5cad",
+    ax.bar(edges[:-1], heights, width=width, align="edge", color="#0b5cad",
            alpha=0.8, edgecolor="white")
+    ax.set_ylim(bottom=0, top=max(1, int(heights.max())) * 1.15)
+    ax.yaxis.get_major_locator().set_params(integer=True)
     for left, hidden in zip(edges[:-1], small, strict=True):
         if hidden:
-            ax.text(left + HISTOGRAM_BIN_DAYS / 2, 0, f"<{small_cell_min}", ha="center",
+            ax.text(left + width / 2, 0, f"<{small_cell_min}", ha="center",
                     va="bottom", fontsize=7, color="#9a3412")
     if deidentified and small.any():
         ax.set_title(f"Bins with 1–{small_cell_min - 1} fractures are suppressed (\"<"
                      f"{small_cell_min}\")", fontsize=8)
     cutoff = section.data.get("followup_days", 60)
     ax.axvline(cutoff, color="#b42318", linestyle="--", label=f"day {cutoff}")
-    ax.set_xlabel(f"Days from index procedure to secondary fracture ({HISTOGRAM_BIN_DAYS}-day "
-                  "bins)")
+    ax.set_xlabel(f"Days from index procedure to secondary fracture ({width}-day bins)")
     ax.set_ylabel("Patients")
     ax.legend(fontsize=8)
     _watermark(fig, synthetic)

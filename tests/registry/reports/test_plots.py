@@ -115,3 +115,14 @@ def test_the_schoenfeld_plot_states_the_test_and_its_verdict():
     section = build_report(_cohort(200)).sections["cox"]
     title = next(t for t in _texts(plots.schoenfeld_plot(section, "svg")) if "PH " in t)
     assert ("not rejected" in title) or ("violated" in title)
+
+
+def test_the_deidentified_histogram_coarsens_its_bins_before_suppressing():
+    # 3 + 3 fractures in two 90-day bins, 6 in one 180-day bin: coarsened, nothing hidden.
+    from registry.reports.survival import Section
+
+    section = Section(True, "", {"days_to_fracture": [10.0, 20.0, 30.0, 100.0, 110.0, 120.0],
+                                 "followup_days": 60})
+    svg = plots.days_histogram(section, "svg", deidentified=True, small_cell_min=5).decode()
+    assert "180-day bins" in svg
+    assert "&lt;5" not in svg
