@@ -21,6 +21,8 @@ COUNT_KEYS = {
     "tp", "fp", "fn", "tn", "resolved", "missing_vbq", "unknown_field_strength",
     "cases", "controls", "excluded_short_followup", "treated_high_vbq", "ph_test_n",
 }
+# Dicts whose every value is a count (time -> number at risk, site -> fractures).
+COUNT_MAPS = {"at_risk", "sites"}
 # Lists of individual values that would re-identify in a small cohort; dropped when de-identified
 # (the figures are drawn from the identified data server-side and carry no identifiers).
 ROW_LEVEL_KEYS = {"days_to_fracture", "values", "means", "differences", "points",
@@ -50,7 +52,7 @@ def suppress_small_cells(data: Any, minimum: int, path: str = "") -> tuple[Any, 
                 if str(k) in ROW_LEVEL_KEYS:
                     continue
                 child = f"{where}.{k}" if where else str(k)
-                if k == "at_risk" and isinstance(v, dict):
+                if k in COUNT_MAPS and isinstance(v, dict):
                     out[k] = {
                         t: (None if isinstance(c, int) and 0 < c < minimum else c)
                         for t, c in v.items()

@@ -237,3 +237,11 @@ def test_suppressed_counts_also_hide_the_percentage_next_to_them():
     out, where = suppress_small_cells(data, 5)
     assert out["windows"]["60"] == {"eligible": 33, "treated": None, "pct": None}
     assert where == ["windows.60.treated"]
+
+
+def test_fracture_counts_by_site_are_suppressed_for_the_deidentified_role():
+    from registry.reports.deid import suppress_small_cells
+
+    out, where = suppress_small_cells({"incidence": {"sites": {"hip": 2, "vertebral": 9}}}, 5)
+    assert out["incidence"]["sites"] == {"hip": None, "vertebral": 9}
+    assert where == ["incidence.sites"]
