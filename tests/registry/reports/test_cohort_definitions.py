@@ -147,7 +147,7 @@ def test_the_vectorised_ph_test_matches_lifelines_on_untied_times():
     from lifelines import CoxPHFitter
     from lifelines.statistics import proportional_hazard_test
 
-    from registry.reports.survival import ph_test_rank, scaled_schoenfeld
+    from registry.reports.ph_test import ph_test_rank, scaled_schoenfeld
 
     rng = np.random.default_rng(11)
     n = 400
