@@ -6,7 +6,8 @@
 #   Rscript scripts/recompute_report.R cohort.csv [threshold=3.0]
 #
 # Prints one "key value" line per figure. Conventions, the same as the report's
-# (docs/reports.md): Cox models use max(time, 0.5) days and Efron ties; the ROC keeps patients
+# (docs/reports.md): Cox models use max(time, 0.5) days and Efron ties, the PH test is
+# cox.zph(transform = "rank"); the ROC keeps patients
 # with a fracture within 730 days (cases) or followed fracture-free to 730 days (controls); the
 # cumulative/dynamic AUC weights cases by 1 / G(T_i), G the Kaplan-Meier estimate of the
 # censoring distribution with fractures taken before censorings at tied times and G read at
@@ -64,12 +65,16 @@ out("logrank.p", pchisq(lr$chisq, df = 1, lower.tail = FALSE))
 
 u$T <- pmax(u$time_days, 0.5)
 cox_out <- function(name, formula, data) {
-  fit <- coxph(formula, data = data, ties = "efron")
+  fit <- coxph(formula, data = data, ties = "efron", x = TRUE, model = TRUE)
   sc <- summary(fit)
   out(sprintf("cox.%s.hr", name), sc$conf.int[1, 1])
   out(sprintf("cox.%s.lo", name), sc$conf.int[1, 3])
   out(sprintf("cox.%s.hi", name), sc$conf.int[1, 4])
   out(sprintf("cox.%s.p", name), sc$coefficients[1, 5])
+  zph <- cox.zph(fit, transform = "rank")$table
+  for (term in setdiff(rownames(zph), "GLOBAL")) {
+    out(sprintf("ph.%s.%s", name, term), zph[term, "p"])
+  }
 }
 cox_out("group_unadjusted", Surv(T, event) ~ high, u)
 cox_out("continuous_unadjusted", Surv(T, event) ~ vbq_used, u)

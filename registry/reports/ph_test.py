@@ -1,9 +1,11 @@
 """The proportional-hazards check of a fitted Cox model. PURE: numpy and scipy only.
 
-Scaled Schoenfeld residuals (Efron ties) computed vectorised, the Grambsch–Therneau test with
-the rank of time (Grambsch & Therneau, Biometrika 1994;81:515–526), and the binned residuals
-the report plots. lifelines computes the same residuals in a per-row Python loop, which takes
-minutes at 100,000 patients; tests check the two agree on untied times.
+The test of R ``survival`` ≥ 3.0 ``cox.zph(transform = "rank")`` (Grambsch & Therneau,
+Biometrika 1994;81:515–526, with the exact information matrix of Therneau & Grambsch,
+*Modeling Survival Data*, Springer 2000), and the scaled Schoenfeld residuals (Efron ties) the
+report plots, computed vectorised: lifelines computes the residuals in a per-row Python loop,
+which takes minutes at 100,000 patients, and its test uses the 1994 approximation. Tests
+check the residuals against lifelines and the p-values against R.
 """
 
 from __future__ import annotations
@@ -47,18 +49,6 @@ def scaled_schoenfeld(x: np.ndarray, t: np.ndarray, e: np.ndarray, beta: np.ndar
     return t[e], float(e.sum()) * residuals @ variance
 
 
-def ph_test_rank(event_times: np.ndarray, scaled: np.ndarray,
-                 standard_errors: np.ndarray) -> list[float]:
-    """Grambsch–Therneau test per covariate with the rank of the event time (mid-ranks for
-    tied times, as R's ``cox.zph(transform = "rank")``): T = (Σ (g − ḡ) r*)² / (d · se² ·
-    Σ (g − ḡ)²), χ² with 1 df (lifelines' statistic). Returns the p-values."""
-    g = stats.rankdata(event_times)
-    g = g - g.mean()
-    denominator = len(g) * standard_errors**2 * float((g**2).sum())
-    statistic = (g[:, None] * scaled).sum(axis=0) ** 2 / denominator
-    return [float(p) for p in stats.chi2.sf(statistic, 1)]
-
-
 def schoenfeld_bins(times: np.ndarray, values: np.ndarray, term: str,
                      beta: float) -> dict[str, Any]:
     """β + scaled Schoenfeld residuals of ``term`` (R's convention: an estimate of β(t))
@@ -74,3 +64,63 @@ def schoenfeld_bins(times: np.ndarray, values: np.ndarray, term: str,
     pick = np.sort(rng.choice(len(times), size=min(500, len(times)), replace=False))
     return {"term": term, "log_hr": beta, "bins": bins,
             "points_time_days": times[pick].tolist(), "points": values[pick].tolist()}
+
+
+def ph_score_test(x: np.ndarray, t: np.ndarray, e: np.ndarray,
+                  beta: np.ndarray) -> list[float]:
+    """The proportional-hazards test of R ``survival`` ≥ 3.0 (``cox.zph(fit, transform =
+    "rank")``), per covariate: the score test, at the fitted β, for adding the term
+    g(t)·x_j to the Cox model (Efron ties), with g(t) the rank of t among all times (mid-ranks)
+    centred on its mean over the events. Unlike the 1994 approximation it uses the exact
+    information matrix of the extended model. Returns the χ² (1 df) p-values."""
+    d = x.shape[1]
+    g_all = stats.rankdata(t)
+    g_all = g_all - g_all[e].mean()
+    order = np.argsort(t, kind="mergesort")
+    t, e, x, g_all = t[order], e[order], x[order], g_all[order]
+    phi = np.exp(x @ beta)
+    outer = x[:, :, None] * x[:, None, :]
+    s0 = np.cumsum(phi[::-1])[::-1]
+    s1 = np.cumsum((phi[:, None] * x)[::-1], axis=0)[::-1]
+    s2 = np.cumsum((phi[:, None, None] * outer)[::-1], axis=0)[::-1]
+    times, first, group = np.unique(t, return_index=True, return_inverse=True)
+    ev = e.astype(float)
+    m = np.bincount(group, weights=ev, minlength=len(times))
+    keep = m > 0
+    d0 = np.bincount(group, weights=phi * ev, minlength=len(times))[keep]
+    d1 = np.zeros((len(times), d))
+    d2 = np.zeros((len(times), d, d))
+    xsum = np.zeros((len(times), d))
+    np.add.at(d1, group, (phi * ev)[:, None] * x)
+    np.add.at(d2, group, (phi * ev)[:, None, None] * outer)
+    np.add.at(xsum, group, ev[:, None] * x)
+    d1, d2, xsum = d1[keep], d2[keep], xsum[keep]
+    r0, r1, r2 = s0[first][keep], s1[first][keep], s2[first][keep]
+    g = g_all[first][keep]
+    m = m[keep]
+    mean_sum = np.zeros_like(r1)
+    var_sum = np.zeros_like(r2)
+    for level in range(int(m.max()) if len(m) else 0):
+        rows = m > level
+        share = level / m[rows]
+        a0 = r0[rows] - share * d0[rows]
+        a1 = (r1[rows] - share[:, None] * d1[rows]) / a0[:, None]
+        a2 = (r2[rows] - share[:, None, None] * d2[rows]) / a0[:, None, None]
+        mean_sum[rows] += a1
+        var_sum[rows] += a2 - a1[:, :, None] * a1[:, None, :]
+    score_g = (g[:, None] * (xsum - mean_sum)).sum(axis=0)
+    i_bb = var_sum.sum(axis=0)
+    i_bg = (g[:, None, None] * var_sum).sum(axis=0)
+    i_gg = ((g**2)[:, None, None] * var_sum).sum(axis=0)
+    p_values = []
+    for j in range(d):
+        info = np.zeros((d + 1, d + 1))
+        info[:d, :d] = i_bb
+        info[:d, d] = i_bg[:, j]
+        info[d, :d] = i_bg[j, :]
+        info[d, d] = i_gg[j, j]
+        u = np.zeros(d + 1)
+        u[d] = score_g[j]
+        statistic = float(u @ np.linalg.solve(info, u))
+        p_values.append(float(stats.chi2.sf(statistic, 1)))
+    return p_values

@@ -14,9 +14,9 @@ gives each definition in words, with its reference):
 - Kaplan–Meier by group with Greenwood / exponential-log-log 95 % CI (lifelines), numbers at
   risk, log-rank test.
 - Cox proportional hazards (lifelines): VBQ group and VBQ continuous, unadjusted and adjusted for
-  age, sex and BMI (complete cases), with the Grambsch–Therneau test on scaled Schoenfeld
-  residuals (rank time transform) on every patient of the model, worded "not rejected" /
-  "violated", and the residuals (binned) for the plot.
+  age, sex and BMI (complete cases), with the proportional-hazards test of R survival's
+  ``cox.zph`` (rank of time; ``registry.reports.ph_test``) on every patient of the model,
+  worded "not rejected" / "violated", and the scaled Schoenfeld residuals (binned) for the plot.
 - ROC of VBQ for a secondary fracture within ``ROC_HORIZON_DAYS``: only patients with a
   fracture within the horizon (cases) or followed fracture-free to it (controls); AUC with the
   DeLong 95 % CI (fast midrank algorithm of Sun & Xu 2014), Youden-optimal threshold,
@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from registry.reports.ph_test import ph_test_rank, scaled_schoenfeld, schoenfeld_bins
+from registry.reports.ph_test import ph_score_test, scaled_schoenfeld, schoenfeld_bins
 
 HIGH = "high"
 NORMAL = "normal"
@@ -391,23 +391,21 @@ def _cox_fit(df: Any, covariates: list[str]) -> dict[str, Any]:
             ],
             "p": float(summary.loc[name, "p"]),
         }
-    # Grambsch–Therneau test on every row of the model (no subsample).
-    ph_df = df[[*covariates, "T", "E"]]
-    event_times, scaled = scaled_schoenfeld(
-        ph_df[covariates].to_numpy(dtype=float), ph_df["T"].to_numpy(dtype=float),
-        ph_df["E"].to_numpy(dtype=bool), cph.params_[covariates].to_numpy(dtype=float),
-        cph.variance_matrix_.loc[covariates, covariates].to_numpy(dtype=float),
-    )
-    out["ph_test_n"] = len(ph_df)
-    out["ph_test"] = dict(zip(covariates, ph_test_rank(
-        event_times, scaled, cph.standard_errors_[covariates].to_numpy(dtype=float)
-    ), strict=True))
+    # Proportional-hazards test on every row of the model (no subsample), as R's cox.zph.
+    x = df[covariates].to_numpy(dtype=float)
+    t = df["T"].to_numpy(dtype=float)
+    e = df["E"].to_numpy(dtype=bool)
+    beta = cph.params_[covariates].to_numpy(dtype=float)
+    out["ph_test_n"] = len(df)
+    out["ph_test"] = dict(zip(covariates, ph_score_test(x, t, e, beta), strict=True))
     out["ph_ok"] = all(p >= 0.05 for p in out["ph_test"].values())
     out["ph_verdict"] = {
         name: "not rejected" if p >= 0.05 else "violated" for name, p in out["ph_test"].items()
     }
-    beta = float(cph.params_[covariates[0]])
-    out["schoenfeld"] = schoenfeld_bins(event_times, scaled[:, 0] + beta, covariates[0], beta)
+    event_times, scaled = scaled_schoenfeld(
+        x, t, e, beta, cph.variance_matrix_.loc[covariates, covariates].to_numpy(dtype=float))
+    out["schoenfeld"] = schoenfeld_bins(event_times, scaled[:, 0] + beta[0], covariates[0],
+                                        float(beta[0]))
     return out
 
 

@@ -71,6 +71,9 @@ def _python_figures(report):
         t = s["cox"]["models"][name]["terms"][term]
         f.update({f"cox.{name}.hr": t["hr"], f"cox.{name}.lo": t["ci95"][0],
                   f"cox.{name}.hi": t["ci95"][1], f"cox.{name}.p": t["p"]})
+        r_names = {"vbq_high": "high", "vbq": "vbq_used", "age": "age_years"}
+        for covariate, p in s["cox"]["models"][name]["ph_test"].items():
+            f[f"ph.{name}.{r_names.get(covariate, covariate)}"] = p
     roc = s["roc"]
     f.update({"roc.n": roc["n"], "roc.auc": roc["auc"], "roc.lo": roc["ci95"][0],
               "roc.hi": roc["ci95"][1], "roc.sensitivity": roc["at_threshold"]["sensitivity"],
