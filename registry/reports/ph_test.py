@@ -72,7 +72,8 @@ def ph_score_test(x: np.ndarray, t: np.ndarray, e: np.ndarray,
     "rank")``), per covariate: the score test, at the fitted β, for adding the term
     g(t)·x_j to the Cox model (Efron ties), with g(t) the rank of t among all times (mid-ranks)
     centred on its mean over the events. Unlike the 1994 approximation it uses the exact
-    information matrix of the extended model. Returns the χ² (1 df) p-values."""
+    information matrix of the extended model. Returns the χ² (1 df) p-values (NaN where the
+    information matrix is singular)."""
     d = x.shape[1]
     g_all = stats.rankdata(t)
     g_all = g_all - g_all[e].mean()
@@ -121,6 +122,10 @@ def ph_score_test(x: np.ndarray, t: np.ndarray, e: np.ndarray,
         info[d, d] = i_gg[j, j]
         u = np.zeros(d + 1)
         u[d] = score_g[j]
-        statistic = float(u @ np.linalg.solve(info, u))
+        try:
+            statistic = float(u @ np.linalg.solve(info, u))
+        except np.linalg.LinAlgError:  # singular information: no test for this covariate
+            p_values.append(float("nan"))
+            continue
         p_values.append(float(stats.chi2.sf(statistic, 1)))
     return p_values

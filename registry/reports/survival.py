@@ -400,7 +400,9 @@ def _cox_fit(df: Any, covariates: list[str]) -> dict[str, Any]:
     out["ph_test"] = dict(zip(covariates, ph_score_test(x, t, e, beta), strict=True))
     out["ph_ok"] = all(p >= 0.05 for p in out["ph_test"].values())
     out["ph_verdict"] = {
-        name: "not rejected" if p >= 0.05 else "violated" for name, p in out["ph_test"].items()
+        name: "not computable" if not math.isfinite(p) else
+        "not rejected" if p >= 0.05 else "violated"
+        for name, p in out["ph_test"].items()
     }
     event_times, scaled = scaled_schoenfeld(
         x, t, e, beta, cph.variance_matrix_.loc[covariates, covariates].to_numpy(dtype=float))
