@@ -23,6 +23,7 @@ Sources (verify against your local terminology release before go-live):
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 CPT = "http://www.ama-assn.org/go/cpt"
@@ -95,25 +96,36 @@ _SNOMED_FRACTURES: dict[str, str] = {
     "7346004": "pelvis",  # Fracture of pelvis
 }
 
-# ICD-10-CM vertebral codes with a level in the 5th/6th character (S22.0x thoracic, S32.0x
-# lumbar): S22.01 T1-T2, S22.02 T3-T4, S22.03 T5-T6, S22.04 T7-T8, S22.05 T9-T10,
-# S22.06 T11-T12, S32.01 L1 ... S32.05 L5. Paired thoracic codes name the upper level.
-_ICD10_LEVELS: dict[str, str] = {
-    "S22.01": "T1", "S22.02": "T3", "S22.03": "T5", "S22.04": "T7", "S22.05": "T9",
-    "S22.06": "T11", "S32.01": "L1", "S32.02": "L2", "S32.03": "L3", "S32.04": "L4",
-    "S32.05": "L5",
+# ICD-10-CM (FY2025 tabular, S22.0- "Fracture of thoracic vertebra", S32.0- "Fracture of lumbar
+# vertebra"): the 5th character names the vertebra, the 6th the fracture type (0 wedge
+# compression, 1 stable burst, 2 unstable burst, 8 other, 9 unspecified fracture OF THAT
+# vertebra), the 7th the encounter (A/B initial, D/G/K subsequent, S sequela). Neither the 6th
+# nor the 7th changes the level. S22.00- / S32.00- ("unspecified thoracic / lumbar vertebra")
+# name no level. S22.05–S22.08 name a PAIR of vertebrae: the code alone gives only the set of
+# possible levels (see ``resolve_fracture_level``). Table documented in docs/reports.md.
+_ICD10_LEVELS: dict[str, tuple[str, ...]] = {
+    "S22.01": ("T1",), "S22.02": ("T2",), "S22.03": ("T3",), "S22.04": ("T4",),
+    "S22.05": ("T5", "T6"), "S22.06": ("T7", "T8"), "S22.07": ("T9", "T10"),
+    "S22.08": ("T11", "T12"),
+    "S32.01": ("L1",), "S32.02": ("L2",), "S32.03": ("L3",), "S32.04": ("L4",),
+    "S32.05": ("L5",),
 }  # fmt: skip
+
+
+def _icd10_dotted(code: str) -> str:
+    code = code.strip().upper()
+    if "." not in code and len(code) > 3:
+        code = code[:3] + "." + code[3:]
+    return code
 
 
 def fracture_site(system: str, code: str) -> str | None:
     """Return the fracture site for a fragility-fracture code, or ``None`` if not one."""
-    code = code.strip().upper() if system == ICD10CM else code.strip()
+    code = _icd10_dotted(code) if system == ICD10CM else code.strip()
     if system == SNOMED:
         return _SNOMED_FRACTURES.get(code)
     if system != ICD10CM:
         return None
-    if "." not in code and len(code) > 3:
-        code = code[:3] + "." + code[3:]
     for length in range(len(code), 2, -1):
         site = _ICD10_FRACTURE_PREFIXES.get(code[:length])
         if site:
@@ -121,12 +133,39 @@ def fracture_site(system: str, code: str) -> str | None:
     return None
 
 
-def fracture_level_from_code(system: str, code: str) -> str | None:
-    """Return the vertebral level encoded in an ICD-10-CM code, if it encodes one."""
+def fracture_levels_from_code(system: str, code: str) -> tuple[str, ...]:
+    """The vertebral levels an ICD-10-CM code allows: one level (S22.01–S22.04, S32.01–S32.05),
+    a pair (S22.05–S22.08, e.g. ``("T11", "T12")``), or ``()`` when the code names no level."""
     if system != ICD10CM:
-        return None
-    code = code.strip().upper()
-    return _ICD10_LEVELS.get(code[:6])
+        return ()
+    return _ICD10_LEVELS.get(_icd10_dotted(code)[:6], ())
+
+
+def fracture_level_from_code(system: str, code: str) -> str | None:
+    """The single vertebral level an ICD-10-CM code names, or ``None`` (no level, or a pair
+    of vertebrae such as S22.08 T11–T12, which names no single level)."""
+    levels = fracture_levels_from_code(system, code)
+    return levels[0] if len(levels) == 1 else None
+
+
+def resolve_fracture_level(system: str, code: str, body_site_levels: Sequence[str],
+                           other_text_levels: Sequence[str] = ()) -> str:
+    """The one vertebral level to record for a vertebral fracture, or ``""`` when unknown.
+
+    - The code names one level: that level (a body site naming another level does not
+      override the classification).
+    - The code names a pair (S22.05–S22.08): the body site's level when it names exactly one
+      level of the pair; otherwise ``""`` (the level is not known, only that it is one of two).
+    - The code names no level (M80.08-, M48.5-, S22.00-, SNOMED CT): the first level in the
+      body site, else in ``other_text_levels`` (e.g. the coding's display text), else ``""``.
+    """
+    allowed = fracture_levels_from_code(system, code)
+    if len(allowed) == 1:
+        return allowed[0]
+    if allowed:
+        inside = [lv for lv in dict.fromkeys(body_site_levels) if lv in allowed]
+        return inside[0] if len(inside) == 1 else ""
+    return next(iter([*body_site_levels, *other_text_levels]), "")
 
 
 @dataclass(frozen=True)

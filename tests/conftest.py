@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,6 +32,21 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             _missing("this test needs PostgreSQL (set DATABASE_URL=postgres://...)")
     if item.get_closest_marker("redis") and not os.environ.get("REDIS_URL"):
         _missing("this test needs Redis (set REDIS_URL=redis://...)")
+    if item.get_closest_marker("rscript") and not _r_packages_present():
+        _missing("this test needs Rscript with the R packages survival and pROC "
+                 "(Debian: r-base-core r-cran-survival r-cran-proc)")
+
+
+@functools.cache
+def _r_packages_present() -> bool:
+    if shutil.which("Rscript") is None:
+        return False
+    check = subprocess.run(
+        ["Rscript", "-e", "quit(status = !all(sapply(c('survival', 'pROC'), "
+         "requireNamespace, quietly = TRUE)))"],
+        capture_output=True, timeout=60, check=False,
+    )
+    return check.returncode == 0
 
 
 def _service_up(host: str, port: int) -> bool:

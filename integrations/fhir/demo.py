@@ -14,7 +14,9 @@ from registry.demo import SYNTHETIC_MRN_SYSTEM, SYNTHETIC_SOURCE_SYSTEM, DemoPat
 SYNTHETIC_TAG = {"system": "urn:vbq-registry:test", "code": "SYNTHETIC"}
 ICD10_BY_SITE = {"hip": "S72.001A", "wrist": "S52.501A", "humerus": "S42.201A",
                  "pelvis": "S32.401A", "rib": "S22.31XA"}
-ICD10_VERTEBRAL = {"T11": "S22.060A", "T12": "S22.060A", "L1": "S32.010A", "L2": "S32.020A",
+# ICD-10-CM S22.08- is "fracture of T11–T12 vertebra" (one code for the pair): the Condition's
+# bodySite names which of the two (registry.codes.resolve_fracture_level).
+ICD10_VERTEBRAL = {"T11": "S22.080A", "T12": "S22.080A", "L1": "S32.010A", "L2": "S32.020A",
                    "L3": "S32.030A", "L4": "S32.040A"}
 ROUTE = {"oral": ("26643006", "Oral route"), "iv": ("47625008", "Intravenous route"),
          "sc": ("34206005", "Subcutaneous route")}

@@ -448,8 +448,8 @@ def _record_fracture(resource_type: str, resource: Any, ctx: Context, codings: l
     site = codes.fracture_site(coding[0], coding[1]) or "other"
     level = ""
     if site == "vertebral":
-        level = codes.fracture_level_from_code(coding[0], coding[1]) or next(
-            iter(_levels(*body_texts, coding[2])), "")
+        level = codes.resolve_fracture_level(coding[0], coding[1], _levels(*body_texts),
+                                             _levels(coding[2]))
     return _write(ctx, resource_type, "fracture", {
         "patient": patient, "site": site, "vertebral_level": level,
         "diagnosed_at": _moment(when, when_path), "code_system": coding[0], "code": coding[1],

@@ -1,15 +1,27 @@
 """Build the report cohort from the registry: a handful of flat queries, no per-patient queries.
 
 The cost is one pass over each table restricted to the filtered patients (values_list streams
-tuples; no model instances), then pure Python joins. Rules:
-- index procedure = first active vertebroplasty/kyphoplasty;
+tuples; no model instances), then pure Python joins. Rules (docs/reports.md states each in
+words, with its reference):
+- as-of: a report is computed as of its cut-off date C using only facts DATED on or before C
+  and, by default (``as_recorded``), RECORDED in the registry by the end of C in the clinic's
+  time zone (``created_at`` of procedures, fractures and therapy; ``opened_at`` /
+  ``acknowledged_at`` / ``resolved_at`` of alerts; ``finished_at`` or ``queued_at`` of VBQ
+  results, whose review counts only if ``reviewed_at`` is before the end of C). A fact
+  recorded later did not exist at C;
+- index procedure = first active vertebroplasty/kyphoplasty known at C;
 - current VBQ = latest usable result (succeeded or accepted, never rejected/failed/needs_review);
+- last contact = the later of the patient's recorded last contact and the latest fracture
+  diagnosis (a fracture encounter is a contact), both on or before C;
 - event = first active fracture diagnosed after the index date that is not the index fracture
-  (a vertebral fracture at a treated level), on or before the censoring date;
-- censoring = earliest of death, last contact and the data cut-off (cut-off when no last
-  contact is recorded);
-- therapy start = first active, not declined/cancelled exposure on or after the index date, or
-  an exposure started before the index that was still running on the index date (day 0).
+  (a vertebral fracture at a treated level; a fracture with no single known level is never
+  taken for the index fracture), on or before the censoring date;
+- censoring = earliest of death, last contact and C (C when no contact is recorded);
+- observation end (``followup_days``) = the censoring date ignoring fractures: the KPI
+  denominators and follow-up use it, so a patient stays in them after a fracture;
+- therapy start = first active, not declined/cancelled exposure started on or after the index
+  date and on or before C, or an exposure started before the index that was still running on
+  the index date (day 0).
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ from registry.models import (
 )
 from registry.reports.survival import AlertRow, CohortRow
 from registry.sweep import COUNTED_STUDY
-from registry.timeutil import clinic_today
+from registry.timeutil import clinic_today, start_of_clinic_day
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,9 @@ class CohortFilters:
     age_min: int | None = None
     age_max: int | None = None
     cutoff: dt.date | None = None
+    # Only facts recorded in the registry by the end of the cut-off day (what was known then).
+    # False: facts dated by the cut-off, whenever they were recorded (late data included).
+    as_recorded: bool = True
 
 
 def _text_id(field: str = "patient_id") -> Cast:
@@ -77,8 +92,13 @@ def build_cohort(filters: CohortFilters | None = None) -> Cohort:
 
     f = filters or CohortFilters()
     cutoff = f.cutoff or clinic_today()
+    # A fact is known at the cut-off when it is dated by then and (as_recorded) was written
+    # before the next clinic day began.
+    known_before = start_of_clinic_day(cutoff + dt.timedelta(days=1))
+    recorded = Q(created_at__lt=known_before) if f.as_recorded else Q()
     proc_qs = Procedure.objects.filter(
-        record_status=RecordStatus.ACTIVE, patient__merged_into__isnull=True
+        recorded, record_status=RecordStatus.ACTIVE, patient__merged_into__isnull=True,
+        performed_on__lte=cutoff,
     )
     if f.care_team:
         proc_qs = proc_qs.filter(patient__care_team=f.care_team)
@@ -95,7 +115,6 @@ def build_cohort(filters: CohortFilters | None = None) -> Cohort:
         pid: v for pid, v in index.items()
         if (f.index_from is None or v[0] >= f.index_from)
         and (f.index_to is None or v[0] <= f.index_to)
-        and v[0] <= cutoff
     }
     ids = list(index)
     # Each table is read once with the same patient-level filters applied through a join (no
@@ -121,14 +140,28 @@ def build_cohort(filters: CohortFilters | None = None) -> Cohort:
             synthetic = synthetic and row[7]
     vbq: dict = {}
     fractures: dict = {}
+    last_fracture: dict = {}
     therapy: dict = {}
     alerts: list[AlertRow] = []
-    for pid, all_levels, excluding, field in _fetch(
-        VbqResult.objects.filter(patient_q)
-        .filter(
+    if f.as_recorded:
+        # Finished by the cut-off, and usable as reviewed by then: accepted before it, or
+        # succeeded and not yet reviewed at it (a review after the cut-off had not happened).
+        reviewed_after = Q(reviewed_at__gte=known_before)
+        vbq_usable = (
+            Q(finished_at__lt=known_before)
+            | Q(finished_at__isnull=True, queued_at__lt=known_before)
+        ) & (
+            (Q(review_status=VbqResult.Review.ACCEPTED) & ~reviewed_after)
+            | Q(status=VbqResult.Status.SUCCEEDED, review_status=VbqResult.Review.PENDING)
+            | (Q(status=VbqResult.Status.SUCCEEDED) & reviewed_after)
+        )
+    else:
+        vbq_usable = (
             Q(review_status=VbqResult.Review.ACCEPTED)
             | Q(status=VbqResult.Status.SUCCEEDED, review_status=VbqResult.Review.PENDING)
         )
+    for pid, all_levels, excluding, field in _fetch(
+        VbqResult.objects.filter(patient_q, vbq_usable)
         .filter(COUNTED_STUDY)  # as the alerts count them: not a voided or misfiled study's
         .order_by("patient_id", "queued_at", "pk")
         .annotate(pid=_text_id())
@@ -138,20 +171,25 @@ def build_cohort(filters: CohortFilters | None = None) -> Cohort:
     ):
         vbq[pid] = (all_levels, excluding, field)  # later rows win: latest result
     for pid, day, site, level in _fetch(
-        Fracture.objects.filter(patient_q, record_status=RecordStatus.ACTIVE)
+        Fracture.objects.filter(patient_q, recorded, record_status=RecordStatus.ACTIVE,
+                                diagnosed_on__lte=cutoff)
         .order_by("patient_id", "diagnosed_on", "pk")
         .annotate(pid=_text_id())
         .values_list("pid", "diagnosed_on", "site", "vertebral_level")
 
     ):
-        if pid in fractures or pid not in index:
+        if pid not in index:
+            continue
+        last_fracture[pid] = day  # rows are in date order: the last one is the latest contact
+        if pid in fractures:
             continue
         index_day, treated = index[pid]
         if day <= index_day or (site == "vertebral" and level and level in treated):
             continue
-        fractures[pid] = (day, site)
+        fractures[pid] = (day, site, level)
     for pid, start, end in _fetch(
-        TherapyExposure.objects.filter(patient_q, record_status=RecordStatus.ACTIVE)
+        TherapyExposure.objects.filter(patient_q, recorded, record_status=RecordStatus.ACTIVE,
+                                       start_on__lte=cutoff)
         .exclude(status__in=[ExposureStatus.DECLINED, ExposureStatus.CANCELLED])
         .order_by("patient_id", "start_on", "pk")
         .annotate(pid=_text_id())
@@ -165,12 +203,17 @@ def build_cohort(filters: CohortFilters | None = None) -> Cohort:
             therapy[pid] = (start - index_day).days
         elif end is None or end >= index_day:
             therapy[pid] = 0
-    alert_qs = Alert.objects.filter(patient_q).annotate(pid=_text_id())
+    alert_qs = Alert.objects.filter(patient_q, opened_at__lt=known_before).annotate(
+        pid=_text_id())
     for pid, rule_id, opened, acked, resolved, reason in _fetch(alert_qs.values_list(
         "pid", "rule_id", "opened_at", "acknowledged_at", "resolved_at", "resolution_reason"
     )):
         if pid not in index:
             continue
+        # What happened to the alert after the cut-off had not happened yet.
+        acked = acked if acked is not None and acked < known_before else None
+        if resolved is None or resolved >= known_before:
+            resolved, reason = None, ""
         alerts.append(
             AlertRow(
                 rule_id=rule_id,
@@ -191,6 +234,10 @@ def build_cohort(filters: CohortFilters | None = None) -> Cohort:
             continue
         if f.age_max is not None and (age is None or age >= f.age_max):
             continue
+        # A fracture encounter is a contact: it extends a recorded last contact.
+        seen = last_fracture.get(pid)
+        if last_contact and seen and seen > last_contact:
+            last_contact = seen
         censor_day, reason = cutoff, "cutoff"
         if last_contact and last_contact < censor_day:
             censor_day, reason = last_contact, "last_contact"
@@ -213,6 +260,7 @@ def build_cohort(filters: CohortFilters | None = None) -> Cohort:
                 field_strength_t=v[2],
                 event=event,
                 time_days=float((end_day - index_day).days),
+                followup_days=float((censor_day - index_day).days),
                 censor_reason="fracture" if event else reason,
                 fracture_site=fx[1] if event and fx else None,
                 therapy_start_days=therapy.get(pid),

@@ -5,20 +5,29 @@ hand in tests) and optional ``AlertRow``s; output: a ``Report`` of ``Section``s.
 degrades gracefully: an empty cohort, a single VBQ group, no events, all censored or missing VBQ
 give ``Section(available=False, message=...)`` instead of raising, so a page never fails.
 
-Methods (reproducing Kadri et al. 2025 and standard fracture-liaison KPIs):
-- Table 1 by VBQ group: Welch t-test for continuous variables; chi-square for sex, or Fisher's
-  exact test when an expected count is < 5.
+Methods (reproducing Kadri et al. 2025 and standard fracture-liaison KPIs; docs/reports.md
+gives each definition in words, with its reference):
+- Table 1 by VBQ group: age mean (SD) and median (IQR), Welch t-test; BMI median (IQR),
+  Mann–Whitney U; follow-up median (IQR) by reverse Kaplan–Meier (Schemper & Smith 1996);
+  chi-square for sex, or Fisher's exact test when an expected count is < 5.
 - Incidence: events / person-years ×100 with an exact Poisson 95 % CI (chi-square quantiles).
 - Kaplan–Meier by group with Greenwood / exponential-log-log 95 % CI (lifelines), numbers at
   risk, log-rank test.
 - Cox proportional hazards (lifelines): VBQ group and VBQ continuous, unadjusted and adjusted for
-  age, sex and BMI (complete cases), with the Schoenfeld-residual proportional-hazards test.
-- ROC of VBQ for secondary fracture: AUC with the DeLong 95 % CI (fast midrank algorithm of Sun
-  & Xu 2014), Youden-optimal threshold, sensitivity / specificity / PPV / NPV at the configured
-  threshold, cumulative/dynamic AUC at 1 and 2 years.
+  age, sex and BMI (complete cases), with the proportional-hazards test of R survival's
+  ``cox.zph`` (rank of time; ``registry.reports.ph_test``) on every patient of the model,
+  worded "not rejected" / "violated", and the scaled Schoenfeld residuals (binned) for the plot.
+- ROC of VBQ for a secondary fracture within ``ROC_HORIZON_DAYS``: only patients with a
+  fracture within the horizon (cases) or followed fracture-free to it (controls); AUC with the
+  DeLong 95 % CI (fast midrank algorithm of Sun & Xu 2014), Youden-optimal threshold,
+  sensitivity / specificity / PPV / NPV at the configured threshold. Cumulative/dynamic AUC at
+  1 and 2 years on every patient with inverse-probability-of-censoring weights (Uno et al.
+  2007; scikit-survival ``cumulative_dynamic_auc``).
 - VBQ including vs excluding fractured levels: paired t-test, Wilcoxon signed-rank, Bland–Altman.
 - Service KPIs: % of high-VBQ patients on therapy by day 60 (this registry's rule), 112 (16 weeks,
-  UK FLS-DB), 180 (HEDIS OMW) and 365; median days to therapy; alert response times.
+  UK FLS-DB), 180 (HEDIS OMW) and 365, among those alive and followed to that day whether or
+  not they fractured (numerator / denominator given); median days to therapy among treated
+  high-VBQ patients; alert response times.
 """
 
 from __future__ import annotations
@@ -33,17 +42,33 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from registry.reports.ph_test import ph_score_test, scaled_schoenfeld, schoenfeld_bins
+
 HIGH = "high"
 NORMAL = "normal"
 KPI_WINDOWS_DAYS = (60, 112, 180, 365)
 AT_RISK_TIMES_DAYS = (0, 90, 180, 365, 730, 1095)
-PH_TEST_MAX_ROWS = 5000
+ROC_HORIZON_DAYS = 730
+TIME_DEPENDENT_AUC_DAYS = (365, 730)
+DAYS_PER_MONTH = 30.4375
+
+
+def format_p(p: float | None) -> str:
+    """A p-value as a reader should see it: ``"< 0.001"`` below 0.001 (never ``"0.000"``),
+    otherwise three decimals; ``"—"`` when there is none."""
+    if p is None or not math.isfinite(p):
+        return "—"
+    if p < 0.001:
+        return "< 0.001"
+    return f"{p:.3f}"
 
 
 @dataclass(frozen=True)
 class CohortRow:
     """One patient of the report cohort. ``time_days``: index procedure to first secondary
-    fracture (``event``) or censoring (death, last contact or data cut-off)."""
+    fracture (``event``) or censoring (death, last contact or data cut-off).
+    ``followup_days``: index procedure to the end of observation (death, last contact or
+    cut-off) whether or not the patient fractured; ``None`` means ``time_days``."""
 
     patient_key: str
     index_date: dt.date
@@ -59,6 +84,12 @@ class CohortRow:
     fracture_site: str | None = None
     therapy_start_days: float | None = None
     care_team: str = ""
+    followup_days: float | None = None
+
+    @property
+    def observed_days(self) -> float:
+        """Days the patient was observed, a fracture notwithstanding (KPI denominators)."""
+        return self.time_days if self.followup_days is None else self.followup_days
 
 
 @dataclass(frozen=True)
@@ -125,14 +156,42 @@ def vbq_group(row: CohortRow, params: ReportParams) -> str | None:
 
 
 def _mean_sd(values: Sequence[float]) -> dict[str, float | int | None]:
+    """n, mean, SD, median and quartiles (numpy's linear interpolation, R's type 7)."""
     arr = np.asarray([v for v in values if v is not None], dtype=float)
     if arr.size == 0:
-        return {"n": 0, "mean": None, "sd": None}
+        return {"n": 0, "mean": None, "sd": None, "median": None, "q1": None, "q3": None}
+    q1, median, q3 = np.percentile(arr, [25, 50, 75])
     return {
         "n": int(arr.size),
         "mean": float(arr.mean()),
         "sd": float(arr.std(ddof=1)) if arr.size > 1 else None,
+        "median": float(median), "q1": float(q1), "q3": float(q3),
     }
+
+
+def reverse_km_followup(rows: Sequence[CohortRow]) -> dict[str, float | int | None]:
+    """Median (IQR) follow-up in months by reverse Kaplan–Meier (Schemper & Smith 1996): the
+    Kaplan–Meier estimate of the time to censoring, a fracture counting as censored. Unlike
+    the mean time to event or censoring, it does not shorten a group for having more events.
+    A quartile the curve never reaches is ``None``."""
+    from lifelines import KaplanMeierFitter
+
+    if not rows:
+        return {"n": 0, "median": None, "q1": None, "q3": None}
+    t = np.array([r.time_days for r in rows], dtype=float)
+    censored = np.array([not r.event for r in rows], dtype=bool)
+    if not censored.any():
+        return {"n": len(rows), "median": None, "q1": None, "q3": None}
+    kmf = KaplanMeierFitter().fit(t, censored)
+
+    def quantile(p: float) -> float | None:
+        # First time the reverse-KM curve is at or below 1 - p (lifelines' and R's rule when
+        # no plateau sits exactly on 1 - p).
+        value = float(kmf.percentile(1.0 - p))
+        return value / DAYS_PER_MONTH if math.isfinite(value) else None
+
+    return {"n": len(rows), "median": quantile(0.5), "q1": quantile(0.25),
+            "q3": quantile(0.75)}
 
 
 def _safe(fn: Any, *args: Any, **kwargs: Any) -> Section:
@@ -161,25 +220,27 @@ def table1(rows: Sequence[CohortRow], params: ReportParams) -> Section:
             "n": len(rs),
             "age_years": _mean_sd([r.age_years for r in rs if r.age_years is not None]),
             "bmi": _mean_sd([r.bmi for r in rs if r.bmi is not None]),
-            "followup_months": _mean_sd([r.time_days / 30.4375 for r in rs]),
+            "followup_months": reverse_km_followup(rs),
             "female_pct": 100.0 * sum(r.sex == "female" for r in rs) / len(rs) if rs else None,
             "events": sum(r.event for r in rs),
         }
     pvalues: dict[str, Any] = {}
     message = ""
     if grouped[HIGH] and grouped[NORMAL]:
-        for var, get in (
-            ("age_years", lambda r: r.age_years),
-            ("bmi", lambda r: r.bmi),
-            ("followup_months", lambda r: r.time_days / 30.4375),
-        ):
-            a = [get(r) for r in grouped[HIGH] if get(r) is not None]
-            b = [get(r) for r in grouped[NORMAL] if get(r) is not None]
-            if len(a) >= 2 and len(b) >= 2:
-                pvalues[var] = {
-                    "test": "Welch t-test",
-                    "p": float(stats.ttest_ind(a, b, equal_var=False).pvalue),
-                }
+        age_a = [r.age_years for r in grouped[HIGH] if r.age_years is not None]
+        age_b = [r.age_years for r in grouped[NORMAL] if r.age_years is not None]
+        if len(age_a) >= 2 and len(age_b) >= 2:
+            pvalues["age_years"] = {
+                "test": "Welch t-test",
+                "p": float(stats.ttest_ind(age_a, age_b, equal_var=False).pvalue),
+            }
+        bmi_a = [r.bmi for r in grouped[HIGH] if r.bmi is not None]
+        bmi_b = [r.bmi for r in grouped[NORMAL] if r.bmi is not None]
+        if bmi_a and bmi_b:
+            pvalues["bmi"] = {
+                "test": "Mann–Whitney U",
+                "p": float(stats.mannwhitneyu(bmi_a, bmi_b, alternative="two-sided").pvalue),
+            }
         table = np.array(
             [
                 [sum(r.sex == "female" for r in grouped[g]) for g in (HIGH, NORMAL)],
@@ -312,7 +373,6 @@ def kaplan_meier(rows: Sequence[CohortRow], params: ReportParams) -> Section:
 # --- Cox ----------------------------------------------------------------------------------------
 def _cox_fit(df: Any, covariates: list[str]) -> dict[str, Any]:
     from lifelines import CoxPHFitter
-    from lifelines.statistics import proportional_hazard_test
 
     cph = CoxPHFitter()
     with warnings.catch_warnings(record=True) as caught:
@@ -331,23 +391,23 @@ def _cox_fit(df: Any, covariates: list[str]) -> dict[str, Any]:
             ],
             "p": float(summary.loc[name, "p"]),
         }
-    # Schoenfeld-residual test. On large cohorts it is run on a seeded random subsample: its cost
-    # grows steeply with n (11 s at 100,000 rows), and at that size it flags clinically trivial
-    # departures anyway; the subsample size is reported beside the p-values.
-    ph_df = df[[*covariates, "T", "E"]]
-    ph_model = cph
-    if len(ph_df) > PH_TEST_MAX_ROWS:
-        ph_df = ph_df.sample(PH_TEST_MAX_ROWS, random_state=0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ph_model = CoxPHFitter().fit(ph_df, duration_col="T", event_col="E",
-                                         batch_mode=True)
-    out["ph_test_n"] = len(ph_df)
-    ph = proportional_hazard_test(ph_model, ph_df, time_transform="rank")
-    out["ph_test"] = {
-        name: float(p) for name, p in zip(ph.summary.index, ph.summary["p"], strict=False)
-    }
+    # Proportional-hazards test on every row of the model (no subsample), as R's cox.zph.
+    x = df[covariates].to_numpy(dtype=float)
+    t = df["T"].to_numpy(dtype=float)
+    e = df["E"].to_numpy(dtype=bool)
+    beta = cph.params_[covariates].to_numpy(dtype=float)
+    out["ph_test_n"] = len(df)
+    out["ph_test"] = dict(zip(covariates, ph_score_test(x, t, e, beta), strict=True))
     out["ph_ok"] = all(p >= 0.05 for p in out["ph_test"].values())
+    out["ph_verdict"] = {
+        name: "not computable" if not math.isfinite(p) else
+        "not rejected" if p >= 0.05 else "violated"
+        for name, p in out["ph_test"].items()
+    }
+    event_times, scaled = scaled_schoenfeld(
+        x, t, e, beta, cph.variance_matrix_.loc[covariates, covariates].to_numpy(dtype=float))
+    out["schoenfeld"] = schoenfeld_bins(event_times, scaled[:, 0] + beta[0], covariates[0],
+                                        float(beta[0]))
     return out
 
 
@@ -468,35 +528,78 @@ def _confusion(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict
 
 
 def roc(rows: Sequence[CohortRow], params: ReportParams) -> Section:
+    """ROC of VBQ for a secondary fracture within ``ROC_HORIZON_DAYS``, on the patients whose
+    status at the horizon is known: a fracture within it (case) or fracture-free follow-up
+    reaching it (control). Patients censored earlier are left out (counted), never taken for
+    non-fractured. Plus the IPCW cumulative/dynamic AUC at 1 and 2 years on every patient."""
     from sklearn.metrics import roc_curve
 
     usable = [r for r in rows if vbq_of(r, params) is not None]
-    scores = np.array([vbq_of(r, params) for r in usable], dtype=float)
-    labels = np.array([r.event for r in usable], dtype=bool)
     if len(usable) == 0:
         return Section(False, "No patients with a VBQ value: no ROC.")
-    if labels.all() or not labels.any():
-        return Section(False, "ROC needs patients both with and without a secondary fracture.")
+    horizon = ROC_HORIZON_DAYS
+    known = [r for r in usable if (r.event and r.time_days <= horizon) or r.time_days >= horizon]
+    scores = np.array([vbq_of(r, params) for r in known], dtype=float)
+    labels = np.array([r.event and r.time_days <= horizon for r in known], dtype=bool)
+    excluded = len(usable) - len(known)
+    restriction = (
+        f"Cases: secondary fracture within {horizon} days; controls: followed "
+        f"fracture-free for {horizon} days. Patients censored earlier without a fracture "
+        "are left out of this ROC (their number: excluded_short_followup)."
+    )
+    data: dict[str, Any] = {"horizon_days": horizon, "n": len(known),
+                            "excluded_short_followup": excluded, "time_dependent": {}}
+    data["time_dependent"] = _time_dependent_auc(usable, params)
+    if not known or labels.all() or not labels.any():
+        return Section(False, "ROC needs patients both with a secondary fracture within "
+                       f"{horizon} days and followed fracture-free for {horizon} days. "
+                       + restriction, data)
     auc, se, lo, hi = delong_auc_ci(scores, labels)
     fpr, tpr, thresholds = roc_curve(labels, scores)
     youden_idx = int(np.argmax(tpr - fpr))
-    data: dict[str, Any] = {
+    data.update({
         "auc": auc, "se": se, "ci95": [lo, hi], "method": "DeLong",
         "fpr": fpr.tolist(), "tpr": tpr.tolist(),
         "youden_threshold": float(thresholds[youden_idx]),
         "youden_j": float(tpr[youden_idx] - fpr[youden_idx]),
         "at_threshold": _confusion(scores, labels, params.threshold),
-        "time_dependent": {},
-    }
-    times = np.array([r.time_days for r in usable], dtype=float)
-    for horizon in (365, 730):
-        cases = labels & (times <= horizon)
-        controls = times > horizon
-        keep = cases | controls
-        if cases.any() and controls.any():
-            t_auc, _, t_lo, t_hi = delong_auc_ci(scores[keep], cases[keep])
-            data["time_dependent"][str(horizon)] = {"auc": t_auc, "ci95": [t_lo, t_hi]}
-    return Section(True, "", data)
+        "cases": int(labels.sum()), "controls": int((~labels).sum()),
+    })
+    return Section(True, restriction, data)
+
+
+def _time_dependent_auc(rows: Sequence[CohortRow], params: ReportParams) -> dict[str, Any]:
+    """Cumulative/dynamic AUC at ``TIME_DEPENDENT_AUC_DAYS`` with inverse-probability-of-
+    censoring weights (Uno et al. 2007; scikit-survival): cases = fracture by t, weighted by
+    1 / G(T_i) with G the Kaplan–Meier estimate of the censoring distribution; controls =
+    fracture-free beyond t. A horizon outside the follow-up, or with no case or no control,
+    is reported with the reason instead of a value."""
+    from sksurv.metrics import cumulative_dynamic_auc
+    from sksurv.util import Surv
+
+    out: dict[str, Any] = {}
+    if not rows:
+        return out
+    times = np.array([r.time_days for r in rows], dtype=float)
+    events = np.array([r.event for r in rows], dtype=bool)
+    scores = np.array([vbq_of(r, params) for r in rows], dtype=float)
+    y = Surv.from_arrays(event=events, time=times)
+    for horizon in TIME_DEPENDENT_AUC_DAYS:
+        cases = int((events & (times <= horizon)).sum())
+        controls = int((times > horizon).sum())
+        entry: dict[str, Any] = {"cases": cases, "controls": controls, "method": "IPCW (Uno)"}
+        if cases == 0 or controls == 0:
+            entry["auc"] = None
+            entry["message"] = "no case or no control at this horizon"
+        else:
+            try:
+                auc, _ = cumulative_dynamic_auc(y, y, scores, [float(horizon)])
+                entry["auc"] = float(auc[0])
+            except ValueError as exc:
+                entry["auc"] = None
+                entry["message"] = str(exc)
+        out[str(horizon)] = entry
+    return out
 
 
 # --- Paired VBQ including vs excluding fractured levels ---------------------------------------
@@ -535,12 +638,10 @@ def kpis(rows: Sequence[CohortRow], alerts: Sequence[AlertRow], params: ReportPa
     high = [r for r in rows if vbq_group(r, params) == HIGH]
     data: dict[str, Any] = {"windows": {}}
     for window in KPI_WINDOWS_DAYS:
-        # Denominator: high-VBQ patients observed for the whole window, or treated within it.
-        eligible = [
-            r for r in high
-            if r.time_days >= window or (r.therapy_start_days is not None
-                                         and r.therapy_start_days <= window)
-        ]
+        # Denominator (UK FLS-DB KPI style): high-VBQ patients alive and followed to day
+        # ``window``, whether or not they fractured meanwhile. Observation ends at death, last
+        # contact or the cut-off, never at a fracture.
+        eligible = [r for r in high if r.observed_days >= window]
         treated = [
             r for r in eligible if r.therapy_start_days is not None
             and r.therapy_start_days <= window
@@ -557,8 +658,16 @@ def kpis(rows: Sequence[CohortRow], alerts: Sequence[AlertRow], params: ReportPa
         "180": "180 days (HEDIS OMW)",
         "365": "1 year",
     }
+    data["definition"] = (
+        "Eligible: high-VBQ patients alive and followed to the day (death, last contact and "
+        "the cut-off end follow-up; a fracture does not). Treated: eligible patients with "
+        "therapy started by that day (an exposure running on the index date counts as day 0)."
+    )
+    high_starts = [r.therapy_start_days for r in high if r.therapy_start_days is not None]
+    data["median_days_to_therapy"] = float(np.median(high_starts)) if high_starts else None
+    data["treated_high_vbq"] = len(high_starts)
     starts = [r.therapy_start_days for r in rows if r.therapy_start_days is not None]
-    data["median_days_to_therapy"] = float(np.median(starts)) if starts else None
+    data["median_days_to_therapy_all_treated"] = float(np.median(starts)) if starts else None
     data["pct_any_therapy"] = 100.0 * len(starts) / len(rows) if rows else None
     acks = [a.hours_to_acknowledge for a in alerts if a.hours_to_acknowledge is not None]
     resolves = [a.hours_to_resolve for a in alerts if a.hours_to_resolve is not None]
@@ -587,9 +696,13 @@ def by_field_strength(rows: Sequence[CohortRow], params: ReportParams) -> Sectio
         entry: dict[str, Any] = {
             "n": len(rs), "vbq": _mean_sd([vbq_of(r, params) or 0.0 for r in rs])
         }
-        scores = np.array([vbq_of(r, params) for r in rs], dtype=float)
-        labels = np.array([r.event for r in rs], dtype=bool)
-        if len(rs) and labels.any() and not labels.all():
+        # Same case/control rule as the ROC: status at the horizon known.
+        horizon = ROC_HORIZON_DAYS
+        known = [r for r in rs if (r.event and r.time_days <= horizon)
+                 or r.time_days >= horizon]
+        scores = np.array([vbq_of(r, params) for r in known], dtype=float)
+        labels = np.array([r.event and r.time_days <= horizon for r in known], dtype=bool)
+        if len(known) and labels.any() and not labels.all():
             auc, _, ci_lo, ci_hi = delong_auc_ci(scores, labels)
             entry["auc"] = {"auc": auc, "ci95": [ci_lo, ci_hi]}
         else:

@@ -38,6 +38,8 @@ class FiltersSerializer(serializers.Serializer):
     age_max = serializers.IntegerField(required=False, allow_null=True, min_value=0,
                                        max_value=130)
     cutoff = serializers.DateField(required=False, allow_null=True)
+    # "recorded" (default): facts dated AND recorded by the cut-off; "dated": dated by it.
+    as_of = serializers.ChoiceField(choices=["recorded", "dated"], required=False)
     vbq_value = serializers.ChoiceField(
         choices=["excluding_fractured", "all_levels"], required=False
     )
@@ -64,6 +66,7 @@ def _parse(query: Any) -> tuple[CohortFilters, ReportParams, dict[str, Any]]:
         index_from=v.get("index_from"), index_to=v.get("index_to"),
         care_team=v.get("care_team", ""), sex=v.get("sex", ""),
         age_min=v.get("age_min"), age_max=v.get("age_max"), cutoff=v.get("cutoff"),
+        as_recorded=v.get("as_of", "recorded") == "recorded",
     )
     params = ReportParams(
         threshold=settings.VBQ_HIGH_THRESHOLD,
@@ -85,6 +88,7 @@ def report_payload(user: Any, query: Any) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "synthetic": cohort.synthetic,
         "cutoff": cohort.cutoff.isoformat(),
+        "as_of": "recorded" if filters.as_recorded else "dated",
         "deidentified": not _identified(user),
         "report": report,
     }
@@ -160,9 +164,11 @@ def report_plot(request: HttpRequest, name: str, fmt: str) -> HttpResponse:
     report = build_report(cohort.rows, cohort.alerts, params)
     section_name, draw = plots.PLOTS[name]
     section = report.sections[section_name]
-    if not _identified(request.user) and 0 < len(cohort.rows) < params.small_cell_min:
+    identified = _identified(request.user)
+    if not identified and 0 < len(cohort.rows) < params.small_cell_min:
         section = type(section)(False, "Suppressed: fewer patients than the small-cell limit.")
-    body = draw(section, fmt=fmt, synthetic=cohort.synthetic)
+    body = draw(section, fmt=fmt, synthetic=cohort.synthetic, deidentified=not identified,
+                small_cell_min=params.small_cell_min)
     return HttpResponse(body, content_type="image/svg+xml" if fmt == "svg" else "image/png")
 
 

@@ -74,3 +74,46 @@ def test_long_acting_agents_cover_their_dosing_interval():
     assert codes.dose_interval_days("ibandronate", "iv") == 91
     assert codes.dose_interval_days("ibandronate", "oral") == 0
     assert codes.dose_interval_days("alendronate", "oral") == 0
+
+
+@pytest.mark.parametrize(
+    ("code", "levels"),
+    [
+        # ICD-10-CM FY2025 tabular, S22.0- / S32.0-: the 5th character names the vertebra;
+        # the 6th (fracture type, 9 = unspecified fracture of that vertebra) and the 7th
+        # (encounter) do not change it.
+        ("S22.010A", ("T1",)), ("S22.019A", ("T1",)), ("S22.020A", ("T2",)),
+        ("S22.031D", ("T3",)), ("S22.042A", ("T4",)), ("S22.050A", ("T5", "T6")),
+        ("S22.060A", ("T7", "T8")), ("S22.078G", ("T9", "T10")), ("S22.080A", ("T11", "T12")),
+        ("S22089S", ("T11", "T12")), ("S32.010A", ("L1",)), ("S32.020A", ("L2",)),
+        ("S32.039A", ("L3",)), ("S32.040K", ("L4",)), ("S32.050A", ("L5",)),
+        # "unspecified thoracic / lumbar vertebra", osteoporotic and collapsed vertebra codes:
+        # no level in the code.
+        ("S22.009A", ()), ("S32.000A", ()), ("M80.08XA", ()), ("M48.56XA", ()),
+    ],
+)
+def test_icd10_vertebral_codes_give_the_levels_the_classification_names(code, levels):
+    assert codes.fracture_levels_from_code(codes.ICD10CM, code) == levels
+
+
+def test_a_code_for_a_pair_of_vertebrae_names_no_single_level():
+    assert codes.fracture_level_from_code(codes.ICD10CM, "S22.080A") is None
+    assert codes.fracture_level_from_code(codes.ICD10CM, "S22.020A") == "T2"
+
+
+@pytest.mark.parametrize(
+    ("code", "body_site", "level"),
+    [
+        ("S22.080A", ["T12"], "T12"),  # the body site picks one of the pair
+        ("S22.080A", [], ""),  # pair without a body site: level unknown
+        ("S22.080A", ["L1"], ""),  # body site outside the pair: inconsistent, unknown
+        ("S22.080A", ["T11", "T12"], ""),  # both of the pair: no single level
+        ("S22.060A", ["T7"], "T7"),
+        ("S22.020A", ["T3"], "T2"),  # a single-level code is not overridden
+        ("M80.08XA", ["T9"], "T9"),  # no level in the code: the body site's
+    ],
+)
+def test_the_recorded_level_comes_from_the_body_site_only_within_the_code(
+    code, body_site, level
+):
+    assert codes.resolve_fracture_level(codes.ICD10CM, code, body_site) == level

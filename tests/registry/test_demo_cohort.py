@@ -68,3 +68,20 @@ def test_demo_phantoms_are_written_as_the_announced_series_and_queued_for_scorin
         # and on the same side of the 3.0 threshold.
         assert measured.vbq_all_levels == pytest.approx(demo.vbq_all_levels, rel=0.08)
         assert (measured.vbq_all_levels >= 3.0) == (demo.vbq_all_levels >= 3.0)
+
+
+@pytest.mark.django_db
+def test_demo_vertebral_fractures_are_stored_at_the_level_the_demo_generated():
+    from registry.demo import SYNTHETIC_SOURCE_SYSTEM
+    from registry.models import Fracture
+    from registry.timeutil import clinic_today
+
+    call_command("demo_cohort", "--patients", "60", "--seed", "2025")
+    generated = {fx.key: fx.level
+                 for p in generate_demo_cohort(60, seed=2025, today=clinic_today())
+                 for fx in p.fractures if fx.site == "vertebral"}
+    stored = dict(Fracture.objects.filter(
+        identifier_system=SYNTHETIC_SOURCE_SYSTEM, site="vertebral",
+    ).values_list("identifier_value", "vertebral_level"))
+    assert {"T11", "T12"} & set(generated.values())  # the thoracic pair is exercised
+    assert stored == generated

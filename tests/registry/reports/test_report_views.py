@@ -1,6 +1,7 @@
 """Report page, API, plots and CSV on the registry database, per role."""
 
 import csv
+import datetime as dt
 import io
 import re
 
@@ -10,6 +11,7 @@ from django.core.management import call_command
 from registry.models import AuditEvent, Patient
 from registry.reports.queries import build_cohort
 from registry.reports.survival import build_report
+from registry.timeutil import clinic_today
 
 pytestmark = pytest.mark.django_db
 
@@ -77,7 +79,7 @@ def test_report_api_answers_json_for_clinicians(client, role_user, demo):
     assert body["report"]["sections"]["kaplan_meier"]["available"] is True
 
 
-@pytest.mark.parametrize("name", ["km", "roc", "days", "bland-altman"])
+@pytest.mark.parametrize("name", ["km", "roc", "days", "bland-altman", "schoenfeld"])
 def test_plots_render_as_svg(client, role_user, demo, name):
     client.force_login(role_user("qi_analyst"))
     response = client.get(f"/reports/plot/{name}.svg")
@@ -129,3 +131,32 @@ def test_every_reporting_role_can_view_and_only_non_qi_roles_get_identified_rows
     assert client.get("/reports/api/").status_code == 200
     header = client.get("/reports/cohort.csv").content.decode().splitlines()[0].split(",")
     assert ("patient_id" in header) is identified
+
+
+def test_pages_print_tiny_p_values_as_less_than_0_001():
+    from django.template import Context, Template
+
+    template = Template("{% load report_format %}{{ p|pvalue }} {{ q|pvalue }}")
+    assert template.render(Context({"p": 3e-12, "q": 0.2})) == "&lt; 0.001 0.200"
+
+
+def test_the_report_words_the_proportional_hazards_test_as_not_rejected_or_violated(
+    client, role_user, demo
+):
+    client.force_login(role_user("clinician"))
+    html = client.get("/reports/").content.decode()
+    assert ("not rejected" in html) or ("violated" in html)
+    assert ">holds<" not in html
+    assert "Treated (numerator) / eligible (denominator)" in html
+    assert "reverse Kaplan–Meier" in html
+
+
+def test_a_past_cut_off_reports_only_what_was_recorded_by_then(client, role_user, demo):
+    client.force_login(role_user("clinician"))
+    # The demo cohort was written today: at last year's cut-off none of it was recorded.
+    past = (clinic_today() - dt.timedelta(days=365)).isoformat()
+    recorded = client.get("/reports/api/", {"cutoff": past}).json()
+    dated = client.get("/reports/api/", {"cutoff": past, "as_of": "dated"}).json()
+    assert recorded["report"]["n_patients"] == 0
+    assert dated["report"]["n_patients"] > 0
+    assert (recorded["as_of"], dated["as_of"]) == ("recorded", "dated")

@@ -136,8 +136,9 @@ def test_exact_poisson_interval_matches_the_garwood_table():
 
 
 def test_sensitivity_and_specificity_at_the_configured_threshold():
-    rows = [_row("a", 100, True, 3.2), _row("b", 100, True, 2.9), _row("c", 400, False, 3.1),
-            _row("d", 400, False, 2.0), _row("e", 400, False, 2.2)]
+    # Controls followed fracture-free past the ROC horizon (730 days).
+    rows = [_row("a", 100, True, 3.2), _row("b", 100, True, 2.9), _row("c", 800, False, 3.1),
+            _row("d", 800, False, 2.0), _row("e", 800, False, 2.2)]
     at = build_report(rows, params=ReportParams(threshold=3.0)).sections["roc"].data[
         "at_threshold"]
     assert (at["tp"], at["fn"], at["fp"], at["tn"]) == (1, 1, 1, 2)
@@ -236,3 +237,11 @@ def test_suppressed_counts_also_hide_the_percentage_next_to_them():
     out, where = suppress_small_cells(data, 5)
     assert out["windows"]["60"] == {"eligible": 33, "treated": None, "pct": None}
     assert where == ["windows.60.treated"]
+
+
+def test_fracture_counts_by_site_are_suppressed_for_the_deidentified_role():
+    from registry.reports.deid import suppress_small_cells
+
+    out, where = suppress_small_cells({"incidence": {"sites": {"hip": 2, "vertebral": 9}}}, 5)
+    assert out["incidence"]["sites"] == {"hip": None, "vertebral": 9}
+    assert where == ["incidence.sites"]
