@@ -205,6 +205,9 @@ DEFAULT_CARE_TEAM = env.str("DEFAULT_CARE_TEAM", default="fracture-liaison")
 
 # --- Integrations -----------------------------------------------------------------------------
 FHIR_MAX_PAYLOAD_BYTES = env.int("FHIR_MAX_PAYLOAD_BYTES", default=50 * 1024 * 1024)
+# Deepest nesting of JSON arrays/objects a FHIR payload may have (checked before parsing:
+# a Bundle of resources is ~12 deep; ~150 nested extensions exhaust the FHIR models' stack).
+FHIR_MAX_JSON_DEPTH = env.int("FHIR_MAX_JSON_DEPTH", default=64)
 DATA_UPLOAD_MAX_MEMORY_SIZE = FHIR_MAX_PAYLOAD_BYTES + 1024 * 1024
 PACS_DICOMWEB_URL = env.str("PACS_DICOMWEB_URL", default="")
 PACS_DICOMWEB_USERNAME = env.str("PACS_DICOMWEB_USERNAME", default="")
