@@ -212,6 +212,9 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = FHIR_MAX_PAYLOAD_BYTES + 1024 * 1024
 PACS_DICOMWEB_URL = env.str("PACS_DICOMWEB_URL", default="")
 PACS_DICOMWEB_USERNAME = env.str("PACS_DICOMWEB_USERNAME", default="")
 PACS_DICOMWEB_PASSWORD = env.str("PACS_DICOMWEB_PASSWORD", default="")
+# Further DICOMweb endpoints of the site a study's recorded endpoint may select (without the
+# PACS credentials); any other recorded address is provenance only, never contacted.
+PACS_DICOMWEB_ALLOWED_URLS = env.list("PACS_DICOMWEB_ALLOWED_URLS", default=[])
 READYZ_PACS_TIMEOUT_SECONDS = env.float("READYZ_PACS_TIMEOUT_SECONDS", default=2.0)
 DICOM_STORAGE_ROOT = Path(env.str("DICOM_STORAGE_ROOT", default=str(VAR_DIR / "dicom")))
 DICOM_SCP_AE_TITLE = env.str("DICOM_SCP_AE_TITLE", default="VBQREGISTRY")
