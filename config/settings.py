@@ -208,6 +208,10 @@ FHIR_MAX_PAYLOAD_BYTES = env.int("FHIR_MAX_PAYLOAD_BYTES", default=50 * 1024 * 1
 # Deepest nesting of JSON arrays/objects a FHIR payload may have (checked before parsing:
 # a Bundle of resources is ~12 deep; ~150 nested extensions exhaust the FHIR models' stack).
 FHIR_MAX_JSON_DEPTH = env.int("FHIR_MAX_JSON_DEPTH", default=64)
+# Most entries in one Bundle, and most items in any other JSON array of a FHIR payload (413:
+# bounds the work one request can ask for within the size limit).
+FHIR_MAX_BUNDLE_ENTRIES = env.int("FHIR_MAX_BUNDLE_ENTRIES", default=10_000)
+FHIR_MAX_ARRAY_ITEMS = env.int("FHIR_MAX_ARRAY_ITEMS", default=1_000)
 DATA_UPLOAD_MAX_MEMORY_SIZE = FHIR_MAX_PAYLOAD_BYTES + 1024 * 1024
 PACS_DICOMWEB_URL = env.str("PACS_DICOMWEB_URL", default="")
 PACS_DICOMWEB_USERNAME = env.str("PACS_DICOMWEB_USERNAME", default="")

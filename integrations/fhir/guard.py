@@ -13,9 +13,10 @@ problem reach the parser, the mappers or the database:
 2. ``loads``: the nesting depth is measured on the raw text, strings removed, by a scan that
    does not recurse (``FHIR_MAX_JSON_DEPTH``; Python's ``json`` and the fhir.resources models
    both recurse, and ~150 nested extensions exhaust the interpreter's stack), then JSON is
-   parsed with duplicate keys, ``NaN`` / ``Infinity`` and non-finite numbers refused.
-3. ``check_resource``: one iterative walk of each resource: no control character FHIR
-   forbids (below U+0020 except tab, CR, LF) and no lone surrogate in any string or key;
+   parsed with ``NaN`` / ``Infinity`` and non-finite numbers refused.
+3. ``check_document``: one iterative walk of the payload: no repeated key (the keys counted
+   in the text against the parsed objects), arrays of bounded length, no control character
+   FHIR forbids (below U+0020 except tab, CR, LF) and no lone surrogate in any string or key;
    ``id`` matches FHIR's ``[A-Za-z0-9\\-.]{1,64}``; an identifier system in the registry's
    feed namespace ``urn:vbq-registry:feed:<feed>:`` belongs to the sending feed; contained
    resources are not nested and every ``#local`` reference names one of them.
@@ -208,9 +209,17 @@ class _Resource:
 
 
 def _walk(value: Any, root: str, feed_name: str) -> tuple[int, list[_Resource]]:
-    """Check every string and key under ``value`` without recursion; return the number of
-    keys met and the resources met (each with the ``#local`` references inside it; a
-    contained resource's belong to its container)."""
+    """Check every string and key under ``value`` without recursion, and the length of every
+    array (``FHIR_MAX_ARRAY_ITEMS``; a Bundle's ``entry``: ``FHIR_MAX_BUNDLE_ENTRIES``);
+    return the number of keys met and the resources met (each with the ``#local``
+    references inside it; a contained resource's belong to its container)."""
+    max_items = int(settings.FHIR_MAX_ARRAY_ITEMS)
+    entries = value.get("entry") if isinstance(value, dict) and value.get(
+        "resourceType") == "Bundle" else None
+    if isinstance(entries, list) and len(entries) > int(settings.FHIR_MAX_BUNDLE_ENTRIES):
+        raise FhirError.single(413, "too-costly", f"the bundle has more than "
+                               f"{settings.FHIR_MAX_BUNDLE_ENTRIES} entries: split it",
+                               f"{root}.entry")
     keys = 0
     resources: list[_Resource] = []
     owner: _Resource | None = None
@@ -236,6 +245,9 @@ def _walk(value: Any, root: str, feed_name: str) -> tuple[int, list[_Resource]]:
                 elif isinstance(item, dict | list):
                     stack.append((item, (*path, key), owner))
         elif isinstance(node, list):
+            if len(node) > max_items and node is not entries:
+                raise FhirError.single(413, "too-costly", f"the array has more than "
+                                       f"{max_items} items", _render(path))
             for index, item in enumerate(node):
                 if isinstance(item, str):
                     if FORBIDDEN_CHARS.search(item):

@@ -34,7 +34,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
-from django.db import IntegrityError, connection, transaction
+from django.db import DataError, IntegrityError, connection, transaction
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
@@ -376,6 +376,12 @@ def _record_outcome(message: InboundMessage
     return record
 
 
+# Errors that only bad input can raise past the validation layer (a database DataError: a
+# value out of a column's range or encoding; Python's on a shape nothing checked).
+UNPROCESSABLE = (DataError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+                 RecursionError, OverflowError)
+
+
 def _guarded(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
     """Authenticate (before the body is read), size-check, run the handler, store the raw
     payload with its outcome; turn every FhirError into an OperationOutcome."""
@@ -399,6 +405,15 @@ def _guarded(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse
         except FhirError as exc:
             _finish(message, exc.status, {"error": _clean(str(exc))[:500]})
             return _outcome(exc)
+        except UNPROCESSABLE as exc:
+            # Input the checks above did not foresee (the request's writes, each inside its
+            # transaction or savepoint, were rolled back): 422, logged as the defect it is.
+            logger.exception("FHIR request of feed %s could not be processed",
+                             message.feed_id if message else None)
+            error = FhirError.single(422, "processing", "the request could not be processed "
+                                     f"({type(exc).__name__}); nothing of it was written")
+            _finish(message, 422, {"error": type(exc).__name__})
+            return _outcome(error)
         except Exception as exc:  # a bug or the database gone: record it if we still can
             try:
                 _finish(message, 500, {"error": type(exc).__name__})

@@ -205,3 +205,19 @@ def test_a_nul_in_a_single_resource_body_is_stored_raw_and_refused(send):
     assert_refused(send("PUT", "/fhir/Patient?identifier=x|y", body), 400)
     assert delta(before, counts()) == {}
     assert bytes(InboundMessage.objects.latest("pk").body) == body
+
+
+def test_a_bundle_with_too_many_entries_is_413(send, settings):
+    settings.FHIR_MAX_BUNDLE_ENTRIES = 3
+    body = bundle("transaction", *[patient(f"SYN-MANY-{n}") for n in range(4)])
+    before = counts()
+    assert_refused(send("POST", "/fhir", body), 413, "Bundle.entry")
+    assert delta(before, counts()) == {}
+
+
+def test_an_oversized_array_inside_a_resource_is_413(send):
+    many = patient(identifier=[{"system": "urn:syn", "value": f"SYN-{n}"} for n in range(1001)])
+    before = counts()
+    assert_refused(send("POST", "/fhir", bundle("transaction", many)), 413,
+                   "Bundle.entry[0].resource.identifier")
+    assert delta(before, counts()) == {}
