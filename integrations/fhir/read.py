@@ -240,10 +240,15 @@ def find_by_identifier(resource_type: str, token: str) -> str | None:
 
 
 def search(resource_type: str, query: str, limit: int = 50) -> dict[str, Any]:
-    """``GET /fhir/<Type>?identifier=...``: a searchset Bundle (no parameter: empty)."""
+    """``GET /fhir/<Type>?identifier=system|value``: a searchset Bundle (no parameter:
+    empty). A search names whole identifiers (both parts): a partial token (``value``,
+    ``system|``) would let a feed list the registry's patients, so it is 400."""
     entries = []
     if query.strip("&"):
         tokens = parse_condition(query, f"{resource_type}?identifier", search=True)
+        if any(not (system and value) for system, value in tokens):
+            raise FhirError.single(400, "not-supported", "a search needs "
+                                   "identifier=system|value", f"{resource_type}?identifier")
         for location in find_matches(resource_type, tokens, limit):
             body = read(location)
             if body:

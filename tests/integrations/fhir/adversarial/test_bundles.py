@@ -262,6 +262,15 @@ def test_a_search_with_a_nul_is_400(send):
     assert_refused(send("GET", "/fhir/Patient?identifier=a%7Cb%00"), 400)
 
 
+@pytest.mark.parametrize("query", ["identifier=SYN-TWIN", "identifier=urn:syn:a%7C",
+                                   "identifier=%7CSYN-TWIN"])
+def test_a_search_by_part_of_an_identifier_is_400_it_would_list_patients(send, two_patients,
+                                                                        query):
+    response = send("GET", f"/fhir/Patient?{query}")
+    assert_refused(response, 400)
+    assert b"SYN-TWIN" not in response.content
+
+
 def test_a_search_with_sql_finds_nothing(send):
     response = send("GET", "/fhir/Patient?identifier=x%27%20OR%201%3D1--%7Cy")
     assert response.status_code == 200
