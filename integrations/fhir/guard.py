@@ -46,6 +46,9 @@ ID_RE = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 # Characters FHIR strings may not hold (below U+0020 except tab, LF, CR), and lone surrogates
 # (``\ud800`` escapes: not encodable, refused by PostgreSQL).
 FORBIDDEN_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+# The JSON escapes that can spell a forbidden character (\b, \f, \u0000-\u001f, surrogates);
+# a match (even a false one, after an escaped backslash) makes every string be searched.
+_FORBIDDEN_ESCAPES = re.compile(r"\\(?:[bf]|u00[01][0-9a-fA-F]|u[dD][89a-fA-F])")
 _STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}.__getitem__
 _NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
@@ -141,14 +144,18 @@ def _float(text: str) -> float:
 
 
 class Document:
-    """A parsed JSON payload and the number of keys its text holds (``keys``): fewer keys in
-    the parsed objects than in the text means a key was repeated (``check_document``)."""
+    """A parsed JSON payload, the number of keys its text holds (``keys``: fewer keys in the
+    parsed objects than in the text means a key was repeated) and whether its text has an
+    escape that can spell a forbidden character (``escapes``: if not, no string of it can
+    hold one, since JSON refuses raw control characters, and ``check_document`` does not
+    search them)."""
 
-    __slots__ = ("data", "keys")
+    __slots__ = ("data", "escapes", "keys")
 
-    def __init__(self, data: Any, keys: int) -> None:
+    def __init__(self, data: Any, keys: int, escapes: bool = True) -> None:
         self.data = data
         self.keys = keys
+        self.escapes = escapes
 
 
 def loads(text: str, *, where: str = "") -> Document:
@@ -160,7 +167,8 @@ def loads(text: str, *, where: str = "") -> Document:
         raise FhirError.single(400, "too-costly", f"the JSON is nested more than {limit} "
                                "levels deep", where)
     try:
-        return Document(json.loads(text, parse_constant=_constant, parse_float=_float), keys)
+        data = json.loads(text, parse_constant=_constant, parse_float=_float)
+        return Document(data, keys, bool(_FORBIDDEN_ESCAPES.search(text)))
     except FhirError as exc:
         raise (exc.prefixed(where) if where else exc) from None
     except (ValueError, RecursionError) as exc:  # (JSONDecodeError; a number of 4,300+ digits)
@@ -208,11 +216,23 @@ class _Resource:
         self.local_refs: list[str] = []
 
 
-def _walk(value: Any, root: str, feed_name: str) -> tuple[int, list[_Resource]]:
-    """Check every string and key under ``value`` without recursion, and the length of every
-    array (``FHIR_MAX_ARRAY_ITEMS``; a Bundle's ``entry``: ``FHIR_MAX_BUNDLE_ENTRIES``);
-    return the number of keys met and the resources met (each with the ``#local``
-    references inside it; a contained resource's belong to its container)."""
+def _path(ref: Any) -> tuple[Any, ...]:
+    """The path a walk reference ``(parent reference, key)`` stands for."""
+    parts: list[Any] = []
+    while isinstance(ref, tuple):
+        ref, key = ref
+        parts.append(key)
+    parts.append(ref)
+    return tuple(reversed(parts))
+
+
+def _walk(value: Any, root: str, feed_name: str, strings: bool) -> tuple[int, list[_Resource]]:
+    """Check, without recursion, the length of every array (``FHIR_MAX_ARRAY_ITEMS``; a
+    Bundle's ``entry``: ``FHIR_MAX_BUNDLE_ENTRIES``), every identifier system, and (when
+    ``strings``) every string and key; return the number of keys met and the resources met
+    (each with the ``#local`` references inside it; a contained resource's belong to its
+    container). A node's path is kept as a ``(parent, key)`` reference and spelled out only
+    for an error."""
     max_items = int(settings.FHIR_MAX_ARRAY_ITEMS)
     entries = value.get("entry") if isinstance(value, dict) and value.get(
         "resourceType") == "Bundle" else None
@@ -220,40 +240,41 @@ def _walk(value: Any, root: str, feed_name: str) -> tuple[int, list[_Resource]]:
         raise FhirError.single(413, "too-costly", f"the bundle has more than "
                                f"{settings.FHIR_MAX_BUNDLE_ENTRIES} entries: split it",
                                f"{root}.entry")
+    forbidden = FORBIDDEN_CHARS.search if strings else None
     keys = 0
     resources: list[_Resource] = []
-    owner: _Resource | None = None
-    stack: list[tuple[Any, tuple[Any, ...], _Resource | None]] = [(value, (root,), None)]
+    stack: list[tuple[Any, Any, _Resource | None]] = [(value, root, None)]
     while stack:
-        node, path, owner = stack.pop()
-        if isinstance(node, dict):
+        node, ref, owner = stack.pop()
+        if type(node) is dict:
             keys += len(node)
-            if isinstance(node.get("resourceType"), str) and not (
-                    len(path) > 2 and path[-2] == "contained"):
-                owner = _Resource(node, path)
+            if "resourceType" in node and isinstance(node["resourceType"], str) and not (
+                    isinstance(ref, tuple) and isinstance(ref[0], tuple)
+                    and ref[0][1] == "contained"):
+                owner = _Resource(node, _path(ref))
                 resources.append(owner)
             for key, item in node.items():
-                if FORBIDDEN_CHARS.search(key):
-                    raise _bad_string(path)
-                if isinstance(item, str):
-                    if FORBIDDEN_CHARS.search(item):
-                        raise _bad_string((*path, key))
+                if forbidden is not None and forbidden(key):
+                    raise _bad_string(_path(ref))
+                if type(item) is str:
+                    if forbidden is not None and forbidden(item):
+                        raise _bad_string(_path((ref, key)))
                     if key == "system":
-                        check_feed_system(item, feed_name, _render((*path, key)))
-                    elif key == "reference" and item.startswith("#") and owner is not None:
+                        check_feed_system(item, feed_name, _render(_path((ref, key))))
+                    elif key == "reference" and owner is not None and item.startswith("#"):
                         owner.local_refs.append(item)
-                elif isinstance(item, dict | list):
-                    stack.append((item, (*path, key), owner))
-        elif isinstance(node, list):
+                elif type(item) is dict or type(item) is list:
+                    stack.append((item, (ref, key), owner))
+        elif type(node) is list:
             if len(node) > max_items and node is not entries:
                 raise FhirError.single(413, "too-costly", f"the array has more than "
-                                       f"{max_items} items", _render(path))
+                                       f"{max_items} items", _render(_path(ref)))
             for index, item in enumerate(node):
-                if isinstance(item, str):
-                    if FORBIDDEN_CHARS.search(item):
-                        raise _bad_string((*path, index))
-                elif isinstance(item, dict | list):
-                    stack.append((item, (*path, index), owner))
+                if type(item) is str:
+                    if forbidden is not None and forbidden(item):
+                        raise _bad_string(_path((ref, index)))
+                elif type(item) is dict or type(item) is list:
+                    stack.append((item, (ref, index), owner))
     return keys, resources
 
 
@@ -304,7 +325,8 @@ def check_document(document: Any, *, feed_name: str, root: str = "") -> None:
         return  # (the caller answers "a resource must be a JSON object")
     name = root or (str(data.get("resourceType") or "resource") if isinstance(data, dict)
                     else "resource")
-    keys, resources = _walk(data, name, feed_name)
+    strings = not isinstance(document, Document) or document.escapes
+    keys, resources = _walk(data, name, feed_name, strings)
     if isinstance(document, Document) and keys != document.keys:
         raise FhirError.single(400, "structure", "an object of the JSON has the same key more "
                                "than once", name)

@@ -14,6 +14,7 @@ attributes. ``ELEMENTS`` only names the FHIR element each column comes from, for
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 from django.apps import apps
@@ -42,28 +43,33 @@ ELEMENTS = {
 }
 
 
-def _field(model: type[models.Model], name: str) -> models.Field | None:
+@functools.cache
+def _limits(model: type[models.Model], name: str) -> tuple[int | None, int | None, int | None]:
+    """(max_length, lowest, highest) of ``model.name`` from its field (Nones: no limit or
+    no such column); read once per column."""
     try:
         field = model._meta.get_field(name)
     except FieldDoesNotExist:
-        return None
-    return field if isinstance(field, models.Field) else None
+        return None, None, None
+    if not isinstance(field, models.Field):
+        return None, None, None
+    low = high = None
+    if isinstance(field, models.IntegerField):
+        low, high = connection.ops.integer_field_range(field.get_internal_type())
+    return field.max_length, low, high
 
 
 def check_value(model: type[models.Model], column: str, value: Any, where: str) -> None:
     """422 when ``value`` does not fit ``model.column`` (string length, integer range)."""
-    field = _field(model, column)
-    if field is None:
-        return
-    if isinstance(value, str) and field.max_length is not None and len(value) > (
-            field.max_length):
+    max_length, low, high = _limits(model, column)
+    if max_length is not None and isinstance(value, str) and len(value) > max_length:
         raise FhirError.single(422, "too-long", f"{len(value)} characters: the registry keeps "
-                               f"at most {field.max_length} here", where)
-    if isinstance(value, int) and not isinstance(value, bool):
-        low, high = connection.ops.integer_field_range(field.get_internal_type())
-        if (low is not None and value < low) or (high is not None and value > high):
-            raise FhirError.single(422, "value", f"{value} is out of the registry's range "
-                                   f"({low} to {high})", where)
+                               f"at most {max_length} here", where)
+    if (low is not None or high is not None) and isinstance(value, int) and not isinstance(
+            value, bool) and ((low is not None and value < low)
+                              or (high is not None and value > high)):
+        raise FhirError.single(422, "value", f"{value} is out of the registry's range "
+                               f"({low} to {high})", where)
 
 
 def _where(resource_type: str, column: str) -> str:
