@@ -526,6 +526,20 @@ def _check_read_scope(request: HttpRequest, resource_type: str) -> None:
                                "resources")
 
 
+# Result parameters a client may add to any request (FHIR's ``_format``, ``_pretty``):
+# ignored, never taken for a condition.
+RESULT_PARAMETERS = {"_format", "_pretty"}
+
+
+def _query(request: HttpRequest) -> str:
+    """The query string without the result parameters (``RESULT_PARAMETERS``)."""
+    text = request.META.get("QUERY_STRING", "")
+    if "_format" not in text and "_pretty" not in text:
+        return text
+    parts = [p for p in text.split("&") if p and p.split("=", 1)[0] not in RESULT_PARAMETERS]
+    return "&".join(parts)
+
+
 def _no_if_match(request: HttpRequest) -> None:
     if request.headers.get("If-Match") is not None:
         raise FhirError.single(412, "conflict", "the registry keeps no resource versions: an "
@@ -539,7 +553,7 @@ def type_level(request: HttpRequest, resource_type: str) -> HttpResponse:
     ``PUT /fhir/<Type>?identifier=...`` (conditional update: none or one match applies it,
     two or more 412), ``GET /fhir/<Type>?identifier=`` (search by identifier). Conditions
     take ``identifier`` tokens only (another parameter is 400)."""
-    query = request.META.get("QUERY_STRING", "")
+    query = _query(request)
     if request.method == "GET":
         _check_read_scope(request, resource_type)
         return _response(read.search(resource_type, query))
@@ -595,7 +609,7 @@ def instance_level(request: HttpRequest, resource_type: str, logical_id: str) ->
     data = _body(request)
     _check_type(resource_type, data)
     _no_if_match(request)
-    if request.META.get("QUERY_STRING"):
+    if _query(request):
         raise FhirError.single(400, "not-supported", "an update by id takes no query "
                                "parameters")
     if data.get("id") not in (None, logical_id):

@@ -375,3 +375,14 @@ def test_a_batch_conditional_create_matching_two_is_412_for_that_entry(send, two
     assert [e["response"]["status"].split()[0] for e in response.json()["entry"]] == [
         "201", "412"]
     assert delta(before, counts()) == ONE
+
+
+@pytest.mark.parametrize("path", ["/fhir/Patient?_format=json",
+                                  f"/fhir/Patient?_format=json&identifier={MRN}|SYN-ADV-0001",
+                                  "/fhir/Patient/p1?_pretty=true"])
+def test_result_parameters_are_ignored_on_writes(send, path):
+    method = "POST" if path.endswith("json") else "PUT"
+    before = counts()
+    response = send(method, path, patient())
+    assert response.status_code == 201, response.content
+    assert delta(before, counts())["registry.Patient"] == 1
