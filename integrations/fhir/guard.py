@@ -323,8 +323,8 @@ def check_document(document: Any, *, feed_name: str, root: str = "") -> None:
     data = document.data if isinstance(document, Document) else document
     if not isinstance(data, dict | list):
         return  # (the caller answers "a resource must be a JSON object")
-    name = root or (str(data.get("resourceType") or "resource") if isinstance(data, dict)
-                    else "resource")
+    kind = data.get("resourceType") if isinstance(data, dict) else None
+    name = root or (kind if isinstance(kind, str) and ID_RE.fullmatch(kind) else "resource")
     strings = not isinstance(document, Document) or document.escapes
     keys, resources = _walk(data, name, feed_name, strings)
     if isinstance(document, Document) and keys != document.keys:
