@@ -259,7 +259,7 @@ def _walk(value: Any, root: str, feed_name: str, strings: bool) -> tuple[int, li
                 if type(item) is str:
                     if forbidden is not None and forbidden(item):
                         raise _bad_string(_path((ref, key)))
-                    if key == "system":
+                    if key == "system" and not _namespace_owner_ok(item, feed_name):
                         check_feed_system(item, feed_name, _render(_path((ref, key))))
                     elif key == "reference" and owner is not None and item.startswith("#"):
                         owner.local_refs.append(item)

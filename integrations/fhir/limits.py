@@ -59,51 +59,77 @@ def _limits(model: type[models.Model], name: str) -> tuple[int | None, int | Non
     return field.max_length, low, high
 
 
-def check_value(model: type[models.Model], column: str, value: Any, where: str) -> None:
-    """422 when ``value`` does not fit ``model.column`` (string length, integer range)."""
+def _misfit(model: type[models.Model], column: str, value: Any) -> FhirError | None:
+    """Why ``value`` does not fit ``model.column`` (string length, integer range), as a 422
+    without its expression; ``None`` when it fits."""
     max_length, low, high = _limits(model, column)
-    if max_length is not None and isinstance(value, str) and len(value) > max_length:
-        raise FhirError.single(422, "too-long", f"{len(value)} characters: the registry keeps "
-                               f"at most {max_length} here", where)
-    if (low is not None or high is not None) and isinstance(value, int) and not isinstance(
+    if max_length is not None:
+        if isinstance(value, str) and len(value) > max_length:
+            return FhirError.single(422, "too-long", f"{len(value)} characters: the registry "
+                                    f"keeps at most {max_length} here")
+    elif (low is not None or high is not None) and isinstance(value, int) and not isinstance(
             value, bool) and ((low is not None and value < low)
                               or (high is not None and value > high)):
-        raise FhirError.single(422, "value", f"{value} is out of the registry's range "
-                               f"({low} to {high})", where)
+        return FhirError.single(422, "value", f"{value} is out of the registry's range "
+                                f"({low} to {high})")
+    return None
 
 
-def _where(resource_type: str, column: str) -> str:
-    return f"{resource_type}.{ELEMENTS.get(column, column)}"
+def _refuse(error: FhirError, where: str) -> FhirError:
+    error.issues[0].expression = [where]
+    return error
+
+
+def check_value(model: type[models.Model], column: str, value: Any, where: str) -> None:
+    """422 naming ``where`` when ``value`` does not fit ``model.column``."""
+    error = _misfit(model, column, value)
+    if error is not None:
+        raise _refuse(error, where)
+
+
+@functools.cache
+def _model(label: str) -> type[models.Model]:
+    return apps.get_model(label)
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def _check_object(model: type[models.Model], obj: Any, resource_type: str, *,
                   prefix: str = "", columns: dict[str, str] | None = None) -> None:
     """Check a dataclass's fields (``Identifier``, ``SeriesInput``) against ``model``'s
     columns of the same names (or renamed by ``columns``)."""
-    for item in dataclasses.fields(obj):
-        column = (columns or {}).get(item.name, item.name)
-        value = getattr(obj, item.name)
-        element = ELEMENTS.get(column, column)
-        if prefix and not element.startswith(prefix):
-            element = prefix + element
-        check_value(model, column, value, f"{resource_type}.{element}")
+    for name in _field_names(type(obj)):
+        column = columns.get(name, name) if columns else name
+        error = _misfit(model, column, getattr(obj, name))
+        if error is not None:
+            element = ELEMENTS.get(column, column)
+            if prefix and not element.startswith(prefix):
+                element = prefix + element
+            raise _refuse(error, f"{resource_type}.{element}")
+
+
+IDENTIFIER_COLUMNS = {"system": "identifier_system", "value": "identifier_value"}
 
 
 def check_columns(kind: str, kwargs: dict[str, Any], resource_type: str) -> None:
     """Check the keyword arguments of one registry write of ``kind`` (patient, procedure,
     fracture, therapy, imaging) against the columns they fill. Raises ``FhirError`` (422)."""
-    model = apps.get_model(MODELS[kind])
+    model = _model(MODELS[kind])
     for name, value in kwargs.items():
         if name == "identifier" and value is not None:
-            _check_object(model, value, resource_type, columns={
-                "system": "identifier_system", "value": "identifier_value"})
+            _check_object(model, value, resource_type, columns=IDENTIFIER_COLUMNS)
         elif name == "identifiers":
-            identifier_model = apps.get_model("registry.PatientIdentifier")
+            identifier_model = _model("registry.PatientIdentifier")
             for ident in value:
                 _check_object(identifier_model, ident, resource_type)
         elif name == "series":
-            series_model = apps.get_model("scoring.ImagingSeries")
+            series_model = _model("scoring.ImagingSeries")
             for series in value:
                 _check_object(series_model, series, resource_type, prefix="series.")
         elif isinstance(value, str | int):
-            check_value(model, name, value, _where(resource_type, name))
+            error = _misfit(model, name, value)
+            if error is not None:
+                raise _refuse(error, f"{resource_type}.{ELEMENTS.get(name, name)}")
