@@ -297,6 +297,8 @@ def _check_entry(entry: Any, at: str) -> dict[str, Any]:
     path, _, query = url.strip().partition("?")
     parts = path.strip("/").split("/")
     resource_type = resource.get("resourceType")
+    if "://" in path and resource_type in parts:  # an absolute URL: from the type on
+        parts = parts[parts.index(resource_type):]
     if parts[0] != resource_type or len(parts) > 2:
         raise FhirError.single(400, "invalid", "request.url does not name this resource's "
                                "type", f"{at}.request.url")

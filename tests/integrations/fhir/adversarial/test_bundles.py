@@ -386,3 +386,12 @@ def test_result_parameters_are_ignored_on_writes(send, path):
     response = send(method, path, patient())
     assert response.status_code == 201, response.content
     assert delta(before, counts())["registry.Patient"] == 1
+
+
+def test_an_absolute_request_url_names_the_type_too(send):
+    b = bundle("transaction", patient())
+    b["entry"][0]["request"] = {"method": "PUT",
+                                "url": "https://ehr.example.org/fhir/Patient/syn-abs-1"}
+    before = counts()
+    assert send("POST", "/fhir", b).status_code == 200
+    assert delta(before, counts()) == {"registry.Patient": 1, "registry.PatientIdentifier": 2}
