@@ -156,7 +156,7 @@ def hostile_requests(draw):
                                  "/fhir/Patient?identifier=x%00"]))
     method = draw(st.sampled_from(["POST", "POST", "POST", "PUT", "GET", "DELETE", "PATCH"]))
     text = json.dumps(doc, ensure_ascii=draw(st.booleans()))
-    raw = text.encode()
+    raw = text.encode(errors="surrogatepass")  # (a lone surrogate: bytes that are not UTF-8)
     mutation = draw(st.sampled_from(["none", "none", "truncate", "nul", "bytes", "utf16",
                                      "gzip", "bad-gzip", "bom", "dup-key", "deep"]))
     headers = {"Content-Type": draw(st.sampled_from(
@@ -169,7 +169,7 @@ def hostile_requests(draw):
     elif mutation == "bytes":
         raw += draw(st.binary(max_size=40))
     elif mutation == "utf16":
-        raw = text.encode("utf-16")
+        raw = text.encode("utf-16", errors="surrogatepass")
         headers["Content-Type"] += draw(st.sampled_from(["", "; charset=utf-16"]))
     elif mutation == "gzip":
         raw = gzip.compress(raw)
