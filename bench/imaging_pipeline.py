@@ -277,6 +277,11 @@ def main() -> int:
 
         orthanc = Orthanc(work / "orthanc")
         orthanc.start()
+        # the configured PACS: a study's recorded endpoint is provenance, never fetched from
+        env["PACS_DICOMWEB_URL"] = os.environ["PACS_DICOMWEB_URL"] = orthanc.dicomweb
+        from django.conf import settings
+
+        settings.PACS_DICOMWEB_URL = orthanc.dicomweb
 
         # --- data: SYNTHETIC phantoms, on disk (engine baseline) and in Orthanc (STOW-RS) ----
         started = time.perf_counter()

@@ -205,6 +205,13 @@ DEFAULT_CARE_TEAM = env.str("DEFAULT_CARE_TEAM", default="fracture-liaison")
 
 # --- Integrations -----------------------------------------------------------------------------
 FHIR_MAX_PAYLOAD_BYTES = env.int("FHIR_MAX_PAYLOAD_BYTES", default=50 * 1024 * 1024)
+# Deepest nesting of JSON arrays/objects a FHIR payload may have (checked before parsing:
+# a Bundle of resources is ~12 deep; ~150 nested extensions exhaust the FHIR models' stack).
+FHIR_MAX_JSON_DEPTH = env.int("FHIR_MAX_JSON_DEPTH", default=64)
+# Most entries in one Bundle, and most items in any other JSON array of a FHIR payload (413:
+# bounds the work one request can ask for within the size limit).
+FHIR_MAX_BUNDLE_ENTRIES = env.int("FHIR_MAX_BUNDLE_ENTRIES", default=10_000)
+FHIR_MAX_ARRAY_ITEMS = env.int("FHIR_MAX_ARRAY_ITEMS", default=1_000)
 DATA_UPLOAD_MAX_MEMORY_SIZE = FHIR_MAX_PAYLOAD_BYTES + 1024 * 1024
 PACS_DICOMWEB_URL = env.str("PACS_DICOMWEB_URL", default="")
 PACS_DICOMWEB_USERNAME = env.str("PACS_DICOMWEB_USERNAME", default="")
@@ -219,6 +226,9 @@ PACS_EXPORT_MIN_CONFIDENCE = env.float("PACS_EXPORT_MIN_CONFIDENCE", default=0.9
 if not 0 <= PACS_EXPORT_MIN_CONFIDENCE <= 1:
     raise environ.ImproperlyConfigured("PACS_EXPORT_MIN_CONFIDENCE must be between 0 and 1")
 PACS_EXPORT_EVERY_SECONDS = env.int("PACS_EXPORT_EVERY_SECONDS", default=60)
+# Further DICOMweb endpoints of the site a study's recorded endpoint may select (without the
+# PACS credentials); any other recorded address is provenance only, never contacted.
+PACS_DICOMWEB_ALLOWED_URLS = env.list("PACS_DICOMWEB_ALLOWED_URLS", default=[])
 READYZ_PACS_TIMEOUT_SECONDS = env.float("READYZ_PACS_TIMEOUT_SECONDS", default=2.0)
 DICOM_STORAGE_ROOT = Path(env.str("DICOM_STORAGE_ROOT", default=str(VAR_DIR / "dicom")))
 DICOM_SCP_AE_TITLE = env.str("DICOM_SCP_AE_TITLE", default="VBQREGISTRY")

@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from integrations.models import DicomExport, InboundMessage
+from integrations.models import DicomExport, HeldResource, InboundMessage
 
 
 @admin.register(InboundMessage)
@@ -27,3 +27,22 @@ class DicomExportAdmin(admin.ModelAdmin):
 
         for pk in queryset.values_list("pk", flat=True):
             dicom_export_resend(export_id=pk)
+@admin.register(HeldResource)
+class HeldResourceAdmin(admin.ModelAdmin):
+    """Resources waiting for their patient, and those PARKED because applying them failed
+    (``error`` says why): an admin fixes the cause and retries them (the next delivery of
+    that patient applies them)."""
+
+    list_display = ("id", "resource_type", "feed", "received_at", "applied_at", "parked_at",
+                    "error")
+    list_filter = ("resource_type", ("parked_at", admin.EmptyFieldListFilter),
+                   ("applied_at", admin.EmptyFieldListFilter))
+    exclude = ("resource",)  # the resource holds PHI: not shown
+    readonly_fields = ("feed", "reference_key", "resource_type", "received_at", "applied_at",
+                       "parked_at", "error")
+    actions = ("retry",)
+
+    @admin.action(description="Retry at the next delivery of the patient (un-park)")
+    def retry(self, request, queryset):  # type: ignore[no-untyped-def]
+        count = queryset.filter(applied_at__isnull=True).update(parked_at=None)
+        self.message_user(request, f"{count} held resource(s) will be tried again")

@@ -16,9 +16,11 @@ class InboundMessage(models.Model):
     channel = models.CharField(max_length=30, help_text="fhir-rest | fhir-bulk | dicom | ...")
     received_at = models.DateTimeField(auto_now_add=True, db_index=True)
     content_type = models.CharField(max_length=100, blank=True)
-    sha256 = models.CharField(max_length=64, db_index=True)
+    sha256 = models.CharField(max_length=64, db_index=True, help_text="of the bytes received")
     size_bytes = models.PositiveBigIntegerField()
-    body = models.TextField()
+    # The bytes exactly as received (compressed, UTF-16, with NULs: whatever was sent), so
+    # that a refused payload is kept as faithfully as an accepted one.
+    body = models.BinaryField()
     outcome = models.CharField(max_length=10, choices=Outcome.choices, default="received")
     status_code = models.PositiveSmallIntegerField(null=True, blank=True)
     summary = models.JSONField(default=dict, blank=True)
@@ -29,7 +31,8 @@ class InboundMessage(models.Model):
 
 class HeldResource(models.Model):
     """A resource that referenced a patient the registry did not know yet. Kept, not dropped,
-    and applied when that Patient arrives (``integrations.fhir.ingest.release_held``)."""
+    and applied when that Patient arrives (``integrations.fhir.ingest.release_held``), or
+    parked with the reason when it then cannot be applied."""
 
     feed = models.ForeignKey(Feed, null=True, blank=True, on_delete=models.SET_NULL)
     reference_key = models.CharField(max_length=400, db_index=True)
@@ -37,6 +40,9 @@ class HeldResource(models.Model):
     resource = models.JSONField()
     received_at = models.DateTimeField(auto_now_add=True)
     applied_at = models.DateTimeField(null=True, blank=True)
+    # Set when applying it failed (``error`` says why): not tried again by later deliveries
+    # of the patient; clearing it (admin action) lets the next delivery try again.
+    parked_at = models.DateTimeField(null=True, blank=True, db_index=True)
     error = models.CharField(max_length=500, blank=True)
 
     def __str__(self) -> str:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from django.conf import settings
 from django.db import transaction
 from django.db.models import Max, QuerySet
 from django.utils import timezone
@@ -80,16 +79,15 @@ def series_source(result: VbqResult) -> Any:
         raise ReviewError("this result has no image series", code="no-series")
     if series.local_path and Path(series.local_path).is_dir():
         return series.local_path
-    base = series.study.endpoint_url or settings.PACS_DICOMWEB_URL
-    if not base:
+    from integrations.dicom.dicomweb import FetchError, configured_endpoint, fetch_study_series
+
+    # the study's recorded endpoint is provenance: only a configured PACS is contacted
+    if not configured_endpoint(series.study.endpoint_url)[0]:
         raise ReviewError("the images of this series are not stored here and no PACS is "
                           "configured", code="no-images")
-    from integrations.dicom.dicomweb import FetchError, fetch_series
-
     try:
-        return fetch_series(base, series.study.study_instance_uid, series.series_instance_uid,
-                            username=settings.PACS_DICOMWEB_USERNAME,
-                            password=settings.PACS_DICOMWEB_PASSWORD)
+        return fetch_study_series(series.study.endpoint_url, series.study.study_instance_uid,
+                                  series.series_instance_uid)
     except FetchError as exc:
         raise ReviewError(f"the PACS did not return the series: {exc}", code="pacs") from exc
 

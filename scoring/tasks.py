@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import shared_task
-from django.conf import settings
 from django.db import OperationalError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -167,16 +166,15 @@ def _claim_orm(result_id: int) -> _Claimed | None:
 def _load_source(job: _Claimed):  # type: ignore[no-untyped-def]
     from pathlib import Path
 
-    from integrations.dicom.dicomweb import PermanentFetchError, fetch_series
+    from integrations.dicom.dicomweb import PermanentFetchError, fetch_study_series
 
     if job.local_path and Path(job.local_path).is_dir():
         return job.local_path
-    base = job.endpoint_url or settings.PACS_DICOMWEB_URL
-    if not base or not job.series_instance_uid:
+    if not job.series_instance_uid:
         raise PermanentFetchError("no PACS endpoint and no local copy for this series")
-    return fetch_series(base, job.study_instance_uid, job.series_instance_uid,
-                        username=settings.PACS_DICOMWEB_USERNAME,
-                        password=settings.PACS_DICOMWEB_PASSWORD)
+    # the study's recorded endpoint is provenance: only a configured PACS is contacted
+    return fetch_study_series(job.endpoint_url, job.study_instance_uid,
+                              job.series_instance_uid)
 
 
 def _reevaluate_followup(patient_id: Any) -> None:

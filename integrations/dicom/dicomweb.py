@@ -3,6 +3,11 @@
 Errors are classified for the job's retry policy: ``TransientFetchError`` (PACS unreachable,
 timeouts, HTTP 5xx/429) is retried with backoff; ``PermanentFetchError`` (404, other 4xx, an
 empty series) is not.
+
+Only CONFIGURED endpoints are ever contacted (``fetch_study_series``): the DICOMweb address a
+feed records on an ImagingStudy (FHIR ``Endpoint.address``) is provenance, data sent by the
+feed, never a destination by itself, and the PACS credentials go to ``PACS_DICOMWEB_URL``
+only.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 
 import requests
 from dicomweb_client.api import DICOMwebClient
+from django.conf import settings
 from pydicom.dataset import Dataset
 
 
@@ -103,6 +109,31 @@ def fetch_series(base_url: str, study_uid: str, series_uid: str, *, username: st
     if not datasets:
         raise PermanentFetchError("the PACS returned no instance for this series")
     return datasets
+
+
+def configured_endpoint(recorded: str = "") -> tuple[str, str, str]:
+    """(base URL, username, password) to fetch a study whose recorded endpoint is
+    ``recorded``: that endpoint only if it is one of ``PACS_DICOMWEB_ALLOWED_URLS`` (the
+    site's further PACS, contacted without the PACS credentials), else ``PACS_DICOMWEB_URL``
+    with ``PACS_DICOMWEB_USERNAME`` / ``PASSWORD`` ("" when no PACS is configured). An
+    address a feed sent is never contacted because it was sent."""
+    main = settings.PACS_DICOMWEB_URL.strip().rstrip("/")
+    chosen = (recorded or "").strip().rstrip("/")
+    others = {url.strip().rstrip("/") for url in settings.PACS_DICOMWEB_ALLOWED_URLS}
+    if chosen and chosen != main and chosen in others:
+        return chosen, "", ""
+    return main, settings.PACS_DICOMWEB_USERNAME, settings.PACS_DICOMWEB_PASSWORD
+
+
+def fetch_study_series(recorded_endpoint: str, study_uid: str, series_uid: str
+                       ) -> list[Dataset]:
+    """``fetch_series`` from the configured endpoint for a study (``configured_endpoint``);
+    ``PermanentFetchError`` when no PACS is configured."""
+    base, username, password = configured_endpoint(recorded_endpoint)
+    if not base:
+        raise PermanentFetchError("no PACS is configured (PACS_DICOMWEB_URL) and the series "
+                                  "has no local copy")
+    return fetch_series(base, study_uid, series_uid, username=username, password=password)
 
 
 def search_series(base_url: str, study_uid: str, **auth: Any) -> list[dict[str, Any]]:

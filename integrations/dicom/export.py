@@ -2,9 +2,11 @@
 Capture (``integrations.dicom.vbq_sr``), sent with STOW-RS through an outbox with retries.
 
 Which results: ``result_may_be_exported`` (an accepted result, or an automatic one the trust
-rule lets through). Which PACS: the one the study is read from (its ``endpoint_url``, else
-``PACS_DICOMWEB_URL``), when that endpoint is listed in ``PACS_EXPORT_ENDPOINTS`` (empty by
-default: nothing is exported, as in the embedded demo).
+rule lets through). Which PACS: the configured endpoint the study is read from
+(``dicomweb.configured_endpoint``: ``PACS_DICOMWEB_URL``, or one of
+``PACS_DICOMWEB_ALLOWED_URLS`` named by the study; an address a feed sent is never contacted),
+when that endpoint is listed in ``PACS_EXPORT_ENDPOINTS`` (empty by default: nothing is
+exported, as in the embedded demo). The PACS credentials go to ``PACS_DICOMWEB_URL`` only.
 
 Flow: ``scoring.signals.vbq_result_ready`` (sent in the transaction that stores or reviews a
 result) → ``on_vbq_result_ready`` writes a ``DicomExport`` row in that same transaction, with
@@ -91,8 +93,20 @@ def endpoint_exports_enabled(base_url: str) -> bool:
 
 
 def _source_endpoint(result: VbqResult) -> str:
+    """The configured endpoint the result's study is read from ("" when none is configured)."""
+    from integrations.dicom.dicomweb import configured_endpoint
+
     study = result.series.study  # type: ignore[union-attr]
-    return _normalised(study.endpoint_url or settings.PACS_DICOMWEB_URL)
+    base, _username, _password = configured_endpoint(study.endpoint_url or "")
+    return _normalised(base) if base else ""
+
+
+def _credentials_for(base_url: str) -> tuple[str, str]:
+    """The PACS username and password, for ``PACS_DICOMWEB_URL`` only (any other configured
+    endpoint is contacted without them, as for fetching)."""
+    if base_url and _normalised(base_url) == _normalised(settings.PACS_DICOMWEB_URL):
+        return settings.PACS_DICOMWEB_USERNAME, settings.PACS_DICOMWEB_PASSWORD
+    return "", ""
 
 
 def _reviewer_name(result: VbqResult) -> str:
@@ -237,17 +251,15 @@ def _finish(row: DicomExport, *, error: str = "", permanent: bool = False) -> No
 
 def _source_series(row: DicomExport) -> Any:
     """The engine ``Series`` of the row's source series: the local copy, else WADO-RS."""
-    from integrations.dicom.dicomweb import fetch_series
+    from integrations.dicom.dicomweb import fetch_study_series
     from scoring.engine.dicom_io import read_series
 
     series = row.result.series
     if series is not None and series.local_path and Path(series.local_path).is_dir():
         return read_series(series.local_path)
     study = series.study if series is not None else None
-    base = (study.endpoint_url if study else "") or settings.PACS_DICOMWEB_URL or row.endpoint_url
-    datasets = fetch_series(base, row.study_instance_uid, row.series_instance_uid,
-                            username=settings.PACS_DICOMWEB_USERNAME,
-                            password=settings.PACS_DICOMWEB_PASSWORD)
+    datasets = fetch_study_series(study.endpoint_url if study else "", row.study_instance_uid,
+                                  row.series_instance_uid)
     return read_series(datasets)
 
 
@@ -267,9 +279,8 @@ def send_export(row: DicomExport) -> None:
         if (uids.sr_instance, uids.sc_instance) != (row.sr_sop_instance_uid,
                                                     row.sc_sop_instance_uid):
             raise ReportError("the source series is not the one the export was made for")
-        store_instances(row.endpoint_url, list(instances),
-                        username=settings.PACS_DICOMWEB_USERNAME,
-                        password=settings.PACS_DICOMWEB_PASSWORD)
+        username, password = _credentials_for(row.endpoint_url)
+        store_instances(row.endpoint_url, list(instances), username=username, password=password)
     except TransientFetchError as exc:
         _finish(row, error=str(exc))
     except (PermanentFetchError, ReportError, EngineError) as exc:

@@ -22,6 +22,7 @@ from typing import Any
 from django.db import connection
 
 from integrations.fhir.errors import FhirError
+from integrations.fhir.limits import check_columns
 from integrations.fhir.parse import fhir_datetime
 from registry import codes
 from registry.models import ExposureStatus, Patient, PatientIdentifier, RecordStatus
@@ -136,7 +137,10 @@ BULK: dict[str, Callable[..., list[tuple[Any, bool]]]] = {
 
 def _write(ctx: Context, resource_type: str, kind: str, kwargs: dict[str, Any],
            patient: Patient | None = None) -> MapResult:
-    """Write one mapped resource now, or collect it when the context collects writes."""
+    """Write one mapped resource now, or collect it when the context collects writes. Every
+    value is checked against its column first (``limits.check_columns``: 422, nothing
+    written)."""
+    check_columns(kind, kwargs, resource_type)
     if ctx.pending is not None:
         result = MapResult(resource_type, patient=patient)
         ctx.pending.append(PendingWrite(kind, kwargs, result, ctx.entry_where))
@@ -322,7 +326,7 @@ def _live(patient: Patient) -> Patient:
 
 
 def _moment(value: Any, where: str) -> dt.datetime:
-    parsed = fhir_datetime(value)
+    parsed = fhir_datetime(value, where)
     if parsed is None:
         raise FhirError.single(400, "required", "a date is required", where)
     if isinstance(parsed, dt.datetime):
@@ -356,13 +360,18 @@ def map_patient(resource: Any, ctx: Context) -> MapResult:
                                "Patient.identifier")
     name = next((n for n in resource.name or [] if n.use == "official"),
                 (resource.name or [None])[0])
-    deceased = fhir_datetime(resource.deceasedDateTime)
+    deceased = fhir_datetime(resource.deceasedDateTime, "Patient.deceasedDateTime")
+    gender = str(resource.gender) if resource.gender is not None else "unknown"
+    if gender not in GENDER:  # (fhir.resources checks a code's form, not its value set)
+        raise FhirError.single(400, "code-invalid", f"gender {gender[:40]!r} is not in FHIR's "
+                               "AdministrativeGender (male | female | other | unknown)",
+                               "Patient.gender")
     kwargs = {
         "identifiers": identifiers,
         "family_name": str(name.family or "") if name else "",
         "given_name": " ".join(name.given or []) if name else "",
-        "birth_date": fhir_datetime(resource.birthDate),
-        "sex": GENDER.get(str(resource.gender or "unknown"), "unknown"),
+        "birth_date": fhir_datetime(resource.birthDate, "Patient.birthDate"),
+        "sex": GENDER[gender],
         "deceased_on": deceased.date() if isinstance(deceased, dt.datetime) else deceased,
     }
     links = [link for link in resource.link or []
@@ -568,12 +577,12 @@ def map_medication(resource: Any, ctx: Context) -> MapResult:
     agent, rxnorm, atc = found
     patient = resolve_patient(ctx, resource.subject, f"{resource_type}.subject")
     start, end, where = _medication_dates(resource, resource_type)
-    start_day = fhir_datetime(start)
+    start_day = fhir_datetime(start, where)
     if start_day is None:
         raise FhirError.single(400, "required", "a start date is required", where)
     if isinstance(start_day, dt.datetime):
         start_day = start_day.date()
-    end_day = fhir_datetime(end)
+    end_day = fhir_datetime(end, f"{resource_type}.effectivePeriod.end")
     if isinstance(end_day, dt.datetime):
         end_day = end_day.date()
     status = str(resource.status)

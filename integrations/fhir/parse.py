@@ -51,19 +51,40 @@ def parse_resource(data: Any, *, expression_prefix: str = "") -> Any:
             issues.append(Issue("error", code, f"{err.get('msg')}",
                                 [_location(resource_type, tuple(err.get("loc", ())))]))
         raise FhirError(400, issues) from exc
-    except (TypeError, ValueError) as exc:
-        raise FhirError.single(400, "invalid", str(exc)[:300], resource_type) from exc
+    except (TypeError, ValueError, AttributeError, KeyError, RecursionError,
+            OverflowError) as exc:  # (a shape the models do not handle)
+        raise FhirError.single(400, "invalid", f"{type(exc).__name__}: {exc}"[:300],
+                               where if expression_prefix else resource_type) from exc
 
 
-def fhir_datetime(value: Any) -> dt.datetime | dt.date | None:
-    """fhir.resources gives datetime/date objects (or strings for partial dates)."""
+# Dates the registry accepts: anything outside is a data error (and, at the extremes, a
+# date whose conversion to UTC or to the clinic's day would overflow Python's datetime).
+EARLIEST_YEAR = 1800
+LATEST_YEAR = 2200
+
+
+def fhir_datetime(value: Any, where: str = "") -> dt.datetime | dt.date | None:
+    """fhir.resources gives datetime/date objects (or strings for partial dates). A date or
+    time outside the years ``EARLIEST_YEAR``–``LATEST_YEAR`` (checked before any time zone
+    conversion, so an offset of -12:00 on 9999-12-31 cannot overflow) or a partial date that
+    is not a date is a 422 naming ``where``."""
     if value is None:
         return None
     if isinstance(value, dt.datetime | dt.date):
-        return value
-    text = str(value)
-    if len(text) == 4:
-        return dt.date(int(text), 1, 1)
-    if len(text) == 7:
-        return dt.date(int(text[:4]), int(text[5:7]), 1)
-    return dt.date.fromisoformat(text[:10])
+        parsed = value
+    else:
+        text = str(value)
+        try:
+            if len(text) == 4:
+                parsed = dt.date(int(text), 1, 1)
+            elif len(text) == 7:
+                parsed = dt.date(int(text[:4]), int(text[5:7]), 1)
+            else:
+                parsed = dt.date.fromisoformat(text[:10])
+        except ValueError as exc:
+            raise FhirError.single(400, "value", f"{text[:40]!r} is not a date",
+                                   where) from exc
+    if not EARLIEST_YEAR <= parsed.year <= LATEST_YEAR:
+        raise FhirError.single(422, "value", f"the year {parsed.year} is outside the "
+                               f"registry's range ({EARLIEST_YEAR}–{LATEST_YEAR})", where)
+    return parsed

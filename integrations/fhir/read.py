@@ -3,9 +3,15 @@ other apps register more (e.g. scoring adds ``Observation`` for VBQ results)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
+from django.db.models import Q
+
+from integrations.fhir.errors import FhirError
+from integrations.fhir.guard import check_query
 from registry import codes
 from registry.models import Fracture, Patient, PatientIdentifier, Procedure, TherapyExposure
 
@@ -130,9 +136,98 @@ READERS: dict[str, Callable[[str], dict[str, Any] | None]] = {
 
 
 def read(location: str) -> dict[str, Any] | None:
+    """The resource at ``Type/id``, or ``None`` (unknown type, or an id that cannot name a
+    row: not a UUID for a Patient, not a number for the others)."""
     resource_type, _, pk = location.partition("/")
     reader = READERS.get(resource_type)
-    return reader(pk) if reader and pk else None
+    if reader is None or not pk:
+        return None
+    if resource_type == "Patient":
+        try:
+            uuid.UUID(pk)
+        except ValueError:
+            return None
+    elif not (pk.isascii() and pk.isdigit() and len(pk) <= 18):
+        return None
+    return reader(pk)
+
+
+# --- conditions and searches: ``identifier`` tokens only ---------------------------------------
+SEARCHABLE = ("Patient", "Procedure", "Condition", "Encounter", "MedicationRequest",
+              "MedicationDispense", "MedicationAdministration", "MedicationStatement",
+              "ImagingStudy")
+
+
+def parse_condition(query: str, where: str, *, search: bool = False
+                    ) -> list[tuple[str | None, str | None]]:
+    """The ``identifier`` tokens of a condition or search query (``If-None-Exist``, a
+    conditional update's query string, a search): ``system|value``, ``value`` (any system),
+    ``|value`` (no system), ``system|`` (any value). Any other parameter, or none, is 400
+    (``FhirError``): a condition the server cannot evaluate must not silently match nothing.
+    ``search``: result parameters (``_format``, ``_count``...) are ignored."""
+    params = parse_qsl(query, keep_blank_values=True)
+    if not params:
+        raise FhirError.single(400, "invalid", "the condition must be identifier=system|value",
+                               where)
+    tokens: list[tuple[str | None, str | None]] = []
+    for name, token in params:
+        if search and name.startswith("_"):  # _format, _count, ...: a search may ignore them
+            continue
+        if name != "identifier":
+            raise FhirError.single(400, "not-supported", f"the search parameter {name[:40]!r} "
+                                   "is not supported here (identifier only)", where)
+        check_query(token, where)
+        if not token:
+            raise FhirError.single(400, "invalid", "identifier needs a value", where)
+        system, sep, value = token.partition("|")
+        tokens.append((system, value or None) if sep else (None, token))
+    return tokens
+
+
+def _token_filter(system_field: str, value_field: str, system: str | None,
+                  value: str | None) -> Q:
+    q = Q()
+    if system is not None:
+        q &= Q(**{system_field: system})
+    if value is not None:
+        q &= Q(**{value_field: value})
+    return q
+
+
+def _matches(resource_type: str, system: str | None, value: str | None,
+             limit: int) -> list[str]:
+    if resource_type == "Patient":
+        ids = (PatientIdentifier.objects.filter(_token_filter("system", "value", system, value))
+               .values_list("patient_id", flat=True).distinct()[:limit])
+        return [f"Patient/{pk}" for pk in ids]
+    if resource_type == "ImagingStudy":
+        from scoring.models import ImagingStudy
+
+        q = _token_filter("identifier_system", "identifier_value", system, value)
+        if system == "urn:dicom:uid" and value is not None:
+            q |= Q(study_instance_uid=value.removeprefix("urn:oid:"))
+        ids = ImagingStudy.objects.filter(q).values_list("pk", flat=True)[:limit]
+        return [f"ImagingStudy/{pk}" for pk in ids]
+    model = {"Procedure": Procedure, "Condition": Fracture, "Encounter": Fracture}.get(
+        resource_type, TherapyExposure if resource_type.startswith("Medication") else None)
+    if model is None:
+        return []
+    ids = model.objects.filter(_token_filter("identifier_system", "identifier_value", system,
+                                             value)).values_list("pk", flat=True)[:limit]
+    shown = "Condition" if resource_type == "Encounter" else resource_type
+    return [f"{shown}/{pk}" for pk in ids]
+
+
+def find_matches(resource_type: str, tokens: list[tuple[str | None, str | None]],
+                 limit: int = 2) -> list[str]:
+    """Locations of the resources matching EVERY token (several ``identifier`` parameters
+    are AND), at most ``limit``: a conditional create or update needs to know 0, 1 or more."""
+    each = limit if len(tokens) == 1 else 10_000
+    found: list[str] | None = None
+    for system, value in tokens:
+        matches = _matches(resource_type, system, value, each)
+        found = matches if found is None else [m for m in found if m in set(matches)]
+    return (found or [])[:limit]
 
 
 def find_by_identifier(resource_type: str, token: str) -> str | None:
@@ -140,24 +235,23 @@ def find_by_identifier(resource_type: str, token: str) -> str | None:
     system, sep, value = token.partition("|")
     if not sep or not value:
         return None
-    if resource_type == "Patient":
-        ident = PatientIdentifier.objects.filter(system=system, value=value).first()
-        return f"Patient/{ident.patient_id}" if ident else None
-    model = {"Procedure": Procedure, "Condition": Fracture, "Encounter": Fracture}.get(
-        resource_type, TherapyExposure if resource_type.startswith("Medication") else None)
-    if model is None:
-        return None
-    obj = model.objects.filter(identifier_system=system, identifier_value=value).first()
-    shown = "Condition" if resource_type == "Encounter" else resource_type
-    return f"{shown}/{obj.pk}" if obj else None
+    found = find_matches(resource_type, [(system, value)], limit=1)
+    return found[0] if found else None
 
 
-def search(resource_type: str, token: str) -> dict[str, Any]:
-    location = find_by_identifier(resource_type, token) if token else None
+def search(resource_type: str, query: str, limit: int = 50) -> dict[str, Any]:
+    """``GET /fhir/<Type>?identifier=system|value``: a searchset Bundle (no parameter:
+    empty). A search names whole identifiers (both parts): a partial token (``value``,
+    ``system|``) would let a feed list the registry's patients, so it is 400."""
     entries = []
-    if location:
-        body = read(location)
-        if body:
-            entries.append({"fullUrl": location, "resource": body})
+    if query.strip("&"):
+        tokens = parse_condition(query, f"{resource_type}?identifier", search=True)
+        if any(not (system and value) for system, value in tokens):
+            raise FhirError.single(400, "not-supported", "a search needs "
+                                   "identifier=system|value", f"{resource_type}?identifier")
+        for location in find_matches(resource_type, tokens, limit):
+            body = read(location)
+            if body:
+                entries.append({"fullUrl": location, "resource": body})
     return {"resourceType": "Bundle", "type": "searchset", "total": len(entries),
             "entry": entries}

@@ -15,6 +15,13 @@ anything stores the payload with its error in one INSERT, except a transaction b
 while parsing its entries (inside its first attempt, after ``_store_at_begin``): a ROLLBACK
 and an UPDATE of the stored row.
 Errors always answer an OperationOutcome with the right 4xx — never a 5xx for bad input.
+
+Every write goes through the validation layer (``integrations.fhir.guard``) before anything
+is parsed as FHIR: the body is read (a chunked body too, where the server marks
+``wsgi.input_terminated``), its size capped, decoded per ``Content-Encoding`` and charset,
+its nesting depth capped, JSON parsed strictly and every string checked; the payload is
+stored as the bytes received whatever the outcome. Reads and searches need the feed's
+scope for the resource type, as writes do.
 """
 
 from __future__ import annotations
@@ -27,17 +34,19 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
-from django.db import IntegrityError, connection, transaction
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.db import DataError, IntegrityError, connection, transaction
+from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from config.ratelimit import RateLimited, feed_from_request
-from integrations.fhir import read
+from integrations.fhir import guard, read
 from integrations.fhir.errors import FhirError, Issue, operation_outcome, rule_violation
 from integrations.fhir.ingest import (
     EntryOutcome,
     apply_resource,
+    check_entry,
+    conditional_outcome,
     process_batch,
     process_transaction,
 )
@@ -79,38 +88,95 @@ def _feed(request: HttpRequest) -> Feed:
     return feed
 
 
-def _check_size(request: HttpRequest) -> None:
-    """413 when the payload is over ``FHIR_MAX_PAYLOAD_BYTES``: by its Content-Length before
-    reading it, else (chunked) once read."""
-    length = int(request.headers.get("Content-Length") or 0)
-    if length > settings.FHIR_MAX_PAYLOAD_BYTES or len(request.body) > (
-        settings.FHIR_MAX_PAYLOAD_BYTES
-    ):
-        raise FhirError.single(413, "too-costly", "the payload is larger than "
-                               f"{settings.FHIR_MAX_PAYLOAD_BYTES} bytes")
+JSON_TYPES = {FHIR_JSON, "application/json", "application/json+fhir"}
+
+
+def _declared_length(request: HttpRequest) -> int:
+    text = request.META.get("CONTENT_LENGTH") or ""
+    try:
+        length = int(text) if text.strip() else 0
+    except ValueError as exc:
+        raise FhirError.single(400, "structure", "Content-Length is not a number") from exc
+    if length < 0:
+        raise FhirError.single(400, "structure", "Content-Length is negative")
+    return length
+
+
+def _chunked(request: HttpRequest) -> bool:
+    """A body sent with ``Transfer-Encoding: chunked`` (no Content-Length) that the server
+    de-chunks and terminates (``wsgi.input_terminated``, as gunicorn does): Django reads no
+    body without a Content-Length, so it is read from the WSGI input here."""
+    return (not request.META.get("CONTENT_LENGTH")
+            and "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+            and bool(request.META.get("wsgi.input_terminated")))
+
+
+def _raw_body(request: HttpRequest) -> bytes:
+    """The bytes received, at most ``FHIR_MAX_PAYLOAD_BYTES`` (413 past it: by the declared
+    Content-Length before reading anything, else once read)."""
+    limit = settings.FHIR_MAX_PAYLOAD_BYTES
+    if _declared_length(request) > limit:
+        raise guard.too_large()
+    if _chunked(request) and not getattr(request, "_read_started", False):
+        stream = request.META["wsgi.input"]
+        parts, size = [], 0
+        while size <= limit:
+            part = stream.read(min(1 << 20, limit + 1 - size))
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
+        raw = b"".join(parts)
+        request._body = raw  # type: ignore[attr-defined]  # (what request.body returns)
+        request._read_started = True  # type: ignore[attr-defined]
+    else:
+        raw = request.body
+    if len(raw) > limit:
+        raise guard.too_large()
+    return raw
 
 
 def _body(request: HttpRequest) -> Any:
+    """The validated JSON of a write (``guard``): 415 for another media type, an unknown
+    Content-Encoding or charset; 400 for bad bytes, bad JSON, too deep a nesting, a
+    forbidden character, a repeated key, another feed's namespace (403)."""
     content_type = request.content_type or ""
-    if content_type not in {FHIR_JSON, "application/json"}:
-        raise FhirError.single(415, "not-supported",
-                               f"Content-Type must be {FHIR_JSON} (got {content_type or 'none'})")
-    try:  # (its size was checked by ``_received``, as the request was authenticated)
-        return json.loads(request.body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FhirError.single(400, "structure", f"the body is not valid JSON: {exc}") from exc
+    if content_type not in JSON_TYPES:
+        raise FhirError.single(415, "not-supported", f"Content-Type must be {FHIR_JSON} "
+                               f"(got {content_type[:60] or 'none'})")
+    text = guard.decode_body(request.body,  # (read and size-checked by ``_received``)
+                             content_encoding=request.headers.get("Content-Encoding", ""),
+                             charset=request.content_params.get("charset"))
+    document = guard.loads(text)
+    feed: Feed = request.feed  # type: ignore[attr-defined]
+    guard.check_document(document, feed_name=feed.name)
+    return document.data
+
+
+def _clean(text: str) -> str:
+    """Text for a stored summary (jsonb: no NUL, no control character)."""
+    return guard.FORBIDDEN_CHARS.sub("\ufffd", text)
 
 
 def _received(request: HttpRequest, feed: Feed) -> InboundMessage:
     """The raw payload of an AUTHENTICATED request, as a not yet saved ``InboundMessage``: the
-    body is read here (413 over the size limit, nothing stored); ``_store`` writes it."""
-    _check_size(request)
-    raw = request.body
-    return InboundMessage(
-        feed=feed, channel="fhir-rest", content_type=(request.content_type or "")[:100],
-        sha256=hashlib.sha256(raw).hexdigest(), size_bytes=len(raw),
-        body=raw.decode("utf-8", "replace"), received_at=timezone.now(),
-    )
+    body is read here; ``_store`` writes it. Over the size limit: 413, and the message is
+    stored without its body (``size_bytes`` the declared length)."""
+    message = InboundMessage(
+        feed=feed, channel="fhir-rest",
+        content_type=_clean(request.META.get("CONTENT_TYPE", ""))[:100],
+        sha256="", size_bytes=0, body=b"", received_at=timezone.now())
+    try:
+        raw = _raw_body(request)
+    except FhirError as exc:
+        declared = str(request.META.get("CONTENT_LENGTH") or "").strip()
+        message.size_bytes = int(declared) if declared.isdigit() else 0
+        exc.message = message  # type: ignore[attr-defined]  # stored by ``_guarded``
+        raise
+    message.sha256 = hashlib.sha256(raw).hexdigest()
+    message.size_bytes = len(raw)
+    message.body = raw
+    return message
 
 
 def _outcome_fields(status: int, summary: dict[str, Any]) -> dict[str, Any]:
@@ -310,6 +376,12 @@ def _record_outcome(message: InboundMessage
     return record
 
 
+# Errors that only bad input can raise past the validation layer (a database DataError: a
+# value out of a column's range or encoding; Python's on a shape nothing checked).
+UNPROCESSABLE = (DataError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+                 RecursionError, OverflowError)
+
+
 def _guarded(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
     """Authenticate (before the body is read), size-check, run the handler, store the raw
     payload with its outcome; turn every FhirError into an OperationOutcome."""
@@ -319,7 +391,11 @@ def _guarded(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse
         try:
             feed = _feed(request)  # 401/429 here: the body is never read, nothing stored
             if request.method in {"POST", "PUT"}:
-                message = _received(request, feed)
+                try:
+                    message = _received(request, feed)
+                except FhirError as exc:
+                    message = getattr(exc, "message", None)
+                    raise
             request.feed = feed  # type: ignore[attr-defined]
             request.inbound_message = message  # type: ignore[attr-defined]
             response = handler(request, *args, **kwargs)
@@ -327,8 +403,17 @@ def _guarded(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse
                     getattr(response, "vbq_summary", {"status": response.status_code}))
             return response
         except FhirError as exc:
-            _finish(message, exc.status, {"error": str(exc)[:500]})
+            _finish(message, exc.status, {"error": _clean(str(exc))[:500]})
             return _outcome(exc)
+        except UNPROCESSABLE as exc:
+            # Input the checks above did not foresee (the request's writes, each inside its
+            # transaction or savepoint, were rolled back): 422, logged as the defect it is.
+            logger.exception("FHIR request of feed %s could not be processed",
+                             message.feed_id if message else None)
+            error = FhirError.single(422, "processing", "the request could not be processed "
+                                     f"({type(exc).__name__}); nothing of it was written")
+            _finish(message, 422, {"error": type(exc).__name__})
+            return _outcome(error)
         except Exception as exc:  # a bug or the database gone: record it if we still can
             try:
                 _finish(message, 500, {"error": type(exc).__name__})
@@ -398,16 +483,26 @@ def root(request: HttpRequest) -> HttpResponse:
 def _check_type(resource_type: str, data: Any) -> None:
     if resource_type not in MAPPERS:
         raise FhirError.single(404, "not-supported", f"{resource_type} is not supported")
-    if isinstance(data, dict) and data.get("resourceType") != resource_type:
+    if not isinstance(data, dict):
+        raise FhirError.single(400, "structure", "the body must be a JSON object (a resource)")
+    if data.get("resourceType") != resource_type:
         raise FhirError.single(400, "invalid", f"the body is not a {resource_type}",
                                "resourceType")
 
 
-def _single(request: HttpRequest, resource_type: str, data: Any) -> HttpResponse:
+def _single(request: HttpRequest, resource_type: str, data: Any,
+            entry: dict[str, Any] | None = None) -> HttpResponse:
+    """Apply one resource in its own transaction (after the payload was stored); ``entry``:
+    the request as a bundle entry, whose condition (``conditional_outcome``) is evaluated
+    inside that transaction."""
     ctx, allowed = _ctx(request)
     _store_first(request.inbound_message)  # type: ignore[attr-defined]
     try:
         with transaction.atomic():
+            decided = conditional_outcome(entry, "HTTP") if entry else None
+            if decided is not None:
+                return _response(read.read(decided.location) or {}, 200,
+                                 Location=decided.location)
             outcome = apply_resource(data, ctx, allowed=allowed)
     except IntegrityError as exc:  # a database rule (422) or a concurrent writer (409)
         raise rule_violation(exc) or FhirError.single(
@@ -421,29 +516,69 @@ def _single(request: HttpRequest, resource_type: str, data: Any) -> HttpResponse
     return _response(body or operation_outcome(outcome.issues), outcome.status, **headers)
 
 
+def _check_read_scope(request: HttpRequest, resource_type: str) -> None:
+    """Reads and searches need the feed's scope for the type, as writes do (403)."""
+    if resource_type not in read.READERS:
+        raise FhirError.single(404, "not-supported", f"{resource_type} cannot be read here")
+    feed: Feed = request.feed  # type: ignore[attr-defined]
+    if not feed.allows(resource_type):
+        raise FhirError.single(403, "forbidden", f"this feed may not read {resource_type} "
+                               "resources")
+
+
+# Result parameters a client may add to any request (FHIR's ``_format``, ``_pretty``):
+# ignored, never taken for a condition.
+RESULT_PARAMETERS = {"_format", "_pretty"}
+
+
+def _query(request: HttpRequest) -> str:
+    """The query string without the result parameters (``RESULT_PARAMETERS``)."""
+    text = request.META.get("QUERY_STRING", "")
+    if "_format" not in text and "_pretty" not in text:
+        return text
+    parts = [p for p in text.split("&") if p and p.split("=", 1)[0] not in RESULT_PARAMETERS]
+    return "&".join(parts)
+
+
+def _no_if_match(request: HttpRequest) -> None:
+    if request.headers.get("If-Match") is not None:
+        raise FhirError.single(412, "conflict", "the registry keeps no resource versions: an "
+                               "If-Match precondition cannot be met")
+
+
 @_guarded
 def type_level(request: HttpRequest, resource_type: str) -> HttpResponse:
-    """``POST /fhir/<Type>`` (create; ``If-None-Exist: identifier=system|value`` honoured, and
-    creates are upserts by identifier anyway), ``PUT /fhir/<Type>?identifier=system|value``
-    (conditional update), ``GET /fhir/<Type>?identifier=`` (search by identifier)."""
+    """``POST /fhir/<Type>`` (create; ``If-None-Exist: identifier=...``: one match answers it
+    unchanged, two or more 412; creates are upserts by identifier anyway),
+    ``PUT /fhir/<Type>?identifier=...`` (conditional update: none or one match applies it,
+    two or more 412), ``GET /fhir/<Type>?identifier=`` (search by identifier). Conditions
+    take ``identifier`` tokens only (another parameter is 400)."""
+    query = _query(request)
     if request.method == "GET":
-        return _response(read.search(resource_type, request.GET.get("identifier", "")))
+        _check_read_scope(request, resource_type)
+        return _response(read.search(resource_type, query))
     if request.method not in {"POST", "PUT"}:
         raise FhirError.single(405, "not-supported", "use POST or PUT")
     data = _body(request)
     _check_type(resource_type, data)
-    condition = request.headers.get("If-None-Exist", "") if request.method == "POST" else (
-        "identifier=" + request.GET.get("identifier", "") if request.GET.get("identifier")
-        else "")
-    if request.method == "PUT" and not condition:
-        raise FhirError.single(400, "required", "conditional update needs ?identifier=s|v")
-    if condition:
-        existing = read.find_by_identifier(resource_type, condition.removeprefix("identifier="))
-        if existing is None and "|" not in condition:
-            raise FhirError.single(400, "invalid", "the condition must be identifier=system|value")
-        if existing and request.method == "POST":
-            return _response(read.read(existing) or {}, 200, Location=existing)
-    return _single(request, resource_type, data)
+    _no_if_match(request)
+    if request.method == "PUT":
+        if not query:
+            raise FhirError.single(400, "required", "a PUT needs an id in the URL or a "
+                                   "condition (?identifier=system|value)")
+        entry = {"resource": data, "request": {"method": "PUT",
+                                               "url": f"{resource_type}?{query}"}}
+    elif "If-None-Exist" in request.headers:
+        entry = {"resource": data, "request": {
+            "method": "POST", "url": resource_type,
+            "ifNoneExist": request.headers["If-None-Exist"]}}
+    else:
+        if query:
+            raise FhirError.single(400, "not-supported", "a create takes no query parameters")
+        entry = None
+    if entry is not None:  # its condition is checked before the payload's first write
+        check_entry(0, entry, at="HTTP")
+    return _single(request, resource_type, data, entry)
 
 
 def _audit_read(request: HttpRequest, resource_type: str, logical_id: str,
@@ -460,8 +595,10 @@ def _audit_read(request: HttpRequest, resource_type: str, logical_id: str,
 
 @_guarded
 def instance_level(request: HttpRequest, resource_type: str, logical_id: str) -> HttpResponse:
-    """``GET /fhir/<Type>/<id>`` reads what the registry holds; ``PUT`` updates by id."""
+    """``GET /fhir/<Type>/<id>`` reads what the registry holds (an id that names nothing,
+    or cannot, is 404); ``PUT`` updates by id."""
     if request.method == "GET":
+        _check_read_scope(request, resource_type)
         body = read.read(f"{resource_type}/{logical_id}")
         if body is None:
             raise FhirError.single(404, "not-found", f"{resource_type}/{logical_id} not found")
@@ -471,17 +608,24 @@ def instance_level(request: HttpRequest, resource_type: str, logical_id: str) ->
         raise FhirError.single(405, "not-supported", "use GET or PUT")
     data = _body(request)
     _check_type(resource_type, data)
-    if isinstance(data, dict) and data.get("id") not in (None, logical_id):
+    _no_if_match(request)
+    if _query(request):
+        raise FhirError.single(400, "not-supported", "an update by id takes no query "
+                               "parameters")
+    if data.get("id") not in (None, logical_id):
         raise FhirError.single(400, "invalid", "the resource id does not match the URL", "id")
-    if isinstance(data, dict):
-        data = {**data, "id": logical_id}
-    return _single(request, resource_type, data)
+    return _single(request, resource_type, {**data, "id": logical_id})
 
 
 @csrf_exempt
 @login_not_required
 def metadata(request: HttpRequest) -> HttpResponse:
-    """CapabilityStatement: exactly what this server supports."""
+    """CapabilityStatement: exactly what this server supports (GET and HEAD only: 405)."""
+    if request.method not in {"GET", "HEAD"}:
+        response = _outcome(FhirError.single(405, "not-supported", "metadata is read-only: "
+                                             "use GET"))
+        response["Allow"] = "GET, HEAD"
+        return response
     resources = []
     for resource_type in MAPPERS:
         interactions = [{"code": "create"}, {"code": "update"}]
@@ -516,6 +660,9 @@ def metadata(request: HttpRequest) -> HttpResponse:
     })
 
 
-def not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
-    return JsonResponse(operation_outcome([Issue("error", "not-found", "unknown FHIR path")]),
-                        status=404)
+@csrf_exempt
+@login_not_required
+def not_found(request: HttpRequest, rest: str = "") -> HttpResponse:
+    """Any other path under /fhir: a 404 OperationOutcome (not Django's HTML page)."""
+    return _response(operation_outcome([Issue("error", "not-found", "unknown FHIR path: "
+                                              "see /fhir/metadata")]), 404)

@@ -27,6 +27,8 @@ CONTAINER_ONLY = {
     "POSTGRES_USER": "compose.yml",
     "POSTGRES_PASSWORD": "compose.yml",
     "WEB_CONCURRENCY": "gunicorn.conf.py",
+    "GUNICORN_MAX_REQUESTS": "gunicorn.conf.py",
+    "GUNICORN_MAX_WORKER_MEMORY_MB": "gunicorn.conf.py",
 }
 # Settings production cannot run without (and the secure-deploy ones): must be in env.example.
 REQUIRED_IN_PRODUCTION = {
@@ -222,6 +224,12 @@ def test_runtime_requirements_are_all_pinned():
         line = line.split("#")[0].strip()
         if line:
             assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[\w.]+", line), f"unpinned: {line}"
+
+
+def test_gunicorn_recycles_workers_by_request_count_and_by_memory():
+    assert "max_requests_jitter" in GUNICORN_CONF
+    assert "def post_request(" in GUNICORN_CONF  # the memory cap
+    assert "worker.alive = False" in GUNICORN_CONF
 
 
 def test_gunicorn_access_log_leaves_out_query_strings():

@@ -126,6 +126,7 @@ URL_POLICY: dict[str, Rule] = {
     "fhir-root-slash": phi(methods=("POST",), roles=FEED_ROLES),
     "fhir-type": phi(methods=("GET", "POST"), roles=FEED_ROLES),
     "fhir-instance": phi(methods=("GET", "PUT"), roles=FEED_ROLES),
+    "fhir-not-found": public(),  # any other /fhir/... path: a 404 OperationOutcome, no data
     # --- QI reports (de-identified for qi_analyst)
     "report": Rule(allowed=REPORT_ROLES),
     "report-api": Rule(allowed=REPORT_ROLES),

@@ -3,6 +3,7 @@
 import datetime as dt
 import functools
 import json
+import os
 import time
 
 import pytest
@@ -24,14 +25,23 @@ pytestmark = [pytest.mark.orthanc]
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     if not orthanc_mod.available():
-        import os
-
         if os.environ.get("REQUIRE_SERVICES") in {"1", "true"}:
             pytest.fail("REQUIRE_SERVICES=1 but Orthanc is not installed")
         pytest.skip("Orthanc (Debian orthanc + orthanc-dicomweb) is not installed")
     server = orthanc_mod.Orthanc(tmp_path_factory.mktemp("orthanc"))
     server.start()
+    # the configured PACS (a study's recorded endpoint is provenance, never fetched from):
+    # here, and for the worker processes the tests start (their environment)
+    from django.conf import settings
+
+    saved = os.environ.get("PACS_DICOMWEB_URL"), settings.PACS_DICOMWEB_URL
+    os.environ["PACS_DICOMWEB_URL"] = settings.PACS_DICOMWEB_URL = server.dicomweb
     yield server
+    settings.PACS_DICOMWEB_URL = saved[1]
+    if saved[0] is None:
+        os.environ.pop("PACS_DICOMWEB_URL", None)
+    else:
+        os.environ["PACS_DICOMWEB_URL"] = saved[0]
     server.stop()
 
 
@@ -127,9 +137,10 @@ def test_a_wrong_modality_series_fails_with_the_reason_and_no_retry(orthanc):
 
 
 @pytest.mark.django_db
-def test_pacs_down_puts_the_job_back_in_the_queue_for_a_retry(orthanc):
+def test_pacs_down_puts_the_job_back_in_the_queue_for_a_retry(orthanc, settings):
     from celery.exceptions import Retry
 
+    settings.PACS_DICOMWEB_URL = "http://127.0.0.1:9/dicom-web"  # the configured PACS, down
     phantom = make_phantom(105, slices=5)
     study = _study(orthanc, phantom, endpoint="http://127.0.0.1:9/dicom-web")
     result = VbqResult.objects.get(series__study=study)

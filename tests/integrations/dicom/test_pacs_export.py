@@ -44,7 +44,18 @@ def orthanc(tmp_path_factory):
         pytest.skip("Orthanc (Debian orthanc + orthanc-dicomweb) is not installed")
     server = orthanc_mod.Orthanc(tmp_path_factory.mktemp("orthanc"))
     server.start()
+    # the configured PACS (a study's recorded endpoint is provenance, never contacted): here,
+    # and for the worker processes the tests start (their environment)
+    from django.conf import settings
+
+    saved = os.environ.get("PACS_DICOMWEB_URL"), settings.PACS_DICOMWEB_URL
+    os.environ["PACS_DICOMWEB_URL"] = settings.PACS_DICOMWEB_URL = server.dicomweb
     yield server
+    settings.PACS_DICOMWEB_URL = saved[1]
+    if saved[0] is None:
+        os.environ.pop("PACS_DICOMWEB_URL", None)
+    else:
+        os.environ["PACS_DICOMWEB_URL"] = saved[0]
     server.stop()
 
 
@@ -185,6 +196,48 @@ def test_exports_are_off_unless_the_endpoint_is_enabled(orthanc, settings):
 
     result_ready(result.pk)
     assert not DicomExport.objects.filter(result=result).exists()
+
+
+def test_an_export_goes_to_the_configured_pacs_never_to_an_address_a_feed_sent(
+        orthanc, settings):
+    """A study whose recorded endpoint is another address (a feed's ImagingStudy
+    Endpoint.address) is exported to the configured PACS only, even with every endpoint
+    enabled: the recorded address receives no request and no credential."""
+    import http.server
+    import threading
+
+    seen: list[str] = []
+
+    class Trap(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append(self.headers.get("Authorization", "") or self.path)
+            self.send_response(500)
+            self.end_headers()
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    trap = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trap)
+    threading.Thread(target=trap.serve_forever, daemon=True).start()
+    try:
+        settings.PACS_EXPORT_ENDPOINTS = ["*"]
+        settings.PACS_DICOMWEB_USERNAME, settings.PACS_DICOMWEB_PASSWORD = "pacs-user", "secret"
+        _, result = _scored(orthanc, CLEAN_SEEDS[4])
+        study = result.series.study
+        study.endpoint_url = f"http://127.0.0.1:{trap.server_address[1]}/dicom-web"
+        study.save(update_fields=["endpoint_url"])
+        DicomExport.objects.filter(result=result).delete()
+        from scoring.signals import result_ready
+
+        result_ready(result.pk)
+        rows = list(DicomExport.objects.filter(result=result))
+        assert [r.endpoint_url for r in rows] == [orthanc.dicomweb.rstrip("/")]
+        send_due_exports()
+    finally:
+        trap.shutdown()
+    assert seen == []
 
 
 def test_a_flagged_automatic_result_is_exported_only_once_accepted_with_its_reviewer(

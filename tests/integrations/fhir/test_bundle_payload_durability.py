@@ -157,7 +157,7 @@ def test_the_bundles_transaction_keeps_the_connections_isolation_level(token, le
     body = json.dumps(_bundle())
     message = InboundMessage(
         feed=Feed.objects.get(name="durability-ehr"), channel="fhir-rest", content_type=FHIR,
-        sha256=hashlib.sha256(body.encode()).hexdigest(), size_bytes=len(body), body=body,
+        sha256=hashlib.sha256(body.encode()).hexdigest(), size_bytes=len(body), body=body.encode(),
         received_at=timezone.now())
     connection.ensure_connection()
     pg = connection.connection

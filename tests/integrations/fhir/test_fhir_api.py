@@ -91,7 +91,7 @@ def test_a_request_cut_off_mid_write_leaves_its_raw_payload(client, token, monke
 def test_every_payload_is_stored_raw_before_parsing(client, token):
     post(client, token, "{not json")
     message = InboundMessage.objects.get()
-    assert message.body == "{not json"
+    assert bytes(message.body) == b"{not json"
     assert message.outcome == "rejected"
     assert message.status_code == 400
 

@@ -68,8 +68,8 @@ def test_one_bundle_post_costs_the_same_round_trips_as_before(client, transactio
     print(f"round trips of one authenticated bundle POST: {len(trips)}", *trips, sep="\n")
     assert len(trips) <= 7, trips
     message = InboundMessage.objects.latest("pk")
-    assert (message.feed_id, message.outcome, message.status_code, message.body) == (
-        feed.pk, "accepted", 200, json.dumps(bundle))
+    assert (message.feed_id, message.outcome, message.status_code, bytes(message.body)) == (
+        feed.pk, "accepted", 200, json.dumps(bundle).encode())
 
 
 @pytest.mark.postgres

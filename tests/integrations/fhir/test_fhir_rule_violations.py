@@ -61,6 +61,7 @@ def test_a_batch_entry_refused_by_a_database_rule_is_422_and_the_others_are_writ
     bundle = _bundle("batch", "2024-02-05T10:00:00Z")
     bundle["entry"][1]["resource"]["subject"] = {"identifier": MRN}
     late = copy.deepcopy(bundle["entry"][1])
+    late.pop("fullUrl", None)  # (a bundle's fullUrls are unique)
     late["resource"]["identifier"][0]["value"] = "SYN-HL7-PROC-EARLY"
     late["resource"]["performedDateTime"] = "1930-01-01T10:00:00Z"
     bundle["entry"].append(late)
