@@ -209,12 +209,12 @@ def test_an_export_goes_to_the_configured_pacs_never_to_an_address_a_feed_sent(
     seen: list[str] = []
 
     class Trap(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             seen.append(self.headers.get("Authorization", "") or self.path)
             self.send_response(500)
             self.end_headers()
 
-        do_POST = do_GET  # noqa: N815
+        do_POST = do_GET
 
         def log_message(self, *args):
             pass
