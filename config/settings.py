@@ -199,6 +199,8 @@ if VBQ_ALERT_VALUE not in {"excluding_fractured", "all_levels"}:
 PRE_PROCEDURE_MRI_WINDOW_DAYS = env.int("PRE_PROCEDURE_MRI_WINDOW_DAYS", default=180)
 VBQ_MISSING_AFTER_DAYS = env.int("VBQ_MISSING_AFTER_DAYS", default=14)
 ALERT_ESCALATE_AFTER_DAYS = env.int("ALERT_ESCALATE_AFTER_DAYS", default=7)
+# How long a person's resolve of an alert can be undone (worklist "Undo resolve", audited).
+ALERT_REOPEN_WINDOW_SECONDS = env.int("ALERT_REOPEN_WINDOW_SECONDS", default=24 * 3600)
 FOLLOWUP_LOOKBACK_DAYS = env.int("FOLLOWUP_LOOKBACK_DAYS", default=730)
 SMALL_CELL_MIN = env.int("SMALL_CELL_MIN", default=5)
 DEFAULT_CARE_TEAM = env.str("DEFAULT_CARE_TEAM", default="fracture-liaison")
