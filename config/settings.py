@@ -56,8 +56,9 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
-    # Login is required everywhere unless a view opts out (health checks, token-auth feeds).
-    "django.contrib.auth.middleware.LoginRequiredMiddleware",
+    # Login is required everywhere unless a view opts out (health checks, token-auth feeds);
+    # a page script whose session ended gets 401 JSON instead of a redirect.
+    "config.sessions.ScriptAwareLoginRequiredMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # A lost database connection answers 503 + Retry-After instead of 500 (config/security.py).
@@ -319,6 +320,9 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # JSON only: DRF's browsable HTML pages use inline styles and scripts that the
+    # Content-Security-Policy blocks (a broken page in a browser); /api/docs/ documents the API.
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],

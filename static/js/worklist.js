@@ -3,8 +3,8 @@
 // the status counts. Without JavaScript the forms post and redirect as before.
 //
 // Resolve asks for a confirmation inside the row (the reason in words) before it is sent.
-// A session that ended while the page was open (idle timeout) answers with a redirect to the
-// login page (or 401/403): the page then says so instead of "check the connection", keeps
+// A session that ended while the page was open (idle timeout) answers 401 (or a redirect to
+// the login page, or a 403 that is not JSON: the CSRF check): the page then says so instead of "check the connection", keeps
 // what was typed in the form (sessionStorage of this tab, cleared once put back), and offers
 // to log in again; the login sends the browser back here, where the draft is put back in its
 // form for the user to send.
@@ -30,6 +30,8 @@
   }
 
   function sessionEnded(resp) {
+    // 401: config.sessions answers a script whose session ended; a redirect to the login
+    // page is the same news from a server without that middleware.
     if (resp.status === 401) return true;
     if (resp.redirected && new URL(resp.url).pathname.indexOf("/accounts/login/") === 0) {
       return true;
