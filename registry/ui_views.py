@@ -19,13 +19,16 @@ from django.db.models import (
     Case,
     Count,
     DateTimeField,
+    DurationField,
     ExpressionWrapper,
     F,
     Min,
     OuterRef,
     Subquery,
+    Value,
     When,
 )
+from django.db.models.functions import Cast, Coalesce
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.backends.utils import csrf_input
@@ -33,6 +36,7 @@ from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html_join
+from django.utils.safestring import SafeString
 from django.views.decorators.http import require_http_methods, require_POST
 
 from registry import alerts as alert_services
@@ -59,13 +63,13 @@ from registry.services import Actor, RegistryValidationError
 from registry.timeutil import clinic_today
 
 SORTS = {
+    "due": ("Alert date (most urgent first)", ("due_on", "-escalation_level", "pk")),
     "overdue": ("Most overdue first", ("rule_due_at", "-escalation_level", "pk")),
-    "due": ("Alert date (oldest first)", ("due_on", "-escalation_level", "pk")),
     "vbq": ("VBQ (highest first)", ("-vbq_value", "due_on", "pk")),
     "days": ("Days since procedure (longest first)", ("index_on", "due_on", "pk")),
     "patient": ("Patient name", ("patient__family_name", "patient__given_name", "pk")),
 }
-DEFAULT_SORT = "overdue"
+DEFAULT_SORT = "due"
 DONE = {"acknowledge": "acknowledged", "resolve": "resolved (Undo resolve reopens it)",
         "reopen": "resolve undone, the alert is open again", "snooze": "snoozed",
         "assign-me": "assigned to you", "assign": "assigned", "note": "note added"}
@@ -90,6 +94,8 @@ def worklist(request: HttpRequest) -> HttpResponse:
     sort = request.GET.get("sort", DEFAULT_SORT)
     if sort not in SORTS:
         sort = DEFAULT_SORT
+    if sort == "overdue":
+        qs = qs.alias(rule_due_at=_rule_due())
     qs = qs.order_by(*SORTS[sort][1])
     counts = _counts()
     paginator = Paginator(qs, 25)
@@ -102,10 +108,14 @@ def worklist(request: HttpRequest) -> HttpResponse:
     urls = _url_patterns()
     alerts = list(page)
     therapies = _last_therapies({a.patient_id for a in alerts}, today)
+    row_context = _row_context(today, request)
+    actions = ActionCells(row_context, urls[0])
     rows = [_row(alert, today, urls, request.user.pk, therapies) for alert in alerts]
+    for r in rows:
+        r["actions"] = actions(r)
     return render(request, "worklist/list.html", {
         "rows": rows, "page": page, "status": status, "rule": rule, "mine": mine, "mrn": mrn,
-        "counts": counts, "rules": RULE_LABELS, **_row_context(today, request),
+        "counts": counts, "rules": RULE_LABELS, **row_context,
         "sort": sort, "sorts": {k: label for k, (label, _) in SORTS.items()},
         "sort_label": SORTS[sort][0],
         "unresolved_count": counts["unresolved"],
@@ -125,6 +135,29 @@ def _row_context(today: dt.date, request: HttpRequest) -> dict:
         "assignee_options": format_html_join(
             "", '<option value="{}">{}</option>', _alert_worker_choices()),
     }
+
+
+class ActionCells:
+    """The action forms of worklist rows (``worklist/_row_actions.html``). An unresolved row's
+    forms depend only on its status and whether it is assigned to the viewer, apart from its
+    id: they are rendered once per such pair per request, with a placeholder id replaced per
+    row (the forms are most of a row's template work). Resolved rows are rendered each."""
+
+    def __init__(self, context: dict, action_pattern: str) -> None:
+        self.context = context
+        self.action_pattern = action_pattern
+        self.rendered: dict[tuple[str, bool], str] = {}
+
+    def __call__(self, row: dict) -> SafeString:
+        if row["status"] == "resolved":
+            return SafeString(render_to_string("worklist/_row_actions.html",
+                                               {**self.context, "r": row}))
+        key = (row["status"], bool(row["mine"]))
+        if key not in self.rendered:
+            template_row = {**row, "pk": _PK, "action_url": self.action_pattern}
+            self.rendered[key] = render_to_string("worklist/_row_actions.html",
+                                                  {**self.context, "r": template_row})
+        return SafeString(self.rendered[key].replace(_PK, row["pk"]))
 
 
 def _alert_worker_choices() -> list[tuple[int, str]]:
@@ -158,14 +191,13 @@ def _alert_worker_choices() -> list[tuple[int, str]]:
 
 def _row_queryset():  # type: ignore[no-untyped-def]
     """Alerts with exactly the columns a row shows (narrow rows keep the sort and join cheap
-    on 10,000 open alerts), the patient's index-procedure day, MRN, and the day the alert's
-    rule made the patient due (``rule_due_at``: the sort key of "most overdue first")."""
+    on 10,000 open alerts), the patient's index-procedure day and MRN."""
     return Alert.objects.select_related("patient", "assignee").only(
         "id", "patient_id", "rule_id", "status", "vbq_value", "vbq_threshold",
         "escalation_level", "due_on", "resolution_reason", "resolved_at", "assignee_id",
         "patient__id", "patient__family_name", "patient__given_name", "patient__birth_date",
         "patient__is_synthetic", "assignee__id", "assignee__username",
-    ).annotate(index_on=_index_day(), mrn=_mrn()).annotate(rule_due_at=_rule_due())
+    ).annotate(index_on=_index_day(), mrn=_mrn())
 
 
 def _mrn() -> Subquery:
@@ -179,18 +211,17 @@ def _rule_days() -> dict[str, int]:
     return {HIGH_VBQ: settings.FOLLOWUP_DAYS, VBQ_MISSING: settings.VBQ_MISSING_AFTER_DAYS}
 
 
-def _rule_due() -> Case:
+def _rule_due() -> Coalesce:
     """When the patient became due for the alert's rule: the index procedure + the rule's days
-    for the index-based rules, else the day the alert opened (``due_on``). Alerts opened by a
-    sweep that caught up on old procedures all open "today"; this keeps day 718 ahead of
-    day 75."""
+    for the index-based rules, else the day the alert opened (``due_on``): the sort key of
+    "most overdue first". Alerts opened by a sweep that caught up on old procedures all open
+    on the same day; this puts day 718 ahead of day 75. It reads every unresolved alert's
+    index day (no index serves it), so it is a sort to choose, not the default one."""
     as_time = DateTimeField()
-    return Case(
-        *[When(rule_id=rule, index_on__isnull=False, then=ExpressionWrapper(
-            F("index_on") + dt.timedelta(days=days), output_field=as_time))
-          for rule, days in _rule_days().items()],
-        default=ExpressionWrapper(F("due_on") + dt.timedelta(days=0), output_field=as_time),
-        output_field=as_time)
+    offset = Case(*[When(rule_id=rule, then=Value(dt.timedelta(days=days)))
+                    for rule, days in _rule_days().items()], output_field=DurationField())
+    return Coalesce(ExpressionWrapper(F("index_on") + offset, output_field=as_time),
+                    Cast("due_on", as_time), output_field=as_time)
 
 
 def _last_therapies(patient_ids: set, today: dt.date) -> dict:
@@ -347,9 +378,10 @@ def worklist_action(request: HttpRequest, alert_id: int, action: str) -> HttpRes
         # Progressive enhancement (static/js/worklist.js): answer the re-rendered row.
         today = clinic_today()
         fresh = _row_queryset().get(pk=alert.pk)
-        html = render_to_string("worklist/_row.html", {
-            "r": _row(fresh, today, user_id=request.user.pk), **_row_context(today, request)},
-            request=request)
+        context = _row_context(today, request)
+        row = _row(fresh, today, user_id=request.user.pk)
+        row["actions"] = ActionCells(context, _url_patterns()[0])(row)
+        html = render_to_string("worklist/_row.html", {"r": row, **context}, request=request)
         return JsonResponse({"ok": ok, "message": text, "status": fresh.status, "html": html,
                              "counts": _counts()}, status=200 if ok else 400)
     (messages.success if ok else messages.error)(request, text)

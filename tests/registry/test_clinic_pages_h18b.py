@@ -154,7 +154,9 @@ def test_day_718_sorts_before_day_75_and_says_how_overdue(client, role_user, ale
     old = Alert.objects.get(patient__given_name="Longago")
     assert old.due_on == alert.due_on  # both opened today by the sweep
     client.force_login(role_user("coordinator"))
-    html = client.get(reverse("worklist")).content.decode()
+    html = client.get(reverse("worklist"), {"sort": "overdue"}).content.decode()
+    assert html.index(f'data-alert="{old.pk}"') < html.index(f'data-alert="{alert.pk}"')
+    html = client.get(reverse("worklist"), {"sort": "overdue", "status": "open"}).content.decode()
     assert html.index(f'data-alert="{old.pk}"') < html.index(f'data-alert="{alert.pk}"')
     old_row = html.split(f'data-alert="{old.pk}"')[1].split("</tr>")[0]
     new_row = html.split(f'data-alert="{alert.pk}"')[1].split("</tr>")[0]

@@ -128,6 +128,10 @@ def test_the_worklist_shows_therapy_mrn_birth_date_and_puts_the_most_overdue_fir
     ada, bea = clinic["ada"], clinic["bea"]
     page = login(browser, live_server, "demo-coordinator")
     page.goto(f"{live_server.url}/worklist/")
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    page.get_by_label("Sort").select_option("overdue")
+    page.get_by_role("button", name="Apply").click()
+    page.wait_for_url(re.compile(r".*sort=overdue"))
     headers = page.locator("#worklist-table thead th").all_inner_texts()
     for title in ("MRN", "Born", "Last therapy", "Days since procedure", "Due"):
         assert title in headers, headers
