@@ -158,7 +158,7 @@ def patient_timeline(*, patient: Patient) -> list[TimelineEntry]:
             entries.append(TimelineEntry(
                 study.started_on, "mri", study.description or f"{study.modality} study",
                 str(study.pk), {"linked": study.linked_procedure_id is not None,
-                                "link_reason": study.link_reason}))
+                                "link_reason": _readable_link_reason(study.link_reason)}))
     for result in VbqResult.objects.filter(patient=patient):
         moment = result.finished_at or result.queued_at
         value = (f"VBQ {result.vbq_excluding_fractured or result.vbq_all_levels:.2f}"
@@ -182,6 +182,19 @@ def patient_timeline(*, patient: Patient) -> list[TimelineEntry]:
              if alert.resolution_reason else ""}))
     entries.sort(key=lambda e: (e.day, e.kind))
     return entries
+
+
+# Link notes written before the text named no setting (stored rows keep their old wording).
+_LEGACY_LINK_NOTES = {
+    "no PACS endpoint (PACS_DICOMWEB_URL) and no local copy":
+        "no PACS is configured and the images are not stored here",
+}
+
+
+def _readable_link_reason(text: str) -> str:
+    for old, new in _LEGACY_LINK_NOTES.items():
+        text = text.replace(old, new)
+    return text
 
 
 def current_vbq(*, patient: Patient):  # type: ignore[no-untyped-def]

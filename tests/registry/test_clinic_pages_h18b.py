@@ -237,3 +237,16 @@ def test_the_coordinator_home_links_the_worklist_and_the_favicon_is_served(clien
     response = client.get("/favicon.ico")
     assert response.status_code == 301
     assert client.get(response["Location"]).status_code == 200
+
+
+def test_an_old_link_note_naming_a_setting_reads_in_words_on_the_patient_page(
+        client, role_user):
+    patient = PatientFactory()
+    ImagingStudy.objects.create(
+        patient=patient, study_instance_uid="2.25.1803", source="fhir", modality="MR",
+        started_at=timezone.now(), started_on=clinic_today(), description="SYNTHETIC lumbar MRI",
+        link_reason="linked; not scored: no PACS endpoint (PACS_DICOMWEB_URL) and no local copy")
+    client.force_login(role_user("clinician"))
+    html = client.get(reverse("patient-detail", args=[patient.pk])).content.decode()
+    assert "PACS_DICOMWEB_URL" not in html
+    assert "no PACS is configured and the images are not stored here" in html
