@@ -39,7 +39,7 @@ test: lint typecheck pytest
 
 # Refresh docs/screenshots/ from the browser tests (needs PostgreSQL and Debian chromium).
 screenshots: venv
-	UPDATE_SCREENSHOTS=1 $(PY) scripts/run_tests.py tests/ui/test_clinic_pages_in_chromium.py -q
+	UPDATE_SCREENSHOTS=1 $(PY) scripts/run_tests.py tests/ui/test_clinic_pages_in_chromium.py tests/ui/test_worklist_and_pages_in_chromium.py -q
 
 clean:
 	rm -rf var/ .pytest_cache .mypy_cache .ruff_cache

@@ -14,6 +14,12 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[2]
+if os.environ.get("UPDATE_SCREENSHOTS") in {"1", "true", "yes"}:
+    SHOTS = ROOT / "docs" / "screenshots"
+else:
+    SHOTS = Path(os.environ.get("UI_SCREENSHOT_DIR")
+                 or Path(os.environ.get("VAR_DIR") or "/tmp") / "ui-screenshots")
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -79,3 +85,16 @@ def login(browser, live_server, username: str, viewport=DESKTOP):
     page = new_page(browser, viewport)
     log_in(page, live_server, username)
     return page
+
+
+def shot(page, name: str) -> None:
+    """A viewport screenshot into a scratch folder, or docs/screenshots/ with
+    ``UPDATE_SCREENSHOTS=1`` (``make screenshots``); palette-reduced so the PNGs stay small."""
+    import io
+
+    from PIL import Image
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    picture = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
+    picture.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(
+        SHOTS / f"{name}.png", optimize=True)

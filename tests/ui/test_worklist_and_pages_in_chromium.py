@@ -23,7 +23,7 @@ from registry.sweep import followup_sweep
 from registry.timeutil import clinic_today
 from tests.factories import PatientFactory, TherapyExposureFactory
 from tests.registry.followup_helpers import high_vbq_patient
-from tests.ui.chromium import PASSWORD, PHONE, launch, login
+from tests.ui.chromium import PASSWORD, PHONE, launch, login, shot
 from tests.ui.data import reviewable_result
 
 pytestmark = [pytest.mark.browser, pytest.mark.postgres, pytest.mark.slow]
@@ -81,6 +81,8 @@ def test_a_note_added_on_the_worklist_shows_in_the_alert_history_with_who_and_wh
     expect(note_row).to_contain_text("demo-coordinator")
     expect(note_row).to_contain_text("Note")
     expect(history).to_contain_text("Opened")
+    history.scroll_into_view_if_needed()
+    shot(page, "alert-history")
     expect(page.locator("main")).not_to_contain_text("high-vbq-untreated-60d")
     assert page.problems == []
     page.context.close()
@@ -102,6 +104,7 @@ def test_resolve_needs_a_reason_and_a_confirmation_and_can_be_undone(
     row.get_by_role("button", name="Resolve").click()
     expect(row.locator(".confirm-panel")).to_contain_text(
         "Resolve as “Therapy declined by the patient”?")
+    shot(page, "worklist-resolve-confirm")
     row.get_by_role("button", name="Cancel").click()
     alert.refresh_from_db()
     assert alert.status == "open"  # nothing sent without the confirmation
@@ -158,6 +161,7 @@ def test_the_worklist_fits_a_390_px_phone_without_horizontal_scroll(
     width = page.evaluate("document.documentElement.scrollWidth")
     inner = page.evaluate("window.innerWidth")
     assert width <= inner, f"page is {width} px wide in a {inner} px viewport"
+    shot(page, "worklist-phone")
     button = _row(page, alert).get_by_role("button", name="Acknowledge")
     button.scroll_into_view_if_needed()
     box = button.bounding_box()
@@ -186,6 +190,7 @@ def test_a_session_that_ends_before_a_worklist_note_asks_to_log_in_and_keeps_the
     dialog = page.locator("#relogin-dialog")
     expect(dialog).to_be_visible()
     expect(dialog).to_contain_text("Your session has ended")
+    shot(page, "worklist-session-ended")
     expect(page.locator("body")).not_to_contain_text("Check the connection")
     expect(page.locator("body")).not_to_contain_text("Network error")
     assert not AlertEvent.objects.filter(alert=alert, action="note").exists()
@@ -282,4 +287,38 @@ def test_every_page_a_role_reaches_loads_without_a_console_error_or_a_failed_req
     visited = _walk(page, live_server)
     assert page.problems == [], (visited, page.problems)
     assert len(visited) >= (2 if role == "feed" else 4), visited
+    page.context.close()
+
+
+def test_the_jobs_page_says_the_session_ended_instead_of_retrying_for_ever(
+        browser, live_server, clinic):
+    page = login(browser, live_server, "demo-clinician")
+    page.goto(f"{live_server.url}/vbq/jobs/")
+    expect(page.locator("#jobs-updated")).to_contain_text("Updated")
+    Session.objects.all().delete()
+    expect(page.locator("#jobs-updated")).to_contain_text("Your session has ended",
+                                                          timeout=12_000)
+    link = page.locator("#jobs-updated").get_by_role("link", name="Log in again")
+    assert "next=%2Fvbq%2Fjobs%2F" in link.get_attribute("href")
+    assert [p for p in page.problems if "403" not in p] == []  # the API's own answer
+    page.context.close()
+
+
+def test_an_upload_after_the_session_ended_says_so_and_offers_the_login(
+        browser, live_server, clinic, tmp_path):
+    import zipfile
+
+    page = login(browser, live_server, "demo-coordinator")
+    page.goto(f"{live_server.url}/patients/{clinic['ada'].patient_id}/imaging/upload/")
+    archive = tmp_path / "empty.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("README.txt", "SYNTHETIC: not DICOM")
+    page.set_input_files("#dicom-file", str(archive))
+    Session.objects.all().delete()
+    page.click("#upload-button")
+    status = page.locator("#upload-status")
+    expect(status).to_contain_text("Your session has ended, so nothing was uploaded")
+    expect(status.get_by_role("link", name="Log in again")).to_have_attribute(
+        "href", re.compile(r"next=%2Fpatients%2F"))
+    assert [p for p in page.problems if "403" not in p] == []  # the API's own answer
     page.context.close()
