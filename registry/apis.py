@@ -195,3 +195,15 @@ class AlertNoteApi(_AlertOperationApi):
     def perform(self, alert: Alert, data: dict[str, Any], actor: Actor) -> Alert:
         alert_services.alert_add_note(alert=alert, note=data["note"], actor=actor)
         return alert
+
+
+@_describe("reopen")
+class AlertReopenApi(_AlertOperationApi):
+    """Undo a person's resolve within ``ALERT_REOPEN_WINDOW_SECONDS`` (409 outside it, or for a
+    rule's own resolution)."""
+
+    class InputSerializer(serializers.Serializer):
+        note = serializers.CharField(required=False, allow_blank=True, max_length=4000)
+
+    def perform(self, alert: Alert, data: dict[str, Any], actor: Actor) -> Alert:
+        return alert_services.alert_reopen(alert=alert, actor=actor, note=data.get("note", ""))

@@ -54,8 +54,8 @@ def test_every_api_endpoint_the_pages_call_is_in_the_openapi_schema(admin_client
                   for path, item in schema["paths"].items()
                   for method, op in item.items()}
     wanted = {"alerts_list", "alert_acknowledge", "alert_assign", "alert_note", "alert_resolve",
-              "alert_snooze", "report_retrieve", "vbq_jobs_list", "vbq_job_retrieve",
-              "dicom_upload"}
+              "alert_snooze", "alert_reopen", "report_retrieve", "vbq_jobs_list",
+              "vbq_job_retrieve", "dicom_upload"}
     assert wanted <= set(operations), sorted(operations)
     for name in wanted - {"alerts_list", "report_retrieve", "vbq_jobs_list",
                           "vbq_job_retrieve"}:

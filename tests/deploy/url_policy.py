@@ -118,6 +118,7 @@ URL_POLICY: dict[str, Rule] = {
     "api-alert-snooze": phi(methods=("POST",), roles=ALERT_ROLES),
     "api-alert-assign": phi(methods=("POST",), roles=ALERT_ROLES),
     "api-alert-note": phi(methods=("POST",), roles=ALERT_ROLES),
+    "api-alert-reopen": phi(methods=("POST",), roles=ALERT_ROLES),
     # --- CDS Hooks (EHR, bearer token)
     "cds-discovery": public(),
     "cds-patient-view": phi(methods=("POST",), roles=FEED_ROLES),

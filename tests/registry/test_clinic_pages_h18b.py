@@ -250,3 +250,16 @@ def test_an_old_link_note_naming_a_setting_reads_in_words_on_the_patient_page(
     html = client.get(reverse("patient-detail", args=[patient.pk])).content.decode()
     assert "PACS_DICOMWEB_URL" not in html
     assert "no PACS is configured and the images are not stored here" in html
+
+
+def test_the_api_reopens_a_resolve_and_refuses_a_second_reopen(client, role_user, alert):
+    client.force_login(role_user("coordinator"))
+    resolved = client.post(f"/api/alerts/{alert.pk}/resolve/", {"reason": "transferred"},
+                           content_type="application/json")
+    assert resolved.status_code == 200, resolved.content
+    reopened = client.post(f"/api/alerts/{alert.pk}/reopen/", {"note": "wrong patient"},
+                           content_type="application/json")
+    assert (reopened.status_code, reopened.json()["status"]) == (200, "open")
+    again = client.post(f"/api/alerts/{alert.pk}/reopen/", {}, content_type="application/json")
+    assert again.status_code == 409
+    assert AlertEvent.objects.get(alert=alert, action="reopen").note == "wrong patient"
