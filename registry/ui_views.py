@@ -54,6 +54,7 @@ from registry.labels import RULE_LABELS, agent_label, reason_label, rule_label
 from registry.models import (
     OPEN_ALERT_STATUSES,
     Alert,
+    AlertEvent,
     PatientIdentifier,
     Procedure,
     RecordStatus,
@@ -197,7 +198,14 @@ def _row_queryset():  # type: ignore[no-untyped-def]
         "escalation_level", "due_on", "resolution_reason", "resolved_at", "assignee_id",
         "patient__id", "patient__family_name", "patient__given_name", "patient__birth_date",
         "patient__is_synthetic", "assignee__id", "assignee__username",
-    ).annotate(index_on=_index_day(), mrn=_mrn())
+    ).annotate(index_on=_index_day(), mrn=_mrn(), resolved_by=_resolved_by())
+
+
+def _resolved_by() -> Subquery:
+    """Who made the alert's latest resolve (``None``: a rule, or never resolved): only a
+    person's resolve offers "Undo resolve"."""
+    return Subquery(AlertEvent.objects.filter(alert=OuterRef("pk"), action="resolve")
+                    .order_by("-at", "-pk").values("actor_id")[:1])
 
 
 def _mrn() -> Subquery:
@@ -309,9 +317,9 @@ def _rule_due_day(alert: Alert) -> dt.date | None:
 
 
 def _within_reopen_window(alert: Alert) -> bool:
-    """Cheap pre-check for the "Undo resolve" button (no query): resolved recently enough.
-    ``alert_reopen`` checks the rest (who resolved it) and refuses with a reason."""
-    return alert.resolved_at is not None and (
+    """Whether the row offers "Undo resolve" (no query: ``resolved_by`` is annotated): a
+    person resolved it, recently enough. ``alert_reopen`` checks again under the lock."""
+    return alert.resolved_at is not None and alert.resolved_by is not None and (
         timezone.now() - alert.resolved_at).total_seconds() <= (
         settings.ALERT_REOPEN_WINDOW_SECONDS)
 

@@ -131,6 +131,9 @@ def test_a_resolve_by_a_rule_cannot_be_undone_from_the_worklist(client, role_use
 
     alert_resolve(alert=alert, reason="therapy-started", actor=SYSTEM_ACTOR)
     client.force_login(role_user("coordinator"))
+    html = client.get(reverse("worklist"), {"status": "resolved"}).content.decode()
+    assert f'data-alert="{alert.pk}"' in html
+    assert "Undo resolve" not in html
     assert _act(client, alert, "reopen").status_code == 400
 
 
