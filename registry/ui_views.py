@@ -83,7 +83,7 @@ def worklist(request: HttpRequest) -> HttpResponse:
     rule = request.GET.get("rule", "")
     mine = request.GET.get("mine") == "1"
     mrn = request.POST.get("mrn", "").strip() if request.method == "POST" else ""
-    qs = _row_queryset()
+    qs = _row_queryset(with_resolver=status == "resolved")
     qs = qs.filter(status__in=OPEN_ALERT_STATUSES) if status == "unresolved" else qs.filter(
         status=status)
     if rule in RULE_LABELS:
@@ -190,15 +190,18 @@ def _alert_worker_choices() -> list[tuple[int, str]]:
         return [(pk, username) for pk, username in cursor.fetchall()]
 
 
-def _row_queryset():  # type: ignore[no-untyped-def]
+def _row_queryset(*, with_resolver: bool = False):  # type: ignore[no-untyped-def]
     """Alerts with exactly the columns a row shows (narrow rows keep the sort and join cheap
-    on 10,000 open alerts), the patient's index-procedure day and MRN."""
+    on 10,000 open alerts), the patient's index-procedure day and MRN; ``with_resolver``:
+    also who resolved it (``resolved_by``, for "Undo resolve"), only where resolved rows show:
+    PostgreSQL may evaluate it for every unresolved alert before the sort."""
     return Alert.objects.select_related("patient", "assignee").only(
         "id", "patient_id", "rule_id", "status", "vbq_value", "vbq_threshold",
         "escalation_level", "due_on", "resolution_reason", "resolved_at", "assignee_id",
         "patient__id", "patient__family_name", "patient__given_name", "patient__birth_date",
         "patient__is_synthetic", "assignee__id", "assignee__username",
-    ).annotate(index_on=_index_day(), mrn=_mrn(), resolved_by=_resolved_by())
+    ).annotate(index_on=_index_day(), mrn=_mrn(),
+               **({"resolved_by": _resolved_by()} if with_resolver else {}))
 
 
 def _resolved_by() -> Subquery:
@@ -319,9 +322,10 @@ def _rule_due_day(alert: Alert) -> dt.date | None:
 def _within_reopen_window(alert: Alert) -> bool:
     """Whether the row offers "Undo resolve" (no query: ``resolved_by`` is annotated): a
     person resolved it, recently enough. ``alert_reopen`` checks again under the lock."""
-    return alert.resolved_at is not None and alert.resolved_by is not None and (
-        timezone.now() - alert.resolved_at).total_seconds() <= (
-        settings.ALERT_REOPEN_WINDOW_SECONDS)
+    if alert.resolved_at is None or getattr(alert, "resolved_by", None) is None:
+        return False
+    age = timezone.now() - alert.resolved_at
+    return age.total_seconds() <= settings.ALERT_REOPEN_WINDOW_SECONDS
 
 
 def _url_patterns() -> tuple[str, str]:
@@ -385,7 +389,7 @@ def worklist_action(request: HttpRequest, alert_id: int, action: str) -> HttpRes
     if _wants_fragment(request):
         # Progressive enhancement (static/js/worklist.js): answer the re-rendered row.
         today = clinic_today()
-        fresh = _row_queryset().get(pk=alert.pk)
+        fresh = _row_queryset(with_resolver=True).get(pk=alert.pk)
         context = _row_context(today, request)
         row = _row(fresh, today, user_id=request.user.pk)
         row["actions"] = ActionCells(context, _url_patterns()[0])(row)
