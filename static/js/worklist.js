@@ -4,10 +4,10 @@
 //
 // Resolve asks for a confirmation inside the row (the reason in words) before it is sent.
 // A session that ended while the page was open (idle timeout) answers 401 (or a redirect to
-// the login page, or a 403 that is not JSON: the CSRF check): the page then says so instead of "check the connection", keeps
-// what was typed in the form (sessionStorage of this tab, cleared once put back), and offers
-// to log in again; the login sends the browser back here, where the draft is put back in its
-// form for the user to send.
+// the login page, or a 403 that is not JSON: the CSRF check): the page then says so instead
+// of "check the connection", keeps what was typed in the form (sessionStorage of this tab,
+// cleared once put back), and offers to log in again; the login sends the browser back here, where the draft is put back in its
+// form and sent (the server checks the alert's state as for any action).
 (function () {
   "use strict";
   const table = document.getElementById("worklist-table");
@@ -43,8 +43,8 @@
   function keepDraft(form, row) {
     const fields = {};
     form.querySelectorAll("input[name], select[name], textarea[name]").forEach(function (el) {
-      if (el.name === "csrfmiddlewaretoken" || el.name === "confirmed") return;
-      fields[el.name] = el.value;
+      if (el.name === "csrfmiddlewaretoken") return;
+      fields[el.name] = el.type === "checkbox" ? el.checked : el.value;
     });
     const draft = { alert: row.dataset.alert, action: actionName(form), fields: fields };
     try {
@@ -82,14 +82,16 @@
     }
     Object.keys(draft.fields).forEach(function (name) {
       const el = form.elements.namedItem(name);
-      if (el && "value" in el) el.value = draft.fields[name];
+      if (!el) return;
+      if (el.type === "checkbox") el.checked = draft.fields[name] === true;
+      else if ("value" in el) el.value = draft.fields[name];
     });
     const details = form.closest("details");
     if (details) details.open = true;
-    say("You were logged out before this action was sent. What you typed is back in its " +
-        "form (alert " + draft.alert + "): check it and send it again.", false);
-    const button = form.querySelector("button[type=submit]");
-    if (button) button.focus();
+    // The person had sent it (and confirmed a resolve): finish it now that they are logged
+    // in again. The server checks the alert's state as for any action and says if it changed.
+    send(form, "You were logged out before this was sent; it is sent now that you are " +
+         "logged in again. ");
   }
 
   function reasonText(form) {
@@ -110,7 +112,7 @@
     panel.querySelector(".confirm-yes").focus();
   }
 
-  function send(form) {
+  function send(form, prefix) {
     const row = form.closest("tr");
     row.setAttribute("aria-busy", "true");
     form.querySelectorAll("button").forEach(function (b) { b.disabled = true; });
@@ -150,7 +152,7 @@
         const el = document.querySelector('[data-count="' + k + '"]');
         if (el && !(k in json.counts)) el.textContent = "0";
       });
-      say(json.message, json.ok);
+      say((prefix || "") + json.message, json.ok);
       const focusable = fresh.querySelector("button, select, a");
       if (focusable) focusable.focus();
     }).catch(function () {

@@ -266,3 +266,15 @@ def test_the_api_reopens_a_resolve_and_refuses_a_second_reopen(client, role_user
     again = client.post(f"/api/alerts/{alert.pk}/reopen/", {}, content_type="application/json")
     assert again.status_code == 409
     assert AlertEvent.objects.get(alert=alert, action="reopen").note == "wrong patient"
+
+
+def test_a_page_script_whose_session_ended_gets_401_json_and_a_browser_the_login_page(
+        client, alert):
+    url = reverse("worklist-action", args=[alert.pk, "note"])
+    scripted = client.post(url, {"note": "x"}, HTTP_X_REQUESTED_WITH="fetch")
+    assert scripted.status_code == 401
+    assert scripted.json()["login_url"] == reverse("login")
+    browsing = client.post(url, {"note": "x"})
+    assert browsing.status_code == 302
+    assert browsing["Location"].startswith(reverse("login"))
+    assert not AlertEvent.objects.filter(alert=alert, action="note").exists()
