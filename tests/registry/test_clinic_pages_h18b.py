@@ -145,6 +145,8 @@ def test_the_worklist_shows_mrn_birth_date_and_a_lapsed_denosumab(client, role_u
     client.force_login(role_user("coordinator"))
     html = client.get(reverse("worklist")).content.decode()
     row = html.split(f'data-alert="{alert.pk}"')[1].split("</tr>")[0]
+    assert "{#" not in html
+    assert "comment" not in row
     assert "SYN-H18-1" in row
     assert patient.birth_date.isoformat() in row
     assert "Denosumab" in row
