@@ -56,8 +56,9 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
-    # Login is required everywhere unless a view opts out (health checks, token-auth feeds).
-    "django.contrib.auth.middleware.LoginRequiredMiddleware",
+    # Login is required everywhere unless a view opts out (health checks, token-auth feeds);
+    # a page script whose session ended gets 401 JSON instead of a redirect.
+    "config.sessions.ScriptAwareLoginRequiredMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # A lost database connection answers 503 + Retry-After instead of 500 (config/security.py).
@@ -199,6 +200,8 @@ if VBQ_ALERT_VALUE not in {"excluding_fractured", "all_levels"}:
 PRE_PROCEDURE_MRI_WINDOW_DAYS = env.int("PRE_PROCEDURE_MRI_WINDOW_DAYS", default=180)
 VBQ_MISSING_AFTER_DAYS = env.int("VBQ_MISSING_AFTER_DAYS", default=14)
 ALERT_ESCALATE_AFTER_DAYS = env.int("ALERT_ESCALATE_AFTER_DAYS", default=7)
+# How long a person's resolve of an alert can be undone (worklist "Undo resolve", audited).
+ALERT_REOPEN_WINDOW_SECONDS = env.int("ALERT_REOPEN_WINDOW_SECONDS", default=24 * 3600)
 FOLLOWUP_LOOKBACK_DAYS = env.int("FOLLOWUP_LOOKBACK_DAYS", default=730)
 SMALL_CELL_MIN = env.int("SMALL_CELL_MIN", default=5)
 DEFAULT_CARE_TEAM = env.str("DEFAULT_CARE_TEAM", default="fracture-liaison")
@@ -340,6 +343,9 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # JSON only: DRF's browsable HTML pages use inline styles and scripts that the
+    # Content-Security-Policy blocks (a broken page in a browser); /api/docs/ documents the API.
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],

@@ -164,6 +164,53 @@ def alert_resolve(*, alert: Alert, reason: str, actor: Actor, note: str = "") ->
     return alert
 
 
+def reopen_deadline(alert: Alert) -> dt.datetime | None:
+    """Until when a person's resolve of ``alert`` may be undone (``alert_reopen``), or ``None``
+    when it may not: the alert is not resolved, was resolved by a rule (the rule would resolve
+    it again), or was resolved longer ago than ``ALERT_REOPEN_WINDOW_SECONDS``."""
+    if alert.status != AlertStatus.RESOLVED or alert.resolved_at is None:
+        return None
+    last = alert.events.filter(action="resolve").order_by("-at", "-pk").first()
+    if last is None or last.actor_id is None:
+        return None
+    deadline = alert.resolved_at + dt.timedelta(seconds=settings.ALERT_REOPEN_WINDOW_SECONDS)
+    return deadline if timezone.now() <= deadline else None
+
+
+@transaction.atomic
+def alert_reopen(*, alert: Alert, actor: Actor, note: str = "") -> Alert:
+    """Undo a person's resolve within ``ALERT_REOPEN_WINDOW_SECONDS``: the alert returns to the
+    status it had before (open, acknowledged or snoozed), the resolution reason is cleared, and
+    a ``reopen`` history event and an AuditEvent record who undid it. Refused (typed error)
+    outside the window, for a rule's automatic resolution, or when the rule has since opened
+    another alert for the patient (one unresolved alert per patient and rule)."""
+    alert = _locked(alert)
+    if alert.status != AlertStatus.RESOLVED:
+        raise RegistryValidationError("only a resolved alert can be reopened", field="status",
+                                      code="invalid-transition")
+    if reopen_deadline(alert) is None:
+        raise RegistryValidationError(
+            "this resolution can no longer be undone (too late, or resolved by a rule)",
+            field="status", code="invalid-transition")
+    last = alert.events.filter(action="resolve").order_by("-at", "-pk").first()
+    previous = (last.from_status if last and last.from_status in OPEN_ALERT_STATUSES
+                else AlertStatus.OPEN)
+    reason = alert.resolution_reason
+    alert.status = previous
+    alert.resolved_at = None
+    alert.resolution_reason = ""
+    try:
+        with transaction.atomic():
+            alert.save(update_fields=["status", "resolved_at", "resolution_reason"])
+    except IntegrityError:
+        raise RegistryValidationError(
+            "another alert for this rule is already open for the patient", field="status",
+            code="invalid-transition") from None
+    _record(alert, actor=actor, action="reopen", from_status=AlertStatus.RESOLVED, note=note,
+            detail={"undone_reason": reason})
+    return alert
+
+
 @transaction.atomic
 def alert_assign(*, alert: Alert, actor: Actor, assignee_id: int | None = None,
                  care_team: str | None = None) -> Alert:

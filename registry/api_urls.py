@@ -15,4 +15,6 @@ urlpatterns = [
     path("alerts/<int:alert_id>/assign/", apis.AlertAssignApi.as_view(),
          name="api-alert-assign"),
     path("alerts/<int:alert_id>/notes/", apis.AlertNoteApi.as_view(), name="api-alert-note"),
+    path("alerts/<int:alert_id>/reopen/", apis.AlertReopenApi.as_view(),
+         name="api-alert-reopen"),
 ]

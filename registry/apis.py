@@ -10,6 +10,7 @@ from typing import Any
 
 from django.db.models import QuerySet
 from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import extend_schema, extend_schema_serializer, extend_schema_view
 from rest_framework import serializers, status
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.permissions import BasePermission
@@ -64,6 +65,8 @@ class AlertListApi(APIView):
         due_before = serializers.DateField(required=False)
         assignee = serializers.CharField(required=False, max_length=20)
 
+    @extend_schema(operation_id="alerts_list", parameters=[FilterSerializer],
+                   responses=AlertOutputSerializer(many=True))
     def get(self, request: Request) -> Response:
         filters = self.FilterSerializer(data=request.query_params)
         filters.is_valid(raise_exception=True)
@@ -89,12 +92,23 @@ class AlertListApi(APIView):
         return paginator.get_paginated_response(AlertOutputSerializer(page, many=True).data)
 
 
+class AlertErrorSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+    field = serializers.CharField(required=False)
+    code = serializers.CharField(required=False)
+
+
 class _AlertOperationApi(APIView):
     """Base for one alert operation: validate ``InputSerializer``, call ``perform``, answer the
-    alert (400 for invalid input, 409 for an impossible transition, 404 for an unknown id)."""
+    alert (400 for invalid input, 409 for an impossible transition, 404 for an unknown id).
+    ``get_serializer_class`` names the input serializer for the OpenAPI schema
+    (drf-spectacular); ``_describe`` gives each subclass its operation id and responses."""
 
     permission_classes = [CanWorkAlerts]
     success_status = status.HTTP_200_OK
+
+    def get_serializer_class(self) -> type[serializers.Serializer]:
+        return self.InputSerializer
 
     class InputSerializer(serializers.Serializer):
         note = serializers.CharField(required=False, allow_blank=True, max_length=4000)
@@ -113,12 +127,31 @@ class _AlertOperationApi(APIView):
         return Response(AlertOutputSerializer(alert).data, status=self.success_status)
 
 
+def _describe(operation: str) -> Any:
+    """``extend_schema_view`` for an alert operation: request = its ``InputSerializer``,
+    responses = the alert (or 400/404/409 with a reason)."""
+
+    def decorate(cls: type[_AlertOperationApi]) -> type[_AlertOperationApi]:
+        # Each nested InputSerializer is called "Input": name its schema component apart.
+        extend_schema_serializer(component_name=f"Alert{operation.title()}Input")(
+            cls.InputSerializer)
+        return extend_schema_view(post=extend_schema(
+            operation_id=f"alert_{operation}", request=cls.InputSerializer,
+            responses={cls.success_status: AlertOutputSerializer,
+                       400: AlertErrorSerializer, 404: AlertErrorSerializer,
+                       409: AlertErrorSerializer}))(cls)
+
+    return decorate
+
+
+@_describe("acknowledge")
 class AlertAcknowledgeApi(_AlertOperationApi):
     def perform(self, alert: Alert, data: dict[str, Any], actor: Actor) -> Alert:
         return alert_services.alert_acknowledge(alert=alert, actor=actor,
                                                 note=data.get("note", ""))
 
 
+@_describe("resolve")
 class AlertResolveApi(_AlertOperationApi):
     class InputSerializer(serializers.Serializer):
         reason = serializers.ChoiceField(choices=list(RESOLUTION_REASONS))
@@ -129,6 +162,7 @@ class AlertResolveApi(_AlertOperationApi):
                                             note=data.get("note", ""))
 
 
+@_describe("snooze")
 class AlertSnoozeApi(_AlertOperationApi):
     class InputSerializer(serializers.Serializer):
         until = serializers.DateField()
@@ -139,6 +173,7 @@ class AlertSnoozeApi(_AlertOperationApi):
                                            note=data.get("note", ""))
 
 
+@_describe("assign")
 class AlertAssignApi(_AlertOperationApi):
     class InputSerializer(serializers.Serializer):
         assignee = serializers.IntegerField(required=False, allow_null=True)
@@ -150,6 +185,7 @@ class AlertAssignApi(_AlertOperationApi):
                                            care_team=data.get("care_team"))
 
 
+@_describe("note")
 class AlertNoteApi(_AlertOperationApi):
     success_status = status.HTTP_201_CREATED
 
@@ -159,3 +195,15 @@ class AlertNoteApi(_AlertOperationApi):
     def perform(self, alert: Alert, data: dict[str, Any], actor: Actor) -> Alert:
         alert_services.alert_add_note(alert=alert, note=data["note"], actor=actor)
         return alert
+
+
+@_describe("reopen")
+class AlertReopenApi(_AlertOperationApi):
+    """Undo a person's resolve within ``ALERT_REOPEN_WINDOW_SECONDS`` (409 outside it, or for a
+    rule's own resolution)."""
+
+    class InputSerializer(serializers.Serializer):
+        note = serializers.CharField(required=False, allow_blank=True, max_length=4000)
+
+    def perform(self, alert: Alert, data: dict[str, Any], actor: Actor) -> Alert:
+        return alert_services.alert_reopen(alert=alert, actor=actor, note=data.get("note", ""))

@@ -18,6 +18,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from config.ratelimit import RateLimited, feed_from_request
+from registry.labels import rule_label
 from registry.models import OPEN_ALERT_STATUSES, Alert, AuditAction, PatientIdentifier
 from registry.selectors import index_procedure
 from registry.services import Actor, audit_record
@@ -89,7 +90,8 @@ def patient_view(request: HttpRequest) -> JsonResponse:
             "uuid": f"vbq-alert-{alert.pk}",
             "summary": "Fracture risk after vertebroplasty: follow-up needed"[:140],
             "indicator": "critical" if alert.escalation_level else "warning",
-            "detail": f"{vbq}{days} days since the index procedure. {alert.reason}. "
+            "detail": f"{rule_label(alert.rule_id)}. {vbq}{days} days since the index "
+                      f"procedure. {alert.reason}. "
                       f"{SUGGESTED_ACTION.get(alert.rule_id, '')}",
             "source": {"label": "VBQ Registry", "url": f"{settings.SITE_URL}/worklist/"},
         })

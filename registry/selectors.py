@@ -6,10 +6,13 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db.models import Q, QuerySet
+from django.contrib.auth import get_user_model
+from django.db.models import Prefetch, Q, QuerySet
 
+from registry import labels
 from registry.models import (
     Alert,
+    AlertEvent,
     Fracture,
     Patient,
     PatientIdentifier,
@@ -17,6 +20,7 @@ from registry.models import (
     RecordStatus,
     TherapyExposure,
 )
+from registry.timeutil import clinic_zone
 
 
 def patient_get_by_identifier(*, system: str, value: str) -> Patient | None:
@@ -72,6 +76,38 @@ def secondary_fractures(*, patient: Patient, index: Procedure | None = None) -> 
     ]
 
 
+@dataclass(frozen=True)
+class AlertHistoryEntry:
+    """One line of an alert's history as a person reads it: when, who, what, the note."""
+
+    at: dt.datetime
+    when: str  # clinic-local "YYYY-MM-DD HH:MM"
+    who: str
+    what: str
+    note: str
+
+
+def alert_event_entry(event: AlertEvent, users: dict[int, str] | None = None
+                      ) -> AlertHistoryEntry:
+    """``event`` (with ``actor`` loaded) in words: "Resolved: Therapy declined by the patient"
+    by ``demo-coordinator``, or by "system" for the follow-up rules."""
+    what = labels.alert_action_label(event.action)
+    detail = event.detail or {}
+    if event.action == "resolve" and detail.get("reason"):
+        what += f": {labels.reason_label(detail['reason'])}"
+    elif event.action == "reopen" and detail.get("undone_reason"):
+        what += f" (was: {labels.reason_label(detail['undone_reason'])})"
+    elif event.action == "snooze" and detail.get("until"):
+        what += f" until {detail['until']}"
+    elif event.action == "assign":
+        assignee = detail.get("assignee_id")
+        what += (f" to {(users or {}).get(assignee, f'user {assignee}')}" if assignee
+                 else " (unassigned)")
+    who = event.actor.get_username() if event.actor_id and event.actor else "system"
+    when = event.at.astimezone(clinic_zone()).strftime("%Y-%m-%d %H:%M")
+    return AlertHistoryEntry(at=event.at, when=when, who=who, what=what, note=event.note)
+
+
 @dataclass
 class TimelineEntry:
     day: dt.date
@@ -122,7 +158,7 @@ def patient_timeline(*, patient: Patient) -> list[TimelineEntry]:
             entries.append(TimelineEntry(
                 study.started_on, "mri", study.description or f"{study.modality} study",
                 str(study.pk), {"linked": study.linked_procedure_id is not None,
-                                "link_reason": study.link_reason}))
+                                "link_reason": _readable_link_reason(study.link_reason)}))
     for result in VbqResult.objects.filter(patient=patient):
         moment = result.finished_at or result.queued_at
         value = (f"VBQ {result.vbq_excluding_fractured or result.vbq_all_levels:.2f}"
@@ -131,13 +167,34 @@ def patient_timeline(*, patient: Patient) -> list[TimelineEntry]:
             clinic_date(moment), "vbq", f"{value} ({result.get_status_display().lower()}, "
             f"{result.get_source_display().lower()})", str(result.pk),
             {"review": result.review_status}))
-    for alert in Alert.objects.filter(patient=patient).prefetch_related("events"):
+    alerts = list(Alert.objects.filter(patient=patient).prefetch_related(
+        Prefetch("events", queryset=AlertEvent.objects.select_related("actor"))))
+    assignee_ids = {e.detail.get("assignee_id") for a in alerts for e in a.events.all()
+                    if e.action == "assign" and isinstance(e.detail, dict)} - {None}
+    users = dict(get_user_model().objects.filter(pk__in=assignee_ids).values_list(
+        "pk", "username")) if assignee_ids else {}
+    for alert in alerts:
         entries.append(TimelineEntry(
-            clinic_date(alert.opened_at), "alert", f"Alert: {alert.rule_id} "
-            f"({alert.get_status_display().lower()})", str(alert.pk),
-            {"history": [f"{e.action} {clinic_date(e.at)}" for e in alert.events.all()]}))
+            clinic_date(alert.opened_at), "alert", f"Alert: {labels.rule_label(alert.rule_id)} "
+            f"({labels.alert_status_label(alert.status).lower()})", str(alert.pk),
+            {"history": [alert_event_entry(e, users) for e in alert.events.all()],
+             "resolution": labels.reason_label(alert.resolution_reason)
+             if alert.resolution_reason else ""}))
     entries.sort(key=lambda e: (e.day, e.kind))
     return entries
+
+
+# Link notes written before the text named no setting (stored rows keep their old wording).
+_LEGACY_LINK_NOTES = {
+    "no PACS endpoint (PACS_DICOMWEB_URL) and no local copy":
+        "no PACS is configured and the images are not stored here",
+}
+
+
+def _readable_link_reason(text: str) -> str:
+    for old, new in _LEGACY_LINK_NOTES.items():
+        text = text.replace(old, new)
+    return text
 
 
 def current_vbq(*, patient: Patient):  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import get_user_model
 from django.contrib.auth.decorators import permission_required
@@ -14,32 +15,65 @@ from django.contrib.auth.models import Group, Permission
 from django.contrib.contenttypes.models import ContentType
 from django.core.paginator import Paginator
 from django.db import connection
-from django.db.models import Count, Min, OuterRef, Subquery
+from django.db.models import (
+    Case,
+    Count,
+    DateTimeField,
+    DurationField,
+    ExpressionWrapper,
+    F,
+    Min,
+    OuterRef,
+    Subquery,
+    Value,
+    When,
+)
+from django.db.models.functions import Cast, Coalesce
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.backends.utils import csrf_input
 from django.template.loader import render_to_string
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html_join
+from django.utils.safestring import SafeString
 from django.views.decorators.http import require_http_methods, require_POST
 
 from registry import alerts as alert_services
-from registry.followup import RESOLUTION_REASONS
-from registry.models import OPEN_ALERT_STATUSES, Alert, Procedure, RecordStatus
+from registry import codes
+from registry.followup import (
+    HIGH_VBQ,
+    NOT_COUNTING,
+    RESOLUTION_REASONS,
+    VBQ_MISSING,
+    Exposure,
+    FollowupConfig,
+    coverage_end,
+)
+from registry.labels import RULE_LABELS, agent_label, reason_label, rule_label
+from registry.models import (
+    OPEN_ALERT_STATUSES,
+    Alert,
+    AlertEvent,
+    PatientIdentifier,
+    Procedure,
+    RecordStatus,
+    TherapyExposure,
+)
 from registry.services import Actor, RegistryValidationError
 from registry.timeutil import clinic_today
 
 SORTS = {
-    "due": ("Due date (most urgent first)", ("due_on", "-escalation_level", "pk")),
+    "due": ("Alert date (most urgent first)", ("due_on", "-escalation_level", "pk")),
+    "overdue": ("Most overdue first", ("rule_due_at", "-escalation_level", "pk")),
     "vbq": ("VBQ (highest first)", ("-vbq_value", "due_on", "pk")),
     "days": ("Days since procedure (longest first)", ("index_on", "due_on", "pk")),
     "patient": ("Patient name", ("patient__family_name", "patient__given_name", "pk")),
 }
-RULE_LABELS = {
-    "high-vbq-untreated-60d": "High VBQ, untreated at day 60",
-    "secondary-fracture": "Secondary fracture, untreated",
-    "vbq-missing": "VBQ missing",
-}
+DEFAULT_SORT = "due"
+DONE = {"acknowledge": "acknowledged", "resolve": "resolved (Undo resolve reopens it)",
+        "reopen": "resolve undone, the alert is open again", "snooze": "snoozed",
+        "assign-me": "assigned to you", "assign": "assigned", "note": "note added"}
 
 
 @require_http_methods(["GET", "POST"])
@@ -49,7 +83,7 @@ def worklist(request: HttpRequest) -> HttpResponse:
     rule = request.GET.get("rule", "")
     mine = request.GET.get("mine") == "1"
     mrn = request.POST.get("mrn", "").strip() if request.method == "POST" else ""
-    qs = _row_queryset()
+    qs = _row_queryset(with_resolver=status == "resolved")
     qs = qs.filter(status__in=OPEN_ALERT_STATUSES) if status == "unresolved" else qs.filter(
         status=status)
     if rule in RULE_LABELS:
@@ -58,9 +92,11 @@ def worklist(request: HttpRequest) -> HttpResponse:
         qs = qs.filter(assignee=request.user)
     if mrn:
         qs = qs.filter(patient__identifiers__value=mrn)
-    sort = request.GET.get("sort", "due")
+    sort = request.GET.get("sort", DEFAULT_SORT)
     if sort not in SORTS:
-        sort = "due"
+        sort = DEFAULT_SORT
+    if sort == "overdue":
+        qs = qs.alias(rule_due_at=_rule_due())
     qs = qs.order_by(*SORTS[sort][1])
     counts = _counts()
     paginator = Paginator(qs, 25)
@@ -71,11 +107,18 @@ def worklist(request: HttpRequest) -> HttpResponse:
     page = paginator.get_page(request.GET.get("page"))
     today = clinic_today()
     urls = _url_patterns()
-    rows = [_row(alert, today, urls, request.user.pk) for alert in page]
+    alerts = list(page)
+    therapies = _last_therapies({a.patient_id for a in alerts}, today)
+    row_context = _row_context(today, request)
+    actions = ActionCells(row_context, urls[0])
+    rows = [_row(alert, today, urls, request.user.pk, therapies) for alert in alerts]
+    for r in rows:
+        r["actions"] = actions(r)
     return render(request, "worklist/list.html", {
         "rows": rows, "page": page, "status": status, "rule": rule, "mine": mine, "mrn": mrn,
-        "counts": counts, "rules": RULE_LABELS, **_row_context(today, request),
+        "counts": counts, "rules": RULE_LABELS, **row_context,
         "sort": sort, "sorts": {k: label for k, (label, _) in SORTS.items()},
+        "sort_label": SORTS[sort][0],
         "unresolved_count": counts["unresolved"],
     })
 
@@ -88,10 +131,34 @@ def _row_context(today: dt.date, request: HttpRequest) -> dict:
         "csrf_input": csrf_input(request),
         "reason_options": format_html_join(
             "", '<option value="{}">{}</option>', RESOLUTION_REASONS.items()),
+        "reopen_window_hours": settings.ALERT_REOPEN_WINDOW_SECONDS // 3600,
         "snooze_default": (today + dt.timedelta(days=14)).isoformat(),
         "assignee_options": format_html_join(
             "", '<option value="{}">{}</option>', _alert_worker_choices()),
     }
+
+
+class ActionCells:
+    """The action forms of worklist rows (``worklist/_row_actions.html``). An unresolved row's
+    forms depend only on its status and whether it is assigned to the viewer, apart from its
+    id: they are rendered once per such pair per request, with a placeholder id replaced per
+    row (the forms are most of a row's template work). Resolved rows are rendered each."""
+
+    def __init__(self, context: dict, action_pattern: str) -> None:
+        self.context = context
+        self.action_pattern = action_pattern
+        self.rendered: dict[tuple[str, bool], str] = {}
+
+    def __call__(self, row: dict) -> SafeString:
+        if row["status"] == "resolved":
+            return SafeString(render_to_string("worklist/_row_actions.html",
+                                               {**self.context, "r": row}))
+        key = (row["status"], bool(row["mine"]))
+        if key not in self.rendered:
+            template_row = {**row, "pk": _PK, "action_url": self.action_pattern}
+            self.rendered[key] = render_to_string("worklist/_row_actions.html",
+                                                  {**self.context, "r": template_row})
+        return SafeString(self.rendered[key].replace(_PK, row["pk"]))
 
 
 def _alert_worker_choices() -> list[tuple[int, str]]:
@@ -123,15 +190,73 @@ def _alert_worker_choices() -> list[tuple[int, str]]:
         return [(pk, username) for pk, username in cursor.fetchall()]
 
 
-def _row_queryset():  # type: ignore[no-untyped-def]
+def _row_queryset(*, with_resolver: bool = False):  # type: ignore[no-untyped-def]
     """Alerts with exactly the columns a row shows (narrow rows keep the sort and join cheap
-    on 10,000 open alerts) and the patient's index-procedure day."""
+    on 10,000 open alerts), the patient's index-procedure day and MRN; ``with_resolver``:
+    also who resolved it (``resolved_by``, for "Undo resolve"), only where resolved rows show:
+    PostgreSQL may evaluate it for every unresolved alert before the sort."""
     return Alert.objects.select_related("patient", "assignee").only(
         "id", "patient_id", "rule_id", "status", "vbq_value", "vbq_threshold",
-        "escalation_level", "due_on", "resolution_reason", "assignee_id",
+        "escalation_level", "due_on", "resolution_reason", "resolved_at", "assignee_id",
         "patient__id", "patient__family_name", "patient__given_name", "patient__birth_date",
         "patient__is_synthetic", "assignee__id", "assignee__username",
-    ).annotate(index_on=_index_day())
+    ).annotate(index_on=_index_day(), mrn=_mrn(),
+               **({"resolved_by": _resolved_by()} if with_resolver else {}))
+
+
+def _resolved_by() -> Subquery:
+    """Who made the alert's latest resolve (``None``: a rule, or never resolved): only a
+    person's resolve offers "Undo resolve"."""
+    return Subquery(AlertEvent.objects.filter(alert=OuterRef("pk"), action="resolve")
+                    .order_by("-at", "-pk").values("actor_id")[:1])
+
+
+def _mrn() -> Subquery:
+    """The patient's MRN (identifier type MR), the first one recorded."""
+    return Subquery(PatientIdentifier.objects.filter(
+        patient=OuterRef("patient"), type_code="MR").order_by("pk").values("value")[:1])
+
+
+def _rule_days() -> dict[str, int]:
+    """Days after the index procedure at which each index-based rule makes a patient due."""
+    return {HIGH_VBQ: settings.FOLLOWUP_DAYS, VBQ_MISSING: settings.VBQ_MISSING_AFTER_DAYS}
+
+
+def _rule_due() -> Coalesce:
+    """When the patient became due for the alert's rule: the index procedure + the rule's days
+    for the index-based rules, else the day the alert opened (``due_on``): the sort key of
+    "most overdue first". Alerts opened by a sweep that caught up on old procedures all open
+    on the same day; this puts day 718 ahead of day 75. It reads every unresolved alert's
+    index day (no index serves it), so it is a sort to choose, not the default one."""
+    as_time = DateTimeField()
+    offset = Case(*[When(rule_id=rule, then=Value(dt.timedelta(days=days)))
+                    for rule, days in _rule_days().items()], output_field=DurationField())
+    return Coalesce(ExpressionWrapper(F("index_on") + offset, output_field=as_time),
+                    Cast("due_on", as_time), output_field=as_time)
+
+
+def _last_therapies(patient_ids: set, today: dt.date) -> dict:
+    """patient id → (agent label, last covered day, lapsed) of the exposure that covers the
+    patient latest (the follow-up rule's own coverage: dosing intervals of long-acting agents,
+    open-ended active records), for the rows of one page: one query, whatever the page size.
+    Declined, cancelled and entered-in-error records do not count."""
+    if not patient_ids:
+        return {}
+    config = FollowupConfig(threshold=settings.VBQ_HIGH_THRESHOLD)
+    best: dict = {}
+    for pid, agent, route, start, end, status in TherapyExposure.objects.filter(
+        patient_id__in=patient_ids, record_status=RecordStatus.ACTIVE,
+    ).exclude(status__in=NOT_COUNTING).values_list(
+            "patient_id", "agent", "route", "start_on", "end_on", "status"):
+        interval = codes.dose_interval_days(agent, route) if agent in codes.AGENTS else 0
+        covered = coverage_end(Exposure(agent, route, start, end, status, interval), config)
+        key = covered or dt.date.max
+        if pid not in best or key > best[pid][0]:
+            best[pid] = (key, agent, covered)
+    return {pid: {"agent": agent_label(agent),
+                  "until": covered.isoformat() if covered else None,
+                  "lapsed": covered is not None and covered < today}
+            for pid, (_, agent, covered) in best.items()}
 
 
 def _index_day() -> Subquery:
@@ -145,13 +270,18 @@ _UUID0 = "00000000-0000-0000-0000-000000000000"
 
 
 def _row(alert: Alert, today: dt.date, urls: tuple[str, str] | None = None,
-         user_id: int | None = None) -> dict:
+         user_id: int | None = None, therapies: dict | None = None) -> dict:
     """One worklist row as plain values (dict lookups keep the template fast on a full page).
     ``urls``: (action URL, patient URL) patterns from ``_url_patterns``, reversed once per
-    request rather than five times per row."""
+    request rather than five times per row; ``therapies``: from ``_last_therapies`` (looked
+    up for this one alert when not given)."""
     action_url, patient_url = urls or _url_patterns()
+    if therapies is None:
+        therapies = _last_therapies({alert.patient_id}, today)
     p = alert.patient
     vbq = alert.vbq_value
+    due_day = _rule_due_day(alert)
+    overdue_days = (today - due_day).days if due_day else None
     return {
         # strings, not ints: the template would localise every number it prints
         "pk": str(alert.pk),
@@ -165,15 +295,37 @@ def _row(alert: Alert, today: dt.date, urls: tuple[str, str] | None = None,
         "vbq": f"{vbq:.2f}" if vbq is not None else None,
         "vbq_high": vbq is not None and alert.vbq_threshold is not None
         and vbq >= alert.vbq_threshold,
+        "birth_date": p.birth_date.isoformat() if p.birth_date else None,
+        "mrn": alert.mrn,
         "days_since": str((today - alert.index_on).days) if alert.index_on else None,
-        "rule_label": RULE_LABELS.get(alert.rule_id, alert.rule_id),
+        "rule_label": rule_label(alert.rule_id),
         "escalated": bool(alert.escalation_level),
-        "due": alert.due_on.isoformat() if alert.due_on else None,
-        "overdue": alert.due_on is not None and alert.due_on < today,
+        "due": due_day.isoformat() if due_day else None,
+        "overdue_days": str(overdue_days) if overdue_days and overdue_days > 0 else None,
+        "overdue": overdue_days is not None and overdue_days > 0,
+        "therapy": therapies.get(alert.patient_id),
         "assignee": alert.assignee.get_username() if alert.assignee_id else None,
         "mine": user_id is not None and alert.assignee_id == user_id,
-        "resolution_reason": alert.resolution_reason,
+        "resolution_reason": reason_label(alert.resolution_reason),
+        "can_reopen": alert.status == "resolved" and _within_reopen_window(alert),
     }
+
+
+def _rule_due_day(alert: Alert) -> dt.date | None:
+    """The clinic day the patient became due for the alert's rule (see ``_rule_due``)."""
+    days = _rule_days().get(alert.rule_id)
+    if days is not None and alert.index_on:
+        return alert.index_on + dt.timedelta(days=days)
+    return alert.due_on
+
+
+def _within_reopen_window(alert: Alert) -> bool:
+    """Whether the row offers "Undo resolve" (no query: ``resolved_by`` is annotated): a
+    person resolved it, recently enough. ``alert_reopen`` checks again under the lock."""
+    if alert.resolved_at is None or getattr(alert, "resolved_by", None) is None:
+        return False
+    age = timezone.now() - alert.resolved_at
+    return age.total_seconds() <= settings.ALERT_REOPEN_WINDOW_SECONDS
 
 
 def _url_patterns() -> tuple[str, str]:
@@ -204,8 +356,15 @@ def worklist_action(request: HttpRequest, alert_id: int, action: str) -> HttpRes
         if action == "acknowledge":
             alert_services.alert_acknowledge(alert=alert, actor=actor, note=note)
         elif action == "resolve":
-            alert_services.alert_resolve(alert=alert, reason=request.POST.get("reason", ""),
-                                         actor=actor, note=note)
+            if request.POST.get("confirmed") != "1":
+                raise RegistryValidationError("confirm the resolution first", field="confirmed")
+            reason = request.POST.get("reason", "")
+            if not reason:
+                raise RegistryValidationError("choose why the alert is resolved",
+                                              field="reason")
+            alert_services.alert_resolve(alert=alert, reason=reason, actor=actor, note=note)
+        elif action == "reopen":
+            alert_services.alert_reopen(alert=alert, actor=actor, note=note)
         elif action == "snooze":
             until = dt.date.fromisoformat(request.POST.get("until", ""))
             alert_services.alert_snooze(alert=alert, until=until, actor=actor, note=note)
@@ -221,7 +380,7 @@ def worklist_action(request: HttpRequest, alert_id: int, action: str) -> HttpRes
             alert_services.alert_add_note(alert=alert, note=note, actor=actor)
         else:
             return HttpResponse("Unknown action", status=404)
-        text = f"Alert {alert.pk}: {action.replace('-', ' ')} done."
+        text = f"Alert {alert.pk}: {DONE.get(action, action.replace('-', ' ') + ' done')}."
     except RegistryValidationError as exc:
         ok, text = False, f"Alert {alert.pk}: {exc.messages[0]}"
     except ValueError:
@@ -230,10 +389,11 @@ def worklist_action(request: HttpRequest, alert_id: int, action: str) -> HttpRes
     if _wants_fragment(request):
         # Progressive enhancement (static/js/worklist.js): answer the re-rendered row.
         today = clinic_today()
-        fresh = _row_queryset().get(pk=alert.pk)
-        html = render_to_string("worklist/_row.html", {
-            "r": _row(fresh, today, user_id=request.user.pk), **_row_context(today, request)},
-            request=request)
+        fresh = _row_queryset(with_resolver=True).get(pk=alert.pk)
+        context = _row_context(today, request)
+        row = _row(fresh, today, user_id=request.user.pk)
+        row["actions"] = ActionCells(context, _url_patterns()[0])(row)
+        html = render_to_string("worklist/_row.html", {"r": row, **context}, request=request)
         return JsonResponse({"ok": ok, "message": text, "status": fresh.status, "html": html,
                              "counts": _counts()}, status=200 if ok else 400)
     (messages.success if ok else messages.error)(request, text)

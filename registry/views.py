@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import time
+from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_not_required, permission_required
 from django.core.paginator import Paginator
 from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import get_object_or_404, render
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from registry import selectors
+from registry import labels, selectors
 from registry.models import AuditAction, Patient, WorkerProbe
 from registry.services import Actor, audit_record
 from registry.tasks import worker_probe
@@ -79,12 +83,32 @@ def home(request: HttpRequest) -> HttpResponse:
     return render(request, "home.html")
 
 
-@require_GET
+SEARCHES_KEY = "patient_searches"
+MAX_KEPT_SEARCHES = 20
+
+
+@require_http_methods(["GET", "POST"])
 @permission_required("registry.view_identified_data", raise_exception=True)
 def patient_list(request: HttpRequest) -> HttpResponse:
-    search = request.GET.get("q", "")
-    page = Paginator(selectors.patient_list(search=search), 25).get_page(request.GET.get("page"))
-    return render(request, "patients/list.html", {"page": page, "q": search})
+    """Patients, newest first. A search (MRN or family name) is POSTed; the term is kept in the
+    user's session under a random token and the browser is redirected to ``?search=<token>``,
+    so no MRN or name ever appears in a URL (browser history, proxy and server logs). A token
+    from another session, or an expired one, finds nothing and says so."""
+    if request.method == "POST":
+        term = request.POST.get("q", "").strip()[:100]
+        if not term:
+            return redirect("patient-list")
+        searches = dict(request.session.get(SEARCHES_KEY, {}))
+        token = secrets.token_urlsafe(9)
+        searches[token] = term
+        request.session[SEARCHES_KEY] = dict(list(searches.items())[-MAX_KEPT_SEARCHES:])
+        return redirect(f"{reverse('patient-list')}?search={token}")
+    token = request.GET.get("search", "")
+    term = request.session.get(SEARCHES_KEY, {}).get(token, "") if token else ""
+    page = Paginator(selectors.patient_list(search=term), 25).get_page(request.GET.get("page"))
+    return render(request, "patients/list.html", {
+        "page": page, "q": term, "search_token": token if term else "",
+        "search_lost": bool(token) and not term})
 
 
 @require_GET
@@ -98,16 +122,35 @@ def patient_detail(request: HttpRequest, patient_id: str) -> HttpResponse:
         object_id=str(patient.pk),
         patient_id=patient.pk,
     )
+    vbq = selectors.current_vbq(patient=patient)
     context = {
         "patient": patient,
+        "identifiers": [(labels.identifier_system_label(i.system, i.type_code), i.value)
+                        for i in patient.identifiers.all()],
+        "vbq_image": _image_state(vbq) if vbq else "",
         "index": selectors.index_procedure(patient=patient),
         "timeline": selectors.patient_timeline(patient=patient),
         "secondary": selectors.secondary_fractures(patient=patient),
-        "vbq": selectors.current_vbq(patient=patient),
+        "vbq": vbq,
         "vbq_results": patient.vbq_results.select_related("reviewer").order_by(
             "-queued_at", "-pk")[:10],
     }
     return render(request, "patients/detail.html", context)
+
+
+def _image_state(result: Any) -> str:
+    """"image" when the review image view can render the result's slice (its series is stored
+    here, or a PACS is configured to fetch it from), else why not: "imported" (a VBQ imported
+    without images) or "not-stored". Decided without reading any pixel, so the page never
+    links an image that would answer 404."""
+    series = result.series
+    if series is None:
+        return "imported"
+    if series.local_path and Path(series.local_path).is_dir():
+        return "image"
+    if series.study.endpoint_url or settings.PACS_DICOMWEB_URL:
+        return "image"
+    return "not-stored"
 
 
 @require_POST

@@ -14,7 +14,7 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import serializers, status
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.parsers import MultiPartParser
@@ -74,6 +74,25 @@ class JobDetailApi(APIView):
         return Response(JobOutputSerializer(get_object_or_404(VbqResult, pk=result_id)).data)
 
 
+class DicomUploadInputSerializer(serializers.Serializer):
+    file = serializers.FileField(help_text="a zip of one study's DICOM files (at most 500 MB)")
+
+
+class DicomUploadOutputSerializer(serializers.Serializer):
+    stored = serializers.IntegerField(help_text="DICOM files stored")
+    rejected = serializers.IntegerField(help_text="files in the zip that are not DICOM")
+    studies = serializers.ListField(child=serializers.IntegerField(),
+                                    help_text="ids of the imaging studies registered")
+
+
+class UploadErrorSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+
+
+@extend_schema_view(post=extend_schema(
+    operation_id="dicom_upload", request={"multipart/form-data": DicomUploadInputSerializer},
+    responses={201: DicomUploadOutputSerializer, 400: UploadErrorSerializer,
+               413: UploadErrorSerializer, 415: UploadErrorSerializer}))
 class DicomUploadApi(APIView):
     """POST a zip of one study's DICOM files (``file``) for ``patient``: stored like a C-STORE
     push, registered, linked and scored."""

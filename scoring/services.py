@@ -226,7 +226,7 @@ def vbq_jobs_create(*, study: ImagingStudy) -> list[int]:
             if not _looks_scorable(series):
                 continue
             if not (series.local_path or study.endpoint_url or settings.PACS_DICOMWEB_URL):
-                note = "; not scored: no PACS endpoint (PACS_DICOMWEB_URL) and no local copy"
+                note = "; not scored: no PACS is configured and the images are not stored here"
                 if note not in study.link_reason:
                     ImagingStudy.objects.filter(pk=study.pk).update(
                         link_reason=(study.link_reason + note)[:300])

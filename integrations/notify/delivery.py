@@ -23,6 +23,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from registry.labels import rule_label
 from registry.models import AlertDelivery
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def _digest_body(rows: list[AlertDelivery]) -> str:
     for row in rows:
         alert = row.alert
         lines.append(
-            f"- Alert {alert.pk} ({alert.rule_id}, {row.event}, escalation "
+            f"- Alert {alert.pk} ({rule_label(alert.rule_id)}, {row.event}, escalation "
             f"{alert.escalation_level}): {settings.SITE_URL.rstrip('/')}/worklist/?alert={alert.pk}"
         )
     return "\n".join(lines)
@@ -117,7 +118,8 @@ def communication_resource(row: AlertDelivery) -> dict[str, Any]:
         "category": [{"text": "VBQ follow-up alert"}],
         "priority": "urgent" if alert.escalation_level else "routine",
         "sent": timezone.now().isoformat(),
-        "payload": [{"contentString": f"VBQ Registry alert {alert.pk}: {alert.rule_id} "
+        "payload": [{"contentString": f"VBQ Registry alert {alert.pk}: "
+                                      f"{rule_label(alert.rule_id)} "
                                       f"({row.event}). {alert.reason}"}],
     }
 

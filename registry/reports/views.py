@@ -14,6 +14,7 @@ from django.contrib.auth.decorators import permission_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
@@ -106,11 +107,27 @@ class CanViewReports(BasePermission):
         return bool(request.user and request.user.has_perm("registry.view_reports"))
 
 
+class ReportOutputSerializer(serializers.Serializer):
+    """The report as ``report_payload`` builds it (figures as nested objects)."""
+
+    synthetic = serializers.BooleanField(help_text="every patient of the cohort is SYNTHETIC")
+    cutoff = serializers.DateField(help_text="follow-up cut-off date of the cohort")
+    deidentified = serializers.BooleanField(
+        help_text="small cells suppressed, no identified rows (qi_analyst)")
+    report = serializers.DictField(
+        help_text="Table 1, incidence, Kaplan-Meier, log-rank, Cox, ROC, KPIs (docs/reports.md)")
+    suppressed = serializers.ListField(
+        child=serializers.CharField(), required=False,
+        help_text="paths of the figures suppressed as small cells (de-identified only)")
+
+
 class ReportApi(APIView):
     """GET the full QI report as JSON (filters as query parameters)."""
 
     permission_classes = [CanViewReports]
 
+    @extend_schema(operation_id="report_retrieve", parameters=[FiltersSerializer],
+                   responses=ReportOutputSerializer)
     def get(self, request: Request) -> Response:
         return Response(report_payload(request.user, request.query_params))
 

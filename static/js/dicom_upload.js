@@ -16,6 +16,7 @@
     xhr.open("POST", form.action);
     xhr.setRequestHeader("X-CSRFToken", form.querySelector("[name=csrfmiddlewaretoken]").value);
     xhr.setRequestHeader("Accept", "application/json");
+    xhr.setRequestHeader("X-Requested-With", "fetch");
     xhr.upload.addEventListener("progress", function (e) {
       if (e.lengthComputable) {
         const pct = Math.round((e.loaded / e.total) * 100);
@@ -25,6 +26,17 @@
     });
     xhr.addEventListener("load", function () {
       button.disabled = false;
+      // The session ended (the API answers 403 "not authenticated", the login middleware 401).
+      if (xhr.status === 401 || (xhr.status === 403 && /credentials/.test(xhr.responseText))) {
+        bar.value = 0;
+        status.textContent = "Your session has ended, so nothing was uploaded. ";
+        const login = document.createElement("a");
+        login.href = "/accounts/login/?next=" + encodeURIComponent(location.pathname);
+        login.textContent = "Log in again";
+        status.appendChild(login);
+        status.appendChild(document.createTextNode(", then choose the zip file again."));
+        return;
+      }
       let json = {};
       try { json = JSON.parse(xhr.responseText); } catch (e) { json = {}; }
       if (xhr.status === 201) {

@@ -65,9 +65,26 @@
   function poll() {
     let url = table.dataset.api + "?limit=50";
     if (table.dataset.status) url += "&status=" + encodeURIComponent(table.dataset.status);
-    fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
-      .then(function (r) { if (!r.ok) throw new Error(r.status); return r.json(); })
+    fetch(url, { credentials: "same-origin",
+                 headers: { Accept: "application/json", "X-Requested-With": "fetch" } })
+      .then(function (r) {
+        // The session ended (the jobs API, like all of DRF, answers 403 "not authenticated";
+        // the login middleware 401): stop polling and offer the login.
+        if (r.status === 401 || r.status === 403) {
+          clearInterval(timer);
+          stamp.textContent = "Your session has ended. ";
+          const login = document.createElement("a");
+          login.href = "/accounts/login/?next=" + encodeURIComponent(location.pathname +
+                                                                     location.search);
+          login.textContent = "Log in again";
+          stamp.appendChild(login);
+          return null;
+        }
+        if (!r.ok) throw new Error(r.status);
+        return r.json();
+      })
       .then(function (page) {
+        if (!page) return;
         const empty = tbody.querySelector("td[colspan]");
         if (empty && page.results.length) empty.parentNode.remove();
         page.results.slice().reverse().forEach(function (job) {
@@ -79,6 +96,6 @@
       })
       .catch(function () { stamp.textContent = "Update failed; retrying."; });
   }
+  const timer = setInterval(poll, 5000);
   poll();
-  setInterval(poll, 5000);
 })();

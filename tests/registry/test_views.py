@@ -79,10 +79,27 @@ def test_only_admins_may_send_a_worker_probe(client, role_user):
     assert client.post(reverse("ops-worker-probe")).status_code == 403
 
 
-def test_patient_search_by_mrn_finds_the_patient(client, role_user):
+def test_patient_search_by_mrn_finds_the_patient_and_never_puts_the_mrn_in_a_url(
+        client, role_user):
     client.force_login(role_user("clinician"))
     PatientFactory(mrn="SYN-LOOKUP-7", given_name="Findme")
     PatientFactory(given_name="Other")
-    html = client.get("/patients/", {"q": "SYN-LOOKUP-7"}).content.decode()
+    response = client.post("/patients/", {"q": "SYN-LOOKUP-7"})
+    assert response.status_code == 302
+    assert "SYN-LOOKUP-7" not in response["Location"]
+    assert response["Location"].startswith("/patients/?search=")
+    html = client.get(response["Location"]).content.decode()
     assert "Findme" in html
     assert "Other" not in html
+    assert 'method="post"' in html.split('role="search"')[0].rsplit("<form", 1)[1]
+
+
+def test_a_search_token_of_another_session_finds_nothing(client, role_user):
+    client.force_login(role_user("clinician"))
+    PatientFactory(mrn="SYN-LOOKUP-8", given_name="Findme")
+    location = client.post("/patients/", {"q": "SYN-LOOKUP-8"})["Location"]
+    client.logout()
+    client.force_login(role_user("coordinator"))
+    html = client.get(location).content.decode()
+    assert "This search has expired" in html
+    assert "SYN-LOOKUP-8" not in html.split("</form>")[0]

@@ -29,7 +29,7 @@ def test_acknowledge_then_resolve_from_the_worklist(client, role_user, alert):
     client.force_login(role_user("coordinator"))
     client.post(reverse("worklist-action", args=[alert.pk, "acknowledge"]))
     response = client.post(reverse("worklist-action", args=[alert.pk, "resolve"]),
-                           {"reason": "therapy-started"})
+                           {"reason": "therapy-started", "confirmed": "1"})
     assert response.status_code == 302
     alert.refresh_from_db()
     assert (alert.status, alert.resolution_reason) == ("resolved", "therapy-started")
@@ -70,10 +70,11 @@ def test_an_action_sent_by_script_answers_the_new_row_and_counts_without_a_redir
     assert "Acknowledge</button>" not in body["html"]
     assert body["counts"]["acknowledged"] == 1
     url = reverse("worklist-action", args=[alert.pk, "resolve"])
-    body = client.post(url, {"reason": "therapy-started"}, HTTP_X_REQUESTED_WITH="fetch").json()
+    body = client.post(url, {"reason": "therapy-started", "confirmed": "1"},
+                       HTTP_X_REQUESTED_WITH="fetch").json()
     assert body["status"] == "resolved"
     assert body["counts"]["unresolved"] == 0
-    assert "therapy-started" in body["html"]
+    assert "Resolved: Therapy started" in body["html"]
 
 
 def test_a_refused_script_action_answers_400_with_the_reason(client, role_user, alert):
@@ -110,8 +111,8 @@ def test_the_worklist_page_runs_the_same_few_queries_for_3_or_30_alerts(client, 
     assert (rows_few, rows_many) == (3, 25)
     assert many == few  # no query per row (no N+1, no deferred field loaded per row)
     # session, user, 2 x permissions, status counts, the page, the colleagues an alert can be
-    # assigned to, session save
-    assert many <= 8
+    # assigned to, the page's patients' therapy records, session save
+    assert many <= 9
 
 
 def test_the_worklist_sorts_by_vbq_when_asked(client, role_user):

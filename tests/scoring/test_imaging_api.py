@@ -162,4 +162,4 @@ def test_a_study_with_no_way_to_fetch_it_is_not_queued_and_says_why(settings):
                                     series=[SeriesInput("2.25.88.1", "MR", "SAG T1")])
     assert vbq_jobs_create(study=study) == []
     study.refresh_from_db()
-    assert "no PACS endpoint" in study.link_reason
+    assert "no PACS is configured" in study.link_reason

@@ -144,10 +144,11 @@ def test_coordinator_works_an_alert_opens_the_patient_uploads_and_downloads_the_
     row = page.locator(f'tr[data-alert="{alert.pk}"]')
     row.get_by_label("Resolution reason").select_option("therapy-started")
     row.get_by_role("button", name="Resolve").click()
+    row.get_by_role("button", name="Confirm resolve").click()
     expect(page.locator(f'tr[data-alert="{alert.pk}"]')).to_have_class(
         re.compile("status-resolved"))
     assert page.evaluate("window.__noReload") == "still here"  # no full page load happened
-    assert "resolve done" in page.locator("#worklist-status").inner_text()
+    assert "resolved" in page.locator("#worklist-status").inner_text()
     alert.refresh_from_db()
     assert (alert.status, alert.resolution_reason) == ("resolved", "therapy-started")
     assert list(alert.events.order_by("pk").values_list("to_status", flat=True))[-2:] == [
