@@ -145,8 +145,11 @@ class _Slice:
 
     def grow(self, level: str, row: float, col: float, dark: float | None = None
              ) -> _Body | str:
-        """The body around (row, col), or why none was found."""
+        """The body around (row, col), or why none was found (also when the point lies
+        beyond the image: counting along a tilted column can step off its edge)."""
         sp = self.spacing
+        if not (0 <= round(row) < self.image.shape[0] and 0 <= round(col) < self.image.shape[1]):
+            return f"{level} lies beyond the edge of the image"
         near = self.window(row, col, SEED_RADIUS_MM)
         marrow = float(np.median(self.smooth[near]))
         box = self.window(row, col, WINDOW_MM)

@@ -46,8 +46,12 @@ the pixel spacing, so neither the matrix nor the intensity scale matters.
    axis covering the central 60 % of the smallest height and 35–80 % of the depth from the
    posterior wall (the posterior third holds the basivertebral vein; the anterior 20 % the
    cortex). Height loss ≥ 20 % against the level's own posterior height or its neighbours ⇒
-   ``suggested_fractured``. CSF: at L3 (else L2, L4 with a flag), the darkest contiguous part
-   of the canal cross-section 1.5 mm inside the walls (excludes cord, roots, walls), on the
+   ``suggested_fractured``. CSF: at L3 (else L2, L4 with a flag), the thecal sac is the dark
+   band (≥ 3 mm, within 30 % of the darkest level towards the brightest) nearest the body,
+   searched up to the canal's anterior wall (the sac can lie closer to the body than the
+   canal's median wall; a dark band further back, fat or muscle, is not the sac; its darkest
+   point is taken 2 mm clear of the wall, whose cortex can join it); the ROI is its darkest
+   contiguous part 1.5 mm inside its walls (excludes cord, roots, walls), on the
    slice among mid±1 where it is darkest.
 8. **Confidence** starts at 1 and loses weight for each failed check (inferred bodies,
    irregular or implausible spacing, sacrum not seen, label cross-checks, small ROIs, weak
@@ -101,6 +105,9 @@ DETECT_MM = 2.0  # canal search
 # never come back as a confident value
 LABEL_DOUBT_PENALTY = 0.35
 MAX_MARROW_TO_CSF = 6.0  # marrow / CSF of L1–L4 above this: the CSF ROI is not in CSF
+CSF_NEAR_DARKEST = 0.3  # a band within this fraction from the darkest to the brightest
+CSF_BAND_MM = 3  # the sac is at least this wide (1 mm samples)
+CSF_WALL_CLEAR_MM = 2  # its darkest point is looked for this far from the anterior wall
 LEVEL_SPACING_MM = (28.0, 48.0)  # adult lumbar segment (body + disc), centre to centre
 
 
@@ -664,8 +671,20 @@ def _csf_roi(fr: Frame, volume: PixelStack, straighten, py, px, ty, tx, ny, nx, 
         lo_k = k0 - 25
         seg = ndimage.uniform_filter1d(prof[lo_k: k_wall + 8], 2)
         wide = ndimage.median_filter(seg, 5, mode="nearest")  # ignores thin dark lines
-        stop = k_wall - 5 - lo_k  # clear of the body's posterior cortex
+        stop = k_wall - lo_k  # up to the anterior wall (the median filter drops its thin cortex)
         trough_i = 5 + int(np.argmin(wide[5:stop]))
+        # the thecal sac lies directly behind the body; a dark band further back (fat
+        # behind the sac where it is dark, muscle) must not take its place: of the bands
+        # nearly as dark as the darkest (≥ CSF_BAND_MM wide), the most anterior one
+        floor = float(wide[trough_i])
+        cut = floor + CSF_NEAR_DARKEST * (float(np.max(wide[5:])) - floor)
+        bands = [r for r in runs_of(wide[5:stop] < cut) if r[1] - r[0] + 1 >= CSF_BAND_MM]
+        if bands:
+            # its darkest point clear of the wall (the body's posterior cortex, as dark as
+            # CSF on T1, can join the band where the sac touches the body)
+            lo_b, hi_b = 5 + bands[-1][0], min(5 + bands[-1][1], stop - 1 - CSF_WALL_CLEAR_MM)
+            if hi_b >= lo_b:
+                trough_i = lo_b + int(np.argmin(wide[lo_b: hi_b + 1]))
         trough = float(wide[trough_i])
         ant_wall = float(np.max(wide[trough_i:]))
         contrast = 1.0 - trough / max(min(ant_wall, float(np.max(wide[: trough_i + 1]))), 1e-6)

@@ -197,3 +197,15 @@ def test_a_label_that_is_not_body_shaped_sends_the_result_to_review(phantom, tmp
         phantom, tmp_path / "merged.nii.gz", TABLES["totalsegmentator"], masks=masks))
     assert result.status == "needs_review"
     assert "implausible-body" in {f.code for f in result.qc_flags}
+
+
+def test_a_body_looked_for_beyond_the_image_edge_stops_the_count_with_the_reason(phantom):
+    # counting along a tilted column can step off the image (seen on a real exam, where the
+    # search for the body below L5 raised IndexError instead of stopping the count)
+    from scoring.engine.assisted import _Slice
+
+    series = read_series(phantom.datasets)
+    rows, cols = series.pixels.shape[1:]
+    image = _Slice(series, phantom.truth["mid_slice"])
+    for row, col in ((rows + 3.0, cols / 2), (rows / 2, -4.0), (rows - 0.4, cols + 2.0)):
+        assert image.grow("S1", row, col) == "S1 lies beyond the edge of the image"
