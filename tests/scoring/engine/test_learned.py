@@ -1,0 +1,66 @@
+"""The learned segmenter's runtime (``scoring/engine/learned.py``): level counting from a class
+map, and the engine without it (onnxruntime or the model missing, or switched off).
+Class maps and phantoms here are SYNTHETIC."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scoring.engine import learned
+from scoring.engine.phantom import make_phantom
+from scoring.engine.vbq import compute_vbq
+
+
+def synthetic_column(n_bodies: int, l5_index: int) -> np.ndarray:
+    """SYNTHETIC class map at 2 mm: ``n_bodies`` 26 × 34 mm bodies, head to feet, 10 mm apart,
+    the ``l5_index``-th (0 = top) of class l5, the rest body; discs between them."""
+    cls = np.zeros((200, 100), np.uint8)
+    top = 5
+    for i in range(n_bodies):
+        cls[top: top + 13, 20:37] = 2 if i == l5_index else 1
+        cls[top + 13: top + 18, 20:37] = 3
+        top += 18
+    cls[:, 45:52] = 4
+    return cls
+
+
+def test_levels_are_counted_up_from_the_body_the_network_calls_l5():
+    # seven bodies, the network's L5 the fifth from the top: the two below it (sacrum-like
+    # blocks the classical localiser may take for S1) are not lumbar levels
+    levels = learned.levels_from_classes(synthetic_column(7, 4), (2.0, 2.0))
+    assert sorted(levels) == ["L1", "L2", "L3", "L4", "L5"]
+    rows = {lv: float(np.nonzero(m)[0].mean()) for lv, m in levels.items()}
+    assert rows["L1"] < rows["L2"] < rows["L3"] < rows["L4"] < rows["L5"]
+    assert rows["L5"] == pytest.approx(5 + 4 * 18 + 6, abs=1)
+
+
+def test_without_an_l5_body_no_levels_are_claimed():
+    assert learned.levels_from_classes(synthetic_column(6, -1), (2.0, 2.0)) == {}
+
+
+def test_bodies_smaller_than_a_vertebral_body_are_not_counted():
+    cls = synthetic_column(6, 5)
+    cls[60:63, 20:23] = 1  # a 6 × 6 mm speck between two levels
+    levels = learned.levels_from_classes(cls, (2.0, 2.0))
+    assert sorted(levels) == ["L1", "L2", "L3", "L4", "L5", "T12"]
+
+
+def test_the_engine_falls_back_to_the_classical_localiser_when_the_model_is_missing(
+        monkeypatch, tmp_path):
+    monkeypatch.setattr(learned, "MODEL_PATH", tmp_path / "absent.onnx")
+    monkeypatch.setattr(learned, "_session", None)
+    result = compute_vbq(make_phantom(13, fractured=()).datasets)
+    codes = [f.code for f in result.qc_flags]
+    assert "learned-unavailable" in codes
+    assert "absent.onnx" in next(f.message for f in result.qc_flags
+                                 if f.code == "learned-unavailable")
+    assert result.vbq_all_levels is not None
+
+
+def test_switching_the_learned_segmenter_off_uses_the_classical_localiser_alone(monkeypatch):
+    monkeypatch.setenv("VBQ_LEARNED_SEGMENTER", "off")
+    result = compute_vbq(make_phantom(13, fractured=()).datasets)
+    codes = [f.code for f in result.qc_flags]
+    assert not any(c.startswith("learned") for c in codes)
+    assert result.vbq_all_levels is not None
