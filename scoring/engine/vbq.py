@@ -303,11 +303,20 @@ def _measure_placed(series: Series, fractured: list[str], flags: list[QcFlag], r
     return _finish(result, source, levels, csf, fractured, flags, max(0.0, confidence))
 
 
+def learned_mode() -> str:
+    """``VBQ_LEARNED_SEGMENTER``: ``fallback`` (default: the learned placement replaces the
+    classical result only when the classical localiser found no column), ``replace`` (it
+    replaces every classical result that is not confident: best on the real set, but it takes
+    the SYNTHETIC phantoms' sacrum for L5, see docs/engine.md) or ``off``."""
+    value = os.environ.get(LEARNED_ENV_VAR, "fallback").strip().lower()
+    if value in ("off", "0", "false", "no"):
+        return "off"
+    return "replace" if value == "replace" else "fallback"
+
+
 def learned_enabled() -> bool:
-    """Whether the automatic path tries the learned segmenter first: ``VBQ_LEARNED_SEGMENTER``
-    (``on`` by default; ``off``/``0``/``false`` switches it off)."""
-    value = os.environ.get(LEARNED_ENV_VAR, "on").strip().lower()
-    return value not in ("off", "0", "false", "no")
+    """Whether the automatic path may use the learned segmenter (``learned_mode`` not off)."""
+    return learned_mode() != "off"
 
 
 def _try_learned(series: Series, flags: list[QcFlag]) -> learned.LearnedPlacement | None:
@@ -360,24 +369,39 @@ def _cross_check(placed: learned.LearnedPlacement, loc: Any) -> list[QcFlag]:
 
 def _auto(series: Series, fractured: list[str], flags: list[QcFlag], result: Any
           ) -> VbqMeasurement:
-    """Automatic path: the learned segmenter first (``learned.learned_rois``, measured like an
-    external segmentation and cross-checked against the classical localiser), else the
-    classical localiser; measure, and check the result is plausible."""
-    placed = _try_learned(series, flags)
+    """Automatic path: the classical localiser; when it found no column (``learned_mode``
+    ``fallback``, the default) or its result is not confident (``replace``), the learned
+    segmenter (``learned.learned_rois``, measured like an
+    external segmentation and cross-checked against the classical levels: a disagreement,
+    no classical column to compare with, or a CSF ROI outside the learned canal sends it to
+    review). The learned placement replaces the classical result when it has one; otherwise
+    the classical result stands, with the learned path's reason as an info flag."""
+    base_flags = list(flags)
+    loc: Any = None
     try:
         loc = localize(series)
     except LocalisationError as exc:
-        if placed is not None:
-            loc = None
-        else:
-            return _not_localised(result, "auto", flags, f"automatic localisation failed: "
-                                  f"{exc}. Place the ROIs by hand or import a segmentation")
-    if placed is not None:
-        found = [*placed.rois.flags, *_cross_check(placed, loc)]
-        return _measure_placed(series, fractured, flags, result, "auto", placed.rois.rois,
-                               placed.rois.csf_roi, found, "the learned segmentation has no")
-    if loc is None:  # unreachable: a failed localisation without a placement returned above
-        raise EngineError("no localisation")
+        classical = _not_localised(result, "auto", flags, f"automatic localisation failed: "
+                                   f"{exc}. Place the ROIs by hand or import a segmentation")
+    else:
+        classical = _classical(series, fractured, flags, result, loc)
+    if classical.status == "succeeded":
+        return classical
+    if loc is not None and learned_mode() != "replace":
+        return classical
+    learned_flags = list(base_flags)
+    placed = _try_learned(series, learned_flags)
+    if placed is None:
+        classical.qc_flags.extend(f for f in learned_flags if f not in base_flags)
+        return classical
+    found = [*placed.rois.flags, *_cross_check(placed, loc)]
+    return _measure_placed(series, fractured, learned_flags, result, "auto", placed.rois.rois,
+                           placed.rois.csf_roi, found, "the learned segmentation has no")
+
+
+def _classical(series: Series, fractured: list[str], flags: list[QcFlag], result: Any,
+               loc: Any) -> VbqMeasurement:
+    """Measure the classical localiser's bodies and CSF ROI and check the result."""
     flags.extend(loc.flags)
     confidence = loc.confidence
     levels: dict[str, LevelMeasurement] = {}

@@ -46,21 +46,47 @@ def test_bodies_smaller_than_a_vertebral_body_are_not_counted():
     assert sorted(levels) == ["L1", "L2", "L3", "L4", "L5", "T12"]
 
 
-def test_the_engine_falls_back_to_the_classical_localiser_when_the_model_is_missing(
+def flat_series():
+    """SYNTHETIC: a phantom's headers over flat images (no spine): the classical localiser
+    fails, so the automatic path turns to the learned segmenter."""
+    datasets = make_phantom(13).datasets
+    for ds in datasets:
+        ds.PixelData = np.full((ds.Rows, ds.Columns), 500, np.uint16).tobytes()
+    return datasets
+
+
+def test_when_the_classical_localiser_fails_the_learned_segmenter_is_tried_and_says_why_not():
+    result = compute_vbq(flat_series())
+    assert result.status == "needs_review"
+    assert result.vbq_all_levels is None
+    codes = [f.code for f in result.qc_flags]
+    assert "localisation-failed" in codes
+    assert "learned-failed" in codes
+
+
+def test_the_engine_falls_back_to_the_classical_result_when_the_model_is_missing(
         monkeypatch, tmp_path):
     monkeypatch.setattr(learned, "MODEL_PATH", tmp_path / "absent.onnx")
     monkeypatch.setattr(learned, "_session", None)
-    result = compute_vbq(make_phantom(13, fractured=()).datasets)
-    codes = [f.code for f in result.qc_flags]
-    assert "learned-unavailable" in codes
-    assert "absent.onnx" in next(f.message for f in result.qc_flags
-                                 if f.code == "learned-unavailable")
-    assert result.vbq_all_levels is not None
+    result = compute_vbq(flat_series())
+    flag = next(f for f in result.qc_flags if f.code == "learned-unavailable")
+    assert "absent.onnx" in flag.message
+    assert "localisation-failed" in [f.code for f in result.qc_flags]
 
 
 def test_switching_the_learned_segmenter_off_uses_the_classical_localiser_alone(monkeypatch):
     monkeypatch.setenv("VBQ_LEARNED_SEGMENTER", "off")
-    result = compute_vbq(make_phantom(13, fractured=()).datasets)
+    result = compute_vbq(flat_series())
     codes = [f.code for f in result.qc_flags]
+    assert "localisation-failed" in codes
     assert not any(c.startswith("learned") for c in codes)
-    assert result.vbq_all_levels is not None
+
+
+def test_a_confident_classical_result_is_kept_without_running_the_learned_segmenter(
+        monkeypatch):
+    def fail(series):
+        raise AssertionError("the learned segmenter ran")
+    monkeypatch.setattr(learned, "learned_rois", fail)
+    result = compute_vbq(make_phantom(13, fractured=()).datasets)
+    assert result.status == "succeeded"
+    assert not any(f.code.startswith("learned") for f in result.qc_flags)
