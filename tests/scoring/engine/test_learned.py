@@ -4,11 +4,14 @@ Class maps and phantoms here are SYNTHETIC."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from scoring.engine import learned
 from scoring.engine.phantom import make_phantom
+from scoring.engine.realset import default_dir, score_siegen
 from scoring.engine.vbq import compute_vbq
 
 
@@ -90,3 +93,21 @@ def test_a_confident_classical_result_is_kept_without_running_the_learned_segmen
     result = compute_vbq(make_phantom(13, fractured=()).datasets)
     assert result.status == "succeeded"
     assert not any(f.code.startswith("learned") for f in result.qc_flags)
+
+
+MRI = default_dir(Path(__file__).resolve().parents[3])
+real = pytest.mark.skipif(not (MRI / "siegen" / "DzZ_T1").is_dir(),
+                          reason=f"the real MRI set is not at {MRI} (set VBQ_REAL_MRI_DIR)")
+
+
+@real
+def test_in_replace_mode_the_real_t1_exam_gets_the_right_levels_and_vbq_but_is_reviewed(
+        monkeypatch):
+    # DzZ_T1 was never trained on; the classical localiser names it one level low (6.2 %)
+    monkeypatch.setenv("VBQ_LEARNED_SEGMENTER", "replace")
+    case = score_siegen(MRI / "siegen" / "DzZ_T1")
+    assert case.levels_right
+    assert case.csf_ok
+    assert abs(case.vbq_error) < 0.03
+    assert case.status == "needs_review"
+    assert "levels-disagree" in case.flags
