@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scoring.engine import learned  # noqa: E402
 from scoring.engine.realset import (  # noqa: E402
     CaseResult,
     default_dir,
@@ -32,6 +33,7 @@ from scoring.engine.realset import (  # noqa: E402
     siegen_folders,
     spider_files,
 )
+from scoring.engine.vbq import learned_enabled  # noqa: E402
 
 
 def _row(c: CaseResult) -> str:
@@ -79,6 +81,12 @@ def main() -> None:
     print(f"\nsummary: {len(cases)} cases in {time.perf_counter() - t0:.0f} s; right & confident "
           f"{right_conf}, right & flagged {right_flag}, wrong & flagged {wrong_flag}, wrong & "
           f"confident {wrong_conf}")
+    held = learned.held_out_people([c.name for c in spider])
+    print(f"learned segmenter: {'on' if learned_enabled() and learned.available() else 'off'}; "
+          "SPIDER people it was never trained on: spider_levels_right="
+          f"{sum(c.levels_right for c in spider if c.name in held)}/{len(held)} "
+          f"spider_csf_in_canal={sum(bool(c.csf_ok) for c in spider if c.name in held)}"
+          f"/{len(held)}")
     print(f"real: siegen_levels_right={sum(c.levels_right for c in siegen)}/{len(siegen)} "
           f"spider_levels_right={sum(c.levels_right for c in spider)}/{len(spider)} "
           f"spider_csf_in_canal={sum(bool(c.csf_ok) for c in spider)}/{len(spider)} "

@@ -228,14 +228,21 @@ def segmentation_rois(path: str | Path, series: Series,
     if mid is None:
         raise SegmentationError("the segmentation holds no vertebra of the label table "
                                 "(L1–L4) on this series")
-    labels = label_map.on_slice(series, mid)
+    return rois_from_labels(label_map.on_slice(series, mid), label_map.table, series, mid)
+
+
+def rois_from_labels(labels: np.ndarray, table: Mapping[int, str], series: Series,
+                     mid: int) -> SegmentationRois:
+    """Level → body ROI and the CSF ROI from a label map on the series' slice ``mid`` (steps
+    2 and 3 of the module docstring; also the learned segmenter's path, ``learned.py``).
+    Raises ``SegmentationError`` when no L1–L4 body is on the slice."""
     image = np.asarray(series.pixels[mid], np.float32)
     spacing = series.pixel_spacing_mm
     inferior, posterior = series_directions(series)
     rois: dict[str, Roi] = {}
     bodies: dict[str, tuple[BodyAxes, np.ndarray]] = {}
     odd: list[str] = []
-    for label_id, level in label_map.table.items():
+    for label_id, level in table.items():
         mask = labels == label_id
         if mask.sum() < 30:
             continue

@@ -17,12 +17,14 @@ VBQ = median(median SI of L1, L2, L3, L4 ROIs) / median SI of the CSF ROI at L3 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from scoring.engine import learned
 from scoring.engine.assisted import Seed, assisted_rois
 from scoring.engine.dicom_io import Series, describe_orientation, read_series
 from scoring.engine.localize import LocalisationError, localize
@@ -42,6 +44,7 @@ TE_RANGE_MS = (6.0, 25.0)
 MIN_SLICES = 3
 MIN_ROI_PIXELS = 20
 REVIEW_BELOW_CONFIDENCE = 0.7
+LEARNED_ENV_VAR = "VBQ_LEARNED_SEGMENTER"
 
 
 def protocol_qc(series: Series) -> list[QcFlag]:
@@ -269,8 +272,9 @@ def _measure_placed(series: Series, fractured: list[str], flags: list[QcFlag], r
     confidence = 1.0
     for flag in found_flags:
         flags.append(flag)
-        confidence -= {"csf-unclear": 0.3, "csf-not-at-l3": 0.1,
-                       "implausible-body": 0.4}.get(flag.code, 0.0)
+        confidence -= {"csf-unclear": 0.3, "csf-not-at-l3": 0.1, "implausible-body": 0.4,
+                       "levels-disagree": 0.6, "csf-outside-canal": 0.4,
+                       "no-cross-check": 0.4}.get(flag.code, 0.0)
     if csf_roi is None:
         reasons = "; ".join(f.message for f in found_flags) or "the CSF was not found"
         return _not_localised(result, source, flags, f"{reasons}. Place the CSF ROI by hand")
@@ -299,14 +303,105 @@ def _measure_placed(series: Series, fractured: list[str], flags: list[QcFlag], r
     return _finish(result, source, levels, csf, fractured, flags, max(0.0, confidence))
 
 
+def learned_mode() -> str:
+    """``VBQ_LEARNED_SEGMENTER``: ``fallback`` (default: the learned placement replaces the
+    classical result only when the classical localiser found no column), ``replace`` (it
+    replaces every classical result that is not confident: best on the real set, but it takes
+    the SYNTHETIC phantoms' sacrum for L5, see docs/engine.md) or ``off``."""
+    value = os.environ.get(LEARNED_ENV_VAR, "fallback").strip().lower()
+    if value in ("off", "0", "false", "no"):
+        return "off"
+    return "replace" if value == "replace" else "fallback"
+
+
+def learned_enabled() -> bool:
+    """Whether the automatic path may use the learned segmenter (``learned_mode`` not off)."""
+    return learned_mode() != "off"
+
+
+def _try_learned(series: Series, flags: list[QcFlag]) -> learned.LearnedPlacement | None:
+    if not learned_enabled():
+        return None
+    if not learned.available():
+        flags.append(QcFlag("learned-unavailable", "the learned segmenter is unavailable ("
+                            f"{learned.unavailable_reason}): classical localiser only", "info"))
+        return None
+    try:
+        return learned.learned_rois(series)
+    except learned.LearnedError as exc:
+        flags.append(QcFlag("learned-failed", f"{exc}: classical localiser only", "info"))
+        return None
+
+
+def _cross_check(placed: learned.LearnedPlacement, loc: Any) -> list[QcFlag]:
+    """Flags from comparing the learned placement with the classical localiser's: every
+    classical L1–L4 ROI centre on the learned slice (±2 slices) must lie in the learned body of
+    its level, and the CSF ROI centre in the learned canal."""
+    out: list[QcFlag] = []
+    csf = placed.rois.csf_roi
+    if csf is not None:
+        r, c = round(csf.row), round(csf.col)
+        near = placed.canal[max(r - 1, 0): r + 2, max(c - 1, 0): c + 2]
+        if not near.any():
+            out.append(QcFlag("csf-outside-canal", "the CSF ROI is not inside the canal the "
+                              "learned segmenter found"))
+    if loc is None:
+        out.append(QcFlag("no-cross-check", "the classical localiser found no column to check "
+                          "the learned levels against"))
+        return out
+    wrong = []
+    for lv in VBQ_LEVELS:
+        body = loc.bodies.get(lv)
+        mask = placed.bodies.get(lv)
+        if body is None or mask is None:
+            continue
+        roi = body.roi
+        r, c = round(roi.row), round(roi.col)
+        inside = (0 <= r < mask.shape[0] and 0 <= c < mask.shape[1]
+                  and bool(mask[max(r - 1, 0): r + 2, max(c - 1, 0): c + 2].any()))
+        if abs(roi.slice_index - placed.mid_slice) > 2 or not inside:
+            wrong.append(lv)
+    if wrong:
+        out.append(QcFlag("levels-disagree", "the learned segmenter and the classical "
+                          f"localiser disagree at {', '.join(wrong)}: check the level labels"))
+    return out
+
+
 def _auto(series: Series, fractured: list[str], flags: list[QcFlag], result: Any
           ) -> VbqMeasurement:
-    """Automatic path: localise, measure, and check the result is plausible."""
+    """Automatic path: the classical localiser; when it found no column (``learned_mode``
+    ``fallback``, the default) or its result is not confident (``replace``), the learned
+    segmenter (``learned.learned_rois``, measured like an
+    external segmentation and cross-checked against the classical levels: a disagreement,
+    no classical column to compare with, or a CSF ROI outside the learned canal sends it to
+    review). The learned placement replaces the classical result when it has one; otherwise
+    the classical result stands, with the learned path's reason as an info flag."""
+    base_flags = list(flags)
+    loc: Any = None
     try:
         loc = localize(series)
     except LocalisationError as exc:
-        return _not_localised(result, "auto", flags, f"automatic localisation failed: {exc}. "
-                              "Place the ROIs by hand or import a segmentation")
+        classical = _not_localised(result, "auto", flags, f"automatic localisation failed: "
+                                   f"{exc}. Place the ROIs by hand or import a segmentation")
+    else:
+        classical = _classical(series, fractured, flags, result, loc)
+    if classical.status == "succeeded":
+        return classical
+    if loc is not None and learned_mode() != "replace":
+        return classical
+    learned_flags = list(base_flags)
+    placed = _try_learned(series, learned_flags)
+    if placed is None:
+        classical.qc_flags.extend(f for f in learned_flags if f not in base_flags)
+        return classical
+    found = [*placed.rois.flags, *_cross_check(placed, loc)]
+    return _measure_placed(series, fractured, learned_flags, result, "auto", placed.rois.rois,
+                           placed.rois.csf_roi, found, "the learned segmentation has no")
+
+
+def _classical(series: Series, fractured: list[str], flags: list[QcFlag], result: Any,
+               loc: Any) -> VbqMeasurement:
+    """Measure the classical localiser's bodies and CSF ROI and check the result."""
     flags.extend(loc.flags)
     confidence = loc.confidence
     levels: dict[str, LevelMeasurement] = {}
