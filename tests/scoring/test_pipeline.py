@@ -61,6 +61,21 @@ def _study(orthanc, phantom, *, days_before=20, endpoint=None):
     return study
 
 
+def _first_clean_high_phantom(first_seed, *, tries=40):
+    """The first SYNTHETIC phantom from ``first_seed`` that the installed engine scores
+    ``succeeded``, high (VBQ >= 3.0) and with no QC flag, with that outcome: the tests that
+    need such a result do not depend on one seed's outcome under one engine version."""
+    from scoring.engine import compute_vbq
+
+    for seed in range(first_seed, first_seed + tries):
+        phantom = make_phantom(seed, slices=9)
+        outcome = compute_vbq(phantom.datasets)
+        if (outcome.status == "succeeded" and not outcome.qc_flags
+                and (outcome.vbq_excluding_fractured or 0) >= 3.0):
+            return phantom, outcome
+    raise AssertionError(f"no clean high phantom among seeds {first_seed}..{first_seed + tries}")
+
+
 def _engine_outcome(phantom):
     """What the installed engine answers for this series in-process (``needs_review`` before
     automatic localisation, ``succeeded`` once it exists): the pipeline must store exactly
@@ -390,10 +405,7 @@ def test_a_stored_result_re_evaluates_the_follow_up_in_the_same_task(tmp_path):
     from registry.models import Alert
     from registry.tasks import followup_reevaluate
 
-    phantom = make_phantom(130, slices=9)
-    expected = _engine_outcome(phantom)
-    assert expected.status == "succeeded"
-    assert expected.vbq_excluding_fractured >= 3.0
+    phantom, expected = _first_clean_high_phantom(130)
     patient, result = _local_study(tmp_path, phantom, index_days_ago=70, mri_days_before=10)
     followup_reevaluate(str(patient.pk))  # day 70, no VBQ yet: a vbq-missing work item
     assert Alert.objects.get(patient=patient).rule_id == "vbq-missing"
