@@ -128,6 +128,7 @@ def _row_queryset():  # type: ignore[no-untyped-def]
     on 10,000 open alerts) and the patient's index-procedure day."""
     return Alert.objects.select_related("patient", "assignee").only(
         "id", "patient_id", "rule_id", "status", "vbq_value", "vbq_threshold",
+        "vbq_threshold_field",
         "escalation_level", "due_on", "resolution_reason", "assignee_id",
         "patient__id", "patient__family_name", "patient__given_name", "patient__birth_date",
         "patient__is_synthetic", "assignee__id", "assignee__username",
@@ -142,6 +143,15 @@ def _index_day() -> Subquery:
 
 _PK = "999999999"
 _UUID0 = "00000000-0000-0000-0000-000000000000"
+
+
+def threshold_label(alert: Alert) -> str | None:
+    """Which high-VBQ cut-off the alert applied, in words (field strength or the default)."""
+    if alert.vbq_threshold is None:
+        return None
+    if alert.vbq_threshold_field:
+        return f"high ≥ {alert.vbq_threshold:g} ({alert.vbq_threshold_field} threshold)"
+    return f"high ≥ {alert.vbq_threshold:g} (default threshold, field strength unknown)"
 
 
 def _row(alert: Alert, today: dt.date, urls: tuple[str, str] | None = None,
@@ -165,6 +175,7 @@ def _row(alert: Alert, today: dt.date, urls: tuple[str, str] | None = None,
         "vbq": f"{vbq:.2f}" if vbq is not None else None,
         "vbq_high": vbq is not None and alert.vbq_threshold is not None
         and vbq >= alert.vbq_threshold,
+        "threshold": threshold_label(alert),
         "days_since": str((today - alert.index_on).days) if alert.index_on else None,
         "rule_label": RULE_LABELS.get(alert.rule_id, alert.rule_id),
         "escalated": bool(alert.escalation_level),

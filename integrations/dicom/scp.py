@@ -3,8 +3,10 @@
 Instances are stored under ``DICOM_STORAGE_ROOT/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``. A study
 with no new instance for ``DICOM_STUDY_COMPLETE_SECONDS`` is complete: it is registered as an
 ImagingStudy (source ``dicom``, series pointing at their folders) for the patient whose
-identifier (system ``DICOM_PATIENT_ID_SYSTEM``) equals the DICOM PatientID, which links it and
-queues scoring. Logs carry UIDs hashes only.
+identifier (system ``DICOM_PATIENT_ID_SYSTEM``) equals the DICOM PatientID and whose family name
+and birth date match the files' (``scoring.identity``), which links it and queues scoring; a
+study whose name or birth date disagrees is held unassigned (audited, with the reason), never
+scored for that patient. Logs carry UIDs hashes only.
 """
 
 from __future__ import annotations
@@ -90,10 +92,21 @@ def register_study(root: Path, study_uid: str, patient: Any = None, actor: Any =
                                          len(files)))
     if first is None:
         return None
+    held: list[str] = []
     if patient is None:
         ident = PatientIdentifier.objects.filter(system=settings.DICOM_PATIENT_ID_SYSTEM,
                                                  value=str(first.get("PatientID", ""))).first()
         patient = ident.patient if ident else None
+        if patient is not None:
+            # The PatientID matches; the name and birth date must too (scoring.identity),
+            # else the study is held unassigned: never linked or scored for this patient.
+            from scoring.identity import patient_mismatches
+
+            held = [m.code for m in patient_mismatches(
+                [pydicom.dcmread(str(next(Path(p).glob("*.dcm"))), stop_before_pixels=True)
+                 for p in local_paths.values()], patient)]
+            if held:
+                patient = None
     started = None
     if first.get("StudyDate"):
         text = str(first.StudyDate)
@@ -101,7 +114,7 @@ def register_study(root: Path, study_uid: str, patient: Any = None, actor: Any =
         started = start_of_clinic_day(day) + dt.timedelta(hours=12)
     from django.db import transaction
 
-    from scoring.models import ImagingSeries
+    from scoring.models import ImagingSeries, ImagingStudy
     from scoring.services import link_or_defer
 
     # One transaction: the study, where its files are, then its link and jobs (a job created
@@ -116,8 +129,17 @@ def register_study(root: Path, study_uid: str, patient: Any = None, actor: Any =
         for uid, path in local_paths.items():
             ImagingSeries.objects.filter(series_instance_uid=uid).update(local_path=path)
         link_or_defer(study)
-    logger.info("dicom study registered study=%s series=%s patient_known=%s", _short(study_uid),
-                len(series_inputs), patient is not None)
+    if held:
+        from registry.services import audit_record
+
+        audit_record(actor=actor or Actor(via="dicom"), action="update",
+                     object_type="ImagingStudy", object_id=str(study.pk),
+                     detail={"held": "patient-mismatch", "identity": held})
+        ImagingStudy.objects.filter(pk=study.pk, patient__isnull=True).update(
+            link_reason=f"held: DICOM patient does not match the registry patient "
+                        f"({', '.join(held)}); assign it after checking")
+    logger.info("dicom study registered study=%s series=%s patient_known=%s held=%s",
+                _short(study_uid), len(series_inputs), patient is not None, ",".join(held))
     return study
 
 

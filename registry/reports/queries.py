@@ -33,6 +33,7 @@ from registry.models import (
 from registry.reports.survival import AlertRow, CohortRow
 from registry.sweep import COUNTED_STUDY
 from registry.timeutil import clinic_today
+from scoring.trust import trusted_q
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,7 @@ def build_cohort(filters: CohortFilters | None = None) -> Cohort:
     alerts: list[AlertRow] = []
     for pid, all_levels, excluding, field in _fetch(
         VbqResult.objects.filter(patient_q)
-        .filter(
-            Q(review_status=VbqResult.Review.ACCEPTED)
-            | Q(status=VbqResult.Status.SUCCEEDED, review_status=VbqResult.Review.PENDING)
-        )
+        .filter(trusted_q())  # scoring.trust: the results the alerts count
         .filter(COUNTED_STUDY)  # as the alerts count them: not a voided or misfiled study's
         .order_by("patient_id", "queued_at", "pk")
         .annotate(pid=_text_id())
