@@ -204,6 +204,10 @@ def review_action(request: HttpRequest, result_id: int, action: str) -> HttpResp
             return HttpResponse("Unknown action", status=404)
     except review.ReviewError as exc:
         messages.error(request, f"Result {result.pk}: {exc.messages[0]}")
+    if request.headers.get("Accept") == "application/json":
+        # the review page's script posts the form itself (to keep it through an expired
+        # session) and then opens this URL, where the message above is shown
+        return JsonResponse({"url": reverse("vbq-review", args=[result.pk])})
     return redirect("vbq-review", result_id=result.pk)
 
 

@@ -79,18 +79,18 @@
 
   // --- unsaved work survives an expired session (sessionStorage, this tab only) ---
   const WORK_KEY = "vbq-review-work-" + data.result_id;
-  function keepWork(pending) {
+  function keepWork(pending, decision) {
     try {
       sessionStorage.setItem(WORK_KEY, JSON.stringify({
         rois: rois, fractured: fractured(), note: document.getElementById("save-note").value,
-        pending: pending || "", slice: slice }));
+        pending: pending || "", slice: slice, decision: decision || null, dirty: dirty }));
     } catch (e) { /* storage full or disabled: the work stays in this page only */ }
   }
   function dropWork() { try { sessionStorage.removeItem(WORK_KEY); } catch (e) { /* none */ } }
 
   function SessionExpired() { this.message = "session expired"; }
-  function sessionExpired(pending) {
-    keepWork(pending);
+  function sessionExpired(pending, decision) {
+    keepWork(pending, decision);
     const dialog = document.getElementById("session-expired");
     const link = document.getElementById("relogin-link");
     link.href = data.login_url + "?next=" + encodeURIComponent(window.location.pathname);
@@ -296,7 +296,22 @@
   function restoreWork() {
     let kept = null;
     try { kept = JSON.parse(sessionStorage.getItem(WORK_KEY) || "null"); } catch (e) { kept = null; }
-    if (!kept || !kept.rois || !Object.keys(kept.rois).length) return false;
+    if (kept && kept.pending === "decision" && kept.decision) {
+      // an accept / reject / fractured-levels decision interrupted by the expired session
+      dropWork();
+      const form = document.querySelector('form.js-decision[action="' + kept.decision.action + '"]');
+      if (form) {
+        kept.decision.fields.forEach(function (f) {
+          form.querySelectorAll('[name="' + f[0] + '"]').forEach(function (el) {
+            if (el.type === "checkbox") { el.checked = f[1].indexOf(el.value) !== -1; }
+            else { el.value = f[1][0] || ""; }
+          });
+        });
+        decide(form);
+        return true;
+      }
+    }
+    if (!kept || !kept.dirty || !kept.rois || !Object.keys(kept.rois).length) return false;
     Object.keys(rois).forEach(function (k) { delete rois[k]; });
     Object.keys(kept.rois).forEach(function (k) { rois[k] = kept.rois[k]; });
     document.querySelectorAll(".fractured-box").forEach(function (b) {
@@ -313,6 +328,31 @@
     if (kept.pending === "save") { keepWork(""); save(); } else { preview(); }
     return true;
   }
+  // Accept / reject / fractured levels: posted here so that an expired session keeps the
+  // decision (and the ROI work) through a new login; otherwise the page follows the answer.
+  function decide(form) {
+    const body = new FormData(form);
+    fetch(form.action, { method: "POST", body: body, credentials: "same-origin",
+                         headers: { "Accept": "application/json" } })
+      .then(function (resp) {
+        if (resp.redirected && resp.url.indexOf(data.login_url) !== -1) {
+          const fields = [];
+          Array.from(new Set(Array.from(body.keys()))).forEach(function (k) {
+            if (k !== "csrfmiddlewaretoken") fields.push([k, body.getAll(k)]);
+          });
+          form.querySelectorAll('input[type="checkbox"]').forEach(function (el) {
+            if (!body.has(el.name)) fields.push([el.name, []]);
+          });
+          sessionExpired("decision", { action: form.getAttribute("action"), fields: fields });
+          return;
+        }
+        return resp.json().then(function (json) { window.location.assign(json.url); });
+      }).catch(function () { form.submit(); });
+  }
+  document.querySelectorAll("form.js-decision").forEach(function (form) {
+    form.addEventListener("submit", function (evt) { evt.preventDefault(); decide(form); });
+  });
+
   document.getElementById("discard-restored").addEventListener("click", function () {
     dropWork();
     window.location.reload();

@@ -302,5 +302,16 @@ def test_an_expired_session_mid_review_keeps_the_rois_and_the_save_completes_aft
     assert (roi["row"], roi["col"]) == pytest.approx((moved_l2["row"], moved_l2["col"]))
     assert saved.reviewer.username == "demo-clinician"
     assert page.evaluate(f"sessionStorage.getItem('vbq-review-work-{auto.pk}')") is None
+
+    # a decision interrupted the same way completes after the new login
+    Session.objects.all().delete()
+    page.get_by_role("button", name="Accept as is").click()
+    expect(page.locator("#session-expired")).to_be_visible()
+    page.get_by_role("link", name="Log in again").click()
+    page.wait_for_url(re.compile(r".*/accounts/login/.*"))
+    _fill_login(page, "demo-clinician")
+    expect(page.locator("p.card.flash", has_text=f"Result {saved.pk}: accepted")).to_be_visible()
+    saved.refresh_from_db()
+    assert saved.review_status == "accepted"
     assert page.problems == []
     page.context.close()
