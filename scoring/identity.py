@@ -23,6 +23,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+# ``ImagingStudy.link_reason`` of a received study held unassigned because its DICOM patient
+# does not match (listed in the needs-review queue).
+HELD_PREFIX = "held:"
+
 
 @dataclass(frozen=True)
 class DicomPatient:

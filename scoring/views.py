@@ -22,9 +22,10 @@ from django.views.decorators.http import require_GET, require_POST
 from registry.models import AuditAction, Patient
 from registry.services import Actor, audit_record
 from scoring import review
-from scoring.apis import IDENTITY_OVERRIDE_REASONS
-from scoring.models import VbqResult
+from scoring.identity import HELD_PREFIX
+from scoring.models import ImagingStudy, VbqResult
 from scoring.trust import result_is_trusted, threshold_of, untrusted_reason
+from scoring.uploads import IDENTITY_OVERRIDE_REASONS
 
 logger = logging.getLogger(__name__)
 REVIEW_PERM = "registry.review_vbq"
@@ -53,7 +54,11 @@ def review_queue(request: HttpRequest) -> HttpResponse:
     page = Paginator(review.review_queue(), 25).get_page(request.GET.get("page"))
     for result in page:
         result.why = untrusted_reason(result)
-    return render(request, "scoring/queue.html", {"page": page})
+    # received studies held unassigned (C-STORE: the DICOM patient does not match)
+    held = ImagingStudy.objects.filter(patient__isnull=True, record_status="active",
+                                       link_reason__startswith=HELD_PREFIX).order_by(
+        "-created_at")[:25]
+    return render(request, "scoring/queue.html", {"page": page, "held": held})
 
 
 @require_GET

@@ -131,12 +131,13 @@ def register_study(root: Path, study_uid: str, patient: Any = None, actor: Any =
         link_or_defer(study)
     if held:
         from registry.services import audit_record
+        from scoring.identity import HELD_PREFIX
 
         audit_record(actor=actor or Actor(via="dicom"), action="update",
                      object_type="ImagingStudy", object_id=str(study.pk),
                      detail={"held": "patient-mismatch", "identity": held})
         ImagingStudy.objects.filter(pk=study.pk, patient__isnull=True).update(
-            link_reason=f"held: DICOM patient does not match the registry patient "
+            link_reason=f"{HELD_PREFIX} DICOM patient does not match the registry patient "
                         f"({', '.join(held)}); assign it after checking")
     logger.info("dicom study registered study=%s series=%s patient_known=%s held=%s",
                 _short(study_uid), len(series_inputs), patient is not None, ",".join(held))

@@ -229,7 +229,8 @@ def test_a_study_with_no_way_to_fetch_it_is_not_queued_and_says_why(settings):
     assert "no PACS endpoint" in study.link_reason
 
 
-def test_a_received_study_whose_birth_date_disagrees_is_held_unassigned(settings, tmp_path):
+def test_a_received_study_whose_birth_date_disagrees_is_held_unassigned(
+        settings, tmp_path, client, role_user):
     """C-STORE: the PatientID names a registry patient but the birth date is another's: the
     study is registered without a patient (never linked or scored for them), audited."""
     from integrations.dicom.scp import register_study
@@ -251,4 +252,8 @@ def test_a_received_study_whose_birth_date_disagrees_is_held_unassigned(settings
     assert AuditEvent.objects.filter(object_type="ImagingStudy", object_id=str(study.pk),
                                      detail__held="patient-mismatch",
                                      detail__identity=["birth-date"]).exists()
+    client.force_login(role_user("clinician"))
+    queue = client.get("/vbq/review/").content.decode()
+    assert 'id="held-studies"' in queue
+    assert f"<td>{study.pk}</td>" in queue
 
