@@ -150,8 +150,8 @@ def threshold_label(alert: Alert) -> str | None:
     if alert.vbq_threshold is None:
         return None
     if alert.vbq_threshold_field:
-        return f"high ≥ {alert.vbq_threshold:g} ({alert.vbq_threshold_field} threshold)"
-    return f"high ≥ {alert.vbq_threshold:g} (default threshold, field strength unknown)"
+        return f"high ≥ {alert.vbq_threshold:g} at {alert.vbq_threshold_field}"
+    return f"high ≥ {alert.vbq_threshold:g} (field strength unknown)"
 
 
 def _row(alert: Alert, today: dt.date, urls: tuple[str, str] | None = None,

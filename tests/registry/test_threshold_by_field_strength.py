@@ -95,3 +95,18 @@ def test_the_orm_batch_write_stores_the_threshold_and_its_basis(two_patients):
                  (unknown.pk, Decision(HIGH_VBQ, OPEN, "r", vbq_value=3.2, threshold=3.0))]
     assert _bulk_open(decisions, {}) == 2
     assert _stored(at_3t, unknown) == ((2.6, "3 T"), (3.0, ""))
+
+
+@pytest.mark.django_db
+def test_the_worklist_and_the_patient_page_say_which_threshold_applied(
+        client, role_user, two_patients):
+    at_3t, unknown = two_patients
+    followup_sweep()
+    client.force_login(role_user("clinician"))
+    worklist = client.get("/worklist/").content.decode()
+    assert "high ≥ 2.6 at 3 T" in worklist
+    assert "high ≥ 3 (field strength unknown)" in worklist
+    page = client.get(f"/patients/{at_3t.pk}/").content.decode()
+    assert "High VBQ ≥ 2.6 (3 T threshold): high." in page
+    page = client.get(f"/patients/{unknown.pk}/").content.decode()
+    assert "High VBQ ≥ 3 (default threshold, field strength unknown): high." in page
