@@ -191,9 +191,9 @@ MEDIA_ROOT = Path(env.str("MEDIA_ROOT", default=str(VAR_DIR / "media")))
 # --- Clinical definitions (see DESIGN.md "Clinical definitions") ------------------------------
 VBQ_HIGH_THRESHOLD = env.float("VBQ_HIGH_THRESHOLD", default=3.0)
 # VBQ runs lower at 3 T than at 1.5 T: a site that has calibrated sets one cut-off per field
-# strength (scoring.trust.threshold_for); unset, both are VBQ_HIGH_THRESHOLD.
-VBQ_HIGH_THRESHOLD_1_5T = env.float("VBQ_HIGH_THRESHOLD_1_5T", default=VBQ_HIGH_THRESHOLD)
-VBQ_HIGH_THRESHOLD_3T = env.float("VBQ_HIGH_THRESHOLD_3T", default=VBQ_HIGH_THRESHOLD)
+# strength (registry.followup.threshold_for); unset (None), VBQ_HIGH_THRESHOLD applies.
+VBQ_HIGH_THRESHOLD_1_5T = env.float("VBQ_HIGH_THRESHOLD_1_5T", default=None)
+VBQ_HIGH_THRESHOLD_3T = env.float("VBQ_HIGH_THRESHOLD_3T", default=None)
 # An automatic result moves alerts only with no QC warning and at least this confidence
 # (scoring.trust); any other result only once a reviewer accepts it.
 VBQ_TRUST_MIN_CONFIDENCE = env.float("VBQ_TRUST_MIN_CONFIDENCE", default=0.8)
