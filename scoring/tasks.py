@@ -179,6 +179,16 @@ def _load_source(job: _Claimed):  # type: ignore[no-untyped-def]
                         password=settings.PACS_DICOMWEB_PASSWORD)
 
 
+def _counts_alone(measurement: Any) -> bool:
+    """Whether the stored result may move alerts without review (``scoring.trust``), judged
+    from the measurement: only then can it change the VBQ category the follow-up sees (the
+    category check's queries are skipped for every other result)."""
+    from scoring.trust import qc_clear
+
+    return (measurement.status == "succeeded" and qc_clear(measurement.qc_flags)
+            and (measurement.confidence or 0.0) >= settings.VBQ_TRUST_MIN_CONFIDENCE)
+
+
 def _identity_mismatch(datasets: Any, patient_id: Any) -> str:
     """Why the fetched ``datasets`` are not patient ``patient_id``'s ("" when they are)."""
     from registry.models import Patient
@@ -356,7 +366,7 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
                     from scoring.fractured import results_refresh_fractured
 
                     results_refresh_fractured([patient_id])
-                if patient_id is not None and measurement.status == "succeeded":
+                if patient_id is not None and _counts_alone(measurement):
                     from scoring.trust import hold_category_change
 
                     held = hold_category_change(result_id, patient_id)

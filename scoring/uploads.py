@@ -122,10 +122,11 @@ def dicom_zip_upload(*, patient: Any, data: bytes, user: Any, actor: Actor,
 
 def study_outcome(study: Any) -> dict[str, Any]:
     """What registering ``study`` did: linked to the index procedure or not (the linker's
-    reason) and how many scoring jobs wait for it."""
+    reason), how many scoring jobs wait for it and how many results it already has (a study
+uploaded again is not scored again)."""
     study.refresh_from_db(fields=["linked_procedure", "link_reason"])
-    jobs = VbqResult.objects.filter(series__study=study,
-                                    status__in=[VbqResult.Status.QUEUED,
-                                                VbqResult.Status.RUNNING]).count()
+    statuses = list(VbqResult.objects.filter(series__study=study).values_list("status",
+                                                                             flat=True))
+    jobs = sum(st in (VbqResult.Status.QUEUED, VbqResult.Status.RUNNING) for st in statuses)
     return {"id": study.pk, "linked": study.linked_procedure_id is not None,
-            "link_reason": study.link_reason, "jobs": jobs}
+            "link_reason": study.link_reason, "jobs": jobs, "scored": len(statuses) - jobs}

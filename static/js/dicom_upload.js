@@ -30,6 +30,10 @@
       return [head + "Scoring is queued (" + jobs + " job(s)): ",
               { href: form.dataset.jobsUrl, text: "follow it on the jobs page" }, "."];
     }
+    const scored = studies.reduce(function (n, s) { return n + (s.scored || 0); }, 0);
+    if (scored > 0) {
+      return [head + "This study was scored before (" + scored + " result(s)); no new job was made."];
+    }
     const why = studies.map(function (s) { return s.link_reason; }).filter(Boolean).join("; ");
     return [head + "No scoring job was made" + (why ? ": " + why : "") +
             ". The study is on the patient's timeline."];

@@ -40,7 +40,8 @@ def test_uploading_a_zip_registers_the_study_for_the_patient(client, role_user, 
     assert ImagingStudy.objects.get().patient == patient
     # no index procedure: no job, and the answer says so (the upload page shows the reason)
     assert body["outcome"] == [{"id": ImagingStudy.objects.get().pk, "linked": False,
-                                "link_reason": "no index procedure yet", "jobs": 0}]
+                                "link_reason": "no index procedure yet", "jobs": 0,
+                                "scored": 0}]
 
 
 def _phantom_of(patient, seed, **kw):
