@@ -54,8 +54,8 @@ def review_queue(request: HttpRequest) -> HttpResponse:
     page = Paginator(review.review_queue(), 25).get_page(request.GET.get("page"))
     for result in page:
         result.why = untrusted_reason(result)
-    # received studies held unassigned (C-STORE: the DICOM patient does not match)
-    held = ImagingStudy.objects.filter(patient__isnull=True, record_status="active",
+    # received studies held (C-STORE: the DICOM patient does not match the registry's)
+    held = ImagingStudy.objects.filter(record_status="active",
                                        link_reason__startswith=HELD_PREFIX).order_by(
         "-created_at")[:25]
     return render(request, "scoring/queue.html", {"page": page, "held": held})

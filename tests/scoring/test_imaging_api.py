@@ -258,3 +258,27 @@ def test_a_received_study_whose_birth_date_disagrees_is_held_unassigned(
     assert 'id="held-studies"' in queue
     assert f"<td>{study.pk}</td>" in queue
 
+
+def test_received_files_of_another_patient_for_a_known_study_are_not_used(settings, tmp_path):
+    """C-STORE of a study already known from a FHIR ImagingStudy of patient A, whose files
+    carry another PatientID: the study stays A's but the received files are not recorded as
+    its source, nor linked or scored from them (audited)."""
+    from integrations.dicom.scp import register_study
+    from scoring.models import ImagingSeries
+    from scoring.services import SeriesInput, imaging_study_upsert
+
+    a = PatientFactory()
+    phantom = make_phantom(206, slices=5)
+    ds0 = phantom.datasets[0]
+    study, _ = imaging_study_upsert(
+        study_instance_uid=str(ds0.StudyInstanceUID), patient=a, source="fhir", modality="MR",
+        series=[SeriesInput(str(ds0.SeriesInstanceUID), "MR", "SAG T1")])
+    phantom.write(tmp_path / str(ds0.StudyInstanceUID) / str(ds0.SeriesInstanceUID))
+    register_study(tmp_path, str(ds0.StudyInstanceUID))
+    study.refresh_from_db()
+    assert study.patient_id == a.pk
+    assert ImagingSeries.objects.get(study=study).local_path == ""
+    assert AuditEvent.objects.filter(object_type="ImagingStudy", object_id=str(study.pk),
+                                     detail__held="patient-mismatch",
+                                     detail__identity=["patient-id"]).exists()
+
