@@ -305,7 +305,8 @@ def main() -> int:
         index_day = clinic_today() - dt.timedelta(days=5)
         patients = []
         for i in range(n):
-            patient = PatientFactory()
+            # the phantom's DICOM PatientID is this patient's (the worker checks identity)
+            patient = PatientFactory(mrn=str(series[i][0].PatientID))
             procedure_record(patient=patient, code_system="http://www.ama-assn.org/go/cpt",
                              code="22511", performed_at=start_of_clinic_day(index_day)
                              + dt.timedelta(hours=10),

@@ -191,6 +191,13 @@ MEDIA_ROOT = Path(env.str("MEDIA_ROOT", default=str(VAR_DIR / "media")))
 
 # --- Clinical definitions (see DESIGN.md "Clinical definitions") ------------------------------
 VBQ_HIGH_THRESHOLD = env.float("VBQ_HIGH_THRESHOLD", default=3.0)
+# VBQ runs lower at 3 T than at 1.5 T: a site that has calibrated sets one cut-off per field
+# strength (registry.followup.threshold_for); unset (None), VBQ_HIGH_THRESHOLD applies.
+VBQ_HIGH_THRESHOLD_1_5T = env.float("VBQ_HIGH_THRESHOLD_1_5T", default=None)
+VBQ_HIGH_THRESHOLD_3T = env.float("VBQ_HIGH_THRESHOLD_3T", default=None)
+# An automatic result moves alerts only with no QC warning and at least this confidence
+# (scoring.trust); any other result only once a reviewer accepts it.
+VBQ_TRUST_MIN_CONFIDENCE = env.float("VBQ_TRUST_MIN_CONFIDENCE", default=0.8)
 FOLLOWUP_DAYS = env.int("FOLLOWUP_DAYS", default=60)
 VBQ_ALERT_VALUE = env.str("VBQ_ALERT_VALUE", default="excluding_fractured")
 if VBQ_ALERT_VALUE not in {"excluding_fractured", "all_levels"}:

@@ -83,6 +83,8 @@ def alert_open(
     vbq_value: float | None = None,
     due_on: dt.date | None = None,
     actor: Actor = SYSTEM_ACTOR,
+    vbq_threshold: float | None = None,
+    vbq_threshold_field: str = "",
 ) -> Alert | None:
     """Open an alert unless one is already unresolved for (patient, rule). Returns the new alert,
     or ``None`` when one already exists (the partial unique constraint decides races)."""
@@ -91,7 +93,9 @@ def alert_open(
             alert = Alert.objects.create(
                 patient=patient, rule_id=rule_id, rule_version=RULE_VERSIONS.get(rule_id, 1),
                 status=AlertStatus.OPEN, reason=reason[:300], vbq_value=vbq_value,
-                vbq_threshold=settings.VBQ_HIGH_THRESHOLD, care_team=patient.care_team
+                vbq_threshold=settings.VBQ_HIGH_THRESHOLD if vbq_threshold is None
+                else vbq_threshold, vbq_threshold_field=vbq_threshold_field,
+                care_team=patient.care_team
                 or settings.DEFAULT_CARE_TEAM, opened_at=timezone.now(),
                 due_on=due_on or clinic_today(),
             )

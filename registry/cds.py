@@ -84,7 +84,9 @@ def patient_view(request: HttpRequest) -> JsonResponse:
     index = index_procedure(patient=patient)
     for alert in Alert.objects.filter(patient=patient, status__in=OPEN_ALERT_STATUSES):
         days = (clinic_today() - index.performed_on).days if index else None
-        vbq = f"VBQ {alert.vbq_value:.2f} (high ≥ {alert.vbq_threshold:g}). " \
+        basis = (f"{alert.vbq_threshold_field} threshold" if alert.vbq_threshold_field
+                 else "default threshold, field strength unknown")
+        vbq = f"VBQ {alert.vbq_value:.2f} (high ≥ {alert.vbq_threshold:g}, {basis}). " \
             if alert.vbq_value is not None and alert.vbq_threshold is not None else ""
         cards.append({
             "uuid": f"vbq-alert-{alert.pk}",

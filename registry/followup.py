@@ -94,6 +94,7 @@ class PatientFacts:
     index_levels: frozenset[str] = frozenset()
     vbq_all_levels: float | None = None
     vbq_excluding_fractured: float | None = None
+    vbq_field_strength_t: float | None = None  # of the result the rules use (acquisition)
     exposures: Sequence[Exposure] = ()
     fractures: Sequence[FractureFact] = ()
     deceased_on: dt.date | None = None
@@ -103,7 +104,9 @@ class PatientFacts:
 
 @dataclass(frozen=True)
 class FollowupConfig:
-    threshold: float = 3.0
+    threshold: float = 3.0  # the default: unknown field strength, or no per-field value
+    threshold_1_5t: float | None = None
+    threshold_3t: float | None = None
     followup_days: int = 60
     vbq_value: str = "excluding_fractured"
     vbq_missing_after_days: int = 14
@@ -123,6 +126,8 @@ class Decision:
     vbq_value: float | None = None
     due_on: dt.date | None = None
     for_fracture: bool = False
+    threshold: float | None = None  # the high-VBQ cut-off applied (stored on the alert)
+    threshold_field: str = ""  # whose cut-off: "1.5 T", "3 T", "" (default, field unknown)
 
     @property
     def rule_version(self) -> int:
@@ -133,6 +138,36 @@ class Decision:
 class Evaluation:
     decisions: list[Decision] = field(default_factory=list)
     next_check_on: dt.date | None = None
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The high-VBQ cut-off that applies to a result, and in words why."""
+
+    value: float
+    field: str  # "1.5 T" | "3 T" | "" (unknown field strength: the default)
+
+    @property
+    def basis(self) -> str:
+        return (f"{self.field} threshold" if self.field
+                else "default threshold, field strength unknown")
+
+    @property
+    def label(self) -> str:
+        return f"≥ {self.value:g} ({self.basis})"
+
+
+def threshold_for(field_strength_t: float | None, config: FollowupConfig) -> Threshold:
+    """The cut-off for a result acquired at ``field_strength_t`` tesla: 1.0–2.0 T uses
+    ``threshold_1_5t``, 2.5–3.5 T ``threshold_3t`` (each falling back to ``threshold`` when
+    unset); anything else, or unknown, uses ``threshold`` and says so (``field`` empty)."""
+    if field_strength_t is not None and 1.0 <= field_strength_t <= 2.0:
+        return Threshold(config.threshold if config.threshold_1_5t is None
+                         else config.threshold_1_5t, "1.5 T")
+    if field_strength_t is not None and 2.5 <= field_strength_t <= 3.5:
+        return Threshold(config.threshold if config.threshold_3t is None
+                         else config.threshold_3t, "3 T")
+    return Threshold(config.threshold, "")
 
 
 def chosen_vbq(facts: PatientFacts, config: FollowupConfig) -> float | None:
@@ -197,6 +232,7 @@ def evaluate(facts: PatientFacts, today: dt.date, config: FollowupConfig) -> Eva
         return Evaluation(decisions, None)
     treated = on_therapy(facts.exposures, today, config)
     vbq = chosen_vbq(facts, config)
+    cut = threshold_for(facts.vbq_field_strength_t, config)
     due_date = facts.index_date + dt.timedelta(days=config.followup_days)
 
     # high-vbq-untreated-60d
@@ -206,9 +242,10 @@ def evaluate(facts: PatientFacts, today: dt.date, config: FollowupConfig) -> Eva
             decisions.append(Decision(HIGH_VBQ, RESOLVE, "anti-osteoporosis therapy recorded",
                                       "therapy-started"))
             high_alert = None
-        elif vbq is not None and vbq < config.threshold:
-            decisions.append(Decision(HIGH_VBQ, RESOLVE, f"VBQ revised to {vbq:.2f}",
-                                      "not-appropriate"))
+        elif vbq is not None and vbq < cut.value:
+            decisions.append(Decision(HIGH_VBQ, RESOLVE, f"VBQ revised to {vbq:.2f} "
+                                      f"(below {cut.value:g}: {cut.basis})", "not-appropriate",
+                                      threshold=cut.value, threshold_field=cut.field))
             high_alert = None
         elif vbq is None:
             decisions.append(Decision(
@@ -216,18 +253,18 @@ def evaluate(facts: PatientFacts, today: dt.date, config: FollowupConfig) -> Eva
                 "corrected or entered in error, or result rejected in review)",
                 "not-appropriate"))
             high_alert = None
-    elif vbq is not None and vbq >= config.threshold and not treated:
+    elif vbq is not None and vbq >= cut.value and not treated:
         if day_number >= config.followup_days:
             decisions.append(Decision(
                 HIGH_VBQ, OPEN,
-                f"VBQ {vbq:.2f} ≥ {config.threshold:g}, no anti-osteoporosis therapy on day "
+                f"VBQ {vbq:.2f} {cut.label}, no anti-osteoporosis therapy on day "
                 f"{day_number} after the procedure",
-                vbq_value=vbq, due_on=today,
+                vbq_value=vbq, due_on=today, threshold=cut.value, threshold_field=cut.field,
             ))
             high_alert = OpenAlert(HIGH_VBQ, "open", today)
         else:
             candidates.append(due_date)
-    elif vbq is not None and vbq >= config.threshold and treated:
+    elif vbq is not None and vbq >= cut.value and treated:
         # Re-check when the current coverage ends.
         ends = [coverage_end(e, config) for e in facts.exposures
                 if e.status not in NOT_COUNTING and e.start_on <= today]
@@ -252,7 +289,8 @@ def evaluate(facts: PatientFacts, today: dt.date, config: FollowupConfig) -> Eva
             decisions.append(Decision(
                 SECONDARY_FRACTURE, OPEN,
                 f"secondary fracture on {latest.isoformat()} without anti-osteoporosis therapy",
-                vbq_value=vbq, due_on=today, for_fracture=True,
+                vbq_value=vbq, due_on=today, for_fracture=True, threshold=cut.value,
+                threshold_field=cut.field,
             ))
 
     # vbq-missing

@@ -342,6 +342,10 @@ class Alert(models.Model):
     reason = models.CharField(max_length=300, help_text="Why the rule fired (no PHI)")
     vbq_value = models.FloatField(null=True, blank=True)
     vbq_threshold = models.FloatField(null=True, blank=True)
+    vbq_threshold_field = models.CharField(
+        max_length=10, blank=True, default="", db_default="",
+        help_text="Field strength whose high-VBQ threshold applied ('1.5 T', '3 T'); empty: "
+                  "the default threshold (field strength unknown)")
     escalation_level = models.PositiveSmallIntegerField(default=0)
     escalated_for_fracture = models.BooleanField(default=False)
     care_team = models.CharField(max_length=100, blank=True, db_index=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,11 +199,29 @@ def _readable_link_reason(text: str) -> str:
 
 
 def current_vbq(*, patient: Patient):  # type: ignore[no-untyped-def]
-    """The latest usable VBQ result (accepted, or succeeded and not yet reviewed)."""
-    from scoring.models import VbqResult
+    """The result the follow-up rules use (``scoring.trust``: accepted, or automatic with no QC
+    warning and enough confidence; the latest such), or None."""
+    from scoring.trust import rule_result
 
-    return (VbqResult.objects.filter(patient=patient)
-            .filter(Q(review_status=VbqResult.Review.ACCEPTED)
-                    | Q(status=VbqResult.Status.SUCCEEDED,
-                        review_status=VbqResult.Review.PENDING))
-            .order_by("-queued_at", "-pk").first())
+    return rule_result(patient.pk)
+
+
+def vbq_rule_context(vbq: Any, results: Iterable[Any]) -> dict[str, Any]:
+    """For the patient page: the value the rules read from ``vbq`` (the result they use), the
+    high-VBQ threshold that applied (by its field strength, or the default and why), and the
+    shown results that do not count, each with its reason (``scoring.trust``)."""
+    from scoring.trust import result_is_trusted, rule_value, threshold_of, untrusted_reason
+
+    out: dict[str, Any] = {"vbq_value": None, "vbq_high": False, "vbq_threshold": None,
+                           "vbq_waiting": []}
+    if vbq is not None:
+        value = rule_value(vbq.vbq_all_levels, vbq.vbq_excluding_fractured)
+        cut = threshold_of(vbq.field_strength_t)
+        out.update(vbq_value=value, vbq_threshold=cut,
+                   vbq_high=value is not None and value >= cut.value)
+    for result in results:
+        result.why_not_used = "" if result_is_trusted(result) else untrusted_reason(result)
+        if result.why_not_used and result.review_status == "pending" and (
+                vbq is None or result.queued_at >= vbq.queued_at):
+            out["vbq_waiting"].append(result)
+    return out

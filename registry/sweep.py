@@ -60,6 +60,8 @@ SWEEP_ACTOR = Actor(via="task")
 def config_from_settings() -> FollowupConfig:
     return FollowupConfig(
         threshold=settings.VBQ_HIGH_THRESHOLD,
+        threshold_1_5t=settings.VBQ_HIGH_THRESHOLD_1_5T,
+        threshold_3t=settings.VBQ_HIGH_THRESHOLD_3T,
         followup_days=settings.FOLLOWUP_DAYS,
         vbq_value=settings.VBQ_ALERT_VALUE,
         vbq_missing_after_days=settings.VBQ_MISSING_AFTER_DAYS,
@@ -80,6 +82,7 @@ COUNTED_STUDY = Q(series__isnull=True) | Q(series__study__record_status=RecordSt
 def load_facts(patient_ids: Iterable[Any]) -> dict[Any, PatientFacts]:
     """Facts for many patients in a fixed number of queries (no per-patient queries)."""
     from scoring.models import VbqResult
+    from scoring.trust import trusted_q
 
     ids = list(patient_ids)
     people = {pid: (deceased_on, team) for pid, deceased_on, team in Patient.objects.filter(
@@ -91,16 +94,16 @@ def load_facts(patient_ids: Iterable[Any]) -> dict[Any, PatientFacts]:
         .values_list("patient_id", "performed_on", "levels")
     ):
         index.setdefault(pid, (day, frozenset(levels or [])))
-    vbq: dict[Any, tuple[float | None, float | None]] = {}
-    for pid, all_levels, excluding in (
+    vbq: dict[Any, tuple[float | None, float | None, float | None]] = {}
+    for pid, all_levels, excluding, field in (
         VbqResult.objects.filter(patient_id__in=ids)
-        .filter(Q(review_status=VbqResult.Review.ACCEPTED)
-                | Q(status=VbqResult.Status.SUCCEEDED, review_status=VbqResult.Review.PENDING))
+        .filter(trusted_q())  # scoring.trust: only a result that may move an alert
         .filter(COUNTED_STUDY)
         .order_by("patient_id", "queued_at", "pk")
-        .values_list("patient_id", "vbq_all_levels", "vbq_excluding_fractured")
+        .values_list("patient_id", "vbq_all_levels", "vbq_excluding_fractured",
+                     "field_strength_t")
     ):
-        vbq[pid] = (all_levels, excluding)
+        vbq[pid] = (all_levels, excluding, field)
     exposures: dict[Any, list[Exposure]] = defaultdict(list)
     for pid, agent, route, start, end, status in TherapyExposure.objects.filter(
         patient_id__in=ids, record_status=RecordStatus.ACTIVE
@@ -121,12 +124,13 @@ def load_facts(patient_ids: Iterable[Any]) -> dict[Any, PatientFacts]:
     out = {}
     for pid in ids:
         idx = index.get(pid)
-        all_levels, excluding = vbq.get(pid, (None, None))
+        all_levels, excluding, field = vbq.get(pid, (None, None, None))
         out[pid] = PatientFacts(
             index_date=idx[0] if idx else None,
             index_levels=idx[1] if idx else frozenset(),
             vbq_all_levels=all_levels,
             vbq_excluding_fractured=excluding,
+            vbq_field_strength_t=field,
             exposures=tuple(exposures.get(pid, ())),
             fractures=tuple(fractures.get(pid, ())),
             deceased_on=people.get(pid, (None, ""))[0],
@@ -152,7 +156,8 @@ def apply_evaluation(patient: Patient, evaluation: Evaluation, stats: SweepStats
         if decision.action == OPEN:
             alert = alert_open(patient=patient, rule_id=decision.rule_id, reason=decision.reason,
                                vbq_value=decision.vbq_value, due_on=decision.due_on,
-                               actor=actor)
+                               vbq_threshold=_threshold(decision),
+                               vbq_threshold_field=decision.threshold_field, actor=actor)
             if alert is not None:
                 stats.opened += 1
                 if decision.for_fracture and decision.rule_id != "secondary-fracture":
@@ -333,7 +338,9 @@ def _facts_sql(selection: str) -> tuple[str, dict[str, Any]]:
     """The facts statement. The VBQ lookup reads the patient's results by ``patient_id`` (its
     index) and each candidate's series and study by primary key (``COUNTED_STUDY``)."""
     from scoring.models import ImagingSeries, ImagingStudy, VbqResult
+    from scoring.trust import trusted_sql
 
+    trusted, trusted_params = trusted_sql("r")  # scoring.trust: the results that count
     sql = f"""
 WITH due AS MATERIALIZED (
     SELECT p.id, p.deceased_on, p.care_team, p.followup_next_check_on
@@ -341,7 +348,7 @@ WITH due AS MATERIALIZED (
     {selection}
 )
 SELECT d.id, d.deceased_on, d.care_team, ix.performed_on, ix.levels::text,
-    v.vbq_all_levels, v.vbq_excluding_fractured,
+    v.vbq_all_levels, v.vbq_excluding_fractured, v.field_strength_t,
     (SELECT json_agg(json_build_array(t.agent, t.route, t.start_on, t.end_on, t.status))::text
      FROM {TherapyExposure._meta.db_table} t
      WHERE t.patient_id = d.id AND t.record_status = %(active)s),
@@ -360,11 +367,11 @@ LEFT JOIN LATERAL (
     ORDER BY pr.performed_at, pr.id LIMIT 1
 ) ix ON true
 LEFT JOIN LATERAL (
-    SELECT r.vbq_all_levels, r.vbq_excluding_fractured FROM {VbqResult._meta.db_table} r
+    SELECT r.vbq_all_levels, r.vbq_excluding_fractured, r.field_strength_t
+    FROM {VbqResult._meta.db_table} r
     LEFT JOIN {ImagingSeries._meta.db_table} se ON se.id = r.series_id
     LEFT JOIN {ImagingStudy._meta.db_table} st ON st.id = se.study_id
-    WHERE r.patient_id = d.id AND (r.review_status = %(accepted)s
-        OR (r.status = %(succeeded)s AND r.review_status = %(pending)s))
+    WHERE r.patient_id = d.id AND {trusted}
       AND (r.series_id IS NULL
            OR (st.record_status = %(active)s AND st.patient_id = r.patient_id))
     ORDER BY r.queued_at DESC, r.id DESC LIMIT 1
@@ -373,8 +380,7 @@ LEFT JOIN LATERAL (
     return sql, {
         "active": RecordStatus.ACTIVE.value,
         "unresolved": [str(s) for s in OPEN_ALERT_STATUSES],
-        "accepted": VbqResult.Review.ACCEPTED.value, "pending": VbqResult.Review.PENDING.value,
-        "succeeded": VbqResult.Status.SUCCEEDED.value,
+        **trusted_params,
     }
 
 
@@ -383,7 +389,7 @@ def _day(value: str | None) -> dt.date | None:
 
 
 def _facts_from_row(row: tuple[Any, ...]) -> PatientFacts:
-    (_pid, deceased_on, care_team, index_date, levels, all_levels, excluding, therapy,
+    (_pid, deceased_on, care_team, index_date, levels, all_levels, excluding, field, therapy,
      fractures, alerts, _next_check_on) = row
     exposures = []
     for agent, route, start, end, status in json.loads(therapy) if therapy else ():
@@ -394,6 +400,7 @@ def _facts_from_row(row: tuple[Any, ...]) -> PatientFacts:
         index_levels=frozenset(json.loads(levels) or []) if levels else frozenset(),
         vbq_all_levels=all_levels,
         vbq_excluding_fractured=excluding,
+        vbq_field_strength_t=field,
         exposures=tuple(exposures),
         fractures=tuple(FractureFact(_day(day), site, level)
                         for day, site, level in (json.loads(fractures) if fractures else ())),
@@ -404,6 +411,13 @@ def _facts_from_row(row: tuple[Any, ...]) -> PatientFacts:
             for rule, status, opened, level, for_fx, snoozed
             in (json.loads(alerts) if alerts else ())),
     )
+
+
+def _threshold(decision: Any) -> float:
+    """The high-VBQ cut-off stored on an alert: the one the decision applied (by the result's
+    field strength), else the default."""
+    return (decision.threshold if decision.threshold is not None
+            else settings.VBQ_HIGH_THRESHOLD)
 
 
 def _write_batch(to_open: list[tuple[Any, Any]], teams: dict[Any, str],
@@ -466,17 +480,20 @@ def _write_batch(to_open: list[tuple[Any, Any]], teams: dict[Any, str],
             [d.vbq_value for _, d in to_open],
             [teams.get(pid) or settings.DEFAULT_CARE_TEAM for pid, _ in to_open],
             [d.due_on for _, d in to_open],
+            [_threshold(d) for _, d in to_open],
+            [d.threshold_field for _, d in to_open],
         ]
         sql += (
-            ", v(patient_id, rule_id, rule_version, reason, vbq_value, care_team, due_on) AS ("
-            "SELECT * FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::text[], %s::float8[], "
-            "%s::text[], %s::date[]))"
+            ", v(patient_id, rule_id, rule_version, reason, vbq_value, care_team, due_on, "
+            "vbq_threshold, vbq_threshold_field) AS (SELECT * FROM unnest(%s::uuid[], "
+            "%s::text[], %s::int[], %s::text[], %s::float8[], %s::text[], %s::date[], "
+            "%s::float8[], %s::text[]))"
         )
         sql += insert_from(
             "ins", Alert, "v", {name: f"v.{name}" for name in (
                 "patient_id", "rule_id", "rule_version", "reason", "vbq_value", "care_team",
-                "due_on")},
-            Alert(status="open", vbq_threshold=settings.VBQ_HIGH_THRESHOLD, opened_at=now),
+                "due_on", "vbq_threshold", "vbq_threshold_field")},
+            Alert(status="open", opened_at=now),
             " ON CONFLICT DO NOTHING RETURNING id, patient_id, reason")
         sql += insert_from("ev", AlertEvent, "ins", {"alert_id": "ins.id", "note": "ins.reason"},
                            AlertEvent(at=now, action="open", to_status="open"))
@@ -682,7 +699,7 @@ def _bulk_open(to_open: list[tuple[Any, Any]], teams: dict[Any, str],
     created = _insert_alerts([
         Alert(patient_id=pid, rule_id=d.rule_id, rule_version=d.rule_version,
               status="open", reason=d.reason[:300], vbq_value=d.vbq_value,
-              vbq_threshold=settings.VBQ_HIGH_THRESHOLD,
+              vbq_threshold=_threshold(d), vbq_threshold_field=d.threshold_field,
               care_team=teams.get(pid) or settings.DEFAULT_CARE_TEAM, opened_at=now,
               due_on=d.due_on)
         for pid, d in to_open

@@ -197,6 +197,7 @@ def _row_queryset(*, with_resolver: bool = False):  # type: ignore[no-untyped-de
     PostgreSQL may evaluate it for every unresolved alert before the sort."""
     return Alert.objects.select_related("patient", "assignee").only(
         "id", "patient_id", "rule_id", "status", "vbq_value", "vbq_threshold",
+        "vbq_threshold_field",
         "escalation_level", "due_on", "resolution_reason", "resolved_at", "assignee_id",
         "patient__id", "patient__family_name", "patient__given_name", "patient__birth_date",
         "patient__is_synthetic", "assignee__id", "assignee__username",
@@ -269,6 +270,15 @@ _PK = "999999999"
 _UUID0 = "00000000-0000-0000-0000-000000000000"
 
 
+def threshold_label(alert: Alert) -> str | None:
+    """Which high-VBQ cut-off the alert applied, in words (field strength or the default)."""
+    if alert.vbq_threshold is None:
+        return None
+    if alert.vbq_threshold_field:
+        return f"high ≥ {alert.vbq_threshold:g} at {alert.vbq_threshold_field}"
+    return f"high ≥ {alert.vbq_threshold:g} (field strength unknown)"
+
+
 def _row(alert: Alert, today: dt.date, urls: tuple[str, str] | None = None,
          user_id: int | None = None, therapies: dict | None = None) -> dict:
     """One worklist row as plain values (dict lookups keep the template fast on a full page).
@@ -297,6 +307,7 @@ def _row(alert: Alert, today: dt.date, urls: tuple[str, str] | None = None,
         and vbq >= alert.vbq_threshold,
         "birth_date": p.birth_date.isoformat() if p.birth_date else None,
         "mrn": alert.mrn,
+        "threshold": threshold_label(alert),
         "days_since": str((today - alert.index_on).days) if alert.index_on else None,
         "rule_label": rule_label(alert.rule_id),
         "escalated": bool(alert.escalation_level),

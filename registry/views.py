@@ -135,6 +135,7 @@ def patient_detail(request: HttpRequest, patient_id: str) -> HttpResponse:
         "vbq_results": patient.vbq_results.select_related("reviewer").order_by(
             "-queued_at", "-pk")[:10],
     }
+    context.update(selectors.vbq_rule_context(context["vbq"], context["vbq_results"]))
     return render(request, "patients/detail.html", context)
 
 

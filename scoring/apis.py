@@ -6,13 +6,8 @@ coordinators (``registry.view_identified_data``) — the file is checked (size, 
 
 from __future__ import annotations
 
-import io
-import zipfile
-from pathlib import Path
 from typing import Any
 
-from django.conf import settings
-from django.db import transaction
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import serializers, status
@@ -26,6 +21,7 @@ from rest_framework.views import APIView
 from registry.models import Patient
 from registry.services import Actor
 from scoring.models import VbqResult
+from scoring.uploads import UploadRefused, dicom_zip_upload
 
 MAX_UPLOAD_BYTES = 500 * 1024 * 1024
 
@@ -95,16 +91,16 @@ class UploadErrorSerializer(serializers.Serializer):
                413: UploadErrorSerializer, 415: UploadErrorSerializer}))
 class DicomUploadApi(APIView):
     """POST a zip of one study's DICOM files (``file``) for ``patient``: stored like a C-STORE
-    push, registered, linked and scored."""
+    push, registered, linked and scored, only if the files' DICOM patient is this patient
+    (``scoring.uploads.dicom_zip_upload``): otherwise 409 with the reasons and nothing
+    stored. A coordinator may store it anyway with ``override_reason`` (one of
+    ``IDENTITY_OVERRIDE_REASONS``), audited. The answer says what happened to each study:
+    linked or not (and why), how many scoring jobs were made."""
 
     permission_classes = [CanSeePatients]
     parser_classes = [MultiPartParser]
 
     def post(self, request: Request, patient_id: str) -> Response:
-        import pydicom
-
-        from integrations.dicom.scp import _safe, register_study
-
         patient = get_object_or_404(Patient, pk=patient_id)
         upload = request.FILES.get("file")
         if upload is None:
@@ -112,39 +108,10 @@ class DicomUploadApi(APIView):
         if upload.size > MAX_UPLOAD_BYTES:
             return Response({"detail": "the upload is larger than 500 MB"}, status=413)
         try:
-            archive = zipfile.ZipFile(io.BytesIO(upload.read()))
-        except zipfile.BadZipFile:
-            return Response({"detail": "the file is not a zip archive"}, status=415)
-        root = Path(settings.DICOM_STORAGE_ROOT)
-        studies: set[str] = set()
-        stored = rejected = 0
-        for info in archive.infolist()[:5000]:
-            if info.is_dir() or info.file_size > 50 * 1024 * 1024:
-                continue
-            try:
-                ds = pydicom.dcmread(io.BytesIO(archive.read(info)))
-                study, series, sop = (_safe(str(ds.get(k, ""))) for k in (
-                    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
-            except Exception:  # not DICOM: skipped and counted
-                rejected += 1
-                continue
-            folder = root / study / series
-            folder.mkdir(parents=True, exist_ok=True)
-            ds.save_as(str(folder / f"{sop}.dcm"))
-            studies.add(study)
-            stored += 1
-        if not studies:
-            return Response({"detail": "no DICOM file in the archive", "rejected": rejected},
-                            status=400)
-        registered = []
-        actor = Actor(user_id=request.user.pk, via="upload")
-        with transaction.atomic():
-            for study_uid in studies:
-                # Written FOR this patient whatever PatientID the files carry, before it is
-                # linked and its jobs are created (they belong to this patient's procedure).
-                study = register_study(root, study_uid, patient=patient, actor=actor,
-                                       source="upload")
-                if study is not None:
-                    registered.append(study.pk)
-        return Response({"stored": stored, "rejected": rejected, "studies": registered},
-                        status=status.HTTP_201_CREATED)
+            outcome = dicom_zip_upload(
+                patient=patient, data=upload.read(), user=request.user,
+                actor=Actor(user_id=request.user.pk, via="upload"),
+                override_reason=str(request.data.get("override_reason", "") or ""))
+        except UploadRefused as exc:
+            return Response(exc.payload, status=exc.status)
+        return Response(outcome, status=status.HTTP_201_CREATED)

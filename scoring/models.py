@@ -107,6 +107,10 @@ class VbqResult(models.Model):
     csf_median_si = models.FloatField(null=True, blank=True)
     confidence = models.FloatField(null=True, blank=True)
     qc_flags = models.JSONField(default=list, blank=True)
+    qc_clear = models.BooleanField(
+        default=False, db_default=False,
+        help_text="No QC flag of severity warning or refusal (scoring.trust.qc_clear): with "
+                  "enough confidence an automatic result may move alerts without review")
     fractured_levels = models.JSONField(default=list, blank=True)
     fractured_levels_by_reviewer = models.BooleanField(
         default=False, db_default=False,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import statistics
 import threading
 from collections import OrderedDict
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 from django.db import transaction
-from django.db.models import Max, QuerySet
+from django.db.models import Max, Q, QuerySet
 from django.utils import timezone
 
 from registry.services import Actor, RegistryValidationError, audit_record, followup_changed
@@ -31,15 +32,28 @@ from scoring.fractured import apply_fractured_levels
 from scoring.models import VbqLevel, VbqResult
 from scoring.signals import result_ready
 
-ROI_LEVELS = ("L1", "L2", "L3", "L4", "csf")
+ROI_LEVELS = ("L1", "L2", "L3", "L4", "csf")  # the ROIs a VBQ needs (the reviewer's choices)
 VBQ_LEVELS = ("L1", "L2", "L3", "L4")
+# Any vertebral level the engine may store (T1–T12, L1–L6, S1–S5) and the CSF: a result's
+# ROIs come back from the page as stored; only L1–L4 and the CSF enter the VBQ.
+ANY_LEVEL = re.compile(r"^(T([1-9]|1[0-2])|L[1-6]|S[1-5]|csf)$")
+
+
+def level_order(level: str) -> tuple[int, int]:
+    """Head-to-feet order of level names (T before L before S, the CSF last)."""
+    if level == "csf":
+        return (9, 0)
+    return ("TLS".index(level[0]), int(level[1:])) if ANY_LEVEL.match(level) else (8, 0)
 REJECT_REASONS = {
     "wrong-series": "Wrong series (not a sagittal T1 of the lumbar spine)",
+    "wrong-patient": "Images of another patient",
     "poor-quality": "Image quality too poor (motion, artefact, coverage)",
     "wrong-levels": "Levels mislabelled and cannot be corrected here",
     "hardware": "Metal or cement artefact over the measured levels",
     "other": "Other (see note)",
 }
+# Failed results a human must look at (not a technical failure that a retry fixes).
+HELD_ERROR_CODES = ("patient-mismatch",)
 SLICE_SCROLL = 2  # the reviewer may scroll this many slices either side of the chosen one
 
 
@@ -51,9 +65,16 @@ class ReviewError(RegistryValidationError):
 
 
 def review_queue() -> QuerySet[VbqResult]:
-    """Results waiting for a human: ``needs_review`` and not yet reviewed, oldest first."""
-    return (VbqResult.objects.filter(status=VbqResult.Status.NEEDS_REVIEW,
-                                     review_status=VbqResult.Review.PENDING)
+    """Results waiting for a human, oldest first: every finished result not yet reviewed that
+    does not move alerts by itself (``scoring.trust``: QC warnings, low confidence, pending
+    manual or assisted results, category changes), and failed results held for a human
+    (patient identity mismatch). Each row's reason: ``scoring.trust.untrusted_reason``."""
+    from scoring.trust import trusted_q
+
+    pending = Q(review_status=VbqResult.Review.PENDING)
+    finished = Q(status__in=[VbqResult.Status.SUCCEEDED, VbqResult.Status.NEEDS_REVIEW])
+    held = Q(status=VbqResult.Status.FAILED, error_code__in=HELD_ERROR_CODES)
+    return (VbqResult.objects.filter(pending & (finished | held)).exclude(trusted_q())
             .select_related("patient", "series__study")
             .order_by("queued_at", "pk"))
 
@@ -160,7 +181,7 @@ def parse_rois(data: Any, *, n_slices: int, shape: tuple[int, int]) -> dict[str,
         raise ReviewError("send the ROIs as an object: level → ellipse", code="rois")
     rois: dict[str, Roi] = {}
     for level, raw in data.items():
-        if level not in ROI_LEVELS:
+        if not isinstance(level, str) or not ANY_LEVEL.match(level):
             raise ReviewError(f"unknown ROI level {str(level)[:8]!r}", code="rois")
         if not isinstance(raw, Mapping):
             raise ReviewError(f"the {level} ROI must be an object", code="rois")
@@ -204,6 +225,37 @@ def review_preview(*, result: VbqResult, rois: Mapping[str, Roi],
         raise ReviewError(str(exc), code=getattr(exc, "code", "engine-error")) from exc
 
 
+def save_outcome(*, result: VbqResult, measurement: VbqMeasurement) -> dict[str, Any]:
+    """What saving ``measurement`` as a corrected result of ``result`` would do: ``counts``
+    (True: accepted and used by the follow-up at once) and the reasons it would wait in the
+    needs-review queue instead (QC warnings; a change of the VBQ category against the value
+    the rules use now or the value being corrected)."""
+    from scoring.trust import category_change, qc_clear, rule_result, rule_value, threshold_of
+
+    reasons = []
+    if not qc_clear(measurement.qc_flags):
+        reasons.append("QC warnings on the placed ROIs: "
+                       + ", ".join(f.code for f in measurement.qc_flags
+                                   if f.severity != "info"))
+    value = rule_value(measurement.vbq_all_levels, measurement.vbq_excluding_fractured)
+    field = measurement.acquisition.field_strength_t
+    current = rule_result(result.patient_id)
+    references = []
+    if current is not None:
+        references.append(("the VBQ the follow-up uses now, result "
+                           f"{current.pk}", rule_value(current.vbq_all_levels,
+                                                       current.vbq_excluding_fractured)))
+    references.append((f"result {result.pk}", rule_value(result.vbq_all_levels,
+                                                         result.vbq_excluding_fractured)))
+    crossing = category_change(value=value, field_strength_t=field, references=references)
+    if crossing:
+        reasons.append(crossing)
+    cut = threshold_of(field)
+    return {"counts": not reasons, "reasons": reasons, "crossing": crossing,
+            "threshold": cut.value, "threshold_label": cut.label,
+            "high": value is not None and value >= cut.value}
+
+
 def measurement_summary(m: VbqMeasurement) -> dict[str, Any]:
     return {
         "status": m.status,
@@ -244,7 +296,18 @@ def review_save_corrected(*, result: VbqResult, rois: Mapping[str, Roi],
 
 def _save_corrected(*, result: VbqResult, measurement: VbqMeasurement, rois: Mapping[str, Roi],
                     actor: Actor, note: str) -> VbqResult:
+    """Write the corrected result. It is accepted (and moves alerts) only when its placed ROIs
+    pass QC and it keeps the VBQ category; otherwise it waits in the needs-review queue with
+    the reasons as QC flags (``scoring.trust``), and the follow-up keeps the value it had."""
+    from scoring.tasks import STORED_LEVELS
+    from scoring.trust import CATEGORY_CHANGE, qc_clear
+
     original = _locked(result)
+    outcome = save_outcome(result=original, measurement=measurement)
+    flags = [f.__dict__ for f in measurement.qc_flags]
+    if outcome["crossing"]:
+        flags.append({"code": CATEGORY_CHANGE, "message": outcome["crossing"],
+                      "severity": "warning"})
     revision = (VbqResult.objects.filter(
         series_id=original.series_id, algorithm_version=measurement.algorithm_version,
         source=VbqResult.Source.MANUAL).aggregate(m=Max("revision"))["m"] or 0) + 1
@@ -252,27 +315,32 @@ def _save_corrected(*, result: VbqResult, measurement: VbqMeasurement, rois: Map
     new = VbqResult.objects.create(
         series_id=original.series_id, patient_id=original.patient_id,
         algorithm_version=measurement.algorithm_version, source=VbqResult.Source.MANUAL,
-        revision=revision, status=measurement.status,
-        review_status=VbqResult.Review.ACCEPTED,
+        revision=revision,
+        status=measurement.status if outcome["counts"] else VbqResult.Status.NEEDS_REVIEW,
+        review_status=(VbqResult.Review.ACCEPTED if outcome["counts"]
+                       else VbqResult.Review.PENDING),
         vbq_all_levels=measurement.vbq_all_levels,
         vbq_excluding_fractured=measurement.vbq_excluding_fractured,
         csf_median_si=measurement.csf.median_si if measurement.csf else None,
         confidence=measurement.confidence,
-        qc_flags=[f.__dict__ for f in measurement.qc_flags],
+        qc_flags=flags, qc_clear=qc_clear(flags),
         fractured_levels=measurement.fractured_levels, fractured_levels_by_reviewer=True,
         field_strength_t=measurement.acquisition.field_strength_t,
         measurement=measurement.to_dict(), started_at=now, finished_at=now,
         reviewer_id=actor.user_id, reviewed_at=now,
         review_note=(note or f"corrected from result {original.pk}")[:500],
     )
-    rows = [*measurement.levels.values(), *([measurement.csf] if measurement.csf else [])]
+    rows = [m for m in (*measurement.levels.values(), *([measurement.csf] if measurement.csf
+                                                        else [])) if m.level in STORED_LEVELS]
     VbqLevel.objects.bulk_create([
         VbqLevel(result=new, level=m.level, median_si=m.median_si, pixel_count=m.pixel_count,
                  centroid={"pixel": m.centroid_pixel, "lps_mm": m.centroid_lps_mm},
                  roi=m.roi.__dict__, fractured=m.fractured)
         for m in rows
     ])
-    if original.review_status == VbqResult.Review.PENDING:
+    if original.review_status == VbqResult.Review.PENDING and outcome["counts"]:
+        # superseded only by a result that counts: a queued correction leaves the value the
+        # follow-up uses (and the alerts resting on it) as they are until it is accepted
         original.review_status = VbqResult.Review.REJECTED
         original.reviewer_id = actor.user_id
         original.reviewed_at = now
@@ -281,7 +349,9 @@ def _save_corrected(*, result: VbqResult, measurement: VbqMeasurement, rois: Map
     audit_record(actor=actor, action="create", object_type="VbqResult", object_id=str(new.pk),
                  patient_id=new.patient_id,
                  detail={"review": "corrected", "from_result": original.pk,
-                         "revision": revision, "levels": sorted(rois)})
+                         "revision": revision, "levels": sorted(rois),
+                         "accepted": outcome["counts"],
+                         **({"queued": outcome["reasons"]} if not outcome["counts"] else {})})
     followup_changed(new.patient_id)
     result_ready(new.pk)
     return new
@@ -310,6 +380,13 @@ def review_decide(*, result: VbqResult, decision: str, actor: Actor, reason: str
     locked.reviewed_at = timezone.now()
     locked.review_note = text[:500]
     locked.save(update_fields=["review_status", "reviewer", "reviewed_at", "review_note"])
+    if status == VbqResult.Review.ACCEPTED and locked.series_id:
+        # the other unreviewed results of this series (the one this corrected) are superseded
+        VbqResult.objects.filter(series_id=locked.series_id,
+                                 review_status=VbqResult.Review.PENDING).exclude(
+            pk=locked.pk).update(review_status=VbqResult.Review.REJECTED,
+                                 reviewer_id=actor.user_id, reviewed_at=locked.reviewed_at,
+                                 review_note=f"superseded by accepted result {locked.pk}")
     audit_record(actor=actor, action="update", object_type="VbqResult", object_id=str(locked.pk),
                  patient_id=locked.patient_id,
                  detail={"review": decision, **({"reason": reason} if reason else {})})

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import shared_task
+from django.conf import settings
 from django.db import OperationalError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -177,6 +178,27 @@ def _load_source(job: _Claimed):  # type: ignore[no-untyped-def]
                               job.series_instance_uid)
 
 
+def _counts_alone(measurement: Any) -> bool:
+    """Whether the stored result may move alerts without review (``scoring.trust``), judged
+    from the measurement: only then can it change the VBQ category the follow-up sees (the
+    category check's queries are skipped for every other result)."""
+    from scoring.trust import qc_clear
+
+    return (measurement.status == "succeeded" and qc_clear(measurement.qc_flags)
+            and (measurement.confidence or 0.0) >= settings.VBQ_TRUST_MIN_CONFIDENCE)
+
+
+def _identity_mismatch(datasets: Any, patient_id: Any) -> str:
+    """Why the fetched ``datasets`` are not patient ``patient_id``'s ("" when they are)."""
+    from registry.models import Patient
+    from scoring.identity import describe, patient_mismatches
+
+    patient = Patient.objects.filter(pk=patient_id).first()
+    if patient is None:
+        return ""
+    return describe(patient_mismatches(datasets, patient))
+
+
 def _reevaluate_followup(patient_id: Any) -> None:
     """Re-evaluate the patient's follow-up now, inside the caller's transaction (the result
     and its alerts commit together). If the evaluation fails, the result is still stored and
@@ -234,12 +256,14 @@ def _store(result_id: int, measurement: Any) -> tuple[Any, list[str]]:
     from registry.services_bulk import _pg_insert_sql, json_param, pg_execute
     from scoring.fractured import fractured_levels_of, fractured_levels_sql
     from scoring.models import VbqLevel, VbqResult
+    from scoring.trust import qc_clear
 
     values = {
         "status": measurement.status, "vbq_all_levels": measurement.vbq_all_levels,
         "vbq_excluding_fractured": measurement.vbq_excluding_fractured,
         "confidence": measurement.confidence,
         "qc_flags": [f.__dict__ for f in measurement.qc_flags],
+        "qc_clear": qc_clear(measurement.qc_flags),
         "fractured_levels": measurement.fractured_levels,
         "field_strength_t": measurement.acquisition.field_strength_t,
         "measurement": measurement.to_dict(), "error_code": "", "error_message": "",
@@ -300,6 +324,18 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
         return {"result": result_id, "skipped": "not queued (done, running or unknown)"}
     try:
         source = _load_source(job)
+        if not isinstance(source, str):
+            # Fetched from a PACS: the files' DICOM patient must be this job's patient (an
+            # upload and a C-STORE push were checked when they arrived).
+            mismatch = _identity_mismatch(source, job.patient_id)
+            if mismatch:
+                VbqResult.objects.filter(pk=result_id).update(
+                    status=VbqResult.Status.FAILED, error_code="patient-mismatch",
+                    error_message=f"not scored: {mismatch}"[:2000],
+                    finished_at=timezone.now())
+                logger.info("vbq_compute held result=%s code=patient-mismatch", result_id)
+                return {"result": result_id, "status": "failed",
+                        "error_code": "patient-mismatch"}
         measurement = compute_vbq(source, fractured_levels=job.fractured_levels)
         for level in _measured_levels(measurement):
             _finite(level.median_si)  # an EngineError: failed with its reason, as any
@@ -319,6 +355,7 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
             finished_at=timezone.now())
         logger.info("vbq_compute failed result=%s code=%s", result_id, code)
         return {"result": result_id, "status": "failed", "error_code": code}
+    held = False
     for attempt in range(1, STORE_ATTEMPTS + 1):
         try:
             with transaction.atomic():
@@ -329,6 +366,10 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
                     from scoring.fractured import results_refresh_fractured
 
                     results_refresh_fractured([patient_id])
+                if patient_id is not None and _counts_alone(measurement):
+                    from scoring.trust import hold_category_change
+
+                    held = hold_category_change(result_id, patient_id)
                 for patient in dict.fromkeys(p for p in (patient_id, job.patient_id) if p):
                     _reevaluate_followup(patient)  # the result's patient now (and before)
                 result_ready(result_id)  # scoring.signals (the PACS export's outbox row)
@@ -341,7 +382,7 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
             if attempt == STORE_ATTEMPTS or sqlstate not in ("40P01", "40001"):
                 raise
             logger.info("vbq_compute store retried result=%s (%s)", result_id, sqlstate)
-    return {"result": result_id, "status": measurement.status}
+    return {"result": result_id, "status": "needs_review" if held else measurement.status}
 
 
 @shared_task(name="scoring.vbq_requeue_stale")

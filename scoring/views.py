@@ -22,7 +22,10 @@ from django.views.decorators.http import require_GET, require_POST
 from registry.models import AuditAction, Patient
 from registry.services import Actor, audit_record
 from scoring import review
-from scoring.models import VbqResult
+from scoring.identity import HELD_PREFIX
+from scoring.models import ImagingStudy, VbqResult
+from scoring.trust import result_is_trusted, threshold_of, untrusted_reason
+from scoring.uploads import IDENTITY_OVERRIDE_REASONS
 
 logger = logging.getLogger(__name__)
 REVIEW_PERM = "registry.review_vbq"
@@ -49,7 +52,13 @@ def _float_param(request: HttpRequest, name: str) -> float | None:
 @permission_required(REVIEW_PERM, raise_exception=True)
 def review_queue(request: HttpRequest) -> HttpResponse:
     page = Paginator(review.review_queue(), 25).get_page(request.GET.get("page"))
-    return render(request, "scoring/queue.html", {"page": page})
+    for result in page:
+        result.why = untrusted_reason(result)
+    # received studies held (C-STORE: the DICOM patient does not match the registry's)
+    held = ImagingStudy.objects.filter(record_status="active",
+                                       link_reason__startswith=HELD_PREFIX).order_by(
+        "-created_at")[:25]
+    return render(request, "scoring/queue.html", {"page": page, "held": held})
 
 
 @require_GET
@@ -59,6 +68,7 @@ def review_page(request: HttpRequest, result_id: int) -> HttpResponse:
     audit_record(actor=_actor(request), action=AuditAction.READ, object_type="VbqResult",
                  object_id=str(result.pk), patient_id=result.patient_id)
     levels = {lv.level: lv for lv in result.levels.all()}
+    level_names = sorted({*review.ROI_LEVELS, *levels}, key=review.level_order)
     viewer: dict = {"error": ""}
     try:
         series = review.load_series(result)
@@ -69,6 +79,7 @@ def review_page(request: HttpRequest, result_id: int) -> HttpResponse:
         n, rows, cols = series.pixels.shape
         centre, width = review.default_window(series.pixels[mid])
         viewer.update({
+            "result_id": result.pk, "login_url": reverse("login"),
             "image_url": reverse("vbq-review-image", args=[result.pk]),
             "preview_url": reverse("vbq-review-preview", args=[result.pk]),
             "save_url": reverse("vbq-review-save", args=[result.pk]),
@@ -85,8 +96,11 @@ def review_page(request: HttpRequest, result_id: int) -> HttpResponse:
                if result.series_id else [])
     return render(request, "scoring/review.html", {
         "result": result, "patient": result.patient,
-        "level_rows": [(name, levels.get(name)) for name in review.ROI_LEVELS],
-        "level_names": review.ROI_LEVELS, "vbq_levels": review.VBQ_LEVELS,
+        "level_rows": [(name, levels.get(name), name in review.VBQ_LEVELS or name == "csf")
+                       for name in level_names],
+        "level_names": level_names, "vbq_levels": review.VBQ_LEVELS,
+        "counts": result_is_trusted(result), "not_counting": untrusted_reason(result),
+        "threshold": threshold_of(result.field_strength_t),
         "viewer": viewer, "reasons": review.REJECT_REASONS, "history": history,
         "qc_flags": result.qc_flags or [],
     })
@@ -145,7 +159,9 @@ def review_preview(request: HttpRequest, result_id: int) -> JsonResponse:
                                             fractured_levels=fractured)
     except review.ReviewError as exc:
         return JsonResponse({"error": exc.messages[0]}, status=400)
-    return JsonResponse(review.measurement_summary(measurement))
+    return JsonResponse({**review.measurement_summary(measurement),
+                         "on_save": review.save_outcome(result=result,
+                                                        measurement=measurement)})
 
 
 @require_POST
@@ -159,8 +175,16 @@ def review_save(request: HttpRequest, result_id: int) -> JsonResponse:
                                            actor=_actor(request), note=note)
     except review.ReviewError as exc:
         return JsonResponse({"error": exc.messages[0]}, status=400)
-    messages.success(request, f"Saved corrected result {new.pk} (revision {new.revision}).")
+    if new.review_status == VbqResult.Review.ACCEPTED:
+        messages.success(request, f"Saved corrected result {new.pk} (revision {new.revision}), "
+                                  "accepted: the follow-up uses it.")
+    else:
+        messages.warning(request, f"Saved corrected result {new.pk} (revision {new.revision}) "
+                                  "to the needs-review queue: "
+                                  f"{untrusted_reason(new)}. It moves no alert until a "
+                                  "reviewer accepts it.")
     return JsonResponse({"id": new.pk, "url": reverse("vbq-review", args=[new.pk]),
+                         "review_status": new.review_status,
                          "vbq_all_levels": new.vbq_all_levels,
                          "vbq_excluding_fractured": new.vbq_excluding_fractured}, status=201)
 
@@ -185,6 +209,10 @@ def review_action(request: HttpRequest, result_id: int, action: str) -> HttpResp
             return HttpResponse("Unknown action", status=404)
     except review.ReviewError as exc:
         messages.error(request, f"Result {result.pk}: {exc.messages[0]}")
+    if request.headers.get("Accept") == "application/json":
+        # the review page's script posts the form itself (to keep it through an expired
+        # session) and then opens this URL, where the message above is shown
+        return JsonResponse({"url": reverse("vbq-review", args=[result.pk])})
     return redirect("vbq-review", result_id=result.pk)
 
 
@@ -218,5 +246,6 @@ def upload_page(request: HttpRequest, patient_id: str) -> HttpResponse:
     return render(request, "scoring/upload.html", {
         "patient": patient,
         "upload_url": reverse("api-dicom-upload", args=[patient.pk]),
+        "override_reasons": IDENTITY_OVERRIDE_REASONS,
         "jobs_url": reverse("vbq-jobs"),
     })

@@ -26,6 +26,14 @@ def test_clinical_knobs_are_read_from_the_environment():
     assert out.stdout.strip() == "2.8 90 Europe/Paris all_levels", out.stderr
 
 
+def test_field_strength_thresholds_and_the_trust_confidence_are_read_from_the_environment():
+    expr = ("settings.VBQ_HIGH_THRESHOLD_1_5T, settings.VBQ_HIGH_THRESHOLD_3T, "
+            "settings.VBQ_TRUST_MIN_CONFIDENCE")
+    out = _settings_value({"VBQ_HIGH_THRESHOLD_3T": "2.6", "VBQ_TRUST_MIN_CONFIDENCE": "0.9"},
+                          expr)
+    assert out.stdout.strip() == "None 2.6 0.9", out.stderr  # unset: VBQ_HIGH_THRESHOLD applies
+
+
 def test_an_unknown_vbq_alert_value_is_refused_at_startup():
     out = _settings_value({"VBQ_ALERT_VALUE": "median"}, "1")
     assert out.returncode != 0

@@ -47,6 +47,7 @@ from integrations.dicom.vbq_sr import (
 from integrations.models import DicomExport
 from registry.timeutil import clinic_zone
 from scoring.models import VbqResult
+from scoring.trust import result_is_trusted
 
 logger = logging.getLogger(__name__)
 MAX_ATTEMPTS = 8
@@ -56,20 +57,19 @@ Status = DicomExport.Status
 
 
 def result_may_be_exported(result: VbqResult) -> bool:
-    """The trust rule for leaving the registry as a DICOM report: a result with a VBQ value
-    and a source series that a reviewer accepted, or an automatic result that succeeded
-    with no QC flag and a confidence of at least ``PACS_EXPORT_MIN_CONFIDENCE``, and was not
-    rejected. (The same rule decides which results may move an alert; keep the two equal.)"""
+    """Whether a result may leave the registry as a DICOM report: it has a VBQ value and a
+    source series, and the trust rule that decides which results may move an alert
+    (``scoring.trust.result_is_trusted``: accepted, or automatic, succeeded, no QC warning,
+    confidence at least ``VBQ_TRUST_MIN_CONFIDENCE``) lets it through; an unreviewed automatic
+    result also needs a confidence of at least ``PACS_EXPORT_MIN_CONFIDENCE`` (a site may ask
+    more of what reaches the radiologists unreviewed)."""
     if result.series_id is None or result.vbq_all_levels is None:
+        return False
+    if not result_is_trusted(result):
         return False
     if result.review_status == VbqResult.Review.ACCEPTED:
         return True
-    if result.review_status == VbqResult.Review.REJECTED:
-        return False
-    return (result.source == VbqResult.Source.AUTO
-            and result.status == VbqResult.Status.SUCCEEDED
-            and not result.qc_flags
-            and result.confidence is not None
+    return (result.confidence is not None
             and result.confidence >= settings.PACS_EXPORT_MIN_CONFIDENCE)
 
 

@@ -3,8 +3,11 @@
 Instances are stored under ``DICOM_STORAGE_ROOT/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``. A study
 with no new instance for ``DICOM_STUDY_COMPLETE_SECONDS`` is complete: it is registered as an
 ImagingStudy (source ``dicom``, series pointing at their folders) for the patient whose
-identifier (system ``DICOM_PATIENT_ID_SYSTEM``) equals the DICOM PatientID, which links it and
-queues scoring. Logs carry UIDs hashes only.
+identifier (system ``DICOM_PATIENT_ID_SYSTEM``) equals the DICOM PatientID and whose family name
+and birth date match the files' (``scoring.identity``), which links it and queues scoring; a
+study whose name or birth date disagrees is held unassigned (audited, with the reason), never
+scored for that patient. Files received for a study already known (a FHIR ImagingStudy) must
+be its patient's, else they are not recorded as its source. Logs carry UIDs hashes only.
 """
 
 from __future__ import annotations
@@ -75,12 +78,14 @@ def register_study(root: Path, study_uid: str, patient: Any = None, actor: Any =
 
     study_dir = root / study_uid
     series_inputs, first = [], None
+    headers: list[Any] = []
     local_paths: dict[str, str] = {}
     for series_dir in sorted(p for p in study_dir.iterdir() if p.is_dir()):
         files = sorted(series_dir.glob("*.dcm"))
         if not files:
             continue
         ds = pydicom.dcmread(str(files[0]), stop_before_pixels=True)
+        headers.append(ds)
         first = first or ds
         uid = str(ds.SeriesInstanceUID)
         local_paths[uid] = str(series_dir)
@@ -90,6 +95,7 @@ def register_study(root: Path, study_uid: str, patient: Any = None, actor: Any =
                                          len(files)))
     if first is None:
         return None
+    explicit = patient is not None  # a staff upload FOR this patient (checked by the caller)
     if patient is None:
         ident = PatientIdentifier.objects.filter(system=settings.DICOM_PATIENT_ID_SYSTEM,
                                                  value=str(first.get("PatientID", ""))).first()
@@ -101,23 +107,47 @@ def register_study(root: Path, study_uid: str, patient: Any = None, actor: Any =
         started = start_of_clinic_day(day) + dt.timedelta(hours=12)
     from django.db import transaction
 
-    from scoring.models import ImagingSeries
+    from scoring.identity import HELD_PREFIX, patient_mismatches
+    from scoring.models import ImagingSeries, ImagingStudy
     from scoring.services import link_or_defer
 
     # One transaction: the study, where its files are, then its link and jobs (a job created
     # before the local paths are recorded would fetch from the PACS or find no source).
+    held: list[str] = []
     with transaction.atomic():
+        if patient is not None and not explicit:
+            # The files' name and birth date must be the patient's too (scoring.identity),
+            # else the study is held: not assigned, its files not used, never scored.
+            held = [m.code for m in patient_mismatches(headers, patient)]
+            if held:
+                patient = None
         study, _ = imaging_study_upsert(
             study_instance_uid=study_uid, patient=patient,
             source=source, started_at=started,
             modality=str(first.get("Modality", "")),
             description=str(first.get("StudyDescription", "")), series=series_inputs,
             actor=actor or Actor(via="dicom"), link=False)
-        for uid, path in local_paths.items():
-            ImagingSeries.objects.filter(series_instance_uid=uid).update(local_path=path)
-        link_or_defer(study)
-    logger.info("dicom study registered study=%s series=%s patient_known=%s", _short(study_uid),
-                len(series_inputs), patient is not None)
+        if study.patient_id is not None and not explicit and not held and (
+                patient is None or study.patient_id != patient.pk):
+            # a study already known (e.g. from a FHIR ImagingStudy) keeps its patient: the
+            # received files must be that patient's
+            held = [m.code for m in patient_mismatches(headers, study.patient)]
+        if not held:
+            for uid, path in local_paths.items():
+                ImagingSeries.objects.filter(series_instance_uid=uid).update(local_path=path)
+            link_or_defer(study)
+        else:
+            from registry.services import audit_record
+
+            audit_record(actor=actor or Actor(via="dicom"), action="update",
+                         object_type="ImagingStudy", object_id=str(study.pk),
+                         patient_id=study.patient_id,
+                         detail={"held": "patient-mismatch", "identity": held})
+            ImagingStudy.objects.filter(pk=study.pk, linked_procedure__isnull=True).update(
+                link_reason=f"{HELD_PREFIX} DICOM patient does not match the registry patient "
+                            f"({', '.join(held)}); the received files are not used")
+    logger.info("dicom study registered study=%s series=%s patient_known=%s held=%s",
+                _short(study_uid), len(series_inputs), patient is not None, ",".join(held))
     return study
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db import connection
 from django.db.models import Q, QuerySet, TextField
 from django.db.models.functions import Cast
@@ -45,6 +46,7 @@ from registry.models import (
 from registry.reports.survival import AlertRow, CohortRow
 from registry.sweep import COUNTED_STUDY
 from registry.timeutil import clinic_today, start_of_clinic_day
+from scoring.trust import AUTOMATIC_SOURCES, trusted_q
 
 
 @dataclass(frozen=True)
@@ -144,22 +146,23 @@ def build_cohort(filters: CohortFilters | None = None) -> Cohort:
     therapy: dict = {}
     alerts: list[AlertRow] = []
     if f.as_recorded:
-        # Finished by the cut-off, and usable as reviewed by then: accepted before it, or
-        # succeeded and not yet reviewed at it (a review after the cut-off had not happened).
+        # Finished by the cut-off, and trusted as it stood then (scoring.trust's rule at the
+        # cut-off): accepted before it, or an automatic result the rule lets through that was
+        # not yet reviewed at it (a review after the cut-off had not happened).
         reviewed_after = Q(reviewed_at__gte=known_before)
+        trusted_automatic = Q(status=VbqResult.Status.SUCCEEDED, source__in=AUTOMATIC_SOURCES,
+                              qc_clear=True,
+                              confidence__gte=settings.VBQ_TRUST_MIN_CONFIDENCE)
         vbq_usable = (
             Q(finished_at__lt=known_before)
             | Q(finished_at__isnull=True, queued_at__lt=known_before)
         ) & (
             (Q(review_status=VbqResult.Review.ACCEPTED) & ~reviewed_after)
-            | Q(status=VbqResult.Status.SUCCEEDED, review_status=VbqResult.Review.PENDING)
-            | (Q(status=VbqResult.Status.SUCCEEDED) & reviewed_after)
+            | (trusted_automatic
+               & (Q(review_status=VbqResult.Review.PENDING) | reviewed_after))
         )
     else:
-        vbq_usable = (
-            Q(review_status=VbqResult.Review.ACCEPTED)
-            | Q(status=VbqResult.Status.SUCCEEDED, review_status=VbqResult.Review.PENDING)
-        )
+        vbq_usable = trusted_q()  # scoring.trust: the results the alerts count
     for pid, all_levels, excluding, field in _fetch(
         VbqResult.objects.filter(patient_q, vbq_usable)
         .filter(COUNTED_STUDY)  # as the alerts count them: not a voided or misfiled study's

@@ -37,6 +37,7 @@ from scoring.engine.model import (
     TooFewSlicesError,
     VbqMeasurement,
 )
+from scoring.engine.roi_qc import placed_roi_qc
 from scoring.engine.segimport import segmentation_rois
 
 TR_RANGE_MS = (350.0, 900.0)
@@ -208,7 +209,11 @@ def compute_vbq(
     if missing:
         flags.append(QcFlag("missing-levels", f"no ROI for {', '.join(missing)}"))
     confidence = 1.0 if not missing else 0.6
-    return _finish(result, "manual", levels, csf, fractured, flags, confidence)
+    # placed ROIs get the automatic path's checks (size, contrast, position, voids)
+    placed_flags, penalty = placed_roi_qc(series, levels, csf)
+    flags.extend(placed_flags)
+    confidence -= penalty + _signal_voids(series, levels, csf, flags)
+    return _finish(result, "manual", levels, csf, fractured, flags, max(0.0, confidence))
 
 
 def _finish(result: Any, source: str, levels: dict[str, LevelMeasurement],

@@ -18,7 +18,7 @@
   let dirty = false;
   let previewSeq = 0;
   const spacing = data.spacing_mm || [1, 1];
-  const DEFAULT_MM = { body: [7, 11], csf: [3, 2.5] }; // half height, half width (mm)
+  const DEFAULT_MM = { body: [7, 11], csf: [7, 3.5] }; // half height, half width (mm)
 
   function fmt(v) { return v === null || v === undefined ? "—" : Number(v).toFixed(2); }
 
@@ -70,26 +70,74 @@
   function changed() {
     dirty = true;
     draw();
+    keepWork("");
     const save = document.getElementById("save-corrected");
     save.disabled = false;
     document.getElementById("save-state").textContent = "Unsaved changes.";
     preview();
   }
 
+  // --- unsaved work survives an expired session (sessionStorage, this tab only) ---
+  const WORK_KEY = "vbq-review-work-" + data.result_id;
+  function keepWork(pending, decision) {
+    try {
+      sessionStorage.setItem(WORK_KEY, JSON.stringify({
+        rois: rois, fractured: fractured(), note: document.getElementById("save-note").value,
+        pending: pending || "", slice: slice, decision: decision || null, dirty: dirty }));
+    } catch (e) { /* storage full or disabled: the work stays in this page only */ }
+  }
+  function dropWork() { try { sessionStorage.removeItem(WORK_KEY); } catch (e) { /* none */ } }
+
+  function SessionExpired() { this.message = "session expired"; }
+  function sessionExpired(pending, decision) {
+    keepWork(pending, decision);
+    const dialog = document.getElementById("session-expired");
+    const link = document.getElementById("relogin-link");
+    link.href = data.login_url + "?next=" + encodeURIComponent(window.location.pathname);
+    if (dialog && typeof dialog.showModal === "function" && !dialog.open) dialog.showModal();
+  }
+
   function post(url, body) {
     return fetch(url, {
       method: "POST", credentials: "same-origin",
-      headers: { "Content-Type": "application/json", "X-CSRFToken": csrf },
+      headers: { "Content-Type": "application/json", "X-CSRFToken": csrf,
+                 "Accept": "application/json" },
       body: JSON.stringify(body),
     }).then(function (resp) {
+      const type = resp.headers.get("Content-Type") || "";
+      // LoginRequiredMiddleware sends an expired session to the login page (a redirect the
+      // fetch follows); a lost CSRF cookie answers 403 in HTML: both need a new login.
+      if ((resp.redirected && resp.url.indexOf(data.login_url) !== -1) ||
+          (!type.startsWith("application/json") && (resp.status === 403 || resp.status === 401 ||
+                                                     resp.url.indexOf(data.login_url) !== -1))) {
+        throw new SessionExpired();
+      }
       return resp.json().then(function (json) { return { ok: resp.ok, json: json }; });
     });
+  }
+
+  function clearFigures() {
+    ["vbq-excl", "vbq-all", "vbq-confidence"].forEach(function (id) {
+      document.getElementById(id).textContent = "—";
+    });
+    document.getElementById("save-outcome").textContent = "";
+  }
+
+  function showOutcome(o) {
+    const el = document.getElementById("save-outcome");
+    if (!o) { el.textContent = ""; return; }
+    el.className = "small" + (o.counts ? "" : " warn");
+    el.textContent = o.counts
+      ? "Saving accepts this result: the follow-up will use it (high VBQ " + o.threshold_label + ")."
+      : "Saving sends this result to the needs-review queue (it moves no alert until accepted): " +
+        o.reasons.join("; ") + ".";
   }
 
   function showMeasurement(m) {
     document.getElementById("vbq-excl").textContent = fmt(m.vbq_excluding_fractured);
     document.getElementById("vbq-all").textContent = fmt(m.vbq_all_levels);
     document.getElementById("vbq-confidence").textContent = fmt(m.confidence);
+    showOutcome(m.on_save);
     document.querySelectorAll("#level-table tr").forEach(function (tr) {
       const lv = m.levels[tr.dataset.level];
       tr.querySelector(".si").textContent = lv ? Math.round(lv.median_si) : "—";
@@ -115,13 +163,21 @@
     const seq = ++previewSeq;
     const state = document.getElementById("vbq-state");
     state.textContent = "Recomputing…";
+    // the stored figures no longer describe the moved ROIs: never leave them beside them
+    clearFigures();
     post(data.preview_url, { rois: rois, fractured_levels: fractured() }).then(function (res) {
       if (seq !== previewSeq) return; // a newer change is on its way
       if (!res.ok) { state.textContent = res.json.error || "The VBQ could not be computed."; return; }
       showMeasurement(res.json);
       state.textContent = "Recomputed from your ROIs (not saved).";
       state.dataset.vbq = res.json.vbq_excluding_fractured === null ? "" : String(res.json.vbq_excluding_fractured);
-    }).catch(function () { if (seq === previewSeq) state.textContent = "Network error: try again."; });
+    }).catch(function (err) {
+      if (seq !== previewSeq) return;
+      if (err instanceof SessionExpired) {
+        state.textContent = "Your session has expired: log in again, your ROIs are kept.";
+        sessionExpired("preview");
+      } else { state.textContent = "Network error: try again."; }
+    });
   }
 
   // --- drag, click-to-place ---
@@ -211,8 +267,8 @@
   });
 
   // --- save ---
-  document.getElementById("save-corrected").addEventListener("click", function () {
-    const button = this;
+  function save() {
+    const button = document.getElementById("save-corrected");
     const state = document.getElementById("save-state");
     button.disabled = true;
     state.textContent = "Saving…";
@@ -221,13 +277,88 @@
       .then(function (res) {
         if (!res.ok) { state.textContent = res.json.error || "Not saved."; button.disabled = false; return; }
         dirty = false;
+        dropWork();
         state.textContent = "Saved as result " + res.json.id + ".";
         window.location.assign(res.json.url);
-      }).catch(function () { state.textContent = "Network error: not saved."; button.disabled = false; });
-  });
+      }).catch(function (err) {
+        button.disabled = false;
+        if (err instanceof SessionExpired) {
+          state.textContent = "Not saved yet: your session has expired. Log in again and the save completes.";
+          sessionExpired("save");
+        } else { state.textContent = "Network error: not saved."; }
+      });
+  }
+  document.getElementById("save-corrected").addEventListener("click", save);
   window.addEventListener("pagehide", function () { dirty = false; });
+
+  // --- work kept from before a new login (or a reload): restored, and an interrupted save
+  // completes ---
+  function restoreWork() {
+    let kept = null;
+    try { kept = JSON.parse(sessionStorage.getItem(WORK_KEY) || "null"); } catch (e) { kept = null; }
+    if (kept && kept.pending === "decision" && kept.decision) {
+      // an accept / reject / fractured-levels decision interrupted by the expired session
+      dropWork();
+      const form = document.querySelector('form.js-decision[action="' + kept.decision.action + '"]');
+      if (form) {
+        kept.decision.fields.forEach(function (f) {
+          form.querySelectorAll('[name="' + f[0] + '"]').forEach(function (el) {
+            if (el.type === "checkbox") { el.checked = f[1].indexOf(el.value) !== -1; }
+            else { el.value = f[1][0] || ""; }
+          });
+        });
+        decide(form);
+        return true;
+      }
+    }
+    if (!kept || !kept.dirty || !kept.rois || !Object.keys(kept.rois).length) return false;
+    Object.keys(rois).forEach(function (k) { delete rois[k]; });
+    Object.keys(kept.rois).forEach(function (k) { rois[k] = kept.rois[k]; });
+    document.querySelectorAll(".fractured-box").forEach(function (b) {
+      b.checked = (kept.fractured || []).indexOf(b.value) !== -1;
+    });
+    document.getElementById("save-note").value = kept.note || "";
+    if (typeof kept.slice === "number") setSlice(kept.slice);
+    dirty = true;
+    draw();
+    document.getElementById("save-corrected").disabled = false;
+    document.getElementById("save-state").textContent = "Your unsaved ROIs were restored.";
+    const notice = document.getElementById("restored-notice");
+    notice.hidden = false;
+    if (kept.pending === "save") { keepWork(""); save(); } else { preview(); }
+    return true;
+  }
+  // Accept / reject / fractured levels: posted here so that an expired session keeps the
+  // decision (and the ROI work) through a new login; otherwise the page follows the answer.
+  function decide(form) {
+    const body = new FormData(form);
+    fetch(form.action, { method: "POST", body: body, credentials: "same-origin",
+                         headers: { "Accept": "application/json" } })
+      .then(function (resp) {
+        if (resp.redirected && resp.url.indexOf(data.login_url) !== -1) {
+          const fields = [];
+          Array.from(new Set(Array.from(body.keys()))).forEach(function (k) {
+            if (k !== "csrfmiddlewaretoken") fields.push([k, body.getAll(k)]);
+          });
+          form.querySelectorAll('input[type="checkbox"]').forEach(function (el) {
+            if (!body.has(el.name)) fields.push([el.name, []]);
+          });
+          sessionExpired("decision", { action: form.getAttribute("action"), fields: fields });
+          return;
+        }
+        return resp.json().then(function (json) { window.location.assign(json.url); });
+      }).catch(function () { form.submit(); });
+  }
+  document.querySelectorAll("form.js-decision").forEach(function (form) {
+    form.addEventListener("submit", function (evt) { evt.preventDefault(); decide(form); });
+  });
+
+  document.getElementById("discard-restored").addEventListener("click", function () {
+    dropWork();
+    window.location.reload();
+  });
 
   setZoom(zoom);
   draw();
-  if (!rois.csf) preview();
+  if (!restoreWork() && !rois.csf) preview();
 })();

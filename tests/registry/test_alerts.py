@@ -131,8 +131,20 @@ def test_cds_hooks_returns_a_card_for_a_patient_with_an_open_alert(client):
     cards = response.json()["cards"]
     assert response.status_code == 200
     assert len(cards) == 1
-    assert "VBQ 3.60" in cards[0]["detail"]
+    assert "VBQ 3.60 (high ≥ 3, default threshold, field strength unknown)" in cards[0]["detail"]
     assert cards[0]["indicator"] == "warning"
+
+
+def test_the_cds_card_names_the_field_strength_threshold_that_applied(client):
+    patient = PatientFactory(mrn="SYN-CDS-3T")
+    alert_open(patient=patient, rule_id="high-vbq-untreated-60d", reason="r", vbq_value=2.8,
+               vbq_threshold=2.6, vbq_threshold_field="3 T")
+    _, token = feed_create(name="ehr-cds-3t")
+    response = client.post(
+        reverse("cds-patient-view"),
+        {"hook": "patient-view", "hookInstance": "x", "context": {"patientId": "SYN-CDS-3T"}},
+        content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {token}")
+    assert "VBQ 2.80 (high ≥ 2.6, 3 T threshold)" in response.json()["cards"][0]["detail"]
 
 
 def test_cds_hooks_needs_a_feed_token(client):

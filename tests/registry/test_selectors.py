@@ -64,7 +64,7 @@ def test_timeline_includes_mri_vbq_and_alerts():
     imaging_study_upsert(study_instance_uid="2.25.5", patient=patient, source="upload",
                          started_at=now - dt.timedelta(days=30), modality="MR")
     VbqResult.objects.create(patient=patient, algorithm_version="t", source="manual",
-                             status="succeeded", vbq_all_levels=3.2)
+                             status="succeeded", review_status="accepted", vbq_all_levels=3.2)
     alert_open(patient=patient, rule_id="vbq-missing", reason="r")
     kinds = {e.kind for e in selectors.patient_timeline(patient=patient)}
     assert {"mri", "vbq", "alert"} <= kinds

@@ -88,9 +88,12 @@ def test_the_sweeps_sql_facts_match_the_orm_facts():
                      performed_at=start_of_clinic_day(today - dt.timedelta(days=40)))
     ProcedureFactory(patient=patient, record_status="entered-in-error",
                      performed_at=start_of_clinic_day(today - dt.timedelta(days=300)))
-    VbqResult.objects.create(patient=patient, algorithm_version="test-2", source="manual",
+    VbqResult.objects.create(patient=patient, algorithm_version="test-2", source="auto",
                              status="succeeded", review_status="pending", vbq_all_levels=2.7,
-                             vbq_excluding_fractured=None)
+                             vbq_excluding_fractured=None, qc_clear=True, confidence=0.95)
+    VbqResult.objects.create(patient=patient, algorithm_version="test-4", source="manual",
+                             status="succeeded", review_status="pending", vbq_all_levels=1.1,
+                             qc_clear=True, confidence=1.0)  # not accepted: never counts
     VbqResult.objects.create(patient=patient, algorithm_version="test-3", source="manual",
                              status="succeeded", review_status="rejected", vbq_all_levels=9.0)
     TherapyExposureFactory(patient=patient, agent="zoledronic_acid", route="iv",
@@ -136,7 +139,9 @@ def test_the_sweeps_sql_facts_match_the_orm_facts():
             assert sorted(one.open_alerts, key=repr) == sorted(claimed[pid].open_alerts,
                                                                key=repr)
     facts = claimed[patient.pk]
-    assert facts.vbq_all_levels == 2.7  # the latest usable result, not the rejected one
+    # the latest result that counts (scoring.trust): not the rejected one, not the pending
+    # manual one
+    assert facts.vbq_all_levels == 2.7
     assert len(facts.exposures) == 2
     assert len(facts.fractures) == 1
     assert [a.rule_id for a in facts.open_alerts] == ["vbq-missing"]

@@ -159,7 +159,8 @@ def _max_ids() -> dict[str, int]:
 def _expected_rows(today: dt.date) -> tuple[dict, list, list, list]:
     fx_day = (today - dt.timedelta(days=10)).isoformat()
     fx_note = f"secondary fracture on {fx_day} while untreated"
-    open_note = ("VBQ 3.60 ≥ 3, no anti-osteoporosis therapy on day 70 after the procedure")
+    open_note = ("VBQ 3.60 ≥ 3 (default threshold, field strength unknown), no "
+                 "anti-osteoporosis therapy on day 70 after the procedure")
     own_note = f"secondary fracture on {fx_day} without anti-osteoporosis therapy"
     team = "fracture-liaison"
     alerts = {
@@ -214,7 +215,7 @@ def _expected_rows(today: dt.date) -> tuple[dict, list, list, list]:
         res("resolves-deceased", HIGH_VBQ, "acknowledged", "deceased", "patient deceased"),
         res("resolves-deceased", VBQ_MISSING, "open", "deceased", "patient deceased"),
         res("resolves-not-appropriate", HIGH_VBQ, "open", "not-appropriate",
-            "VBQ revised to 2.50"),
+            "VBQ revised to 2.50 (below 3: default threshold, field strength unknown)"),
         res("resolves-vbq-obtained", VBQ_MISSING, "open", "vbq-obtained", "VBQ now available"),
         esc("escalates-unacknowledged", "open", "open", "not acknowledged within 7 days"),
     ])

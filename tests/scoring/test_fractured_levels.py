@@ -88,8 +88,8 @@ def _scored(patient, *, uid="2.25.7200000000000000000001", fractured=(), medians
     excl = vbq_excluding(levels, medians["csf"], fractured)
     VbqResult.objects.filter(pk=result.pk).update(
         status="succeeded", vbq_all_levels=vbq_excluding(levels, medians["csf"], ()),
-        vbq_excluding_fractured=excl, fractured_levels=fractured, qc_flags=[],
-        measurement={"status": "succeeded", "vbq_excluding_fractured": excl,
+        vbq_excluding_fractured=excl, fractured_levels=fractured, qc_flags=[], qc_clear=True,
+        confidence=1.0, measurement={"status": "succeeded", "vbq_excluding_fractured": excl,
                      "fractured_levels": fractured, "qc_flags": [],
                      "levels": {k: {"median_si": v, "fractured": k in fractured}
                                 for k, v in levels.items()},

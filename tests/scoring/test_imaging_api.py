@@ -1,10 +1,12 @@
 """Job status API, DICOM upload API and the VBQ Observation read."""
 
+import datetime as dt
 import io
 import zipfile
 
 import pytest
 
+from registry.models import AuditEvent
 from registry.services import feed_create
 from scoring.engine.phantom import make_phantom
 from scoring.models import ImagingStudy, VbqResult
@@ -29,21 +31,78 @@ def test_uploading_a_zip_registers_the_study_for_the_patient(client, role_user, 
     settings.DICOM_STORAGE_ROOT = tmp_path
     client.force_login(role_user("coordinator"))
     patient = PatientFactory()
-    upload = io.BytesIO(_zip(make_phantom(201, slices=5).datasets))
+    upload = io.BytesIO(_zip(_phantom_of(patient, 201).datasets))
     upload.name = "study.zip"
     response = client.post(f"/api/imaging/patients/{patient.pk}/dicom/", {"file": upload})
     body = response.json()
     assert response.status_code == 201, body
     assert (body["stored"], body["rejected"]) == (5, 1)
     assert ImagingStudy.objects.get().patient == patient
+    # no index procedure: no job, and the answer says so (the upload page shows the reason)
+    assert body["outcome"] == [{"id": ImagingStudy.objects.get().pk, "linked": False,
+                                "link_reason": "no index procedure yet", "jobs": 0,
+                                "scored": 0}]
+
+
+def _phantom_of(patient, seed, **kw):
+    """A SYNTHETIC phantom whose DICOM PatientID is ``patient``'s MRN."""
+    phantom = make_phantom(seed, slices=5, **kw)
+    for ds in phantom.datasets:
+        ds.PatientID = patient.identifiers.first().value
+    return phantom
+
+
+def _post(client, patient, datasets, **extra):
+    upload = io.BytesIO(_zip(datasets))
+    upload.name = "study.zip"
+    return client.post(f"/api/imaging/patients/{patient.pk}/dicom/", {"file": upload, **extra})
+
+
+def test_an_upload_of_another_patients_images_is_refused_and_nothing_is_stored(
+        client, role_user, settings, tmp_path):
+    settings.DICOM_STORAGE_ROOT = tmp_path / "dicom"
+    client.force_login(role_user("clinician"))
+    patient, other = PatientFactory(), PatientFactory()
+    response = _post(client, patient, _phantom_of(other, 203).datasets)
+    body = response.json()
+    assert response.status_code == 409, body
+    assert body["code"] == "patient-mismatch"
+    assert body["mismatches"] == ["patient-id"]
+    assert "not one of this patient's identifiers" in body["detail"]
+    assert body["can_override"] is False  # a clinician: only a coordinator may override
+    assert not ImagingStudy.objects.exists()
+    assert not (tmp_path / "dicom").exists()  # not a file written
+    assert AuditEvent.objects.filter(patient_id=patient.pk, detail__upload="refused",
+                                     detail__identity=["patient-id"]).exists()
+    forced = _post(client, patient, _phantom_of(other, 203).datasets,
+                   override_reason="verified-other")
+    assert forced.status_code == 403
+    assert not ImagingStudy.objects.exists()
+
+
+def test_a_matching_id_with_another_birth_date_or_family_name_is_refused(
+        client, role_user, settings, tmp_path):
+    settings.DICOM_STORAGE_ROOT = tmp_path
+    client.force_login(role_user("coordinator"))
+    patient = PatientFactory(birth_date=dt.date(1950, 3, 14))
+    phantom = _phantom_of(patient, 204)
+    for ds in phantom.datasets:
+        ds.PatientBirthDate = "19510314"
+        ds.PatientName = "OTHERNAME^Test"
+    body = _post(client, patient, phantom.datasets).json()
+    assert body["mismatches"] == ["family-name", "birth-date"]
+    for ds in phantom.datasets:  # same person written another way: accepted
+        ds.PatientBirthDate, ds.PatientName = "19500314", "Synthétic^T"
+    assert _post(client, patient, phantom.datasets).status_code == 201
 
 
 def test_an_upload_is_linked_and_scored_for_the_patient_it_was_uploaded_for(
     client, role_user, settings, tmp_path
 ):
     """The files' PatientID names ANOTHER registry patient (a CD of patient A whose DICOM
-    PatientID equals patient B's): the study, its link and its VBQ job are A's, and B's own
-    pre-procedure MRI stays linked."""
+    PatientID equals patient B's): refused, unless a coordinator overrides with a reason; then
+    the study, its link and its VBQ job are A's, and B's own pre-procedure MRI stays
+    linked."""
     import datetime as dt
 
     from registry.models import PatientIdentifier
@@ -71,11 +130,17 @@ def test_an_upload_is_linked_and_scored_for_the_patient_it_was_uploaded_for(
         series=[SeriesInput("2.25.99020201.1", "MR", "SAG T1")])
     assert b_study.linked_procedure_id is not None
 
-    upload = io.BytesIO(_zip(phantom.datasets))
-    upload.name = "study.zip"
-    response = client.post(f"/api/imaging/patients/{a.pk}/dicom/", {"file": upload})
+    # B's images on A's page: refused, nothing stored
+    assert _post(client, a, phantom.datasets).status_code == 409
+    assert not ImagingStudy.objects.filter(
+        study_instance_uid=str(phantom.datasets[0].StudyInstanceUID)).exists()
+    # a coordinator who checked that they are A's stores them with a coded reason (audited)
+    response = _post(client, a, phantom.datasets, override_reason="outside-id")
     assert response.status_code == 201, response.json()
+    assert response.json()["outcome"][0]["jobs"] == 1
     study = ImagingStudy.objects.get(study_instance_uid=str(phantom.datasets[0].StudyInstanceUID))
+    assert AuditEvent.objects.filter(object_type="ImagingStudy", object_id=str(study.pk),
+                                     detail__identity_override="outside-id").exists()
     assert (study.patient_id, study.source) == (a.pk, "upload")
     assert study.linked_procedure.patient_id == a.pk
     assert list(VbqResult.objects.filter(series__study=study).values_list(
@@ -163,3 +228,57 @@ def test_a_study_with_no_way_to_fetch_it_is_not_queued_and_says_why(settings):
     assert vbq_jobs_create(study=study) == []
     study.refresh_from_db()
     assert "no PACS is configured" in study.link_reason
+
+
+def test_a_received_study_whose_birth_date_disagrees_is_held_unassigned(
+        settings, tmp_path, client, role_user):
+    """C-STORE: the PatientID names a registry patient but the birth date is another's: the
+    study is registered without a patient (never linked or scored for them), audited."""
+    from integrations.dicom.scp import register_study
+    from registry.models import PatientIdentifier
+
+    patient = PatientFactory(birth_date=dt.date(1950, 3, 14))
+    phantom = make_phantom(205, slices=5)
+    ds0 = phantom.datasets[0]
+    PatientIdentifier.objects.create(patient=patient, system=settings.DICOM_PATIENT_ID_SYSTEM,
+                                     value=str(ds0.PatientID))
+    for ds in phantom.datasets:
+        ds.PatientBirthDate = "19610101"
+    phantom.write(tmp_path / str(ds0.StudyInstanceUID) / str(ds0.SeriesInstanceUID))
+    study = register_study(tmp_path, str(ds0.StudyInstanceUID))
+    study.refresh_from_db()
+    assert study.patient_id is None
+    assert study.link_reason.startswith("held: DICOM patient does not match")
+    assert not VbqResult.objects.exists()
+    assert AuditEvent.objects.filter(object_type="ImagingStudy", object_id=str(study.pk),
+                                     detail__held="patient-mismatch",
+                                     detail__identity=["birth-date"]).exists()
+    client.force_login(role_user("clinician"))
+    queue = client.get("/vbq/review/").content.decode()
+    assert 'id="held-studies"' in queue
+    assert f"<td>{study.pk}</td>" in queue
+
+
+def test_received_files_of_another_patient_for_a_known_study_are_not_used(settings, tmp_path):
+    """C-STORE of a study already known from a FHIR ImagingStudy of patient A, whose files
+    carry another PatientID: the study stays A's but the received files are not recorded as
+    its source, nor linked or scored from them (audited)."""
+    from integrations.dicom.scp import register_study
+    from scoring.models import ImagingSeries
+    from scoring.services import SeriesInput, imaging_study_upsert
+
+    a = PatientFactory()
+    phantom = make_phantom(206, slices=5)
+    ds0 = phantom.datasets[0]
+    study, _ = imaging_study_upsert(
+        study_instance_uid=str(ds0.StudyInstanceUID), patient=a, source="fhir", modality="MR",
+        series=[SeriesInput(str(ds0.SeriesInstanceUID), "MR", "SAG T1")])
+    phantom.write(tmp_path / str(ds0.StudyInstanceUID) / str(ds0.SeriesInstanceUID))
+    register_study(tmp_path, str(ds0.StudyInstanceUID))
+    study.refresh_from_db()
+    assert study.patient_id == a.pk
+    assert ImagingSeries.objects.get(study=study).local_path == ""
+    assert AuditEvent.objects.filter(object_type="ImagingStudy", object_id=str(study.pk),
+                                     detail__held="patient-mismatch",
+                                     detail__identity=["patient-id"]).exists()
+

@@ -10,7 +10,7 @@ import pytest
 from django.db import DatabaseError, connection
 
 from integrations.dicom.dicomweb import PermanentFetchError, TransientFetchError, fetch_series
-from registry.services import Identifier, feed_create, procedure_record
+from registry.services import Actor, Identifier, feed_create, procedure_record
 from registry.timeutil import clinic_today, start_of_clinic_day
 from scoring.engine.phantom import make_phantom
 from scoring.models import ImagingStudy, VbqResult
@@ -46,7 +46,8 @@ def orthanc(tmp_path_factory):
 
 
 def _study(orthanc, phantom, *, days_before=20, endpoint=None):
-    patient = PatientFactory()
+    # the phantom's DICOM patient is this registry patient (scoring.identity)
+    patient = PatientFactory(mrn=str(phantom.datasets[0].PatientID))
     index_day = clinic_today() - dt.timedelta(days=5)
     procedure_record(patient=patient, code_system="http://www.ama-assn.org/go/cpt",
                      code="22511", performed_at=start_of_clinic_day(index_day)
@@ -102,6 +103,24 @@ def test_an_unknown_series_is_a_permanent_error(orthanc):
 def test_an_unreachable_pacs_is_a_transient_error():
     with pytest.raises(TransientFetchError):
         fetch_series("http://127.0.0.1:9/dicom-web", "1.2.3", "1.2.3.4")
+
+
+@pytest.mark.django_db
+def test_a_fetched_series_of_another_patient_is_not_scored_and_waits_in_the_queue(orthanc):
+    from registry.models import PatientIdentifier
+    from scoring.review import review_queue
+
+    phantom = make_phantom(109, slices=9)
+    orthanc.upload(phantom.datasets)
+    study = _study(orthanc, phantom)
+    PatientIdentifier.objects.filter(patient=study.patient).update(value="SYN-SOMEONE-ELSE")
+    result = VbqResult.objects.get(series__study=study)
+    assert vbq_compute(result.pk) == {"result": result.pk, "status": "failed",
+                                      "error_code": "patient-mismatch"}
+    result.refresh_from_db()
+    assert (result.status, result.vbq_all_levels) == ("failed", None)
+    assert "not one of this patient's identifiers" in result.error_message
+    assert list(review_queue()) == [result]
 
 
 @pytest.mark.django_db
@@ -183,6 +202,8 @@ def test_fhir_imaging_study_to_stored_result_through_a_real_worker(
     orthanc, client, celery_worker_process
 ):
     phantom = make_phantom(107, slices=9)
+    for one in phantom.datasets:
+        one.PatientID = "SYN-E2E"  # the DICOM patient is the FHIR Patient below
     orthanc.upload(phantom.datasets)
     ds = phantom.datasets[0]
     _, token = feed_create(name="e2e-ehr")
@@ -396,6 +417,38 @@ def _local_study(tmp_path, phantom, *, index_days_ago, mri_days_before):
     ImagingSeries.objects.filter(study=study).update(local_path=str(tmp_path / "series"))
     assert link_or_defer(study) is True
     return patient, VbqResult.objects.get(series__study=study)
+
+
+@pytest.mark.django_db
+def test_an_automatic_result_that_changes_the_category_waits_for_review_and_opens_nothing(
+        tmp_path):
+    from registry.models import Alert
+    from scoring.review import review_decide, review_queue
+
+    phantom = make_phantom(144, slices=9)  # high VBQ, no QC warning
+    assert _engine_outcome(phantom).vbq_excluding_fractured >= 3.0  # high
+    patient, result = _local_study(tmp_path, phantom, index_days_ago=70, mri_days_before=10)
+    earlier = VbqResult.objects.create(
+        patient=patient, algorithm_version="imported", source="imported", status="succeeded",
+        review_status="accepted", vbq_all_levels=2.1, vbq_excluding_fractured=2.1)  # low
+    VbqResult.objects.filter(pk=earlier.pk).update(
+        queued_at=result.queued_at - dt.timedelta(days=1))
+
+    assert vbq_compute(result.pk)["status"] == "needs_review"
+    result.refresh_from_db()
+    assert (result.status, result.qc_clear) == ("needs_review", False)
+    assert "category-change" in {f["code"] for f in result.qc_flags}
+    assert list(review_queue()) == [result]
+    assert not Alert.objects.filter(patient=patient, rule_id="high-vbq-untreated-60d").exists()
+    review_decide(result=result, decision="accept", actor=Actor(via="test"))  # a human confirms
+    followup_reevaluate_now(patient)
+    assert Alert.objects.get(patient=patient, rule_id="high-vbq-untreated-60d").status == "open"
+
+
+def followup_reevaluate_now(patient):
+    from registry.tasks import followup_reevaluate
+
+    followup_reevaluate(str(patient.pk))
 
 
 @pytest.mark.django_db

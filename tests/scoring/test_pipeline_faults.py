@@ -105,7 +105,7 @@ def test_orthanc_serving_a_corrupt_instance_fails_the_job_with_the_reason_and_fe
     corrupt = phantom.datasets[3]
     corrupt.PixelData = corrupt.PixelData[: len(corrupt.PixelData) // 3]  # truncated pixels
     orthanc.upload(phantom.datasets)  # Orthanc stores it and serves it back as it is
-    patient = PatientFactory()
+    patient = PatientFactory(mrn=str(phantom.datasets[0].PatientID))
     index_day = clinic_today() - dt.timedelta(days=5)
     procedure_record(patient=patient, code_system="http://www.ama-assn.org/go/cpt",
                      code="22511", performed_at=start_of_clinic_day(index_day)
@@ -184,6 +184,8 @@ def test_an_imaging_study_ingested_while_redis_is_down_is_scored_once_redis_is_b
     orthanc, broker, transactional_db, tmp_path, path
 ):
     phantom = make_phantom(132, slices=7)
+    for one in phantom.datasets:
+        one.PatientID = "SYN-REDIS-DOWN"  # the DICOM patient is the FHIR Patient of the bundle
     orthanc.upload(phantom.datasets)
     ds = phantom.datasets[0]
     _, token = feed_create(name="redis-down-ehr")

@@ -21,7 +21,7 @@ def phantom_rois(truth: dict) -> dict[str, Roi]:
                           half_width=9 / spacing)
     s, row, col = truth["centres_px"]["L3"]
     rois["csf"] = Roi(slice_index=s, row=row, col=col + 27 / spacing, half_height=8 / spacing,
-                      half_width=2.5 / spacing)
+                      half_width=3.5 / spacing)  # >= 40 pixels: no small-csf-roi flag
     return rois
 
 

@@ -165,6 +165,7 @@ def test_coordinator_works_an_alert_opens_the_patient_uploads_and_downloads_the_
     archive = clinic["tmp"] / "study.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         for i, ds in enumerate(make_phantom(21, slices=5, rows=128, cols=128).datasets):
+            ds.PatientID = alert.patient.identifiers.first().value  # the files are Ada's
             buffer = io.BytesIO()
             ds.save_as(buffer, enforce_file_format=True)
             zf.writestr(f"IM{i:03d}.dcm", buffer.getvalue())
@@ -231,7 +232,10 @@ def test_clinician_drags_an_roi_sees_the_vbq_change_and_saves_a_corrected_result
     assert f"{saved.vbq_all_levels:.2f}" == after
     assert page.locator("#vbq-all").inner_text() == after
     result.refresh_from_db()
-    assert result.review_status == "rejected"
+    # the CSF ROI was dragged off the canal: the correction has QC warnings, so it waits in
+    # the needs-review queue and the reviewed result is not superseded yet (scoring.trust)
+    assert (saved.review_status, saved.qc_clear, result.review_status) == (
+        "pending", False, "pending")
     assert AuditEvent.objects.filter(object_type="VbqResult", object_id=str(saved.pk),
                                      action="create", actor__username="demo-clinician").exists()
 

@@ -3,9 +3,10 @@
 vertebral fracture: ``manage.py vbq_refresh_fractured [--batch 500] [--dry-run]``.
 
 ``--dry-run`` runs every batch as usual and rolls it back: it reports how many results would
-change and how many would cross the high-VBQ threshold (``settings.VBQ_HIGH_THRESHOLD``, either
-way, on the value the 60-day rule reads: ``VBQ_ALERT_VALUE``), and writes nothing (no result,
-audit row, due date or follow-up message). The count is per result; the follow-up counts only
+change and how many would cross the high-VBQ threshold (each result's, by its field strength:
+``scoring.trust.threshold_of``; either way, on the value the 60-day rule reads:
+``VBQ_ALERT_VALUE``), and writes nothing (no result, audit row, due date or follow-up message).
+The count is per result; the follow-up counts only
 a patient's current result."""
 
 from __future__ import annotations
@@ -19,29 +20,23 @@ from django.db import transaction
 from registry.services import Actor, deferred_side_effects
 from scoring.fractured import results_refresh_fractured
 from scoring.models import VbqResult
+from scoring.trust import rule_value, threshold_of
 
 
-def _high(value: float | None) -> bool:
-    """The follow-up rule's "high" (``registry.followup``: VBQ ≥ threshold)."""
-    return value is not None and value >= settings.VBQ_HIGH_THRESHOLD
+def _high(value: float | None, field_strength_t: float | None) -> bool:
+    """The follow-up rule's "high" (``registry.followup``: VBQ ≥ the threshold for the
+    result's field strength, ``scoring.trust.threshold_of``)."""
+    return value is not None and value >= threshold_of(field_strength_t).value
 
 
-def _rule_value(all_levels: float | None, excluding: float | None) -> float | None:
-    """The value the 60-day rule reads (``registry.followup.chosen_vbq``): all levels when
-    ``VBQ_ALERT_VALUE`` says so, else the value excluding fractured levels, falling back to all
-    levels when there is none."""
-    if settings.VBQ_ALERT_VALUE == "all_levels" or excluding is None:
-        return all_levels
-    return excluding
-
-
-def _stored(patient_ids: list[Any]) -> dict[int, tuple[Any, float | None]]:
-    """Result id → (fractured levels, the value the follow-up rule reads) of these patients'
-    results the refresh may change (not set by a reviewer)."""
-    return {pk: (levels, _rule_value(all_levels, excluding))
-            for pk, levels, all_levels, excluding in VbqResult.objects.filter(
+def _stored(patient_ids: list[Any]) -> dict[int, tuple[Any, bool]]:
+    """Result id → (fractured levels, whether the value the follow-up rule reads is high) of
+    these patients' results the refresh may change (not set by a reviewer)."""
+    return {pk: (levels, _high(rule_value(all_levels, excluding), field))
+            for pk, levels, all_levels, excluding, field in VbqResult.objects.filter(
                 patient_id__in=patient_ids, fractured_levels_by_reviewer=False).values_list(
-                "pk", "fractured_levels", "vbq_all_levels", "vbq_excluding_fractured")}
+                "pk", "fractured_levels", "vbq_all_levels", "vbq_excluding_fractured",
+                "field_strength_t")}
 
 
 class Command(BaseCommand):
@@ -53,7 +48,7 @@ class Command(BaseCommand):
         parser.add_argument("--batch", type=int, default=500, help="patients per transaction")
         parser.add_argument("--dry-run", action="store_true",
                             help="report the results that would change and the ones that "
-                                 "would cross VBQ_HIGH_THRESHOLD; roll every batch back")
+                                 "would cross the high-VBQ threshold; roll every batch back")
 
     def handle(self, *args: Any, **options: Any) -> None:
         dry_run = options["dry_run"]
@@ -72,14 +67,16 @@ class Command(BaseCommand):
                     results_refresh_fractured(ids, actor=Actor(via="command"),
                                               reason="fractured levels rule")
                 after = _stored(ids)
-                for pk, (levels, value) in after.items():
-                    old_levels, old_value = before.get(pk, (levels, value))
+                for pk, (levels, high) in after.items():
+                    old_levels, old_high = before.get(pk, (levels, high))
                     if old_levels != levels:  # what the recompute changes
                         changed += 1
-                        crossing += _high(old_value) != _high(value)
+                        crossing += old_high != high
                 if dry_run:
                     transaction.set_rollback(True)  # no write, and no message after commit
-        threshold = f"the VBQ threshold {settings.VBQ_HIGH_THRESHOLD:g}"
+        threshold = f"the VBQ threshold {settings.VBQ_HIGH_THRESHOLD:g}" + (
+            " (or its field strength's)" if settings.VBQ_HIGH_THRESHOLD_1_5T is not None
+            or settings.VBQ_HIGH_THRESHOLD_3T is not None else "")
         if dry_run:
             self.stdout.write(f"Dry run, nothing written: {changed} result(s) of "
                               f"{len(patients)} patient(s) would be recomputed; {crossing} "
