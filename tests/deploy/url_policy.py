@@ -108,6 +108,7 @@ URL_POLICY: dict[str, Rule] = {
     "vbq-review-preview": phi(methods=("POST",), roles=REVIEW_ROLES),
     "vbq-review-save": phi(methods=("POST",), roles=REVIEW_ROLES),
     "vbq-review-action": phi(methods=("POST",), roles=REVIEW_ROLES),
+    "vbq-review-assist": phi(methods=("POST",), roles=REVIEW_ROLES),
     # --- worklist page (identified)
     "worklist": phi(methods=("GET", "POST"), roles=ALERT_ROLES),
     "worklist-action": phi(methods=("POST",), roles=ALERT_ROLES),
