@@ -109,8 +109,9 @@ def _vbq(patient, value, *, status="succeeded", review="pending", finished, revi
     from scoring.models import VbqResult
 
     return VbqResult.objects.create(
-        patient=patient, algorithm_version=version, source="imported", status=status,
+        patient=patient, algorithm_version=version, source="auto", status=status,
         review_status=review, vbq_all_levels=value, vbq_excluding_fractured=value,
+        qc_clear=status == "succeeded", confidence=0.95 if status == "succeeded" else 0.5,
         finished_at=finished, reviewed_at=reviewed)
 
 
