@@ -196,7 +196,7 @@ def test_a_series_stored_nowhere_says_no_image_and_names_no_setting(client, role
                                           modality="MR", description="SAG T1")
     VbqResult.objects.create(patient=patient, series=series, algorithm_version="t",
                              source="auto", status="succeeded", vbq_all_levels=3.2,
-                             vbq_excluding_fractured=3.2)
+                             vbq_excluding_fractured=3.2, qc_clear=True, confidence=0.95)
     client.force_login(role_user("clinician"))
     html = client.get(reverse("patient-detail", args=[patient.pk])).content.decode()
     assert "No image: the MRI images of this result are not stored here" in html
