@@ -340,3 +340,16 @@ def test_every_page_fits_a_390_px_phone_without_horizontal_scroll(
     assert too_wide == [], too_wide
     assert page.problems == []
     page.context.close()
+
+
+def test_the_upload_pages_override_form_stays_hidden_until_shown_and_then_fits_a_phone(
+        browser, live_server, clinic):
+    page = login(browser, live_server, "demo-coordinator", viewport=PHONE)
+    page.goto(f"{live_server.url}/patients/{clinic['ada'].patient_id}/imaging/upload/")
+    override = page.locator("#identity-override")
+    expect(override).to_be_hidden()  # the hidden attribute wins over .stack's display:flex
+    page.evaluate("document.getElementById('identity-override').hidden = false")  # as the JS does
+    expect(override).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    assert page.problems == []
+    page.context.close()
