@@ -289,6 +289,14 @@ def test_every_page_a_role_reaches_loads_without_a_console_error_or_a_failed_req
     page.context.close()
 
 
+def test_the_favicon_is_served(browser, live_server, clinic):
+    page = login(browser, live_server, "demo-clinician")
+    href = page.get_attribute("link[rel='icon']", "href")
+    assert href
+    assert page.request.get(f"{live_server.url}{href}").status == 200
+    page.context.close()
+
+
 def test_the_jobs_page_says_the_session_ended_instead_of_retrying_for_ever(
         browser, live_server, clinic):
     page = login(browser, live_server, "demo-clinician")
