@@ -3,12 +3,14 @@ with a temporary config and storage on free ports, stopped afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -19,6 +21,25 @@ PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 def available() -> bool:
     return os.path.exists(BINARY) and os.path.exists(PLUGIN)
+
+
+@contextlib.contextmanager
+def as_configured_pacs(server: Orthanc) -> Iterator[Orthanc]:
+    """Make ``server`` the configured PACS (``PACS_DICOMWEB_URL``) in this process's settings
+    and in the environment of the worker processes a test starts; restored afterwards (a
+    study's recorded endpoint is provenance, never contacted)."""
+    from django.conf import settings
+
+    saved = os.environ.get("PACS_DICOMWEB_URL"), settings.PACS_DICOMWEB_URL
+    os.environ["PACS_DICOMWEB_URL"] = settings.PACS_DICOMWEB_URL = server.dicomweb
+    try:
+        yield server
+    finally:
+        settings.PACS_DICOMWEB_URL = saved[1]
+        if saved[0] is None:
+            os.environ.pop("PACS_DICOMWEB_URL", None)
+        else:
+            os.environ["PACS_DICOMWEB_URL"] = saved[0]
 
 
 def _free_port() -> int:

@@ -30,18 +30,8 @@ def orthanc(tmp_path_factory):
         pytest.skip("Orthanc (Debian orthanc + orthanc-dicomweb) is not installed")
     server = orthanc_mod.Orthanc(tmp_path_factory.mktemp("orthanc"))
     server.start()
-    # the configured PACS (a study's recorded endpoint is provenance, never fetched from):
-    # here, and for the worker processes the tests start (their environment)
-    from django.conf import settings
-
-    saved = os.environ.get("PACS_DICOMWEB_URL"), settings.PACS_DICOMWEB_URL
-    os.environ["PACS_DICOMWEB_URL"] = settings.PACS_DICOMWEB_URL = server.dicomweb
-    yield server
-    settings.PACS_DICOMWEB_URL = saved[1]
-    if saved[0] is None:
-        os.environ.pop("PACS_DICOMWEB_URL", None)
-    else:
-        os.environ["PACS_DICOMWEB_URL"] = saved[0]
+    with orthanc_mod.as_configured_pacs(server):
+        yield server
     server.stop()
 
 
