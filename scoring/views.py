@@ -49,8 +49,11 @@ def _float_param(request: HttpRequest, name: str) -> float | None:
 
 
 @require_GET
-@permission_required(REVIEW_PERM, raise_exception=True)
+@permission_required(PHI_PERM, raise_exception=True)
 def review_queue(request: HttpRequest) -> HttpResponse:
+    """The needs-review queue. Reviewers (``registry.review_vbq``: clinicians, admins) open each
+    result from it; coordinators see it read-only (who waits and why, a link to the patient,
+    the held received studies) to chase a reviewer: judging a VBQ stays a clinician's act."""
     page = Paginator(review.review_queue(), 25).get_page(request.GET.get("page"))
     for result in page:
         result.why = untrusted_reason(result)
