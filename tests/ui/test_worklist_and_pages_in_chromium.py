@@ -214,10 +214,14 @@ def test_a_session_that_ends_before_a_worklist_note_asks_to_log_in_then_sends_th
 
 
 def test_error_pages_have_the_navigation_and_a_way_back(browser, live_server, clinic):
+    from scoring.models import VbqResult
+
+    result = VbqResult.objects.get(patient=clinic["ada"].patient, source="auto")
     page = login(browser, live_server, "demo-coordinator")
     page.goto(f"{live_server.url}/worklist/")
     with page.expect_navigation() as navigation:  # a link followed: the browser sends Referer
-        page.evaluate("location.href = '/vbq/review/'")  # clinicians only
+        # a result's review page: reviewers only (coordinators see the queue read only)
+        page.evaluate(f"location.href = '/vbq/review/{result.pk}/'")
     assert navigation.value.status == 403
     expect(page.locator("h1")).to_contain_text("not allowed")
     expect(page.locator("nav[aria-label=Main]")).to_contain_text("Worklist")
