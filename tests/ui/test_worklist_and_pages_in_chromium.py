@@ -389,7 +389,8 @@ def test_the_review_page_of_an_automatic_result_fits_a_390_px_phone(
     assert width <= inner, (width, inner, page.evaluate(WIDER_THAN_THE_WINDOW))
     for selector in ("#viewer", "#save-corrected", "form.js-decision button[type=submit]"):
         box = page.locator(selector).first.bounding_box()
-        assert box["x"] >= 0 and box["x"] + box["width"] <= inner, (selector, box)
+        assert box["x"] >= 0, (selector, box)
+        assert box["x"] + box["width"] <= inner, (selector, box)
     shot(page, "review-phone")
     assert page.problems == []
     page.context.close()
