@@ -18,6 +18,15 @@ other databases, and the reviewer's single-result write).
 the given patients from their per-level medians (``VbqLevel``) when what decides their
 fractured levels changed: results moved to another patient, a fracture or a procedure
 recorded, corrected or voided, patients merged.
+
+The recompute obeys the trust rule (``scoring.trust``, issue 18): a result that counts for
+the follow-up (accepted, or automatic and clear) whose value the follow-up reads would cross
+its high-VBQ threshold is NOT changed by the recompute. It keeps its levels and value (so the
+alerts stay as they are) and gets an ``info`` flag ``fractured-levels-pending`` with the
+proposed levels and value and why; it then waits in the needs-review queue
+(``scoring.review.review_queue``) until a reviewer marks the fractured levels on it
+(``review_mark_fractured``, which drops the flag). Results that do not count yet are
+recomputed as before (a reviewer sees them anyway). The same rule in SQL and in Python.
 """
 
 from __future__ import annotations
@@ -33,6 +42,45 @@ from scoring.models import VbqLevel, VbqResult
 
 VBQ_LEVELS = ("L1", "L2", "L3", "L4")
 REFRESH_REASON = "fractured levels recomputed"
+# The flag of a counting result whose recompute would cross the high-VBQ threshold (held).
+PENDING = "fractured-levels-pending"
+
+
+def pending_message(levels: list[str], old: float, new: float) -> str:
+    """The held recompute in words (the SQL statement writes the same text)."""
+    return (f"the registry's fractures now give fractured levels {', '.join(levels) or 'none'}: "
+            f"VBQ {old:.2f} → {new:.2f} crosses the high-VBQ threshold; the follow-up keeps "
+            f"{old:.2f} until a reviewer marks the fractured levels on this result")
+
+
+def pending_recompute(flags: Any) -> dict | None:
+    """The ``fractured-levels-pending`` flag among ``flags``, or None."""
+    for flag in flags if isinstance(flags, list) else ():
+        if isinstance(flag, dict) and flag.get("code") == PENDING:
+            return flag
+    return None
+
+
+def _without_pending(flags: Any) -> Any:
+    if not isinstance(flags, list):
+        return flags
+    return [f for f in flags if not (isinstance(f, dict) and f.get("code") == PENDING)]
+
+
+def _held_by_threshold(result: VbqResult, new_excluding: float | None
+                       ) -> tuple[float, float] | None:
+    """(old, new) values the follow-up reads when recomputing ``result`` to ``new_excluding``
+    would move a counting result across its high-VBQ threshold; else None."""
+    from scoring.trust import result_is_trusted, rule_value, threshold_of
+
+    if not result_is_trusted(result):
+        return None
+    old = rule_value(result.vbq_all_levels, result.vbq_excluding_fractured)
+    new = rule_value(result.vbq_all_levels, new_excluding)
+    if old is None or new is None:
+        return None
+    cut = threshold_of(result.field_strength_t).value
+    return (old, new) if (old >= cut) != (new >= cut) else None
 
 
 def fractured_levels_sql(patient: str) -> str:
@@ -95,7 +143,8 @@ def apply_fractured_levels(result: VbqResult, fractured: list[str], *,
     rows: the levels' ``fractured`` flags, ``fractured_levels``, the VBQ excluding fractured
     levels and the engine's ``all-levels-fractured`` QC flag (both unchanged when the result
     has no VBQ or no usable CSF level), and the same keys of its ``measurement`` JSON; saved.
-    ``by_reviewer``: a reviewer chose them (never recomputed afterwards)."""
+    ``by_reviewer``: a reviewer chose them (never recomputed afterwards). A held recompute's
+    ``fractured-levels-pending`` flag is dropped (the levels are decided now)."""
     stored = {lv.level: lv for lv in result.levels.all()}
     for level in stored.values():
         flag = level.level in fractured
@@ -109,6 +158,7 @@ def apply_fractured_levels(result: VbqResult, fractured: list[str], *,
         result.vbq_excluding_fractured = vbq_excluding(
             {k: v.median_si for k, v in stored.items()}, csf.median_si, fractured)
         result.qc_flags = _flags_with(result.qc_flags, result.vbq_excluding_fractured)
+    result.qc_flags = _without_pending(result.qc_flags)  # decided: no recompute waits
     result.fractured_levels = fractured
     result.fractured_levels_by_reviewer = by_reviewer or result.fractured_levels_by_reviewer
     result.measurement = _measurement_with(result.measurement, fractured,
@@ -225,25 +275,60 @@ PATIENT_LOCK_SQL = (f"SELECT 1 FROM {Patient._meta.db_table} "  # noqa: S608
                     "WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE")
 
 
+def _without_pending_sql(flags: str, hold: str, recomputed_flags: str) -> str:
+    """The new ``qc_flags`` of the refresh: held (``hold``), the flags without an older
+    ``fractured-levels-pending`` flag plus the new one (``pending_message``'s text, from
+    ``t``, ``h``); else ``recomputed_flags`` where the value was recomputed (``c``), without
+    that flag."""
+    def strip(expr: str) -> str:
+        return (f"(SELECT coalesce(jsonb_agg(q.f ORDER BY q.n), '[]'::jsonb) FROM "  # noqa: S608
+                f"jsonb_array_elements({expr}) WITH ORDINALITY AS q(f, n) "
+                f"WHERE q.f->>'code' IS DISTINCT FROM '{PENDING}')")
+    message = (
+        "'the registry''s fractures now give fractured levels ' || coalesce(nullif("
+        "array_to_string(t.levels, ', '), ''), 'none') || ': VBQ ' || "
+        "to_char(h.old, 'FM999990.00') || ' → ' || to_char(h.new, 'FM999990.00') || "
+        "' crosses the high-VBQ threshold; the follow-up keeps ' || "
+        "to_char(h.old, 'FM999990.00') || ' until a reviewer marks the fractured levels on "
+        "this result'")
+    flag = (f"jsonb_build_object('code', '{PENDING}', 'severity', 'info', 'key', "
+            "array_to_string(t.levels, ','), 'levels', to_jsonb(t.levels), 'value', c.excl, "
+            f"'message', {message})")
+    return (f"CASE WHEN jsonb_typeof({flags}) <> 'array' THEN {flags} "
+            f"WHEN {hold} THEN {strip(flags)} || jsonb_build_array({flag}) "
+            f"WHEN c.recomputed THEN {strip(recomputed_flags)} ELSE {strip(flags)} END")
+
+
 def _refresh_pg_statement(ids: list[str], actor: Any, reason: str
                           ) -> tuple[str, dict[str, Any]]:
+    from django.conf import settings
+
+    from scoring.trust import threshold_of, trusted_sql
+
     qn = connection.ops.quote_name
     result = qn(VbqResult._meta.db_table)
     level = qn(VbqLevel._meta.db_table)
     audit = qn(AuditEvent._meta.db_table)
     # Names from the models' metadata; values are parameters. The median of the kept levels
     # is (lower middle + upper middle) / 2, numpy's (``vbq_excluding``).
+    trusted, trust_params = trusted_sql("r")
+    pending = f"jsonb_build_array(jsonb_build_object('code', '{PENDING}'))"
+    pending_key = (f"jsonb_build_array(jsonb_build_object('code', '{PENDING}', "
+                   "'key', array_to_string(pt.levels, ',')))")
     sql = (
         f"WITH pt AS (SELECT pid, {fractured_levels_sql('pid')} AS levels "  # noqa: S608
         "FROM unnest(%(ids)s::uuid[]) AS pid), "
         f"t AS (SELECT r.id, r.patient_id, pt.levels, r.vbq_all_levels, "
-        f"r.vbq_excluding_fractured FROM {result} AS r JOIN pt ON r.patient_id = pt.pid "
+        "r.vbq_excluding_fractured, r.fractured_levels = to_jsonb(pt.levels) AS same, "
+        f"{trusted} AS trusted, CASE WHEN r.field_strength_t BETWEEN 1.0 AND 2.0 THEN "
+        "%(cut_1_5t)s WHEN r.field_strength_t BETWEEN 2.5 AND 3.5 THEN %(cut_3t)s "
+        f"ELSE %(cut)s END AS cut FROM {result} AS r JOIN pt ON r.patient_id = pt.pid "
         "WHERE NOT r.fractured_levels_by_reviewer "
-        "AND r.fractured_levels IS DISTINCT FROM to_jsonb(pt.levels) "
+        "AND (r.fractured_levels IS DISTINCT FROM to_jsonb(pt.levels) "
+        f"OR coalesce(r.qc_flags @> {pending}, false)) "
+        f"AND NOT coalesce(r.qc_flags @> {pending_key}, false) "
         f"AND EXISTS (SELECT 1 FROM {level} AS l WHERE l.result_id = r.id) "
         "ORDER BY r.id FOR UPDATE OF r), "  # one lock order for concurrent recomputes
-        f"flags AS (UPDATE {level} AS l SET fractured = (l.level = ANY(t.levels)) FROM t "
-        "WHERE l.result_id = t.id AND l.fractured <> (l.level = ANY(t.levels))), "
         "c AS (SELECT t.id, coalesce(csf.median_si > 0 AND t.vbq_all_levels IS NOT NULL, "
         "false) AS recomputed, CASE WHEN csf.median_si > 0 AND t.vbq_all_levels IS NOT NULL "
         "THEN (SELECT (percentile_disc(0.5) WITHIN GROUP (ORDER BY k.median_si) "
@@ -252,23 +337,38 @@ def _refresh_pg_statement(ids: list[str], actor: Any, reason: str
         "AND k.level IN ('L1', 'L2', 'L3', 'L4') AND NOT k.level = ANY(t.levels)) "
         "/ csf.median_si ELSE t.vbq_excluding_fractured END AS excl "
         f"FROM t LEFT JOIN {level} AS csf ON csf.result_id = t.id AND csf.level = 'csf'), "
-        f"u AS (UPDATE {result} AS r SET fractured_levels = to_jsonb(t.levels), "
-        f"vbq_excluding_fractured = c.excl, measurement = {_MEASUREMENT_SQL}, "
-        f"qc_flags = CASE WHEN c.recomputed THEN {_flags_sql('r.qc_flags')} "
-        "ELSE r.qc_flags END "
-        "FROM t JOIN c ON c.id = t.id WHERE r.id = t.id "
-        "RETURNING r.id, r.patient_id, r.fractured_levels) "
+        # the values the follow-up reads before and after (``scoring.trust.rule_value``)
+        "v AS (SELECT t.id, CASE WHEN %(by_excluding)s THEN coalesce("
+        "t.vbq_excluding_fractured, t.vbq_all_levels) ELSE t.vbq_all_levels END AS old, "
+        "CASE WHEN %(by_excluding)s THEN coalesce(c.excl, t.vbq_all_levels) "
+        "ELSE t.vbq_all_levels END AS new, t.cut FROM t JOIN c ON c.id = t.id), "
+        "h AS (SELECT t.id, coalesce(NOT t.same AND t.trusted AND (v.old >= v.cut) <> "
+        "(v.new >= v.cut), false) AS hold, v.old, v.new FROM t JOIN v ON v.id = t.id), "
+        f"flags AS (UPDATE {level} AS l SET fractured = (l.level = ANY(t.levels)) FROM t "
+        "JOIN h ON h.id = t.id WHERE l.result_id = t.id AND NOT h.hold "
+        "AND l.fractured <> (l.level = ANY(t.levels))), "
+        f"u AS (UPDATE {result} AS r SET fractured_levels = CASE WHEN h.hold THEN "
+        "r.fractured_levels ELSE to_jsonb(t.levels) END, "
+        "vbq_excluding_fractured = CASE WHEN h.hold THEN r.vbq_excluding_fractured "
+        "ELSE c.excl END, "
+        f"measurement = CASE WHEN h.hold THEN r.measurement ELSE {_MEASUREMENT_SQL} END, "
+        f"qc_flags = {_without_pending_sql('r.qc_flags', 'h.hold', _flags_sql('r.qc_flags'))} "
+        "FROM t JOIN c ON c.id = t.id JOIN h ON h.id = t.id WHERE r.id = t.id "
+        "RETURNING r.id, r.patient_id, to_jsonb(t.levels) AS levels, h.hold) "
         f"INSERT INTO {audit} (at, actor_id, feed_id, action, patient_id, object_type, "
         "object_id, via, detail) SELECT now(), %(actor)s::bigint, %(feed)s::bigint, 'update', "
         "u.patient_id, "
         "'VbqResult', u.id::text, %(via)s::text, jsonb_build_object('fractured_levels', "
-        "u.fractured_levels, 'reason', %(reason)s::text) FROM u "
+        "u.levels, 'reason', %(reason)s::text, 'held', u.hold) FROM u "
         "RETURNING object_id, patient_id")
     # Fixed text (the patients travel as one array): prepared once per connection. Planning
     # was most of its cost: one patient without results 1.47 ms unprepared, 0.17 ms prepared;
     # 200 patients 2.0 / 0.62 ms (2026-11-25, local PostgreSQL, round trip included).
+    cut = threshold_of(None).value
     return sql, {"ids": ids, "actor": actor.user_id, "feed": actor.feed_id, "via": actor.via,
-                 "reason": reason}
+                 "reason": reason, **trust_params, "cut": cut,
+                 "cut_1_5t": threshold_of(1.5).value, "cut_3t": threshold_of(3.0).value,
+                 "by_excluding": settings.VBQ_ALERT_VALUE != "all_levels"}
 
 
 def _refresh_orm(ids: list[str], actor: Any, reason: str) -> list[tuple[int, Any]]:
@@ -281,11 +381,27 @@ def _refresh_orm(ids: list[str], actor: Any, reason: str) -> list[tuple[int, Any
                            pk__in=VbqLevel.objects.values("result_id"))
                    .prefetch_related("levels").order_by("pk")):
         levels = wanted[str(result.patient_id)]
-        if result.fractured_levels == levels:
+        pending = pending_recompute(result.qc_flags)
+        if result.fractured_levels == levels and pending is None:
             continue
-        apply_fractured_levels(result, levels, by_reviewer=False)
+        if pending is not None and pending.get("key") == ",".join(levels):
+            continue  # already held for exactly these levels
+        stored = {lv.level: lv.median_si for lv in result.levels.all()}
+        new = result.vbq_excluding_fractured
+        if stored.get("csf", 0) > 0 and result.vbq_all_levels is not None:
+            new = vbq_excluding(stored, stored["csf"], levels)
+        held = None if result.fractured_levels == levels else _held_by_threshold(result, new)
+        if held is not None:
+            result.qc_flags = [*_without_pending(result.qc_flags), {
+                "code": PENDING, "severity": "info", "key": ",".join(levels),
+                "levels": levels, "value": new,
+                "message": pending_message(levels, *held)}]
+            result.save(update_fields=["qc_flags"])
+        else:
+            apply_fractured_levels(result, levels, by_reviewer=False)
         audit_record(actor=actor, action="update", object_type="VbqResult",
                      object_id=str(result.pk), patient_id=result.patient_id,
-                     detail={"fractured_levels": levels, "reason": reason})
+                     detail={"fractured_levels": levels, "reason": reason,
+                             "held": held is not None})
         changed.append((result.pk, result.patient_id))
     return changed

@@ -28,7 +28,7 @@ from django.utils import timezone
 from registry.services import Actor, RegistryValidationError, audit_record, followup_changed
 from scoring.engine import EngineError, Roi, VbqMeasurement, compute_vbq
 from scoring.engine.dicom_io import Series, read_series
-from scoring.fractured import apply_fractured_levels
+from scoring.fractured import PENDING, apply_fractured_levels
 from scoring.models import VbqLevel, VbqResult
 from scoring.signals import result_ready
 
@@ -68,13 +68,18 @@ def review_queue() -> QuerySet[VbqResult]:
     """Results waiting for a human, oldest first: every finished result not yet reviewed that
     does not move alerts by itself (``scoring.trust``: QC warnings, low confidence, pending
     manual or assisted results, category changes), and failed results held for a human
-    (patient identity mismatch). Each row's reason: ``scoring.trust.untrusted_reason``."""
+    (patient identity mismatch), and counting results holding a fractured-levels recompute
+    that would cross the high-VBQ threshold (``scoring.fractured.PENDING``). Each row's
+    reason: ``scoring.trust.untrusted_reason``, or the held recompute's."""
     from scoring.trust import trusted_q
 
     pending = Q(review_status=VbqResult.Review.PENDING)
     finished = Q(status__in=[VbqResult.Status.SUCCEEDED, VbqResult.Status.NEEDS_REVIEW])
     held = Q(status=VbqResult.Status.FAILED, error_code__in=HELD_ERROR_CODES)
-    return (VbqResult.objects.filter(pending & (finished | held)).exclude(trusted_q())
+    # a counting result whose fractured-levels recompute would cross the threshold (held by
+    # ``scoring.fractured``; accepted or not): text match, so SQLite answers it too
+    recompute = Q(qc_flags__icontains=f'"{PENDING}"')
+    return (VbqResult.objects.filter((pending & (finished | held) & ~trusted_q()) | recompute)
             .select_related("patient", "series__study")
             .order_by("queued_at", "pk"))
 

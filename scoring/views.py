@@ -22,6 +22,7 @@ from django.views.decorators.http import require_GET, require_POST
 from registry.models import AuditAction, Patient
 from registry.services import Actor, audit_record
 from scoring import review
+from scoring.fractured import pending_recompute
 from scoring.identity import HELD_PREFIX
 from scoring.models import ImagingStudy, VbqResult
 from scoring.trust import result_is_trusted, threshold_of, untrusted_reason
@@ -49,11 +50,16 @@ def _float_param(request: HttpRequest, name: str) -> float | None:
 
 
 @require_GET
-@permission_required(REVIEW_PERM, raise_exception=True)
+@permission_required(PHI_PERM, raise_exception=True)
 def review_queue(request: HttpRequest) -> HttpResponse:
+    """The needs-review queue. Reviewers (``registry.review_vbq``: clinicians, admins) open each
+    result from it; coordinators see it read-only (who waits and why, a link to the patient,
+    the held received studies) to chase a reviewer: judging a VBQ stays a clinician's act."""
     page = Paginator(review.review_queue(), 25).get_page(request.GET.get("page"))
     for result in page:
-        result.why = untrusted_reason(result)
+        pending = pending_recompute(result.qc_flags)
+        result.why = untrusted_reason(result) or (
+            f"fractured levels: {pending['message']}" if pending else "")
     # received studies held (C-STORE: the DICOM patient does not match the registry's)
     held = ImagingStudy.objects.filter(record_status="active",
                                        link_reason__startswith=HELD_PREFIX).order_by(

@@ -14,7 +14,19 @@
   const rois = {};
   Object.keys(data.rois || {}).forEach(function (k) { rois[k] = Object.assign({}, data.rois[k]); });
   let slice = data.slice;
-  let zoom = Math.max(1, Math.min(4, Math.round((560 / data.cols) * 2) / 2));
+  // First zoom: ~560 px wide on a desktop, but never wider than the card the viewer sits in
+  // (a 256-column slice at x2 is 512 px: on a 390 px phone the spine was cut off and the frame
+  // scrolled sideways). The zoom buttons can still enlarge it; the frame then scrolls.
+  const MIN_ZOOM = 0.25, MAX_ZOOM = 4;
+  function fitZoom() {
+    const card = document.getElementById("viewer-frame").parentElement;
+    const style = window.getComputedStyle(card);
+    const room = card.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+    const wanted = Math.max(1, Math.round((560 / data.cols) * 2) / 2);
+    const fits = room > 0 ? Math.floor((room / data.cols) * 4) / 4 : wanted;
+    return Math.max(MIN_ZOOM, Math.min(MAX_ZOOM, wanted, fits));
+  }
+  let zoom = fitZoom();
   let dirty = false;
   let previewSeq = 0;
   const spacing = data.spacing_mm || [1, 1];
@@ -256,7 +268,7 @@
     });
   });
   function setZoom(z) {
-    zoom = Math.max(1, Math.min(4, z));
+    zoom = Math.max(MIN_ZOOM, Math.min(MAX_ZOOM, z));
     svg.setAttribute("width", data.cols * zoom);
     svg.setAttribute("height", data.rows * zoom);
   }

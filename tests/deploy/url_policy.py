@@ -102,7 +102,7 @@ URL_POLICY: dict[str, Rule] = {
     # --- imaging and VBQ review pages (identified)
     "imaging-upload": phi(),
     "vbq-jobs": phi(),
-    "vbq-review-queue": phi(roles=REVIEW_ROLES),
+    "vbq-review-queue": phi(),  # read-only without registry.review_vbq (coordinators)
     "vbq-review": phi(roles=REVIEW_ROLES),
     "vbq-review-image": phi(),
     "vbq-review-preview": phi(methods=("POST",), roles=REVIEW_ROLES),

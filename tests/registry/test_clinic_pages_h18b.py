@@ -206,7 +206,7 @@ def test_a_series_stored_nowhere_says_no_image_and_names_no_setting(client, role
 
 @pytest.mark.parametrize(("url", "status", "title"), [
     ("/patients/00000000-0000-0000-0000-000000000001/", 404, "Page not found"),
-    ("/vbq/review/", 403, "You are not allowed to open this page"),
+    ("/vbq/review/1/", 403, "You are not allowed to open this page"),  # reviewers only
 ])
 def test_error_pages_use_the_layout_with_navigation_and_a_way_back(
         client, role_user, url, status, title):

@@ -23,7 +23,7 @@ from registry.timeutil import clinic_today
 from scoring.fractured import vbq_excluding
 from scoring.models import ImagingStudy
 from scoring.services import RELINK_PENDING
-from tests.scoring.test_fractured_levels import (
+from tests.scoring.test_fractured_levels import (  # noqa: F401 (the autouse fixture)
     ALL_LEVELS,
     MEDIANS,
     WITHOUT_L4,
@@ -31,6 +31,7 @@ from tests.scoring.test_fractured_levels import (
     _at,
     _patient,
     _scored,
+    _threshold_out_of_reach,
 )
 
 pytestmark = pytest.mark.django_db

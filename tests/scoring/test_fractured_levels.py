@@ -6,6 +6,10 @@ medians; PostgreSQL (one statement) and the ORM path (SQLite) alike.
 
 Medians (CSF 100): L1 320, L2 305, L3 285, L4 150 → VBQ all levels (285 + 305) / 2 / 100 =
 2.95 (below the 3.0 threshold); excluding L4 (a dark, fractured body) 305 / 100 = 3.05 (high).
+
+A recompute that moves a counting result across the threshold is held for a reviewer (issue
+18); the tests of the recompute's mechanics therefore run with the threshold out of reach
+(``_threshold_out_of_reach``), and the tests of the hold set it back to 3.0.
 """
 
 import datetime as dt
@@ -41,6 +45,12 @@ MEDIANS = {"L1": 320.0, "L2": 305.0, "L3": 285.0, "L4": 150.0, "L5": 260.0, "csf
 ALL_LEVELS = 2.95
 WITHOUT_L4 = 3.05
 CONDITION = "https://ehr.example.org/condition"
+
+
+@pytest.fixture(autouse=True)
+def _threshold_out_of_reach(settings):
+    settings.VBQ_HIGH_THRESHOLD = 10.0
+    settings.VBQ_HIGH_THRESHOLD_1_5T = settings.VBQ_HIGH_THRESHOLD_3T = None
 
 
 def _day(days_ago):
@@ -144,10 +154,14 @@ def test_a_result_moved_to_another_patient_drops_that_patients_fractured_levels(
 
 
 @pytest.mark.parametrize("bulk", [False, True], ids=["single", "bulk"])
-def test_an_index_fracture_recorded_after_the_result_changes_its_value_and_the_alert(bulk):
+def test_an_index_fracture_recorded_after_the_result_changes_its_value_and_the_alert(
+        bulk, settings):
+    """2.95 → 3.05 stays on one side of a 2.9 threshold: applied at once, the alert (and its
+    value, on the next evaluation) follows."""
+    settings.VBQ_HIGH_THRESHOLD = 2.9
     patient = _patient()
     result = _scored(patient)
-    assert not _high_alert(patient)  # 2.95
+    assert _high_alert(patient)  # 2.95 ≥ 2.9
 
     item = {"patient": patient, "site": "vertebral", "vertebral_level": "L4",
             "diagnosed_at": _at(72), "identifier": Identifier(CONDITION, "FX-L4")}
@@ -162,6 +176,99 @@ def test_an_index_fracture_recorded_after_the_result_changes_its_value_and_the_a
     assert _high_alert(patient)  # 3.05
     assert AuditEvent.objects.filter(object_type="VbqResult", object_id=str(result.pk),
                                      detail__fractured_levels=["L4"]).count() == 1
+
+
+def _hold_flag(result):
+    result.refresh_from_db()
+    return [f for f in result.qc_flags if f.get("code") == "fractured-levels-pending"]
+
+
+@pytest.mark.parametrize("path", ["service", "sql", "orm"])
+def test_a_recompute_that_crosses_the_threshold_waits_for_a_reviewer_and_opens_no_alert(
+        path, settings, role_user):
+    """Issue 18: only a reviewed result, or a clear automatic one, may move an alert, and a
+    change of category goes to the needs-review queue and says so. An index fracture at L4
+    recorded after a counting automatic result (2.95, under 3.0) would make it 3.05: the
+    result keeps 2.95 and its levels, says why in an info flag, waits in the queue; no alert
+    opens until a reviewer marks L4 on it. ``service``: ``fracture_record``; ``sql`` /
+    ``orm``: the PostgreSQL statement and the ORM loop on the same data."""
+    from registry.services import SYSTEM_ACTOR, Actor, followup_changed
+    from scoring.fractured import _refresh_orm, results_refresh_fractured
+    from scoring.review import review_queue
+
+    settings.VBQ_HIGH_THRESHOLD = 3.0
+    patient = _patient()
+    result = _scored(patient)
+    assert not _high_alert(patient)  # 2.95
+    if path == "service":
+        _vertebral(patient, "L4", days_ago=72, value="FX-HOLD")
+    else:
+        FractureFactory(patient=patient, site="vertebral", vertebral_level="L4",
+                        diagnosed_at=_at(72), diagnosed_on=_day(72))
+        if path == "sql":
+            results_refresh_fractured([patient.pk])
+        else:
+            _refresh_orm([str(patient.pk)], SYSTEM_ACTOR, "SYNTHETIC test")
+            followup_changed(patient.pk)
+
+    _assert_levels(result, [], ALL_LEVELS)  # unchanged
+    [flag] = _hold_flag(result)
+    assert (flag["levels"], flag["severity"]) == (["L4"], "info")
+    assert flag["value"] == pytest.approx(WITHOUT_L4)
+    assert "2.95 → 3.05 crosses the high-VBQ threshold" in flag["message"]
+    assert result in review_queue()
+    assert not _high_alert(patient)
+    assert AuditEvent.objects.get(object_type="VbqResult", object_id=str(result.pk),
+                                  detail__held=True).detail["fractured_levels"] == ["L4"]
+    # the same fractures again: nothing new (no second flag, no second audit row)
+    results_refresh_fractured([patient.pk])
+    _refresh_orm([str(patient.pk)], SYSTEM_ACTOR, "SYNTHETIC test")
+    assert len(_hold_flag(result)) == 1
+    assert AuditEvent.objects.filter(object_type="VbqResult", object_id=str(result.pk),
+                                     detail__held=True).count() == 1
+
+    review_mark_fractured(result=result, levels=["L4"],
+                          actor=Actor(user_id=role_user("clinician").pk, via="ui"))
+
+    _assert_levels(result, ["L4"], WITHOUT_L4)
+    assert _hold_flag(result) == []
+    assert result not in review_queue()
+    assert _high_alert(patient)  # 3.05, now that a reviewer chose L4
+
+
+def test_voiding_the_fracture_of_a_counting_result_does_not_close_its_alert_unreviewed(
+        settings):
+    """The other direction: 3.05 with an open alert (L4 treated, so fractured); then
+    the index procedure's treated level is corrected from L4 to T12, so the recompute would
+    give 2.95 and resolve the alert: held, the alert stays open."""
+    settings.VBQ_HIGH_THRESHOLD = 3.0
+    patient = _patient(treated=("L4",))
+    result = _scored(patient, fractured=["L4"])
+    assert _high_alert(patient)
+    from registry.models import Procedure
+    from scoring.fractured import results_refresh_fractured
+
+    Procedure.objects.filter(patient=patient).update(levels=["T12"])  # corrected at source
+    results_refresh_fractured([patient.pk])
+
+    _assert_levels(result, ["L4"], WITHOUT_L4)
+    [flag] = _hold_flag(result)
+    assert flag["levels"] == []
+    assert _high_alert(patient)
+
+
+def test_a_recompute_of_a_result_that_does_not_count_yet_is_applied_at_once(settings):
+    """A result that moves no alert (here: a QC warning, waiting for review anyway) is
+    recomputed across the threshold as before: the reviewer sees the new value."""
+    settings.VBQ_HIGH_THRESHOLD = 3.0
+    patient = _patient()
+    result = _scored(patient)
+    VbqResult.objects.filter(pk=result.pk).update(
+        qc_clear=False, qc_flags=[{"code": "low-contrast", "severity": "warning",
+                                   "message": "SYNTHETIC"}])
+    _vertebral(patient, "L4", days_ago=72, value="FX-UNTRUSTED")
+    _assert_levels(result, ["L4"], WITHOUT_L4)
+    assert _hold_flag(result) == []
 
 
 def test_voiding_the_fracture_restores_the_value():

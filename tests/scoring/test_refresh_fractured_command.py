@@ -1,7 +1,9 @@
 """``manage.py vbq_refresh_fractured``: ``--dry-run`` reports what the rule would change and
 writes nothing; a real run re-evaluates follow-up once per batch. SYNTHETIC patients and
 medians (tests/scoring/test_fractured_levels): each result was stored under the old rule with a
-secondary L4 fracture excluded (3.05, high); the rule keeps the treated L2 instead (2.85)."""
+secondary L4 fracture excluded (3.05, high); the rule keeps the treated L2 instead (2.85).
+Those results count for the follow-up (automatic, clear, confident): across a 3.0 threshold
+the recompute holds them for a reviewer instead (``scoring.fractured.PENDING``)."""
 
 import datetime as dt
 from io import StringIO
@@ -55,7 +57,8 @@ def test_a_dry_run_reports_the_changes_and_threshold_crossings_and_writes_nothin
     with django_capture_on_commit_callbacks() as callbacks:
         output = _run(batch=2, dry_run=True)
 
-    assert "3 result(s) of 3 patient(s) would be recomputed; 3 would cross" in output
+    assert ("0 result(s) of 3 patient(s) would be recomputed; 0 would cross the VBQ threshold "
+            "3; 3 counting result(s) would cross it and be held for a reviewer") in output
     assert "nothing written" in output
     for result in results:
         _assert_levels(result, ["L4"], WITHOUT_L4)
@@ -72,7 +75,7 @@ def test_a_dry_run_counts_no_crossing_when_the_threshold_is_not_between(settings
 
 
 def test_a_run_re_evaluates_follow_up_once_per_batch(settings, monkeypatch):
-    settings.VBQ_HIGH_THRESHOLD = 3.0
+    settings.VBQ_HIGH_THRESHOLD = 2.5  # no crossing: applied
     results = _stored_under_the_old_rule(3)
     queued = []
     monkeypatch.setattr(registry.services, "_queue_followup",
@@ -80,7 +83,7 @@ def test_a_run_re_evaluates_follow_up_once_per_batch(settings, monkeypatch):
 
     output = _run(batch=2)
 
-    assert "3 result(s) of 3 patient(s) recomputed; 3 crossed" in output
+    assert "3 result(s) of 3 patient(s) recomputed; 0 crossed" in output
     for result in results:
         _assert_levels(result, ["L2"], WITH_L2)
     assert [len(ids) for ids in queued] == [2, 1]  # one message per batch of patients
@@ -95,4 +98,20 @@ def test_a_dry_run_counts_crossings_on_the_value_the_alert_rule_reads(settings):
     settings.VBQ_ALERT_VALUE = "all_levels"
     assert "2 result(s) of 2 patient(s) would be recomputed; 0 would cross" in _run(dry_run=True)
     settings.VBQ_ALERT_VALUE = "excluding_fractured"
-    assert "2 result(s) of 2 patient(s) would be recomputed; 2 would cross" in _run(dry_run=True)
+    assert ("0 result(s) of 2 patient(s) would be recomputed; 0 would cross the VBQ threshold "
+            "3; 2 counting result(s) would cross it and be held") in _run(dry_run=True)
+
+
+def test_a_run_holds_the_counting_results_that_would_cross_for_a_reviewer(settings):
+    settings.VBQ_HIGH_THRESHOLD = 3.0
+    results = _stored_under_the_old_rule(2)
+
+    output = _run()
+
+    assert "0 result(s) of 2 patient(s) recomputed; 0 crossed" in output
+    assert "2 counting result(s) held for a reviewer" in output
+    for result in results:
+        _assert_levels(result, ["L4"], WITHOUT_L4)  # unchanged until a reviewer decides
+        assert [f["levels"] for f in result.qc_flags
+                if f["code"] == "fractured-levels-pending"] == [["L2"]]
+    assert "0 result(s) of 2 patient(s) recomputed" in _run()  # nothing new the second time

@@ -134,6 +134,30 @@ def test_needs_review_queue_lists_pending_results_only(reviewer, result, tmp_pat
     assert "Donealready" not in html
 
 
+def test_a_coordinator_sees_the_needs_review_queue_read_only_with_links_to_the_patient(
+        client, role_user, result):
+    """Coordinators (worklist, identified data, identity overrides; no ``review_vbq``) see who
+    waits for a review and why, with a link to each patient, but no Review button: judging a
+    VBQ stays a clinician's. The navigation offers the queue as "Needs review"."""
+    client.force_login(role_user("coordinator"))
+    response = client.get(reverse("vbq-review-queue"))
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "Reviewone" in html
+    assert 'id="read-only-queue"' in html
+    assert reverse("patient-detail", args=[result.patient_id]) in html
+    assert reverse("vbq-review", args=[result.pk]) not in html
+    assert ">Needs review</a>" in html
+    client.force_login(role_user("qi_analyst"))
+    assert client.get(reverse("vbq-review-queue")).status_code == 403
+
+
+def test_a_reviewer_opens_each_queued_result_from_the_queue(reviewer, result):
+    html = reviewer.get(reverse("vbq-review-queue")).content.decode()
+    assert reverse("vbq-review", args=[result.pk]) in html
+    assert 'id="read-only-queue"' not in html
+
+
 def test_coordinator_may_not_review_but_sees_jobs_and_the_upload_page(client, role_user,
                                                                        result):
     client.force_login(role_user("coordinator"))

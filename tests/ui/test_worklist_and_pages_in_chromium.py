@@ -214,10 +214,14 @@ def test_a_session_that_ends_before_a_worklist_note_asks_to_log_in_then_sends_th
 
 
 def test_error_pages_have_the_navigation_and_a_way_back(browser, live_server, clinic):
+    from scoring.models import VbqResult
+
+    result = VbqResult.objects.get(patient=clinic["ada"].patient, source="auto")
     page = login(browser, live_server, "demo-coordinator")
     page.goto(f"{live_server.url}/worklist/")
     with page.expect_navigation() as navigation:  # a link followed: the browser sends Referer
-        page.evaluate("location.href = '/vbq/review/'")  # clinicians only
+        # a result's review page: reviewers only (coordinators see the queue read only)
+        page.evaluate(f"location.href = '/vbq/review/{result.pk}/'")
     assert navigation.value.status == 403
     expect(page.locator("h1")).to_contain_text("not allowed")
     expect(page.locator("nav[aria-label=Main]")).to_contain_text("Worklist")
@@ -338,8 +342,6 @@ def test_every_page_fits_a_390_px_phone_without_horizontal_scroll(
     too_wide = []
     for entry in _walk(page, live_server, limit=25):
         path = entry.rsplit(" ", 1)[0]
-        if path.startswith("/vbq/review/") and path != "/vbq/review/":
-            continue  # the review page's layout is another change's (issue 18, review half)
         page.goto(f"{live_server.url}{path}")
         page.wait_for_load_state("networkidle")
         width = page.evaluate("document.documentElement.scrollWidth")
@@ -359,5 +361,36 @@ def test_the_upload_pages_override_form_stays_hidden_until_shown_and_then_fits_a
     page.evaluate("document.getElementById('identity-override').hidden = false")  # as the JS does
     expect(override).to_be_visible()
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    assert page.problems == []
+    page.context.close()
+
+
+WIDER_THAN_THE_WINDOW = """Array.from(document.querySelectorAll('body *'))
+  .filter(e => e.getBoundingClientRect().right > window.innerWidth + 0.5)
+  .slice(0, 8).map(e => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '')
+                        + (e.className && typeof e.className === 'string'
+                           ? '.' + e.className.split(' ')[0] : '')
+                        + ':' + Math.round(e.getBoundingClientRect().right))"""
+
+
+def test_the_review_page_of_an_automatic_result_fits_a_390_px_phone(
+        browser, live_server, clinic):
+    """The review page (viewer, toolbar, figures, ROI table, save, decision forms) at 390 px:
+    no horizontal scroll, and the image and the save and accept buttons inside the window
+    (SYNTHETIC phantom)."""
+    from scoring.models import VbqResult
+
+    result = VbqResult.objects.get(patient=clinic["ada"].patient, source="auto")
+    page = login(browser, live_server, "demo-clinician", viewport=PHONE)
+    page.goto(f"{live_server.url}/vbq/review/{result.pk}/")
+    page.wait_for_load_state("networkidle")
+    expect(page.locator("#roi-layer .roi[data-level='L2']")).to_be_visible()
+    width, inner = page.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+    assert width <= inner, (width, inner, page.evaluate(WIDER_THAN_THE_WINDOW))
+    for selector in ("#viewer", "#save-corrected", "form.js-decision button[type=submit]"):
+        box = page.locator(selector).first.bounding_box()
+        assert box["x"] >= 0, (selector, box)
+        assert box["x"] + box["width"] <= inner, (selector, box)
+    shot(page, "review-phone")
     assert page.problems == []
     page.context.close()
