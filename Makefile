@@ -27,6 +27,7 @@ run: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/ruff format --check $(MYPY_PURE) || true
 
 typecheck: venv

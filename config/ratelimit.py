@@ -26,6 +26,8 @@ from django.conf import settings
 from django.core.cache import cache
 from django.http import HttpRequest
 
+from registry.feeds import feed_authenticate
+
 if TYPE_CHECKING:
     from registry.models import Feed
 
@@ -136,7 +138,6 @@ def feed_authenticate_limited(*, token: str, ip: str) -> Feed | None:
     Returns the active Feed or ``None`` (bad token: answer 401). Raises :class:`RateLimited`
     when this IP has failed ``FEED_AUTH_FAILURE_LIMIT`` times in the current window.
     """
-    from registry.services import feed_authenticate
 
     window_seconds = settings.FEED_AUTH_WINDOW_SECONDS
     limit = settings.FEED_AUTH_FAILURE_LIMIT

@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 from django.db import connection
 
+from db.pg import pg_pipeline
 from registry.models import AuditEvent, Fracture, Patient, Procedure, RecordStatus
+from registry.side_effects import SYSTEM_ACTOR, audit_record, defer_after, followup_changed
 from scoring.models import VbqLevel, VbqResult
 
 VBQ_LEVELS = ("L1", "L2", "L3", "L4")
@@ -191,8 +193,6 @@ def results_refresh_fractured(patient_ids: Iterable[Any], *, actor: Any = None,
     it (study moves and merges lock results before patients); it re-reads the levels in its
     store statement and retries a deadlock (``scoring.tasks``). Other databases: a few ORM
     statements and a loop (their writers are serialised by the database)."""
-    from registry.services import SYSTEM_ACTOR, followup_changed
-    from registry.services_bulk import pg_pipeline
 
     actor = actor or SYSTEM_ACTOR
     ids = [str(p) for p in dict.fromkeys(patient_ids) if p is not None]
@@ -200,7 +200,6 @@ def results_refresh_fractured(patient_ids: Iterable[Any], *, actor: Any = None,
         return []
     detail_reason = reason or REFRESH_REASON
     if connection.vendor == "postgresql":
-        from registry.services import defer_after
 
         sql, params = _refresh_pg_statement(ids, actor, detail_reason)
         lock = (PATIENT_LOCK_SQL, [sorted(ids)], True)
@@ -265,14 +264,12 @@ def _refresh_pg_statement(ids: list[str], actor: Any, reason: str
         "u.fractured_levels, 'reason', %(reason)s::text) FROM u "
         "RETURNING object_id, patient_id")
     # Fixed text (the patients travel as one array): prepared once per connection. Planning
-    # was most of its cost: one patient without results 1.47 ms unprepared, 0.17 ms prepared;
-    # 200 patients 2.0 / 0.62 ms (2026-11-25, local PostgreSQL, round trip included).
+    # was most of its cost (docs/benchmarks.md).
     return sql, {"ids": ids, "actor": actor.user_id, "feed": actor.feed_id, "via": actor.via,
                  "reason": reason}
 
 
 def _refresh_orm(ids: list[str], actor: Any, reason: str) -> list[tuple[int, Any]]:
-    from registry.services import audit_record
 
     wanted = fractured_levels_of(ids)
     changed = []

@@ -43,9 +43,9 @@ from integrations.fhir.mappers import (
 )
 from integrations.fhir.parse import parse_resource
 from integrations.models import HeldResource
+from registry.lookup import lookup_patients
 from registry.models import Feed
-from registry.services import Actor, deferred_side_effects
-from registry.services_bulk import lookup_patients
+from registry.side_effects import Actor, deferred_side_effects
 
 logger = logging.getLogger(__name__)
 ORDER = {"Patient": 0}

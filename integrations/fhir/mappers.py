@@ -25,9 +25,9 @@ from integrations.fhir.errors import FhirError
 from integrations.fhir.limits import check_columns
 from integrations.fhir.parse import fhir_datetime
 from registry import codes
+from registry.lookup import patients_by_identifier
 from registry.models import ExposureStatus, Patient, PatientIdentifier, RecordStatus
 from registry.services import (
-    Actor,
     Identifier,
     RegistryValidationError,
     fracture_record,
@@ -40,12 +40,14 @@ from registry.services_bulk import (
     SOURCED_KINDS,
     fracture_record_many,
     patient_upsert_many,
-    patients_by_identifier,
     procedure_record_many,
     sourced_record_many,
     therapy_record_many,
 )
+from registry.side_effects import Actor
 from registry.timeutil import clinic_date, clinic_today, start_of_clinic_day
+from scoring.services import SeriesInput, imaging_study_upsert
+from scoring.services_bulk import imaging_study_statement, imaging_study_upsert_many
 
 LEVEL_RE = re.compile(r"\b([CTL][1-9][0-2]?|S1)\b")
 
@@ -114,13 +116,11 @@ class Context:
 
 
 def _imaging_single(**kwargs: Any) -> tuple[Any, bool]:
-    from scoring.services import imaging_study_upsert
 
     return imaging_study_upsert(**kwargs)
 
 
 def _imaging_many(**kwargs: Any) -> list[tuple[Any, bool]]:
-    from scoring.services_bulk import imaging_study_upsert_many
 
     return imaging_study_upsert_many(**kwargs)
 
@@ -169,7 +169,6 @@ def flush_pending(ctx: Context) -> None:
         extra.update({f"deferred{n}": part for n, part in enumerate(ctx.deferred)})
         ctx.deferred.clear()
     if (sourced or extra) and by_kind.get("imaging") and connection.vendor == "postgresql":
-        from scoring.services_bulk import imaging_study_statement
 
         extra["imaging"] = imaging_study_statement(
             items=[w.kwargs for w in by_kind["imaging"]], actor=ctx.actor)
@@ -603,7 +602,6 @@ def _uid(value: str) -> str:
 
 
 def map_imaging_study(resource: Any, ctx: Context) -> MapResult:
-    from scoring.services import SeriesInput
 
     uid = next((_uid(str(i.value)) for i in resource.identifier or []
                 if str(i.system or "") == "urn:dicom:uid" and i.value), "")

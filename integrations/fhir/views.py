@@ -40,6 +40,7 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from config.ratelimit import RateLimited, feed_from_request
+from db.pg import pg_execute
 from integrations.fhir import guard, read
 from integrations.fhir.errors import FhirError, Issue, operation_outcome, rule_violation
 from integrations.fhir.ingest import (
@@ -53,8 +54,7 @@ from integrations.fhir.ingest import (
 from integrations.fhir.mappers import MAPPERS, Context
 from integrations.models import InboundMessage
 from registry.models import AuditAction, Feed
-from registry.services import Actor, audit_record, execute_or_defer
-from registry.services_bulk import pg_execute
+from registry.side_effects import Actor, audit_record, execute_or_defer
 
 logger = logging.getLogger(__name__)
 FHIR_JSON = "application/fhir+json"
@@ -290,12 +290,9 @@ def _store_at_begin(message: InboundMessage) -> Callable[[], None]:
     BEGIN`` go in one pipeline, which replaces psycopg's own BEGIN round trip; the bundle then
     runs in the transaction that pipeline opened (psycopg sends no second BEGIN when the
     connection is already in a transaction; Django commits or rolls it back as usual).
-    Measured (time until the bundle's transaction is open, 60 kB payload, medians,
-    interleaved, load ~4.5): BEGIN alone 0.19 ms (the payload's INSERT, ~0.36 ms, was then paid
-    inside the bundle); an autocommit INSERT first, synchronous commit, 4.3-5.1 ms (one round
-    trip and one WAL flush wait more); the same with an asynchronous commit 1.0 ms (one round
-    trip more); this pipeline 1.0-1.1 ms (the same locally; one round trip fewer across a
-    network).
+    It costs about what an asynchronous-commit INSERT before the bundle costs locally, a
+    fraction of a synchronous one, and one round trip fewer across a network (figures:
+    docs/benchmarks.md).
 
     Why an asynchronous commit is enough: it is committed (visible, kept) as soon as it
     returns, whatever happens to this process; only a crash of PostgreSQL itself within

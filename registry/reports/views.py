@@ -25,7 +25,7 @@ from registry.models import AuditAction, Sex
 from registry.reports import deid, plots
 from registry.reports.queries import CohortFilters, build_cohort
 from registry.reports.survival import ReportParams, build_report
-from registry.services import Actor, audit_record
+from registry.side_effects import Actor, audit_record
 from registry.timeutil import clinic_today
 
 

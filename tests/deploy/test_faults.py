@@ -435,8 +435,8 @@ def test_the_fault_test_bundle_is_accepted_and_its_replay_writes_no_duplicate(db
         resolve("/fhir")
     except Resolver404:
         pytest.skip("the FHIR endpoint /fhir is not mounted")
+    from registry.feeds import feed_create
     from registry.models import Procedure
-    from registry.services import feed_create
 
     _, token = feed_create(name="replay-feed")
     client = Client(HTTP_AUTHORIZATION=f"Bearer {token}")

@@ -9,8 +9,9 @@ from tqdm import tqdm
 
 from integrations.fhir.bulk import import_ndjson, ndjson_files
 from integrations.fhir.mappers import Context
+from registry.feeds import feed_create
 from registry.models import Feed
-from registry.services import Actor, feed_create
+from registry.side_effects import Actor
 
 
 class Command(BaseCommand):

@@ -16,8 +16,8 @@ import pytest
 from django.db import connection
 
 from integrations.models import InboundMessage
+from registry.feeds import feed_create
 from registry.models import Patient, Procedure
-from registry.services import feed_create
 
 pytestmark = pytest.mark.django_db(transaction=True)
 FIXTURES = Path(__file__).parent / "fixtures"

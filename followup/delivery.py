@@ -17,6 +17,7 @@ from collections import defaultdict
 from typing import Any
 
 import requests
+from celery import shared_task
 from django.conf import settings
 from django.core.mail import EmailMessage, get_connection
 from django.db import transaction
@@ -178,3 +179,30 @@ def send_due_deliveries(now: dt.datetime | None = None) -> dict[str, int]:
         else:
             result["fhir"] += send_fhir(rows)
     return result
+
+
+def delivery_channels() -> list[str]:
+    """The channels every alert event is delivered on (FHIR only with an EHR endpoint)."""
+    channels = [AlertDelivery.Channel.IN_APP, AlertDelivery.Channel.EMAIL]
+    if settings.EHR_OUTBOUND_FHIR_URL:
+        channels.append(AlertDelivery.Channel.FHIR)
+    return channels
+
+
+def safe_delay(task: Any) -> Any:
+    """Queue ``task`` after commit; a broker outage must not fail the clinical write (the
+    periodic delivery task picks the outbox rows up later)."""
+
+    def send() -> None:
+        try:
+            task.delay()
+        except Exception as exc:  # broker down: the outbox row stays pending
+            logger.warning("queueing %s failed: %s", task.name, type(exc).__name__)
+
+    return send
+
+
+@shared_task(name="registry.deliveries_send")
+def deliveries_send() -> dict:
+    """Send due outbox rows (in-app, email digest per care team, FHIR Communication)."""
+    return send_due_deliveries()

@@ -14,6 +14,7 @@ from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from followup.delivery import deliveries_send, delivery_channels, safe_delay
 from registry.followup import RESOLUTION_REASONS, RULE_VERSIONS
 from registry.models import (
     OPEN_ALERT_STATUSES,
@@ -24,17 +25,11 @@ from registry.models import (
     AuditAction,
     Patient,
 )
-from registry.services import SYSTEM_ACTOR, Actor, RegistryValidationError, audit_record
+from registry.services import RegistryValidationError
+from registry.side_effects import SYSTEM_ACTOR, Actor, audit_record
 from registry.timeutil import clinic_today
 
 logger = logging.getLogger(__name__)
-
-
-def _channels() -> list[str]:
-    channels = [AlertDelivery.Channel.IN_APP, AlertDelivery.Channel.EMAIL]
-    if settings.EHR_OUTBOUND_FHIR_URL:
-        channels.append(AlertDelivery.Channel.FHIR)
-    return channels
 
 
 def _record(alert: Alert, *, actor: Actor, action: str, from_status: str, note: str = "",
@@ -50,28 +45,13 @@ def _record(alert: Alert, *, actor: Actor, action: str, from_status: str, note: 
 
 def _enqueue_deliveries(alert: Alert, event: str) -> None:
     now = timezone.now()
-    for channel in _channels():
+    for channel in delivery_channels():
         AlertDelivery.objects.get_or_create(
             idempotency_key=f"alert-{alert.pk}-{event}-{alert.escalation_level}-{channel}",
             defaults={"alert": alert, "channel": channel, "event": event,
                       "next_attempt_at": now},
         )
-    from registry.tasks import deliveries_send
-
-    transaction.on_commit(_safe_delay(deliveries_send))
-
-
-def _safe_delay(task: Any) -> Any:
-    """Queue ``task`` after commit; a broker outage must not fail the clinical write (the
-    periodic delivery task picks the outbox rows up later)."""
-
-    def send() -> None:
-        try:
-            task.delay()
-        except Exception as exc:  # broker down: the outbox row stays pending
-            logger.warning("queueing %s failed: %s", task.name, type(exc).__name__)
-
-    return send
+    transaction.on_commit(safe_delay(deliveries_send))
 
 
 @transaction.atomic
