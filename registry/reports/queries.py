@@ -44,7 +44,7 @@ from registry.models import (
     RecordStatus,
     TherapyExposure,
 )
-from registry.reports.survival import AlertRow, CohortRow
+from registry.reports.cohort import AlertRow, CohortRow
 from registry.timeutil import clinic_today, start_of_clinic_day
 from scoring.models import VbqResult
 from scoring.trust import AUTOMATIC_SOURCES, trusted_q

@@ -95,9 +95,9 @@ def write_demo_phantom(demo: DemoPatient) -> list[int]:
 def load_demo_patient_via_fhir(demo: DemoPatient) -> Patient:
     """Send the patient's transaction bundle through the FHIR ingestion path (as the demo EHR
     feed), then add the demo VBQ value, which no FHIR resource carries yet."""
+    from integrations.fhir.context import Context
     from integrations.fhir.demo import demo_bundle
     from integrations.fhir.ingest import process_transaction
-    from integrations.fhir.mappers import Context
     from registry.feeds import feed_create
     from registry.models import Feed
     from registry.selectors import patient_get_by_identifier

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from integrations.fhir.bulk import import_ndjson
-from integrations.fhir.mappers import Context
+from integrations.fhir.context import Context
 from registry.feeds import feed_create
 from registry.models import Feed, PatientIdentifier
 from registry.side_effects import Actor
