@@ -63,7 +63,6 @@ def write_batch(to_open: list[tuple[Any, Any]], teams: dict[Any, str],
             queue_delivery()
         return opened, escalated
 
-
     q = connection.ops.quote_name
     now = timezone.now()
     channels = [str(c) for c in delivery_channels()]
@@ -176,7 +175,6 @@ def write_changes(changes: list[tuple[Any, Decision]],
     A fracture escalation marks the alert ``escalated_for_fracture`` and ends a snooze. The rules
     give at most one escalation or resolution per (patient, rule). Runs inside the caller's
     transaction; the caller queues the delivery task (``queue_delivery``)."""
-
 
     if not changes:
         return 0, 0
@@ -302,7 +300,6 @@ def bulk_open(to_open: list[tuple[Any, Any]], teams: dict[Any, str],
     alert (a concurrent sweep or an event) are skipped by the partial unique index. The outbox
     rows are sent by the periodic delivery task (beat, ``DELIVERY_EVERY_SECONDS``) unless
     ``queue_delivery`` asks for an immediate run."""
-
 
     if not to_open:
         return 0

@@ -202,6 +202,20 @@ def safe_delay(task: Any) -> Any:
     return send
 
 
+def enqueue_deliveries(alert: Any, event: str) -> None:
+    """Write the outbox rows of one alert event (one per channel; idempotent on the alert,
+    the event, its escalation level and the channel) and queue the delivery task after
+    commit. Call inside the transaction that changes the alert."""
+    now = timezone.now()
+    for channel in delivery_channels():
+        AlertDelivery.objects.get_or_create(
+            idempotency_key=f"alert-{alert.pk}-{event}-{alert.escalation_level}-{channel}",
+            defaults={"alert": alert, "channel": channel, "event": event,
+                      "next_attempt_at": now},
+        )
+    transaction.on_commit(safe_delay(deliveries_send))
+
+
 @shared_task(name="registry.deliveries_send")
 def deliveries_send() -> dict:
     """Send due outbox rows (in-app, email digest per care team, FHIR Communication)."""

@@ -24,7 +24,6 @@ class DicomExportAdmin(admin.ModelAdmin):
 
     @admin.action(description="Send again (same UIDs: the PACS keeps one copy)")
     def send_again(self, request, queryset) -> None:  # type: ignore[no-untyped-def]
-
         for pk in queryset.values_list("pk", flat=True):
             dicom_export_resend(export_id=pk)
 @admin.register(HeldResource)

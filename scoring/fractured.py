@@ -182,7 +182,7 @@ def results_refresh_fractured(patient_ids: Iterable[Any], *, actor: Any = None,
     whose levels were not set by a reviewer, where the rule now gives other levels (inside
     the caller's transaction; the rows are locked). Each changed result gets an audit row
     (ids and levels only) and its patient's follow-up is re-evaluated
-    (``registry.services.followup_changed``). Returns the changed result ids.
+    (``registry.side_effects.followup_changed``). Returns the changed result ids.
 
     PostgreSQL: the patients' rows are locked first (``PATIENT_LOCK_SQL``, in id order), then
     ONE statement for all of them (the rule, the level flags, the values, the JSON and the
@@ -270,7 +270,6 @@ def _refresh_pg_statement(ids: list[str], actor: Any, reason: str
 
 
 def _refresh_orm(ids: list[str], actor: Any, reason: str) -> list[tuple[int, Any]]:
-
     wanted = fractured_levels_of(ids)
     changed = []
     for result in (VbqResult.objects.select_for_update()

@@ -1,6 +1,6 @@
 """Human review of VBQ results: reads (queue, ROIs, slice images) and writes (accept, reject,
 mark fractured levels, save a reviewer-corrected result). Writes are keyword-only, one
-transaction each, audited (``registry.services.audit_record``).
+transaction each, audited (``registry.side_effects.audit_record``).
 
 The corrected result is computed by the engine's manual-ROI path
 (``scoring.engine.compute_vbq(source, manual_rois=..., fractured_levels=...)``) and saved as a

@@ -247,7 +247,6 @@ def vbq_jobs_create(*, study: ImagingStudy) -> list[int]:
 
 
 def _queue_jobs(created_ids: Sequence[int]) -> None:
-
     for pk in created_ids:
         transaction.on_commit(lambda pk=pk: tasks.enqueue_vbq_compute(pk))
 

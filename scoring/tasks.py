@@ -170,7 +170,6 @@ def _claim_orm(result_id: int) -> _Claimed | None:
 def _load_source(job: _Claimed):  # type: ignore[no-untyped-def]
     from pathlib import Path
 
-
     if job.local_path and Path(job.local_path).is_dir():
         return job.local_path
     if not job.series_instance_uid:
@@ -363,7 +362,6 @@ def vbq_requeue_stale(stuck_after_seconds: float | None = None,
     linked; re-send queued jobs older than a few minutes; recover jobs stuck in ``running``
     (their worker died: a re-delivered message skips a row it cannot claim)."""
     from django.db.models import Exists, OuterRef
-
 
     now = timezone.now()
     stuck_after = STUCK_AFTER if stuck_after_seconds is None else dt.timedelta(

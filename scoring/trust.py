@@ -114,7 +114,6 @@ def rule_result(patient_id: Any, *, excluding: Any = None) -> Any:
     COUNTED_STUDY``)."""
     from django.db.models import F
 
-
     counted = Q(series__isnull=True) | Q(series__study__record_status="active",
                                          series__study__patient_id=F("patient_id"))
     results = VbqResult.objects.filter(patient_id=patient_id).filter(trusted_q()).filter(counted)

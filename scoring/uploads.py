@@ -55,7 +55,6 @@ def dicom_zip_upload(*, patient: Any, data: bytes, user: Any, actor: Actor,
     ``UploadRefused`` (nothing written but the refusal's audit row)."""
     import pydicom
 
-
     if override_reason and override_reason not in IDENTITY_OVERRIDE_REASONS:
         raise UploadRefused(400, {"detail": f"unknown override reason {override_reason[:30]!r}"})
     if override_reason and not may_override_identity(user):

@@ -394,7 +394,6 @@ def overlay_rgb(report: VbqReport, series: Series) -> np.ndarray:
     """The overlay PNG (``scoring.engine.render.render_png``) as an RGB array."""
     from PIL import Image
 
-
     measurement = report.as_measurement(str(series.series_instance_uid),
                                         series.acquisition.series_description)
     with tempfile.TemporaryDirectory(prefix="vbq-overlay-") as folder:

@@ -22,16 +22,10 @@ from django.db import connection
 from integrations.fhir.errors import FhirError
 from integrations.fhir.limits import check_columns
 from integrations.fhir.parse import fhir_datetime
+from registry import services
 from registry.lookup import patients_by_identifier
 from registry.models import Patient, PatientIdentifier
-from registry.services import (
-    Identifier,
-    RegistryValidationError,
-    fracture_record,
-    patient_upsert,
-    procedure_record,
-    therapy_record,
-)
+from registry.services import Identifier, RegistryValidationError
 from registry.services_bulk import (
     SOURCED_KINDS,
     fracture_record_many,
@@ -111,28 +105,20 @@ class Context:
         self.deferred.clear()
 
 
-def _imaging_single(**kwargs: Any) -> tuple[Any, bool]:
-
-    return imaging_study_upsert(**kwargs)
-
-
-def _imaging_many(**kwargs: Any) -> list[tuple[Any, bool]]:
-
-    return imaging_study_upsert_many(**kwargs)
-
-
 SINGLE: dict[str, Callable[..., tuple[Any, bool]]] = {
-    "patient": patient_upsert, "procedure": procedure_record, "fracture": fracture_record,
-    "therapy": therapy_record, "imaging": _imaging_single,
+    "patient": services.patient_upsert, "procedure": services.procedure_record,
+    "fracture": services.fracture_record, "therapy": services.therapy_record,
+    "imaging": imaging_study_upsert,
 }
 BULK: dict[str, Callable[..., list[tuple[Any, bool]]]] = {
     "patient": patient_upsert_many, "procedure": procedure_record_many,
-    "fracture": fracture_record_many, "therapy": therapy_record_many, "imaging": _imaging_many,
+    "fracture": fracture_record_many, "therapy": therapy_record_many,
+    "imaging": imaging_study_upsert_many,
 }
 
 
 def write_resource(ctx: Context, resource_type: str, kind: str, kwargs: dict[str, Any],
-           patient: Patient | None = None) -> MapResult:
+                   patient: Patient | None = None) -> MapResult:
     """Write one mapped resource now, or collect it when the context collects writes. Every
     value is checked against its column first (``limits.check_columns``: 422, nothing
     written)."""

@@ -302,7 +302,6 @@ def _uid(value: str) -> str:
 
 
 def map_imaging_study(resource: Any, ctx: Context) -> MapResult:
-
     uid = next((_uid(str(i.value)) for i in resource.identifier or []
                 if str(i.system or "") == "urn:dicom:uid" and i.value), "")
     if not uid:

@@ -103,7 +103,6 @@ def medication(resource_type: str) -> Callable[[str], dict[str, Any] | None]:
 
 
 def imaging_study(pk: str) -> dict[str, Any] | None:
-
     s = ImagingStudy.objects.filter(pk=pk).prefetch_related("series").first() \
         if pk.isdigit() else None
     if s is None:
