@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-12)
 ADDR ?= 127.0.0.1:8000
 # Pure modules checked by mypy (no Django inside).
-MYPY_PURE ?= registry/codes.py registry/demo.py registry/labels.py integrations/dicom/vbq_sr.py $(wildcard registry/followup.py) $(wildcard registry/reports/survival.py) $(wildcard registry/reports/ph_test.py) $(wildcard scoring/engine)
+MYPY_PURE ?= registry/codes.py registry/demo.py registry/labels.py integrations/dicom/vbq_sr.py $(wildcard registry/followup.py) $(wildcard registry/reports/survival.py) $(wildcard registry/reports/cohort.py) $(wildcard registry/reports/roc.py) $(wildcard registry/reports/kpis.py) $(wildcard registry/reports/ph_test.py) $(wildcard scoring/engine)
 
 .PHONY: run test lint typecheck pytest venv clean screenshots
 
@@ -27,6 +27,7 @@ run: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/ruff format --check $(MYPY_PURE) || true
 
 typecheck: venv

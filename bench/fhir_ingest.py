@@ -103,7 +103,7 @@ def main() -> None:
     from fhir.resources.R4B import get_fhir_model_class
     from fhir.resources.R4B.bundle import Bundle
 
-    from registry.services import feed_create
+    from registry.feeds import feed_create
 
     _, token = feed_create(name="bench-ehr")
     data = bundles()

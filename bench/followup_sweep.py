@@ -113,8 +113,9 @@ def main() -> None:
     from django.core.management import call_command
     from django.db import connection
 
+    from followup.facts import due_facts_sql
+    from followup.sweep import followup_sweep
     from registry.models import Alert, Patient
-    from registry.sweep import due_facts_sql, followup_sweep
     from registry.timeutil import clinic_today
 
     call_command("migrate", verbosity=0)

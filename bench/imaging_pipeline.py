@@ -19,7 +19,7 @@ see the same load on the shared machine (the sums over the slices are reported):
 - ``e2e``: wall time from the first ImagingStudy ingest (``imaging_study_upsert``, as the FHIR
   mapper's single-resource path, the upload API and the DICOM receiver call it) to the last
   VbqResult stored (its ``finished_at``); in between: the ingest links the study and creates
-  its queued job in its own transaction (no ``study_received`` hop since 2026-11-25 evening),
+  its queued job in its own transaction (no ``study_received`` hop),
   ``vbq_compute`` claims it, fetches the series from Orthanc over WADO-RS (streamed), runs the
   engine, stores the result and its levels and re-evaluates the patient's follow-up (in the
   same transaction, no extra task).
@@ -36,48 +36,7 @@ parallelism. The machine is shared: figures are noisy, but every side comes from
 the bench database). The machine is CPU-bound during the run, so this is where the ratio comes
 from: the pipeline's CPU per series against the engine's.
 
-Figures of 2026-11-25 (evening), 200 series, 256x256x11, exactly as printed (2-core host):
-- session start (link in a ``study_received`` task), load 0.1-1.3: ratio=2.23, 1808 series/min;
-  CPU per series: ingest 2.9, workers 47.3, Orthanc 3.4, Redis 0.6, PostgreSQL 6.1 (all server
-  processes then), total 60.2 ms vs engine sequential 27.8 ms;
-- linking in the ingest transaction (old and new tree alternating, load 3-4): total 67.7 / 65.1
-  ms before, 64.4 / 64.5 ms after (workers 48.9 / 48.8 -> 46.1 / 45.9);
-- streamed WADO-RS read (``iter_series``): -1.4 to -1.8 ms CPU per series in-process;
-- final, load 0.1-1.1: ratio=2.07 and 2.06, 1932 and 1971 series/min; CPU per series: ingest
-  6.2 / 6.2, workers 41.3 / 40.7, Orthanc 3.7 / 3.6, Redis 0.3 / 0.4, PostgreSQL 6.2 / 6.1;
-  total 57.7 / 56.9 ms vs engine sequential 28.3 / 28.5 ms.
-Figures of 2026-11-25 (night), same bench, alternating with the evening's tree (bc45877), load
-0.8-1.5: ratio 2.01, 1.89, 2.17, 1.89, 1.81 (median 1.89) against 2.21, 2.18, 2.17, 1.94
-(median 2.18); ingest 6.5-7.1 vs 8.0-9.1 ms and PostgreSQL 6.0-6.5 vs 7.8-8.3 ms of CPU per
-series in paired runs. What changed: the hot statements are prepared once per connection
-(claim, result, link, jobs, study upsert: Django's prepare_threshold=None had silently
-disabled psycopg's explicit prepare), two statements fewer per ingested study (no read-back,
-jobs as INSERT .. SELECT), two fewer per job (no extra savepoint), ``to_dict`` without
-``asdict``'s deep copy, and no per-request environment walk in requests. ``--cpu`` now also
-prints the workers' CPU alone over the engine's (1.39-1.67): what the ratio approaches when the
-database, Orthanc and the ingest run on other cores or hosts, as in a deployment; on this
-2-core host they share the two cores with the workers, which the engine-only side does not.
-Figures of 2026-11-25 (late), quiet (load 0.6-1.6), alternating with the night's tree
-(89743ce): ratio 1.94, 2.01, 2.09 against 2.08, 2.10, 2.14; CPU per series 34.6-37.7 ms against
-39.7-42.5 ms. What changed: the workers tune glibc malloc (``config/worker_memory.py``: ~1,900
-minor page faults per job before, ~50 after; peak RSS per worker unchanged, 231 vs 230 MiB over
-400 series), the linking statement is built once and prepared, the result's level rows go as
-one JSON parameter. ``--cpu`` now also prints the FLOOR on this host: (engine + ingest +
-PostgreSQL + Orthanc + Redis CPU) / engine = 1.45-1.48, the CPU ratio even if the workers spent
-nothing beyond the engine's own CPU; the wall ratio adds the machine's idle moments (~5-10 %).
-So <= 1.5 cannot be reached here with the whole stack on the workers' two cores: the workers'
-own overhead (6-8 ms per series: the DICOMweb fetch alone costs ~1.5 ms more than reading the
-same files, then claim, store, follow-up, Celery) would have to be about zero. ``--workers 1``
-(the other core left to the database, the PACS and the ingest, as in a deployment where they
-run elsewhere): 1.61-1.67 against 1.78 for 89743ce.
-Where the rest goes (py-spy ``--gil`` of the workers, share of worker CPU, evening figures): the
-engine 58 % (including reading the fetched datasets), the WADO-RS fetch 18-24 % (pydicom parsing
-the parts about half of it: the engine-only side pays the same reading files), the result and
-level rows 5 %, the follow-up 2 %, Celery around the task 3-5 %. The target (<= 1.5) needs the
-whole pipeline (ingest, PostgreSQL, Orthanc, fetch, store, Celery) at about half the engine's
-CPU, ~14 ms per series; it is ~29 ms. A bigger matrix does not help: the engine works on a 1 mm
-grid and grows little with the matrix, while the bytes to fetch and parse grow with it (``--rows
-512 --slices 13`` measured a HIGHER ratio, 2.45-2.65, on 2026-11-25).
+Measured figures, their history and where the time goes: docs/benchmarks.md.
 
 Run: ``.venv/bin/python bench/imaging_pipeline.py [--series 200] [--rows 256 --slices 11]``;
 ``--log-dir DIR`` keeps the workers' JSON logs (per-task ``runtime_ms``).
@@ -324,7 +283,7 @@ def main() -> int:
                    ["--pool", "threads", "--concurrency", str(args.concurrency)]),
                  "--loglevel", "WARNING", "--without-gossip", "--without-mingle",
                  "--without-heartbeat", "-n", f"bench{w}@%h",
-                 "--include", "scoring.engine,integrations.dicom.dicomweb,registry.followup"],
+                 "--include", "scoring.engine,scoring.dicomweb,registry.followup"],
                 cwd=ROOT, env=worker_env, stdout=log, stderr=subprocess.STDOUT)
             processes.append(proc)
         from config.celery import app

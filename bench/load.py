@@ -94,7 +94,7 @@ def setup_database(env: dict[str, str], patients: int) -> str:
         "from django.contrib.auth import get_user_model\n"
         "from django.contrib.auth.models import Group\n"
         "from registry.roles import ensure_roles\n"
-        "from registry.services import feed_create\n"
+        "from registry.feeds import feed_create\n"
         "ensure_roles()\n"
         f"u = get_user_model().objects.create_user('bench-coordinator', password='{PASSWORD}')\n"
         "u.groups.add(Group.objects.get(name='coordinator'))\n"

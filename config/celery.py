@@ -23,6 +23,7 @@ from celery.signals import (  # noqa: E402
 )
 
 import config.task_metrics  # noqa: E402, F401
+from config import worker_memory  # noqa: E402
 
 
 @task_prerun.connect
@@ -43,6 +44,5 @@ def _tune_worker_malloc(**kwargs) -> None:  # type: ignore[no-untyped-def]
     from django.conf import settings
 
     if settings.WORKER_MALLOC_TUNING:
-        from config.worker_memory import tune_malloc
 
-        tune_malloc()
+        worker_memory.tune_malloc()

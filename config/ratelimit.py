@@ -8,7 +8,7 @@ Three users today:
   is counted (success or not, so the answer never tells whether the address has an account),
   per client IP + address and per client IP alone; over the limit no email is sent;
 - bearer-token feeds: call :func:`feed_authenticate_limited` instead of
-  ``registry.services.feed_authenticate``. Failed token checks are counted per client IP; over
+  ``registry.feeds.feed_authenticate``. Failed token checks are counted per client IP; over
   the limit it raises :class:`RateLimited` *before* looking at the token, so guessing tokens is
   throttled. Answer that with HTTP 429 and ``Retry-After: <retry_after_seconds>``.
 
@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 from django.conf import settings
 from django.core.cache import cache
 from django.http import HttpRequest
+
+from registry.feeds import feed_authenticate
 
 if TYPE_CHECKING:
     from registry.models import Feed
@@ -131,12 +133,11 @@ def password_reset_hit(*, ip: str, email: str) -> Window | None:
 
 
 def feed_authenticate_limited(*, token: str, ip: str) -> Feed | None:
-    """``registry.services.feed_authenticate`` behind a per-IP limit on failed attempts.
+    """``registry.feeds.feed_authenticate`` behind a per-IP limit on failed attempts.
 
     Returns the active Feed or ``None`` (bad token: answer 401). Raises :class:`RateLimited`
     when this IP has failed ``FEED_AUTH_FAILURE_LIMIT`` times in the current window.
     """
-    from registry.services import feed_authenticate
 
     window_seconds = settings.FEED_AUTH_WINDOW_SECONDS
     limit = settings.FEED_AUTH_FAILURE_LIMIT

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from django.conf import settings
 from django.utils import timezone
 
+from scoring.models import VbqResult
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,7 +40,6 @@ def check_pacs() -> str:
 
 def oldest_queued_vbq_seconds() -> str:
     """Seconds since the oldest still-queued VbqResult was queued (``0`` when none)."""
-    from scoring.models import VbqResult
 
     oldest = (
         VbqResult.objects.filter(status=VbqResult.Status.QUEUED)

@@ -42,6 +42,7 @@ INSTALLED_APPS = [
     "drf_spectacular_sidecar",
     "registry",
     "scoring",
+    "followup",
     "integrations",
 ]
 
@@ -101,7 +102,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 else:
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DB_CONN_MAX_AGE", default=60))
     DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
-# The imaging pipeline's hot statements are prepared once per connection (registry.services_bulk
+# The imaging pipeline's hot statements are prepared once per connection (db.pg
 # pg_execute(prepare=True)). Behind a transaction-mode PgBouncer keep it only with PgBouncer
 # >= 1.22 and max_prepared_statements > 0 (psycopg sends DEALLOCATE ALL after a rollback).
 DB_PREPARED_STATEMENTS = env.bool("DB_PREPARED_STATEMENTS", default=True)

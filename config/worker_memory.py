@@ -4,9 +4,8 @@ A VBQ job allocates and frees the same few large blocks for every series: the WA
 its parts, each instance's pixel bytes, the engine's float32 slices. glibc serves a block above
 its mmap threshold (128 kB at start, raised only as such blocks are freed) with a fresh
 ``mmap`` and returns it with ``munmap``, and gives the free top of the heap back to the system
-past its trim threshold; the next series then touches new pages, one page fault each. Measured
-on 2026-11-25 in the 2-worker pipeline bench (``bench/imaging_pipeline.py``, 256x256x11
-series): about 1,900 minor page faults per job, and 1.5-2.5 ms of a worker's CPU per series.
+past its trim threshold; the next series then touches new pages, one page fault each (about
+1,900 minor page faults per job in ``bench/imaging_pipeline.py``; figures: docs/benchmarks.md).
 
 ``tune_malloc`` keeps such blocks in the heap and the freed memory in the process between jobs
 (mmap threshold 32 MiB, trim threshold 128 MiB; blocks above 32 MiB, a very large series, still

@@ -1,5 +1,6 @@
 from django.contrib import admin
 
+from integrations.dicom.export import dicom_export_resend
 from integrations.models import DicomExport, HeldResource, InboundMessage
 
 
@@ -23,8 +24,6 @@ class DicomExportAdmin(admin.ModelAdmin):
 
     @admin.action(description="Send again (same UIDs: the PACS keeps one copy)")
     def send_again(self, request, queryset) -> None:  # type: ignore[no-untyped-def]
-        from integrations.dicom.export import dicom_export_resend
-
         for pk in queryset.values_list("pk", flat=True):
             dicom_export_resend(export_id=pk)
 @admin.register(HeldResource)

@@ -6,15 +6,16 @@ import logging
 
 from celery import shared_task
 
+from integrations.dicom import export
+
 logger = logging.getLogger(__name__)
 
 
 @shared_task(name="integrations.dicom_exports_send")
 def dicom_exports_send() -> dict:
     """Send the due VBQ SR / overlay exports to the PACS (``integrations.dicom.export``)."""
-    from integrations.dicom.export import send_due_exports
 
-    return send_due_exports()
+    return export.send_due_exports()
 
 
 def enqueue_dicom_exports_send() -> None:

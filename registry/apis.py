@@ -1,7 +1,7 @@
 """Worklist API (DRF): one APIView per operation, nested Input/Output serializers.
 
 Permission: ``registry.work_alerts`` (clinicians, coordinators, admins). Every operation goes
-through ``registry.alerts`` services, so history and audit are written the same way as the UI.
+through ``followup.alerts`` services, so history and audit are written the same way as the UI.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from registry import alerts as alert_services
+from followup import alerts as alert_services
 from registry.followup import RESOLUTION_REASONS, RULE_VERSIONS
 from registry.models import OPEN_ALERT_STATUSES, Alert, AlertStatus
-from registry.services import Actor, RegistryValidationError
+from registry.services import RegistryValidationError
+from registry.side_effects import Actor
 
 
 class CanWorkAlerts(BasePermission):

@@ -21,7 +21,7 @@ from config.ratelimit import RateLimited, feed_from_request
 from registry.labels import rule_label
 from registry.models import OPEN_ALERT_STATUSES, Alert, AuditAction, PatientIdentifier
 from registry.selectors import index_procedure
-from registry.services import Actor, audit_record
+from registry.side_effects import Actor, audit_record
 from registry.timeutil import clinic_today
 
 SERVICE_ID = "vbq-followup"

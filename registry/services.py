@@ -1,4 +1,6 @@
-"""Write paths of the registry. Keyword-only, typed, one transaction each.
+"""Write paths of the registry core: patients, procedures, fractures, therapy, merges.
+Keyword-only, typed, one transaction each. Their shared side effects (actor, audit rows,
+follow-up marks, deferral) are ``registry.side_effects``; feeds are ``registry.feeds``.
 
 Every service validates its input and raises ``RegistryValidationError`` (a Django
 ``ValidationError`` naming the field) before touching the database; the database constraints
@@ -9,28 +11,24 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import hashlib
 import logging
-import secrets
-import threading
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from registry import codes
+from registry import codes, events
+from registry.lookup import patients_by_identifier
 from registry.models import (
     VERTEBRAL_LEVELS,
+    Alert,
     AuditAction,
-    AuditEvent,
     ExposureKind,
     ExposureStatus,
-    Feed,
     Fracture,
     FractureSite,
     Patient,
@@ -40,6 +38,12 @@ from registry.models import (
     RecordStatus,
     Sex,
     TherapyExposure,
+)
+from registry.side_effects import (
+    SYSTEM_ACTOR,
+    Actor,
+    audit_record,
+    followup_changed,
 )
 from registry.timeutil import clinic_date, clinic_today
 
@@ -66,184 +70,10 @@ class Identifier:
     type_code: str = ""
 
 
-@dataclass(frozen=True)
-class Actor:
-    """Who performs a write, for the audit trail."""
-
-    user_id: int | None = None
-    feed_id: int | None = None
-    via: str = "command"
-
-
-SYSTEM_ACTOR = Actor(via="command")
-# Choice values as sets (``Choices.values`` builds a new list on every access).
 _SEXES = frozenset(Sex.values)
 _FRACTURE_SITES = frozenset(FractureSite.values)
 _EXPOSURE_KINDS = frozenset(ExposureKind.values)
 _EXPOSURE_STATUSES = frozenset(ExposureStatus.values)
-
-
-@dataclass
-class _Deferred:
-    audits: list[dict[str, Any]] = field(default_factory=list)  # AuditEvent rows (attnames)
-    followup_patient_ids: set[Any] = field(default_factory=set)
-    # other data-modifying statements (sql, params), PostgreSQL only: CTEs of the final one
-    statements: list[tuple[str, list[Any]]] = field(default_factory=list)
-    # statements that must see the block's writes (sql, params, prepare), PostgreSQL only:
-    # sent after the final one, in the same round trip (one pipeline)
-    followers: list[tuple[str, Any, bool]] = field(default_factory=list)
-
-
-_deferred = threading.local()
-
-
-@contextmanager
-def deferred_side_effects() -> Iterator[None]:
-    """Collect the audit rows and follow-up re-evaluations of many writes, and write them once
-    at the end: one INSERT of every AuditEvent, one UPDATE of the patients' due dates and one
-    queued re-evaluation per patient (after commit). Use inside the caller's transaction (e.g. a
-    FHIR transaction bundle); on an exception nothing is flushed (the transaction rolls back)."""
-    outer = getattr(_deferred, "current", None)
-    if outer is not None:  # nested: the outermost block flushes
-        yield
-        return
-    _deferred.current = pending = _Deferred()
-    try:
-        yield
-    finally:
-        _deferred.current = None
-    rows = pending.audits
-    if connection.vendor == "postgresql" and (
-            pending.statements or pending.followers or (rows and pending.followup_patient_ids)):
-        # One statement (data-modifying CTEs): the audit rows, the deferred statements (e.g.
-        # the FHIR InboundMessage outcome) and the patients' due dates; then the followers
-        # (``defer_after``), in the same round trip.
-        from registry.services_bulk import insert_rows_sql, pg_pipeline
-
-        ctes, params = [], []
-        if rows:
-            insert_sql, param = insert_rows_sql(AuditEvent, rows)
-            ctes.append(f"audit AS ({insert_sql})")
-            params.append(param)
-        for n, (sql, statement_params) in enumerate(pending.statements):
-            ctes.append(f"s{n} AS ({sql})")
-            params += statement_params
-        main = "SELECT 1"
-        if pending.followup_patient_ids:
-            ids = [str(p) for p in pending.followup_patient_ids]
-            main = (f"UPDATE {Patient._meta.db_table} SET followup_next_check_on = %s "  # noqa: S608
-                    "WHERE id = ANY(%s::uuid[])")
-            params += [clinic_today(), ids]
-        final = []
-        if ctes or pending.followup_patient_ids:  # (no CTE: only follow-up and followers)
-            final.append((f"WITH {', '.join(ctes)} {main}" if ctes else main, params, False))
-        pg_pipeline([*final, *pending.followers])
-        if pending.followup_patient_ids:
-            _queue_followup(ids)
-        return
-    if rows:
-        from registry.services_bulk import insert_rows
-
-        insert_rows(AuditEvent, rows)
-    if pending.followup_patient_ids:
-        _followup_changed_now(pending.followup_patient_ids)
-
-
-def defer_after(sql: str, params: Any, *, prepare: bool = False) -> bool:
-    """Inside ``deferred_side_effects()`` on PostgreSQL: queue one statement that must see the
-    block's writes (it cannot be a CTE of the final statement: a statement does not see its
-    own CTEs' changes) to run right after that final statement, in the same round trip; its
-    rows are not returned. ``False`` (nothing queued): run it yourself, now."""
-    pending = getattr(_deferred, "current", None)
-    if pending is None or connection.vendor != "postgresql":
-        return False
-    pending.followers.append((sql, params, prepare))
-    return True
-
-
-def execute_or_defer(sql: str, params: list[Any]) -> None:
-    """Run one data-modifying statement now, or, inside ``deferred_side_effects()`` on
-    PostgreSQL, as a CTE of that block's final statement (one round trip fewer). Nothing may
-    read its effect before the block ends."""
-    pending = getattr(_deferred, "current", None)
-    if pending is not None and connection.vendor == "postgresql":
-        pending.statements.append((sql, params))
-        return
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-
-
-def audit_record(
-    *,
-    actor: Actor,
-    action: str,
-    object_type: str,
-    object_id: str = "",
-    patient_id: Any = None,
-    detail: dict[str, Any] | None = None,
-) -> AuditEvent | None:
-    """Append one AuditEvent. ``detail`` must hold ids and codes only, never PHI.
-    Inside ``deferred_side_effects()`` the row is written at the end of that block (and None
-    is returned: the row is kept as a plain dict, no model instance is built)."""
-    pending: _Deferred | None = getattr(_deferred, "current", None)
-    if pending is not None:
-        pending.audits.append({
-            "at": None, "actor_id": actor.user_id, "feed_id": actor.feed_id, "action": action,
-            "patient_id": patient_id, "object_type": object_type, "object_id": str(object_id),
-            "via": actor.via, "detail": detail or {},
-        })
-        return None
-    event = AuditEvent(
-        actor_id=actor.user_id,
-        feed_id=actor.feed_id,
-        action=action,
-        object_type=object_type,
-        object_id=str(object_id),
-        patient_id=patient_id,
-        via=actor.via,
-        detail=detail or {},
-    )
-    event.save(force_insert=True)
-    return event
-
-
-def followup_changed(patient_id: Any) -> None:
-    """Something that can change a follow-up decision was written for this patient.
-
-    Marks the patient due today (the sweep's safety net if the broker is down) and queues an
-    immediate re-evaluation after commit, so e.g. a therapy order resolves an alert in seconds.
-    Inside ``deferred_side_effects()`` this happens once per patient at the end of that block.
-    """
-    pending: _Deferred | None = getattr(_deferred, "current", None)
-    if pending is not None:
-        pending.followup_patient_ids.add(patient_id)
-    else:
-        _followup_changed_now({patient_id})
-
-
-def _followup_changed_now(patient_ids: set[Any]) -> None:
-    Patient.objects.filter(pk__in=patient_ids).update(followup_next_check_on=clinic_today())
-    _queue_followup(patient_ids)
-
-
-def _queue_followup(patient_ids: Any) -> None:
-    """After commit: one re-evaluation per patient (one Celery message for many)."""
-    ids = sorted(str(p) for p in patient_ids)
-
-    def queue() -> None:
-        from registry.tasks import followup_reevaluate
-
-        try:
-            if len(ids) == 1:
-                followup_reevaluate.delay(ids[0])
-            else:  # one message for many patients (Celery chunks), not one per patient
-                followup_reevaluate.chunks([(i,) for i in ids], 100).apply_async(
-                    argsrepr=f"({len(ids)} patients)", kwargsrepr="{}")
-        except Exception as exc:  # broker down: the sweep picks the patients up
-            logger.warning("followup_reevaluate not queued for %s patient(s): %s", len(ids),
-                           type(exc).__name__)
-
-    transaction.on_commit(queue)
 
 
 def _check_not_future(day: dt.date | None, field: str) -> None:
@@ -332,8 +162,6 @@ def patient_upsert(
     """
     patient_check(identifiers=identifiers, sex=sex, birth_date=birth_date,
                   deceased_on=deceased_on)
-    from registry.services_bulk import patients_by_identifier
-
     # the known identifiers and their patient, both locked (one index lookup per identifier)
     known = patients_by_identifier({(i.system, i.value) for i in identifiers}, lock=True)
     owners = {p.pk for p in known.values()}
@@ -360,7 +188,7 @@ def patient_upsert(
     else:
         patient = next(iter(known.values()))  # locked by the lookup
         fields = kept_unless_given(fields, patient)
-        if birth_date and _earliest_event_date(patient) and birth_date > _earliest_event_date(
+        if birth_date and earliest_event_date(patient) and birth_date > earliest_event_date(
             patient
         ):
             raise RegistryValidationError(
@@ -399,7 +227,7 @@ def patient_upsert(
     return patient, created
 
 
-def _earliest_event_date(patient: Patient) -> dt.date | None:
+def earliest_event_date(patient: Patient) -> dt.date | None:
     dates = [
         d
         for d in (
@@ -529,26 +357,23 @@ def procedure_record(
     # former patient lost it (their index procedure, studies and levels may change too).
     for pid in [patient.pk, *moved_from]:
         followup_changed(pid)
-    _procedures_recorded([patient.pk, *moved_from])
-    _fractured_levels_changed([patient.pk, *moved_from], actor)
+    procedures_recorded([patient.pk, *moved_from])
+    fractured_levels_changed([patient.pk, *moved_from], actor)
     return proc, created
 
 
-def _fractured_levels_changed(patient_ids: Iterable[Any], actor: Actor) -> None:
+def fractured_levels_changed(patient_ids: Iterable[Any], actor: Actor) -> None:
     """A fracture or procedure was written for these patients: their VBQ results' fractured
-    levels are recomputed from the stored level medians (``scoring.fractured``: one statement
-    for all of them on PostgreSQL; audited; follow-up re-evaluated)."""
-    from scoring.fractured import results_refresh_fractured
+    levels are recomputed from the stored level medians (``events.fractured_levels_changed``:
+    scoring does it, in this transaction)."""
+    events.fractured_levels_changed.send(sender=Patient, patient_ids=list(patient_ids),
+                                         actor=actor)
 
-    results_refresh_fractured(patient_ids, actor=actor)
 
-
-def _procedures_recorded(patient_ids: Iterable[Any]) -> None:
+def procedures_recorded(patient_ids: Iterable[Any]) -> None:
     """A procedure may be (or change) the index procedure: the patients' studies not linked
-    yet are linked again (``scoring.services.relink_after_procedures``)."""
-    from scoring.services import relink_after_procedures
-
-    relink_after_procedures(patient_ids)
+    yet are linked again (``events.procedures_recorded``: scoring does it)."""
+    events.procedures_recorded.send(sender=Patient, patient_ids=list(patient_ids))
 
 
 def fracture_values(
@@ -625,7 +450,7 @@ def fracture_record(
     # hip or wrist one costs no recompute statement.
     if site == FractureSite.VERTEBRAL or (
             previous is not None and previous.site == FractureSite.VERTEBRAL):
-        _fractured_levels_changed([patient.pk, *moved_from], actor)
+        fractured_levels_changed([patient.pk, *moved_from], actor)
     return fracture, created
 
 
@@ -707,15 +532,14 @@ def therapy_record(
 def patient_merge(*, source: Patient, target: Patient, actor: Actor = SYSTEM_ACTOR) -> Patient:
     """Merge ``source`` into ``target`` (e.g. a FHIR Patient.link ``replaced-by``): every record
     and identifier moves to the target; the source stays as a tombstone (``merged_into``)."""
-    from registry.models import Alert
-    from scoring.models import ImagingStudy, VbqResult
-
     if source.pk == target.pk:
         return target
     if target.merged_into_id is not None:
         raise RegistryValidationError("the merge target is itself merged away", field="link")
-    for model in (Procedure, Fracture, TherapyExposure, ImagingStudy, VbqResult):
+    for model in (Procedure, Fracture, TherapyExposure):
         model.objects.filter(patient=source).update(patient=target)
+    # scoring moves the source's imaging studies and VBQ results (events.patient_merged)
+    events.patient_merged.send(sender=Patient, source=source, target=target)
     # Unresolved alerts of the source are closed: the target's own rules decide afresh.
     Alert.objects.filter(patient=source, status__in=["open", "acknowledged", "snoozed"]).update(
         status="resolved", resolved_at=timezone.now(), resolution_reason="not-appropriate")
@@ -725,53 +549,5 @@ def patient_merge(*, source: Patient, target: Patient, actor: Actor = SYSTEM_ACT
                  object_id=str(target.pk), patient_id=target.pk,
                  detail={"merged_from": str(source.pk)})
     followup_changed(target.pk)
-    _fractured_levels_changed([target.pk], actor)  # the target's fractures and index decide
+    fractured_levels_changed([target.pk], actor)  # the target's fractures and index decide
     return target
-
-
-def _hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-@transaction.atomic
-def feed_create(
-    *, name: str, allowed_resource_types: Sequence[str] = (), actor: Actor = SYSTEM_ACTOR
-) -> tuple[Feed, str]:
-    """Create an EHR feed. Returns ``(feed, token)``; the token is shown once, stored hashed."""
-    token = "vbqf_" + secrets.token_urlsafe(32)
-    feed = Feed.objects.create(
-        name=name,
-        token_hash=_hash_token(token),
-        token_prefix=token[:12],
-        allowed_resource_types=list(allowed_resource_types),
-    )
-    audit_record(actor=actor, action=AuditAction.CREATE, object_type="Feed", object_id=feed.pk)
-    return feed, token
-
-
-@transaction.atomic
-def feed_rotate_token(*, feed: Feed, actor: Actor = SYSTEM_ACTOR) -> str:
-    """Replace a feed's token; the old one stops working at once. Returns the new token."""
-    token = "vbqf_" + secrets.token_urlsafe(32)
-    feed.token_hash = _hash_token(token)
-    feed.token_prefix = token[:12]
-    feed.token_rotated_at = timezone.now()
-    feed.save(update_fields=["token_hash", "token_prefix", "token_rotated_at"])
-    audit_record(actor=actor, action=AuditAction.UPDATE, object_type="Feed", object_id=feed.pk)
-    return token
-
-
-def feed_authenticate(*, token: str) -> Feed | None:
-    """Return the active feed for a bearer token, or ``None``: one query, on the token's
-    SHA-256 (tokens are stored hashed). A caller receiving a payload calls this BEFORE reading
-    it (``integrations.fhir.views``: a wrong token is refused unread)."""
-    if not token:
-        return None
-    feed = Feed.objects.filter(token_hash=_hash_token(token), is_active=True).first()
-    now = timezone.now()
-    # ``last_used_at`` is kept to the minute: not one extra committed write per request.
-    if feed is not None and (feed.last_used_at is None
-                             or now - feed.last_used_at > dt.timedelta(seconds=60)):
-        Feed.objects.filter(pk=feed.pk).update(last_used_at=now)
-        feed.last_used_at = now
-    return feed

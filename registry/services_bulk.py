@@ -22,17 +22,24 @@ before anything is written. Call inside the caller's transaction.
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
 from django.db import IntegrityError, connection, models
-from django.utils import timezone
 
+from db.pg import (
+    StatementPart,
+    dedupe_rows,
+    expand_results,
+    insert_rows,
+    json_param,
+    pg_execute,
+    pg_insert_sql,
+    upsert_returning,
+)
+from registry.lookup import patients_by_identifier
 from registry.models import (
     AuditAction,
     Fracture,
@@ -42,355 +49,34 @@ from registry.models import (
     TherapyExposure,
 )
 from registry.services import (
-    SYSTEM_ACTOR,
-    Actor,
     ConcurrentWriteError,
     RegistryValidationError,
-    _earliest_event_date,
-    _fractured_levels_changed,
-    _procedures_recorded,
-    audit_record,
-    deferred_side_effects,
-    followup_changed,
+    earliest_event_date,
     fracture_values,
+    fractured_levels_changed,
     kept_unless_given,
     patient_check,
     procedure_values,
+    procedures_recorded,
     therapy_values,
+)
+from registry.side_effects import (
+    SYSTEM_ACTOR,
+    Actor,
+    audit_record,
+    deferred_side_effects,
+    followup_changed,
 )
 
 # The partial unique index of SourcedRecord identifiers (``condition=~Q(identifier_value="")``).
 SOURCED_CONFLICT = ["identifier_system", "identifier_value"]
 SOURCED_CONFLICT_WHERE = "NOT (\"identifier_value\" = '')"
-CHUNK = 500
 
 
 def _indexed(exc: RegistryValidationError, index: int) -> RegistryValidationError:
     exc.index = index  # type: ignore[attr-defined]
     return exc
 
-
-def upsert_returning(
-    model: type[models.Model],
-    rows: Sequence[dict[str, Any]],
-    *,
-    conflict: Sequence[str],
-    update: Sequence[str],
-    conflict_where: str = "",
-) -> list[tuple[Any, bool]]:
-    """Insert ``rows`` (dicts of field name → value), updating the row that already holds the
-    same ``conflict`` key. Returns ``(pk, created)`` for every row, in order. Rows with the same
-    non-empty key are written once (the last one wins) and share its result."""
-    if not rows:
-        return []
-    slot_of, unique = _dedupe(rows, conflict)
-    if connection.vendor == "postgresql":
-        results: list[tuple[Any, bool]] = []
-        for start in range(0, len(unique), CHUNK):
-            results += _pg_write(model, unique[start:start + CHUNK], conflict, update,
-                                 conflict_where)
-    else:
-        results = [_orm_upsert(model, row, conflict) for row in unique]
-    return _expand(slot_of, results)
-
-
-def insert_rows(model: type[models.Model], rows: Sequence[dict[str, Any]]) -> None:
-    """Plain INSERT of many rows (dicts of field name → value) in one statement."""
-    if not rows:
-        return
-    if connection.vendor != "postgresql":
-        model._default_manager.bulk_create([model(**row) for row in rows])
-        return
-    for start in range(0, len(rows), CHUNK):
-        _pg_write(model, rows[start:start + CHUNK], (), (), "")
-
-
-def insert_rows_sql(model: type[models.Model], rows: Sequence[dict[str, Any]]
-                    ) -> tuple[str, str]:
-    """The PostgreSQL ``INSERT ... SELECT FROM json_populate_recordset(%s::json)`` of ``rows``
-    (no RETURNING) and its one parameter, to embed in a larger statement (e.g. a CTE)."""
-    sql, records = _pg_insert_sql(model, rows, (), (), "")
-    return sql, json_param(records)
-
-
-def pg_pipeline(statements: Sequence[tuple[str, Any, bool]]) -> list[tuple[Any, ...]]:
-    """Run several PostgreSQL statements ``(sql, params, prepare)`` in ONE round trip (psycopg
-    pipeline: one Sync), server-side binding as ``pg_execute``; returns the LAST statement's
-    rows. Each statement runs after the one before it, with its own snapshot (a lock taken by
-    one is held when the next starts, which then sees what the lock waited for). The first
-    error is raised (as Django's) and the statements after it do not run; the caller's
-    transaction then rolls back, as with separate statements. Outside a transaction (Django's
-    autocommit) the pipeline is ONE implicit transaction: an error rolls back the statements
-    before it too. Like ``pg_execute`` it bypasses Django's cursor (``connection.queries``
-    and ``CaptureQueriesContext`` do not see these statements)."""
-    import psycopg
-    from django.conf import settings
-
-    if not statements:
-        return []
-    if len(statements) == 1:
-        [(sql, params, prepare)] = statements
-        return pg_execute(sql, params, prepare=prepare)
-    connection.close_if_health_check_failed()
-    connection.ensure_connection()
-    pg = connection.connection
-    cursors = [psycopg.Cursor(pg) for _ in statements]
-    try:
-        with connection.wrap_database_errors:
-            with pg.pipeline():
-                for cursor, (sql, params, prepare) in zip(cursors, statements, strict=True):
-                    cursor.execute(sql, params, prepare=True if prepare and (
-                        settings.DB_PREPARED_STATEMENTS) else None)
-            last = cursors[-1]
-            return last.fetchall() if last.description else []
-    finally:
-        for cursor in cursors:
-            cursor.close()
-
-
-def pg_execute(sql: str, params: Sequence[Any] | Mapping[str, Any], *, prepare: bool = False
-               ) -> list[tuple[Any, ...]]:
-    """Run one PostgreSQL statement with SERVER-side parameter binding and return its rows.
-
-    Django's psycopg cursor binds client-side (each value escaped into the SQL text); for the
-    large JSON documents and raw payloads of a FHIR bundle, sending them as bound parameters
-    halves the round trip. Errors are Django's (``IntegrityError``...), as with a Django cursor.
-
-    ``prepare=True`` (when ``settings.DB_PREPARED_STATEMENTS`` is on): the statement is
-    prepared on this connection the first time and executed by name afterwards, so the server
-    parses and plans it once per connection instead of once per call. For the imaging
-    pipeline's fixed-text statements run for every study and job (claim, result, jobs) the
-    parse and plan were most of their server CPU (the claim: 0.40 -> 0.07 ms on 2026-11-25).
-    A bundle's statements, whose text changes with its content, gain nothing (tried).
-    """
-    import psycopg
-    from django.conf import settings
-
-    # What Django's own cursor() does first: with CONN_HEALTH_CHECKS, a persistent connection
-    # broken since the last request (database restarted) is replaced instead of failing.
-    connection.close_if_health_check_failed()
-    connection.ensure_connection()
-    with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
-        cursor.execute(sql, params,
-                       prepare=True if prepare and settings.DB_PREPARED_STATEMENTS else None)
-        return cursor.fetchall() if cursor.description else []
-
-
-_JSON_CONVERT: dict[type, Callable[[Any], str]] = {
-    dt.datetime: dt.datetime.isoformat, dt.date: dt.date.isoformat, uuid.UUID: str, Decimal: str}
-
-
-_JSON_NATIVE = frozenset({str, int, float, bool, type(None)})
-
-
-def _plain(value: Any) -> Any:
-    """A row value as JSON can carry it (a model instance → its pk, dates → ISO text...)."""
-    if isinstance(value, models.Model):
-        value = value.pk
-    convert = _JSON_CONVERT.get(type(value))
-    return convert(value) if convert is not None else value
-
-
-def _json_value(value: Any) -> Any:
-    convert = _JSON_CONVERT.get(type(value))  # exact types first: one dict lookup per value
-    if convert is not None:
-        return convert(value)
-    if isinstance(value, dt.datetime | dt.date):
-        return value.isoformat()
-    if isinstance(value, uuid.UUID | Decimal):
-        return str(value)
-    raise TypeError(f"cannot send {type(value).__name__} to PostgreSQL as JSON")
-
-
-def json_param(records: Any) -> str:
-    """Rows as the one JSON parameter of a ``json_populate_recordset`` statement."""
-    return json.dumps(records, default=_json_value)
-
-
-@dataclass
-class StatementPart:
-    """Bulk writes as data-modifying CTEs, to run alone or inside another bulk statement (one
-    round trip for several models). ``select`` reads the written rows as ``(pk, inserted,
-    key)``; ``finish`` turns those rows into the caller's results (and does the side effects,
-    e.g. audit rows)."""
-
-    ctes: list[str]
-    params: list[Any]
-    select: str
-    finish: Callable[[Sequence[tuple[Any, bool, Any]]], list[tuple[Any, bool]]]
-
-    def run(self, *, prepare: bool = False) -> list[tuple[Any, bool]]:
-        """``prepare``: see ``pg_execute`` (for a statement whose text repeats, e.g. the
-        imaging ingest of one study: its rows travel as JSON parameters)."""
-        return self.finish(pg_execute(f"WITH {', '.join(self.ctes)} {self.select}",
-                                      self.params, prepare=prepare))
-
-
-def _pg_write(model: type[models.Model], rows: Sequence[dict[str, Any]],
-              conflict: Sequence[str], update: Sequence[str], where: str
-              ) -> list[tuple[Any, bool]]:
-    """One ``INSERT ... SELECT FROM json_populate_recordset(<the rows as one JSON document>)
-    [ON CONFLICT DO UPDATE]``: PostgreSQL converts each value to its column's type, and the
-    statement has one parameter whatever the number of rows. ``xmax = 0`` marks the rows that
-    were inserted rather than updated."""
-    sql, records = _pg_insert_sql(model, rows, conflict, update, where)
-    sql += f"RETURNING {connection.ops.quote_name(model._meta.pk.column)}, (xmax = 0)"
-    return [(pk, bool(inserted)) for pk, inserted in
-            pg_execute(sql, [json_param(records)])]
-
-
-def _pg_insert_sql(model: type[models.Model], rows: Sequence[dict[str, Any]],
-                   conflict: Sequence[str], update: Sequence[str], where: str, *,
-                   source: str = "", select: dict[str, str] | None = None,
-                   update_sql: dict[str, str] | None = None
-                   ) -> tuple[str, list[dict[str, Any]]]:
-    """The INSERT of ``rows`` and its records (one JSON parameter). By default the values come
-    from ``json_populate_recordset(NULL::<table>, %s::json) AS r``; ``source`` replaces that
-    FROM clause (it must still name the record ``r``), ``select`` gives a column another SQL
-    expression (e.g. a key RETURNED by an earlier CTE) and ``update_sql`` another ``DO UPDATE
-    SET`` expression than ``EXCLUDED.<column>``."""
-    meta = model._meta
-    qn = connection.ops.quote_name
-    now = timezone.now()
-    fields = [f for f in meta.concrete_fields
-              if not (f.primary_key and f.name not in rows[0] and f.attname not in rows[0])]
-    constants: dict[str, Any] = {}  # the same for every row: converted once
-    getters = []
-    for f in fields:
-        name = f.name if f.name in rows[0] else f.attname
-        if getattr(f, "auto_now", False) or getattr(f, "auto_now_add", False):
-            constants[f.column] = _plain(now)
-        elif name not in rows[0]:
-            constants[f.column] = _plain(f.get_default())
-        else:
-            getters.append((f.column, name))
-    records = []
-    for row in rows:
-        record = dict(constants)
-        for column, name in getters:
-            value = row[name]
-            if type(value) not in _JSON_NATIVE:
-                value = _plain(value)
-            record[column] = value
-        records.append(record)
-    columns = ", ".join(qn(f.column) for f in fields)
-    select = select or {}
-    values = ", ".join(select.get(f.column, f"r.{qn(f.column)}") for f in fields)
-    source = source or f"json_populate_recordset(NULL::{qn(meta.db_table)}, %s::json) AS r"
-    sql = (  # names from the model's metadata; the rows are the one parameter
-        f"INSERT INTO {qn(meta.db_table)} ({columns}) "  # noqa: S608
-        f"SELECT {values} FROM {source} "
-    )
-    if conflict:
-        update_sql = update_sql or {}
-        sets = [meta.get_field(n).column for n in update] + [
-            f.column for f in fields if getattr(f, "auto_now", False)
-            and f.name not in update]
-        sets += [c for c in update_sql if c not in sets]
-        sql += (
-            f"ON CONFLICT ({', '.join(qn(meta.get_field(c).column) for c in conflict)}) "
-            f"{'WHERE ' + where if where else ''} "
-            "DO UPDATE SET " + ", ".join(
-                f"{qn(c)} = {update_sql.get(c, f'EXCLUDED.{qn(c)}')}" for c in sets) + " "
-        )
-    return sql, records
-
-
-def _orm_upsert(model: type[models.Model], row: dict[str, Any], conflict: Sequence[str]
-                ) -> tuple[Any, bool]:
-    key = {c: row[c] for c in conflict}
-    defaults = {k: v for k, v in row.items() if k not in key}
-    if not all(key.values()):
-        return model._default_manager.create(**row).pk, True
-    obj, created = model._default_manager.select_for_update().update_or_create(
-        **key, defaults=defaults)
-    return obj.pk, created
-
-
-# --- Patients -----------------------------------------------------------------------------------
-def patients_by_identifier(keys: Iterable[tuple[str, str]], *, lock: bool = False
-                           ) -> dict[tuple[str, str], Patient]:
-    """The patient holding each known ``(system, value)`` identifier, in ONE query.
-
-    On PostgreSQL each key is one lookup in the unique ``(system, value)`` index (a LATERAL
-    join on the keys), whatever the table's size or statistics: the former
-    ``system IN (...) AND value IN (...)`` was planned, without statistics (a fresh or
-    not-yet-analysed table), as a scan of every identifier of those systems — its cost grew
-    with the registry. ``lock``: the identifier and patient rows are locked (FOR UPDATE), in
-    key order."""
-    return lookup_patients(keys, lock=lock)[0]
-
-
-def lookup_patients(keys: Iterable[tuple[str, str]], *, lock: bool = False,
-                    also: tuple[str, Sequence[Any]] | None = None
-                    ) -> tuple[dict[tuple[str, str], Patient], list[tuple[Any, ...]]]:
-    """``patients_by_identifier``, and ``also`` — another statement ``(sql, params)``, e.g.
-    locking rows that depend on these patients — sent in the SAME round trip on PostgreSQL
-    (two statements in one simple query); its rows are returned second. The lookup runs
-    first."""
-    wanted = sorted(set(keys))
-    if connection.vendor != "postgresql":
-        found: dict[tuple[str, str], Patient] = {}
-        if wanted:
-            qs = PatientIdentifier.objects.filter(
-                system__in={k[0] for k in wanted}, value__in={k[1] for k in wanted}
-            ).select_related("patient")
-            if lock:
-                qs = qs.select_for_update()
-            found = {(i.system, i.value): i.patient for i in qs
-                     if (i.system, i.value) in set(wanted)}
-        rows: list[tuple[Any, ...]] = []
-        if also is not None:
-            with connection.cursor() as cursor:
-                cursor.execute(*also)
-                rows = list(cursor.fetchall())
-        return found, rows
-    qn = connection.ops.quote_name
-    fields = Patient._meta.concrete_fields
-    identifiers, patients = PatientIdentifier._meta.db_table, Patient._meta.db_table
-    if not wanted and also is None:
-        return {}, []
-    columns = ", ".join(f"p.{qn(f.column)}" for f in fields)
-    sql = (  # names from the model metadata; the keys are two array parameters
-        f"SELECT i.system, i.value, {columns} "  # noqa: S608
-        "FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS k(system, value, n) "
-        f"CROSS JOIN LATERAL (SELECT system, value, patient_id FROM {identifiers} "
-        "WHERE system = k.system AND value = k.value LIMIT 1) AS i "
-        f"JOIN {patients} AS p ON p.id = i.patient_id ORDER BY k.n"
-        + (" FOR UPDATE" if lock else ""))
-    params: list[Any] = [[k[0] for k in wanted], [k[1] for k in wanted]]
-    if also is not None:
-        sql += "; " + also[0]
-        params += list(also[1])
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        found_rows = cursor.fetchall()
-        rows = []
-        if also is not None:
-            cursor.nextset()
-            rows = list(cursor.fetchall())
-    instances = models_from_rows(Patient, [r[2:] for r in found_rows])
-    return {(r[0], r[1]): p for r, p in zip(found_rows, instances, strict=True)}, rows
-
-
-def models_from_rows(model: type[models.Model], rows: Sequence[Sequence[Any]]) -> list[Any]:
-    """Instances from raw rows of ALL the model's concrete columns (in ``concrete_fields``
-    order), with Django's database converters applied (e.g. JSON fields), as the ORM would."""
-    fields = model._meta.concrete_fields
-    converters = []
-    for n, f in enumerate(fields):
-        col = f.get_col(model._meta.db_table)
-        if convs := connection.ops.get_db_converters(col) + col.get_db_converters(connection):
-            converters.append((n, convs, col))
-    attnames = [f.attname for f in fields]
-    out = []
-    for row in rows:
-        values = list(row)
-        for n, convs, col in converters:
-            for convert in convs:
-                values[n] = convert(values[n], col, connection)
-        out.append(model.from_db(connection.alias, attnames, values))
-    return out
 
 
 PATIENT_FIELDS = ("family_name", "given_name", "birth_date", "sex", "deceased_on",
@@ -451,7 +137,7 @@ def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTE
             values = kept_unless_given(values, patient)
             birth = values["birth_date"]
             if (patient.pk not in new and birth and birth != patient.birth_date
-                    and (earliest := _earliest_event_date(patient)) and birth > earliest):
+                    and (earliest := earliest_event_date(patient)) and birth > earliest):
                 raise _indexed(RegistryValidationError(
                     "birth date is after recorded procedures or fractures", field="birthDate",
                     code="before-birth"), n)
@@ -473,8 +159,8 @@ def patient_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTE
     if patient_rows and new_identifiers and connection.vendor == "postgresql":
         # Patients and their new identifiers in ONE statement (a data-modifying CTE; the
         # identifiers' foreign key is checked at commit).
-        p_sql, p_records = _pg_insert_sql(Patient, patient_rows, ["id"], PATIENT_FIELDS, "")
-        i_sql, i_records = _pg_insert_sql(PatientIdentifier, new_identifiers, (), (), "")
+        p_sql, p_records = pg_insert_sql(Patient, patient_rows, ["id"], PATIENT_FIELDS, "")
+        i_sql, i_records = pg_insert_sql(PatientIdentifier, new_identifiers, (), (), "")
         if deferred is not None and not changed:
             # only NEW patients: the caller writes them with its next bulk statement
             deferred.append(StatementPart(
@@ -555,9 +241,9 @@ def _sourced_side_effects(model: type[models.Model], results: Sequence[tuple[Any
                 followup_changed(uuid.UUID(str(before)))
                 moved_from.append(before)
         if model is Procedure and rows:
-            _procedures_recorded([values["patient"].pk for values in rows] + moved_from)
+            procedures_recorded([values["patient"].pk for values in rows] + moved_from)
         if refresh_fractured and model in (Procedure, Fracture) and rows:
-            _fractured_levels_changed([values["patient"].pk for values in rows] + moved_from,
+            fractured_levels_changed([values["patient"].pk for values in rows] + moved_from,
                                       actor)
     return moved_from
 
@@ -584,35 +270,6 @@ def _previous_patients_orm(model: type[models.Model], rows: Sequence[dict[str, A
                 "identifier_system", "identifier_value", "patient_id")}
     return [held.get((r["identifier_system"], r["identifier_value"])) if r["identifier_value"]
             else None for r in rows]
-
-
-def _dedupe(rows: Sequence[dict[str, Any]], conflict: Sequence[str]
-            ) -> tuple[list[int], list[dict[str, Any]]]:
-    """Rows with the same non-empty key are written once (the last one wins)."""
-    slot_of: list[int] = []
-    unique: list[dict[str, Any]] = []
-    seen: dict[tuple[Any, ...], int] = {}
-    for row in rows:
-        key = tuple(row[c] for c in conflict)
-        if all(key) and key in seen:
-            unique[seen[key]] = row
-            slot_of.append(seen[key])
-            continue
-        if all(key):
-            seen[key] = len(unique)
-        slot_of.append(len(unique))
-        unique.append(row)
-    return slot_of, unique
-
-
-def _expand(slot_of: Sequence[int], results: Sequence[tuple[Any, bool]]
-            ) -> list[tuple[Any, bool]]:
-    out, used = [], set()
-    for slot in slot_of:  # a repeated key: created once, then updated
-        pk, created = results[slot]
-        out.append((pk, created and slot not in used))
-        used.add(slot)
-    return out
 
 
 SOURCED_KINDS: dict[str, tuple[type[models.Model], Callable[..., dict[str, Any]]]] = {
@@ -664,9 +321,9 @@ def sourced_record_many(*, groups: dict[str, Sequence[dict[str, Any]]],
     for n, (kind, rows) in enumerate(prepared.items()):
         model = SOURCED_KINDS[kind][0]
         table = qn(model._meta.db_table)
-        slot_of, unique = _dedupe(rows, SOURCED_CONFLICT)
+        slot_of, unique = dedupe_rows(rows, SOURCED_CONFLICT)
         update = [name for name in rows[0] if name not in SOURCED_CONFLICT]
-        sql, records = _pg_insert_sql(model, unique, SOURCED_CONFLICT, update,
+        sql, records = pg_insert_sql(model, unique, SOURCED_CONFLICT, update,
                                       SOURCED_CONFLICT_WHERE)
         ctes.append(f"c{n} AS ({sql}RETURNING {n} AS k, "
                     f"{qn(model._meta.pk.column)} AS pk, (xmax = 0) AS inserted)")
@@ -691,7 +348,7 @@ def sourced_record_many(*, groups: dict[str, Sequence[dict[str, Any]]],
         by_k[k].append((pk, bool(inserted), key))
     out = {}
     for n, (kind, model, rows, slot_of) in enumerate(plans):
-        out[kind] = _expand(slot_of, [(pk, inserted) for pk, inserted, _ in by_k[n]])
+        out[kind] = expand_results(slot_of, [(pk, inserted) for pk, inserted, _ in by_k[n]])
         previous = [by_k[n][slot][2] for slot in slot_of]
         moved = _sourced_side_effects(model, out[kind], rows, actor, refresh_fractured=False,
                                       previous=previous)
@@ -711,7 +368,7 @@ def _fractured_levels_of_kinds(prepared: Mapping[str, Sequence[dict[str, Any]]],
     patients = [row["patient"].pk for kind in ("procedure", "fracture")
                 for row in prepared.get(kind, ())] + list(moved_from)
     if patients:
-        _fractured_levels_changed(patients, actor)
+        fractured_levels_changed(patients, actor)
 
 
 def procedure_record_many(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR

@@ -1,4 +1,5 @@
-"""Celery tasks of the registry. Thin: they take ids and call services."""
+"""Celery tasks of the registry core. Follow-up's tasks (``registry.followup_*``,
+``registry.deliveries_send``) live in ``followup.tasks`` under their registered names."""
 
 from __future__ import annotations
 
@@ -21,29 +22,3 @@ def worker_probe(probe_id: int) -> None:
     WorkerProbe.objects.filter(pk=probe_id, done_at__isnull=True).update(
         done_at=timezone.now(), worker=socket.gethostname()
     )
-
-
-@shared_task(name="registry.followup_reevaluate", acks_late=True)
-def followup_reevaluate(patient_id: str) -> dict:
-    """Re-evaluate one patient's follow-up rules after new therapy, fractures, VBQ or death.
-    Idempotent: evaluating twice gives the same alerts (unique unresolved alert per rule)."""
-    from registry.sweep import followup_evaluate
-
-    stats = followup_evaluate([patient_id])
-    return stats.__dict__
-
-
-@shared_task(name="registry.followup_sweep")
-def followup_sweep() -> dict:
-    """The daily sweep: every patient whose follow-up date has come (see registry.sweep)."""
-    from registry.sweep import followup_sweep as sweep
-
-    return sweep().__dict__
-
-
-@shared_task(name="registry.deliveries_send")
-def deliveries_send() -> dict:
-    """Send due outbox rows (in-app, email digest per care team, FHIR Communication)."""
-    from integrations.notify.delivery import send_due_deliveries
-
-    return send_due_deliveries()

@@ -39,7 +39,7 @@ from django.utils.html import conditional_escape, format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.views.decorators.http import require_http_methods, require_POST
 
-from registry import alerts as alert_services
+from followup import alerts as alert_services
 from registry import codes
 from registry.followup import (
     HIGH_VBQ,
@@ -60,7 +60,8 @@ from registry.models import (
     RecordStatus,
     TherapyExposure,
 )
-from registry.services import Actor, RegistryValidationError
+from registry.services import RegistryValidationError
+from registry.side_effects import Actor
 from registry.timeutil import clinic_today
 
 SORTS = {

@@ -18,9 +18,11 @@ from django.urls import reverse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from config.readiness import extra_checks
+from followup import selectors as followup_selectors
 from registry import labels, selectors
 from registry.models import AuditAction, Patient, WorkerProbe
-from registry.services import Actor, audit_record
+from registry.side_effects import Actor, audit_record
 from registry.tasks import worker_probe
 
 logger = logging.getLogger(__name__)
@@ -71,7 +73,6 @@ def readyz(request: HttpRequest) -> JsonResponse:
     ok = all(checks[k] == "ok" for k in ("database", "broker"))
     if checks["database"] == "ok":
         # Reported, not required: PACS reachability, age of the oldest queued VBQ job.
-        from config.readiness import extra_checks
 
         checks.update(extra_checks())
     body = {"status": "ok" if ok else "unavailable", **checks}
@@ -122,20 +123,20 @@ def patient_detail(request: HttpRequest, patient_id: str) -> HttpResponse:
         object_id=str(patient.pk),
         patient_id=patient.pk,
     )
-    vbq = selectors.current_vbq(patient=patient)
+    vbq = followup_selectors.current_vbq(patient=patient)
     context = {
         "patient": patient,
         "identifiers": [(labels.identifier_system_label(i.system, i.type_code), i.value)
                         for i in patient.identifiers.all()],
         "vbq_image": _image_state(vbq) if vbq else "",
         "index": selectors.index_procedure(patient=patient),
-        "timeline": selectors.patient_timeline(patient=patient),
+        "timeline": followup_selectors.patient_timeline(patient=patient),
         "secondary": selectors.secondary_fractures(patient=patient),
         "vbq": vbq,
         "vbq_results": patient.vbq_results.select_related("reviewer").order_by(
             "-queued_at", "-pk")[:10],
     }
-    context.update(selectors.vbq_rule_context(context["vbq"], context["vbq_results"]))
+    context.update(followup_selectors.vbq_rule_context(context["vbq"], context["vbq_results"]))
     return render(request, "patients/detail.html", context)
 
 

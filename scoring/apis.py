@@ -19,7 +19,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from registry.models import Patient
-from registry.services import Actor
+from registry.side_effects import Actor
 from scoring.models import VbqResult
 from scoring.uploads import UploadRefused, dicom_zip_upload
 

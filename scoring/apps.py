@@ -6,4 +6,7 @@ class ScoringConfig(AppConfig):
     verbose_name = "VBQ scoring"
 
     def ready(self) -> None:
-        from scoring import fhir_observation  # noqa: F401 - registers the FHIR reader
+        # The registry core announces writes (registry.events); scoring reacts.
+        from scoring import receivers
+
+        receivers.connect()

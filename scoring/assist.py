@@ -21,7 +21,7 @@ from django.db import transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from registry.services import Actor, audit_record, followup_changed
+from registry.side_effects import Actor, audit_record, followup_changed
 from scoring.engine import EngineError, VbqMeasurement, compute_vbq
 from scoring.engine.assisted import SEED_LEVELS, Seed
 from scoring.models import ImagingSeries, VbqLevel, VbqResult

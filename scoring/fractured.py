@@ -35,10 +35,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+from django.conf import settings
 from django.db import connection
 
+from db.pg import pg_pipeline
 from registry.models import AuditEvent, Fracture, Patient, Procedure, RecordStatus
+from registry.side_effects import SYSTEM_ACTOR, audit_record, defer_after, followup_changed
 from scoring.models import VbqLevel, VbqResult
+from scoring.trust import result_is_trusted, rule_value, threshold_of, trusted_sql
 
 VBQ_LEVELS = ("L1", "L2", "L3", "L4")
 REFRESH_REASON = "fractured levels recomputed"
@@ -71,8 +75,6 @@ def _held_by_threshold(result: VbqResult, new_excluding: float | None
                        ) -> tuple[float, float] | None:
     """(old, new) values the follow-up reads when recomputing ``result`` to ``new_excluding``
     would move a counting result across its high-VBQ threshold; else None."""
-    from scoring.trust import result_is_trusted, rule_value, threshold_of
-
     if not result_is_trusted(result):
         return None
     old = rule_value(result.vbq_all_levels, result.vbq_excluding_fractured)
@@ -230,7 +232,7 @@ def results_refresh_fractured(patient_ids: Iterable[Any], *, actor: Any = None,
     whose levels were not set by a reviewer, where the rule now gives other levels (inside
     the caller's transaction; the rows are locked). Each changed result gets an audit row
     (ids and levels only) and its patient's follow-up is re-evaluated
-    (``registry.services.followup_changed``). Returns the changed result ids.
+    (``registry.side_effects.followup_changed``). Returns the changed result ids.
 
     PostgreSQL: the patients' rows are locked first (``PATIENT_LOCK_SQL``, in id order), then
     ONE statement for all of them (the rule, the level flags, the values, the JSON and the
@@ -241,8 +243,6 @@ def results_refresh_fractured(patient_ids: Iterable[Any], *, actor: Any = None,
     it (study moves and merges lock results before patients); it re-reads the levels in its
     store statement and retries a deadlock (``scoring.tasks``). Other databases: a few ORM
     statements and a loop (their writers are serialised by the database)."""
-    from registry.services import SYSTEM_ACTOR, followup_changed
-    from registry.services_bulk import pg_pipeline
 
     actor = actor or SYSTEM_ACTOR
     ids = [str(p) for p in dict.fromkeys(patient_ids) if p is not None]
@@ -250,7 +250,6 @@ def results_refresh_fractured(patient_ids: Iterable[Any], *, actor: Any = None,
         return []
     detail_reason = reason or REFRESH_REASON
     if connection.vendor == "postgresql":
-        from registry.services import defer_after
 
         sql, params = _refresh_pg_statement(ids, actor, detail_reason)
         lock = (PATIENT_LOCK_SQL, [sorted(ids)], True)
@@ -301,10 +300,6 @@ def _without_pending_sql(flags: str, hold: str, recomputed_flags: str) -> str:
 
 def _refresh_pg_statement(ids: list[str], actor: Any, reason: str
                           ) -> tuple[str, dict[str, Any]]:
-    from django.conf import settings
-
-    from scoring.trust import threshold_of, trusted_sql
-
     qn = connection.ops.quote_name
     result = qn(VbqResult._meta.db_table)
     level = qn(VbqLevel._meta.db_table)
@@ -362,8 +357,7 @@ def _refresh_pg_statement(ids: list[str], actor: Any, reason: str
         "u.levels, 'reason', %(reason)s::text, 'held', u.hold) FROM u "
         "RETURNING object_id, patient_id")
     # Fixed text (the patients travel as one array): prepared once per connection. Planning
-    # was most of its cost: one patient without results 1.47 ms unprepared, 0.17 ms prepared;
-    # 200 patients 2.0 / 0.62 ms (2026-11-25, local PostgreSQL, round trip included).
+    # was most of its cost (docs/benchmarks.md).
     cut = threshold_of(None).value
     return sql, {"ids": ids, "actor": actor.user_id, "feed": actor.feed_id, "via": actor.via,
                  "reason": reason, **trust_params, "cut": cut,
@@ -372,8 +366,6 @@ def _refresh_pg_statement(ids: list[str], actor: Any, reason: str
 
 
 def _refresh_orm(ids: list[str], actor: Any, reason: str) -> list[tuple[int, Any]]:
-    from registry.services import audit_record
-
     wanted = fractured_levels_of(ids)
     changed = []
     for result in (VbqResult.objects.select_for_update()

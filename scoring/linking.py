@@ -15,7 +15,7 @@ sees its link. The lock is held until the transaction ends, or until the savepoi
 taken in rolls back (``link_or_defer`` on failure), together with the link it protected.
 
 Key: the two-int form, ``(LINK_LOCK_CLASS, first 32 bits of the patient UUID)``. No other code
-here takes advisory locks (2026-11-25); PostgreSQL keeps the two-int and the one-bigint key
+here takes advisory locks; PostgreSQL keeps the two-int and the one-bigint key
 spaces apart, and the class constant keeps any later two-int user apart if it picks another
 class. Two patients sharing the 32 bits (about 1 in 4 billion per pair) only wait for each
 other, which is harmless.
@@ -52,6 +52,7 @@ from typing import Any
 from django.conf import settings
 from django.db import connection
 
+from db.pg import pg_execute
 from registry.models import Procedure
 from registry.selectors import index_procedure, index_procedure_query
 from scoring.models import ImagingStudy
@@ -129,7 +130,6 @@ def _link_nearest_pg(study: ImagingStudy, index: Procedure, reason: str) -> bool
         WHERE id = %(id)s
         RETURNING linked_procedure_id, link_reason::text
     """  # noqa: S608 (the table name from the model's metadata; values are parameters)
-    from registry.services_bulk import pg_execute
 
     # Prepared once per connection: run for every study an ingest links.
     [(linked_procedure_id, study.link_reason)] = pg_execute(sql, {
@@ -157,9 +157,8 @@ def _index_procedure_locking_pg(patient_id: Any) -> Procedure | None:
     statement, after the lock.
 
     The statement's text is the same for every patient: it is built from the ORM's query once
-    per process and prepared once per connection (building and compiling the query, then a
-    raw queryset, cost ~0.6 ms of the ingest's CPU per study)."""
-    from registry.services_bulk import pg_execute
+    per process and prepared once per connection (building and compiling the query for every
+    study was a measurable share of the ingest's CPU: docs/benchmarks.md)."""
 
     sql, template, slot = _index_statement()
     params = list(template)

@@ -1,6 +1,6 @@
 """Human review of VBQ results: reads (queue, ROIs, slice images) and writes (accept, reject,
 mark fractured levels, save a reviewer-corrected result). Writes are keyword-only, one
-transaction each, audited (``registry.services.audit_record``).
+transaction each, audited (``registry.side_effects.audit_record``).
 
 The corrected result is computed by the engine's manual-ROI path
 (``scoring.engine.compute_vbq(source, manual_rois=..., fractured_levels=...)``) and saved as a
@@ -25,12 +25,24 @@ from django.db import transaction
 from django.db.models import Max, Q, QuerySet
 from django.utils import timezone
 
-from registry.services import Actor, RegistryValidationError, audit_record, followup_changed
+from registry.services import RegistryValidationError
+from registry.side_effects import Actor, audit_record, followup_changed
+from scoring.dicomweb import FetchError, configured_endpoint, fetch_study_series
 from scoring.engine import EngineError, Roi, VbqMeasurement, compute_vbq
 from scoring.engine.dicom_io import Series, read_series
 from scoring.fractured import PENDING, apply_fractured_levels
 from scoring.models import VbqLevel, VbqResult
 from scoring.signals import result_ready
+from scoring.tasks import STORED_LEVELS
+from scoring.trust import (
+    CATEGORY_CHANGE,
+    category_change,
+    qc_clear,
+    rule_result,
+    rule_value,
+    threshold_of,
+    trusted_q,
+)
 
 ROI_LEVELS = ("L1", "L2", "L3", "L4", "csf")  # the ROIs a VBQ needs (the reviewer's choices)
 VBQ_LEVELS = ("L1", "L2", "L3", "L4")
@@ -71,7 +83,6 @@ def review_queue() -> QuerySet[VbqResult]:
     (patient identity mismatch), and counting results holding a fractured-levels recompute
     that would cross the high-VBQ threshold (``scoring.fractured.PENDING``). Each row's
     reason: ``scoring.trust.untrusted_reason``, or the held recompute's."""
-    from scoring.trust import trusted_q
 
     pending = Q(review_status=VbqResult.Review.PENDING)
     finished = Q(status__in=[VbqResult.Status.SUCCEEDED, VbqResult.Status.NEEDS_REVIEW])
@@ -105,7 +116,6 @@ def series_source(result: VbqResult) -> Any:
         raise ReviewError("this result has no image series", code="no-series")
     if series.local_path and Path(series.local_path).is_dir():
         return series.local_path
-    from integrations.dicom.dicomweb import FetchError, configured_endpoint, fetch_study_series
 
     # the study's recorded endpoint is provenance: only a configured PACS is contacted
     if not configured_endpoint(series.study.endpoint_url)[0]:
@@ -235,7 +245,6 @@ def save_outcome(*, result: VbqResult, measurement: VbqMeasurement) -> dict[str,
     (True: accepted and used by the follow-up at once) and the reasons it would wait in the
     needs-review queue instead (QC warnings; a change of the VBQ category against the value
     the rules use now or the value being corrected)."""
-    from scoring.trust import category_change, qc_clear, rule_result, rule_value, threshold_of
 
     reasons = []
     if not qc_clear(measurement.qc_flags):
@@ -304,8 +313,6 @@ def _save_corrected(*, result: VbqResult, measurement: VbqMeasurement, rois: Map
     """Write the corrected result. It is accepted (and moves alerts) only when its placed ROIs
     pass QC and it keeps the VBQ category; otherwise it waits in the needs-review queue with
     the reasons as QC flags (``scoring.trust``), and the follow-up keeps the value it had."""
-    from scoring.tasks import STORED_LEVELS
-    from scoring.trust import CATEGORY_CHANGE, qc_clear
 
     original = _locked(result)
     outcome = save_outcome(result=original, measurement=measurement)

@@ -20,9 +20,13 @@ from typing import Any
 from django.db import connection, transaction
 from django.db.models import F
 
+from db.pg import pg_execute
 from registry.models import Patient, Procedure
-from registry.services import SYSTEM_ACTOR, Actor
+from registry.side_effects import SYSTEM_ACTOR, Actor, execute_or_defer
 from registry.timeutil import clinic_date
+from scoring import services_bulk, tasks
+from scoring.engine import ALGORITHM_VERSION
+from scoring.linking import link_study
 from scoring.models import ImagingSeries, ImagingStudy, VbqResult
 
 # Link reason of a study whose linking has not run yet (a bundle's studies, linked by
@@ -71,11 +75,10 @@ def imaging_study_upsert(
     for a caller that links it itself later in its transaction (the DICOM receiver, once it has
     recorded where the files are).
     """
-    from scoring.services_bulk import imaging_study_upsert_many
 
     # One path for one study or many: an INSERT .. ON CONFLICT of the study, one of its series,
     # the audit row and the outbox marker (a few statements instead of a get-then-write per row).
-    [(pk, created)] = imaging_study_upsert_many(items=[{
+    [(pk, created)] = services_bulk.imaging_study_upsert_many(items=[{
         "study_instance_uid": study_instance_uid, "patient": patient, "source": source,
         "started_at": started_at, "modality": modality, "description": description,
         "endpoint_url": endpoint_url, "identifier_system": identifier_system,
@@ -115,7 +118,6 @@ def link_and_create_jobs(study: ImagingStudy) -> tuple[bool, list[int]]:
     create its VBQ jobs (queued after commit), in the caller's transaction, which must hold the
     study's row lock (its upsert, or ``study_received``'s ``SELECT .. FOR UPDATE``).
     Returns ``(linked, ids of the jobs created)``."""
-    from scoring.linking import link_study
 
     linked = link_study(study)
     return linked, (vbq_jobs_create(study=study) if linked else [])
@@ -134,9 +136,8 @@ def link_or_defer(study: ImagingStudy) -> bool:
     except Exception:
         logger.exception("inline linking failed study=%s; left to study_received", study.pk)
         study.linked_procedure, study.link_reason = None, LINK_PENDING
-        from scoring.tasks import enqueue_study_received
 
-        transaction.on_commit(functools.partial(enqueue_study_received, study.pk))
+        transaction.on_commit(functools.partial(tasks.enqueue_study_received, study.pk))
         return False
     return linked
 
@@ -149,7 +150,6 @@ def relink_after_procedures(patient_ids: Iterable[Any]) -> None:
     and one ``link_pending_studies`` message after commit links them. On PostgreSQL inside
     ``deferred_side_effects`` the marking joins that block's final statement (no round trip of
     its own)."""
-    from registry.services import execute_or_defer
 
     ids = sorted({str(pk) for pk in patient_ids})
     if not ids:
@@ -175,9 +175,8 @@ def relink_after_procedures(patient_ids: Iterable[Any]) -> None:
             patient_id__in=ids, record_status="active", linked_procedure__isnull=False,
         ).exclude(linked_procedure__patient_id=F("patient_id")).update(
             link_reason=RELINK_PENDING, linked_procedure=None)
-    from scoring.tasks import enqueue_link_pending_studies
 
-    transaction.on_commit(functools.partial(enqueue_link_pending_studies, ids))
+    transaction.on_commit(functools.partial(tasks.enqueue_link_pending_studies, ids))
 
 
 # Words of a series description that mark it as not worth scoring (axial, T2, STIR, scouts).
@@ -248,15 +247,12 @@ def vbq_jobs_create(*, study: ImagingStudy) -> list[int]:
 
 
 def _queue_jobs(created_ids: Sequence[int]) -> None:
-    from scoring.tasks import enqueue_vbq_compute
-
     for pk in created_ids:
-        transaction.on_commit(lambda pk=pk: enqueue_vbq_compute(pk))
+        transaction.on_commit(lambda pk=pk: tasks.enqueue_vbq_compute(pk))
 
 
 def _new_job(study: ImagingStudy, series: ImagingSeries | None = None) -> VbqResult:
     """The unsaved queued automatic job of one series of the study (model defaults apply)."""
-    from scoring.engine import ALGORITHM_VERSION
 
     return VbqResult(series=series, patient_id=study.patient_id,
                      algorithm_version=ALGORITHM_VERSION, source=VbqResult.Source.AUTO,
@@ -267,7 +263,6 @@ def _insert_jobs(rows_sql: str, params: Sequence[Any], *, prepare: bool = False)
     """``INSERT INTO <jobs> (<every column but the id>) <rows_sql> ON CONFLICT (series,
     algorithm version, source, revision) DO NOTHING RETURNING id``: the ids of the rows
     created. ``rows_sql`` gives the rows in the columns' order (``_job_fields``)."""
-    from registry.services_bulk import pg_execute
 
     meta = VbqResult._meta
     quote = connection.ops.quote_name

@@ -11,7 +11,7 @@ the new patient would get none: the jobs are unique per series, so none is creat
 Both patients are re-evaluated, the old patient's other studies are linked again, the
 study's link to the old patient's procedure is dropped, and the moved results' fractured
 levels become the new patient's (``scoring.fractured``). A study whose record status changes
-(e.g. entered in error) gets its patient re-evaluated (``registry.sweep`` counts only the
+(e.g. entered in error) gets its patient re-evaluated (``followup.sweep`` counts only the
 results of active studies)."""
 
 from __future__ import annotations
@@ -25,19 +25,26 @@ from typing import Any
 
 from django.db import connection, transaction
 
-from registry.models import Patient
-from registry.services import SYSTEM_ACTOR, Actor, audit_record, deferred_side_effects
-from registry.services_bulk import (
+from db.pg import (
     StatementPart,
-    _dedupe,
-    _expand,
-    _pg_insert_sql,
+    dedupe_rows,
+    expand_results,
     json_param,
+    pg_insert_sql,
     upsert_returning,
 )
+from registry.models import Patient
+from registry.side_effects import (
+    SYSTEM_ACTOR,
+    Actor,
+    audit_record,
+    deferred_side_effects,
+    followup_changed,
+)
 from registry.timeutil import clinic_date
+from scoring import services, tasks
+from scoring.fractured import results_refresh_fractured
 from scoring.models import ImagingSeries, ImagingStudy, VbqResult
-from scoring.services import LINK_PENDING, relink_after_procedures
 
 STUDY_FIELDS = ["patient", "source", "started_at", "started_on", "modality", "description",
                 "endpoint_url", "identifier_system", "identifier_value", "record_status"]
@@ -97,7 +104,7 @@ def imaging_study_upsert_many(*, items: Sequence[dict[str, Any]], actor: Actor =
     if active:
         # The outbox marker, as in ``imaging_study_upsert``: an updated study keeps its old
         # reason otherwise, and the sweep would never re-link it if the broker is down now.
-        ImagingStudy.objects.filter(pk__in=active).update(link_reason=LINK_PENDING)
+        ImagingStudy.objects.filter(pk__in=active).update(link_reason=services.LINK_PENDING)
     return results
 
 
@@ -176,8 +183,6 @@ def _moves(results: Sequence[tuple[Any, bool]], rows: Sequence[dict[str, Any]], 
     study that left may have been the one linked to their index procedure); the fractured
     levels of the moved results recomputed for their new patient
     (``scoring.fractured.results_refresh_fractured``: one statement for every such patient)."""
-    from registry.services import followup_changed
-    from scoring.fractured import results_refresh_fractured
 
     now = {pk: (row["patient"].pk if row["patient"] else None, row["record_status"])
            for (pk, _), row in zip(results, rows, strict=True)}  # the last row of a UID wins
@@ -208,7 +213,7 @@ def _moves(results: Sequence[tuple[Any, bool]], rows: Sequence[dict[str, Any]], 
     for pid in sorted(reevaluate):
         followup_changed(pid)
     if relink:
-        relink_after_procedures(relink)
+        services.relink_after_procedures(relink)
 
 
 def imaging_study_statement(*, items: Sequence[dict[str, Any]], actor: Actor = SYSTEM_ACTOR,
@@ -237,13 +242,13 @@ def imaging_study_statement(*, items: Sequence[dict[str, Any]], actor: Actor = S
     result_table = qn(VbqResult._meta.db_table)
     rows = _study_rows(items)
     for row in rows:
-        row["link_reason"] = LINK_PENDING if row["record_status"] == "active" else ""
-    slot_of, unique = _dedupe(rows, ["study_instance_uid"])
+        row["link_reason"] = services.LINK_PENDING if row["record_status"] == "active" else ""
+    slot_of, unique = dedupe_rows(rows, ["study_instance_uid"])
     # A re-send that names no patient (the DICOM receiver, files whose PatientID is not
     # registered) keeps the study's patient: "unknown" is not "unassigned".
     same_patient = (f"(EXCLUDED.patient_id IS NULL OR EXCLUDED.patient_id IS NOT DISTINCT "
                     f"FROM {study_table}.patient_id)")
-    study_sql, study_records = _pg_insert_sql(
+    study_sql, study_records = pg_insert_sql(
         ImagingStudy, unique, ["study_instance_uid"], STUDY_FIELDS, "", update_sql={
             "patient_id": f"COALESCE(EXCLUDED.patient_id, {study_table}.patient_id)",
             "link_reason": f"CASE WHEN EXCLUDED.record_status = 'active' THEN "
@@ -263,7 +268,7 @@ def imaging_study_statement(*, items: Sequence[dict[str, Any]], actor: Actor = S
             "vbq_study_uid": item["study_instance_uid"]}
         for item in items for s in item.get("series", ())}
     if series_rows:
-        series_sql, series_records = _pg_insert_sql(
+        series_sql, series_records = pg_insert_sql(
             ImagingSeries, list(series_rows.values()), ["series_instance_uid"], SERIES_FIELDS,
             "", select={"study_id": "s.id"}, source=(
                 "json_array_elements(%s::json) AS e CROSS JOIN LATERAL json_populate_record("
@@ -309,7 +314,7 @@ def imaging_study_statement(*, items: Sequence[dict[str, Any]], actor: Actor = S
             prior = before.get(written[row["study_instance_uid"]][0])
             if row["patient"] is None and prior is not None and prior.patient_id:
                 row["patient"] = Patient(pk=uuid.UUID(prior.patient_id))
-        results = _expand(slot_of, [written[row["study_instance_uid"]] for row in unique])
+        results = expand_results(slot_of, [written[row["study_instance_uid"]] for row in unique])
         _side_effects(results, rows, actor, queue_linking, before)
         return results
 
@@ -319,15 +324,14 @@ def imaging_study_statement(*, items: Sequence[dict[str, Any]], actor: Actor = S
 def _queue_studies(study_ids: list[Any]) -> None:
     """After commit: ``study_received`` for every study, in one message (Celery chunks) rather
     than one per study. A broker that is down is logged, not raised: the rows are committed."""
-    from scoring.tasks import study_received
 
     try:
         if len(study_ids) == 1:
-            study_received.delay(study_ids[0])
+            tasks.study_received.delay(study_ids[0])
         else:
             # argsrepr/kwargsrepr given: Celery would otherwise walk every id to build them
-            study_received.chunks([(pk,) for pk in study_ids], 100).apply_async(
+            tasks.study_received.chunks([(pk,) for pk in study_ids], 100).apply_async(
                 argsrepr=f"({len(study_ids)} studies)", kwargsrepr="{}")
     except Exception as exc:
-        logger.warning("study_received not queued for %s study(ies): %s", len(study_ids),
+        logger.warning("tasks.study_received not queued for %s study(ies): %s", len(study_ids),
                        type(exc).__name__)

@@ -14,11 +14,23 @@ from typing import Any
 
 from django.dispatch import Signal
 
+from scoring.models import VbqResult
+
 vbq_result_ready = Signal()
+
+#: Sent, with ``patient_id``, inside the transaction that stores an automatic result, once for
+#: each patient the result concerns (its patient now, and the job's patient if the study moved
+#: while it ran). Receiver: follow-up re-evaluates the patient in that transaction (the alert
+#: a result opens or resolves commits with it) and never raises (a failed evaluation leaves
+#: the patient due today, for the sweep).
+patient_result_stored = Signal()
 
 
 def result_ready(result_id: Any) -> None:
     """Tell the receivers that result ``result_id`` was stored or reviewed."""
-    from scoring.models import VbqResult
-
     vbq_result_ready.send(sender=VbqResult, result_id=result_id)
+
+
+def result_stored_for(patient_id: Any) -> None:
+    """Tell the receivers that a result of patient ``patient_id`` was stored."""
+    patient_result_stored.send(sender=VbqResult, patient_id=patient_id)

@@ -31,6 +31,18 @@ from django.db import OperationalError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from db.pg import json_param, pg_execute, pg_insert_sql
+from registry.models import Patient
+from scoring import services
+from scoring.dicomweb import PermanentFetchError, TransientFetchError, fetch_study_series
+from scoring.engine import EngineError, compute_vbq
+from scoring.fractured import fractured_levels_of, fractured_levels_sql, results_refresh_fractured
+from scoring.identity import describe, patient_mismatches
+from scoring.linking import NEARER_ARRIVED, NEARER_LINKED
+from scoring.models import ImagingSeries, ImagingStudy, VbqLevel, VbqResult
+from scoring.signals import result_ready, result_stored_for
+from scoring.trust import hold_category_change, qc_clear
+
 logger = logging.getLogger(__name__)
 STUCK_AFTER = dt.timedelta(minutes=30)
 REQUEUE_AFTER = dt.timedelta(minutes=2)
@@ -62,11 +74,9 @@ def enqueue_link_pending_studies(patient_ids: list[str]) -> None:
 def link_pending_studies(patient_ids: list[str]) -> dict:
     """A procedure was recorded for these patients: link their studies waiting as
     ``RELINK_PENDING`` (each as ``study_received`` does, in its own transaction)."""
-    from scoring.models import ImagingStudy
-    from scoring.services import RELINK_PENDING
 
     pks = list(ImagingStudy.objects.filter(
-        patient_id__in=patient_ids, record_status="active", link_reason=RELINK_PENDING,
+        patient_id__in=patient_ids, record_status="active", link_reason=services.RELINK_PENDING,
     ).values_list("pk", flat=True))
     linked = sum(bool(study_received(pk).get("linked")) for pk in pks)
     return {"studies": len(pks), "linked": linked}
@@ -78,15 +88,13 @@ def study_received(study_id: int) -> dict:
 
     One transaction: the link and its jobs are written together (a worker dying in between
     cannot leave a study linked without its job) and committed once."""
-    from scoring.models import ImagingStudy
-    from scoring.services import link_and_create_jobs
 
     with transaction.atomic():
         study = (ImagingStudy.objects.select_for_update(of=("self",))
                  .filter(pk=study_id).select_related("patient").first())
         if study is None or study.record_status != "active":
             return {"study": study_id, "jobs": 0}
-        linked, jobs = link_and_create_jobs(study)
+        linked, jobs = services.link_and_create_jobs(study)
     return {"study": study_id, "linked": linked, "jobs": len(jobs)}
 
 
@@ -111,9 +119,6 @@ def _claim(result_id: int) -> _Claimed | None:
     The job is scored for its study's patient AS OF NOW: a job created for the study's former
     patient by a linker that raced a misfile correction (the correction's statement moves
     only the results that existed when it started) moves to the study's patient here."""
-    from registry.services_bulk import pg_execute
-    from scoring.fractured import fractured_levels_sql
-    from scoring.models import ImagingSeries, ImagingStudy, VbqResult
 
     if connection.vendor != "postgresql":
         return _claim_orm(result_id)
@@ -145,8 +150,6 @@ def _claim(result_id: int) -> _Claimed | None:
 
 def _claim_orm(result_id: int) -> _Claimed | None:
     """``_claim`` in a few ORM statements (databases other than PostgreSQL)."""
-    from scoring.fractured import fractured_levels_of
-    from scoring.models import VbqResult
 
     claimed = VbqResult.objects.filter(pk=result_id, status=VbqResult.Status.QUEUED).update(
         status=VbqResult.Status.RUNNING, started_at=timezone.now(), attempts=F("attempts") + 1)
@@ -167,8 +170,6 @@ def _claim_orm(result_id: int) -> _Claimed | None:
 def _load_source(job: _Claimed):  # type: ignore[no-untyped-def]
     from pathlib import Path
 
-    from integrations.dicom.dicomweb import PermanentFetchError, fetch_study_series
-
     if job.local_path and Path(job.local_path).is_dir():
         return job.local_path
     if not job.series_instance_uid:
@@ -182,7 +183,6 @@ def _counts_alone(measurement: Any) -> bool:
     """Whether the stored result may move alerts without review (``scoring.trust``), judged
     from the measurement: only then can it change the VBQ category the follow-up sees (the
     category check's queries are skipped for every other result)."""
-    from scoring.trust import qc_clear
 
     return (measurement.status == "succeeded" and qc_clear(measurement.qc_flags)
             and (measurement.confidence or 0.0) >= settings.VBQ_TRUST_MIN_CONFIDENCE)
@@ -190,32 +190,11 @@ def _counts_alone(measurement: Any) -> bool:
 
 def _identity_mismatch(datasets: Any, patient_id: Any) -> str:
     """Why the fetched ``datasets`` are not patient ``patient_id``'s ("" when they are)."""
-    from registry.models import Patient
-    from scoring.identity import describe, patient_mismatches
 
     patient = Patient.objects.filter(pk=patient_id).first()
     if patient is None:
         return ""
     return describe(patient_mismatches(datasets, patient))
-
-
-def _reevaluate_followup(patient_id: Any) -> None:
-    """Re-evaluate the patient's follow-up now, inside the caller's transaction (the result
-    and its alerts commit together). If the evaluation fails, the result is still stored and
-    the patient is marked due today, so the sweep evaluates them instead: ``followup_evaluate``
-    does each patient's reads and writes in a savepoint of its own (its per-patient
-    ``atomic``), so a database error there leaves this transaction usable, and no second
-    savepoint around it is needed (two round trips fewer per job)."""
-    from registry.models import Patient
-    from registry.sweep import followup_evaluate
-    from registry.timeutil import clinic_today
-
-    try:
-        followup_evaluate([patient_id])
-    except Exception:
-        logger.exception("follow-up re-evaluation failed patient=%s; left to the sweep",
-                         patient_id)
-        Patient.objects.filter(pk=patient_id).update(followup_next_check_on=clinic_today())
 
 
 STORED_LEVELS = ("L1", "L2", "L3", "L4", "L5", "S1", "csf")
@@ -232,7 +211,6 @@ def _finite(value: float) -> float:
     infinity, and a measured level always has a finite median; anything else is an engine
     error, refused here with its value rather than by PostgreSQL's JSON parser."""
     if not math.isfinite(value):
-        from scoring.engine import EngineError
 
         raise EngineError(f"a level's median signal intensity is not finite ({value})")
     return value
@@ -253,10 +231,6 @@ def _store(result_id: int, measurement: Any) -> tuple[Any, list[str]]:
     milliseconds). Locking the patient first here would close it, but study moves and
     patient merges lock results before patients (a deadlock, found in review), so the worker
     keeps their order (result, then patient in the follow-up) and retries a deadlock."""
-    from registry.services_bulk import _pg_insert_sql, json_param, pg_execute
-    from scoring.fractured import fractured_levels_of, fractured_levels_sql
-    from scoring.models import VbqLevel, VbqResult
-    from scoring.trust import qc_clear
 
     values = {
         "status": measurement.status, "vbq_all_levels": measurement.vbq_all_levels,
@@ -295,7 +269,7 @@ def _store(result_id: int, measurement: Any) -> tuple[Any, list[str]]:
            f"stale AS (DELETE FROM {quote(VbqLevel._meta.db_table)} "
            f"WHERE result_id = %s AND NOT (level = ANY(%s::varchar[])))")
     if level_rows:
-        insert_sql, records = _pg_insert_sql(
+        insert_sql, records = pg_insert_sql(
             VbqLevel, level_rows, ("result", "level"),
             ("median_si", "pixel_count", "centroid", "roi", "fractured"), "")
         sql += f", written AS ({insert_sql})"
@@ -314,10 +288,6 @@ def _store(result_id: int, measurement: Any) -> tuple[Any, list[str]]:
 def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
     """Claim, fetch, score, store, and re-evaluate the patient's follow-up, in this task (no
     second message: the alert a result opens or resolves commits with the result)."""
-    from integrations.dicom.dicomweb import PermanentFetchError, TransientFetchError
-    from scoring.engine import EngineError, compute_vbq
-    from scoring.models import VbqResult
-    from scoring.signals import result_ready
 
     job = _claim(result_id)
     if job is None:
@@ -363,15 +333,14 @@ def vbq_compute(self, result_id: int) -> dict:  # type: ignore[no-untyped-def]
                 if patient_id is not None and fractured_now != sorted(set(
                         job.fractured_levels)):
                     # changed while the job ran: the value follows the levels as of now
-                    from scoring.fractured import results_refresh_fractured
 
                     results_refresh_fractured([patient_id])
                 if patient_id is not None and _counts_alone(measurement):
-                    from scoring.trust import hold_category_change
 
                     held = hold_category_change(result_id, patient_id)
                 for patient in dict.fromkeys(p for p in (patient_id, job.patient_id) if p):
-                    _reevaluate_followup(patient)  # the result's patient now (and before)
+                    # follow-up re-evaluates them in this transaction (scoring.signals)
+                    result_stored_for(patient)  # the result's patient now (and before)
                 result_ready(result_id)  # scoring.signals (the PACS export's outbox row)
             break
         except OperationalError as exc:
@@ -394,10 +363,6 @@ def vbq_requeue_stale(stuck_after_seconds: float | None = None,
     (their worker died: a re-delivered message skips a row it cannot claim)."""
     from django.db.models import Exists, OuterRef
 
-    from scoring.linking import NEARER_ARRIVED, NEARER_LINKED
-    from scoring.models import ImagingStudy, VbqResult
-    from scoring.services import LINK_PENDING, RELINK_PENDING
-
     now = timezone.now()
     stuck_after = STUCK_AFTER if stuck_after_seconds is None else dt.timedelta(
         seconds=stuck_after_seconds)
@@ -408,7 +373,8 @@ def vbq_requeue_stale(stuck_after_seconds: float | None = None,
     recovered = stuck.update(status=VbqResult.Status.QUEUED)
     # "" = never linked (a study row written without the marker, e.g. by a bulk upsert).
     pending = list(ImagingStudy.objects.filter(
-        record_status="active", link_reason__in=[LINK_PENDING, RELINK_PENDING, ""],
+        record_status="active",
+        link_reason__in=[services.LINK_PENDING, services.RELINK_PENDING, ""],
         updated_at__lt=now - requeue_after).values_list("pk", flat=True)[:200])
     # Healing: a study left unlinked because a nearer one was linked (or arrived), while its
     # patient now has NO linked study (that nearer study was moved to another patient,

@@ -27,6 +27,9 @@ from typing import Any
 from django.conf import settings
 from django.db.models import Q
 
+from registry.followup import FollowupConfig, threshold_for
+from scoring.models import VbqResult
+
 AUTOMATIC_SOURCES = ("auto", "external-seg")
 NOT_BLOCKING_CODES = frozenset({"all-levels-fractured"})
 CATEGORY_CHANGE = "category-change"
@@ -107,11 +110,9 @@ def untrusted_reason(result: Any) -> str:
 def rule_result(patient_id: Any, *, excluding: Any = None) -> Any:
     """The result the follow-up rules use for this patient (latest that counts), or None;
     ``excluding``: a result id to leave out (the one being stored). Results on a voided
-    study, or on a study now another patient's, never count (``registry.sweep.
+    study, or on a study now another patient's, never count (``followup.facts.
     COUNTED_STUDY``)."""
     from django.db.models import F
-
-    from scoring.models import VbqResult
 
     counted = Q(series__isnull=True) | Q(series__study__record_status="active",
                                          series__study__patient_id=F("patient_id"))
@@ -126,7 +127,6 @@ def hold_category_change(result_id: Any, patient_id: Any) -> bool:
     high-VBQ threshold from the value the rules use now is held: ``needs_review`` with a
     ``category-change`` flag, so a human confirms the change before it moves an alert. Inside
     the caller's transaction (the worker's store); returns whether it was held."""
-    from scoring.models import VbqResult
 
     row = VbqResult.objects.filter(pk=result_id).first()
     if row is None or not result_is_trusted(row) or row.review_status != "pending":
@@ -151,7 +151,6 @@ def hold_category_change(result_id: Any, patient_id: Any) -> bool:
 def threshold_of(field_strength_t: float | None) -> Any:
     """The high-VBQ cut-off (``registry.followup.Threshold``) for a result acquired at
     ``field_strength_t`` tesla, from the settings."""
-    from registry.followup import FollowupConfig, threshold_for
 
     return threshold_for(field_strength_t, FollowupConfig(
         threshold=settings.VBQ_HIGH_THRESHOLD, threshold_1_5t=settings.VBQ_HIGH_THRESHOLD_1_5T,

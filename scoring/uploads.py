@@ -1,5 +1,5 @@
 """A staff upload of one study's DICOM files (a zip) for a patient: checked, stored like a
-C-STORE push, registered, linked and scored (``integrations.dicom.scp.register_study``).
+C-STORE push, registered, linked and scored (``scoring.receive.register_study``).
 
 Nothing is written unless the files' DICOM patient is the registry patient
 (``scoring.identity``); a coordinator (or admin) may store mismatched files anyway with one of
@@ -18,9 +18,10 @@ from typing import Any
 from django.conf import settings
 from django.db import transaction
 
-from registry.services import Actor, audit_record
+from registry.side_effects import Actor, audit_record
 from scoring.identity import describe, patient_mismatches
 from scoring.models import VbqResult
+from scoring.receive import register_study, safe_uid
 
 IDENTITY_OVERRIDE_REASONS = {
     "name-changed": "The patient's name changed (e.g. marriage); same person verified",
@@ -54,8 +55,6 @@ def dicom_zip_upload(*, patient: Any, data: bytes, user: Any, actor: Actor,
     ``UploadRefused`` (nothing written but the refusal's audit row)."""
     import pydicom
 
-    from integrations.dicom.scp import _safe, register_study
-
     if override_reason and override_reason not in IDENTITY_OVERRIDE_REASONS:
         raise UploadRefused(400, {"detail": f"unknown override reason {override_reason[:30]!r}"})
     if override_reason and not may_override_identity(user):
@@ -72,7 +71,7 @@ def dicom_zip_upload(*, patient: Any, data: bytes, user: Any, actor: Actor,
             continue
         try:
             ds = pydicom.dcmread(io.BytesIO(archive.read(info)))
-            uids = tuple(_safe(str(ds.get(k, ""))) for k in (
+            uids = tuple(safe_uid(str(ds.get(k, ""))) for k in (
                 "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
         except Exception:  # not DICOM: skipped and counted
             rejected += 1

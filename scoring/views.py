@@ -20,7 +20,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET, require_POST
 
 from registry.models import AuditAction, Patient
-from registry.services import Actor, audit_record
+from registry.side_effects import Actor, audit_record
 from scoring import review
 from scoring.fractured import pending_recompute
 from scoring.identity import HELD_PREFIX

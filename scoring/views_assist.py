@@ -17,7 +17,7 @@ from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from registry.services import Actor
+from registry.side_effects import Actor
 from scoring.assist import review_assist
 from scoring.engine import VbqMeasurement
 from scoring.models import VbqResult

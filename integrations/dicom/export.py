@@ -36,6 +36,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from integrations import tasks
 from integrations.dicom.vbq_sr import (
     Predecessor,
     ReportError,
@@ -46,6 +47,15 @@ from integrations.dicom.vbq_sr import (
 )
 from integrations.models import DicomExport
 from registry.timeutil import clinic_zone
+from scoring.dicomweb import (
+    PermanentFetchError,
+    TransientFetchError,
+    configured_endpoint,
+    fetch_study_series,
+    store_instances,
+)
+from scoring.engine import EngineError
+from scoring.engine.dicom_io import read_series
 from scoring.models import VbqResult
 from scoring.trust import result_is_trusted
 
@@ -94,7 +104,6 @@ def endpoint_exports_enabled(base_url: str) -> bool:
 
 def _source_endpoint(result: VbqResult) -> str:
     """The configured endpoint the result's study is read from ("" when none is configured)."""
-    from integrations.dicom.dicomweb import configured_endpoint
 
     study = result.series.study  # type: ignore[union-attr]
     base, _username, _password = configured_endpoint(study.endpoint_url or "")
@@ -190,9 +199,8 @@ def dicom_export_create(*, result_id: Any) -> DicomExport | None:
             "next_attempt_at": timezone.now()})
     if not created:
         return None
-    from integrations.tasks import enqueue_dicom_exports_send
 
-    transaction.on_commit(enqueue_dicom_exports_send)
+    transaction.on_commit(tasks.enqueue_dicom_exports_send)
     logger.info("dicom export queued export=%s result=%s", row.pk, result.pk)
     return row
 
@@ -215,9 +223,8 @@ def dicom_export_resend(*, export_id: int) -> None:
     """Send an export row again (its instances keep their UIDs: the PACS keeps one copy)."""
     DicomExport.objects.filter(pk=export_id).exclude(status=Status.SENDING).update(
         status=Status.PENDING, next_attempt_at=timezone.now(), attempts=0, last_error="")
-    from integrations.tasks import enqueue_dicom_exports_send
 
-    transaction.on_commit(enqueue_dicom_exports_send)
+    transaction.on_commit(tasks.enqueue_dicom_exports_send)
 
 
 # --- sending --------------------------------------------------------------------------------
@@ -251,8 +258,6 @@ def _finish(row: DicomExport, *, error: str = "", permanent: bool = False) -> No
 
 def _source_series(row: DicomExport) -> Any:
     """The engine ``Series`` of the row's source series: the local copy, else WADO-RS."""
-    from integrations.dicom.dicomweb import fetch_study_series
-    from scoring.engine.dicom_io import read_series
 
     series = row.result.series
     if series is not None and series.local_path and Path(series.local_path).is_dir():
@@ -265,12 +270,6 @@ def _source_series(row: DicomExport) -> Any:
 
 def send_export(row: DicomExport) -> None:
     """Build and store one claimed row's SR and SC; marks it sent, pending or failed."""
-    from integrations.dicom.dicomweb import (
-        PermanentFetchError,
-        TransientFetchError,
-        store_instances,
-    )
-    from scoring.engine import EngineError
 
     try:
         report = VbqReport.from_json(row.report)

@@ -48,7 +48,8 @@ from pydicom.uid import Comprehensive3DSRStorage, generate_uid
 from pydicom.valuerep import DA, DT, TM
 
 from scoring.engine.dicom_io import Series
-from scoring.engine.model import LevelMeasurement, Roi, VbqMeasurement
+from scoring.engine.model import Acquisition, LevelMeasurement, Roi, VbqMeasurement
+from scoring.engine.render import render_png
 
 PRIVATE_SCHEME = "99VBQ"
 PRIVATE_SCHEME_NAME = "VBQ Registry codes"
@@ -163,7 +164,6 @@ class VbqReport:
     def as_measurement(self, series_instance_uid: str, series_description: str = ""
                        ) -> VbqMeasurement:
         """The report as the engine's ``VbqMeasurement`` (what ``render_png`` draws)."""
-        from scoring.engine.model import Acquisition
 
         def level(lv: ReportLevel) -> LevelMeasurement:
             roi = Roi(slice_index=lv.slice_index, row=lv.row, col=lv.col,
@@ -393,8 +393,6 @@ def _orientation_letter(vector: np.ndarray) -> str:
 def overlay_rgb(report: VbqReport, series: Series) -> np.ndarray:
     """The overlay PNG (``scoring.engine.render.render_png``) as an RGB array."""
     from PIL import Image
-
-    from scoring.engine.render import render_png
 
     measurement = report.as_measurement(str(series.series_instance_uid),
                                         series.acquisition.series_description)

@@ -21,9 +21,9 @@ from pathlib import Path
 from django.db import IntegrityError, OperationalError, transaction
 
 from integrations.fhir import guard
+from integrations.fhir.context import Context
 from integrations.fhir.errors import FhirError, rule_violation
 from integrations.fhir.ingest import apply_resource
-from integrations.fhir.mappers import Context
 from integrations.models import InboundMessage
 
 logger = logging.getLogger(__name__)

@@ -28,11 +28,7 @@ from django.db import DatabaseError, IntegrityError, OperationalError, connectio
 from django.utils import timezone
 
 from integrations.fhir import read
-from integrations.fhir.errors import FhirError, Issue, rule_violation
-from integrations.fhir.guard import ID_RE, check_document
-from integrations.fhir.limits import check_value
-from integrations.fhir.mappers import (
-    MAPPERS,
+from integrations.fhir.context import (
     Context,
     HeldReference,
     MapResult,
@@ -41,11 +37,15 @@ from integrations.fhir.mappers import (
     reference_key,
     run_deferred,
 )
+from integrations.fhir.errors import FhirError, Issue, rule_violation
+from integrations.fhir.guard import ID_RE, check_document
+from integrations.fhir.limits import check_value
+from integrations.fhir.mappers import MAPPERS
 from integrations.fhir.parse import parse_resource
 from integrations.models import HeldResource
+from registry.lookup import lookup_patients
 from registry.models import Feed
-from registry.services import Actor, deferred_side_effects
-from registry.services_bulk import lookup_patients
+from registry.side_effects import Actor, deferred_side_effects
 
 logger = logging.getLogger(__name__)
 ORDER = {"Patient": 0}

@@ -14,6 +14,7 @@ from integrations.fhir.errors import FhirError
 from integrations.fhir.guard import check_query
 from registry import codes
 from registry.models import Fracture, Patient, PatientIdentifier, Procedure, TherapyExposure
+from scoring.models import ImagingStudy
 
 
 def _identifiers(system: str, value: str) -> list[dict[str, str]]:
@@ -102,8 +103,6 @@ def medication(resource_type: str) -> Callable[[str], dict[str, Any] | None]:
 
 
 def imaging_study(pk: str) -> dict[str, Any] | None:
-    from scoring.models import ImagingStudy
-
     s = ImagingStudy.objects.filter(pk=pk).prefetch_related("series").first() \
         if pk.isdigit() else None
     if s is None:
@@ -201,7 +200,6 @@ def _matches(resource_type: str, system: str | None, value: str | None,
                .values_list("patient_id", flat=True).distinct()[:limit])
         return [f"Patient/{pk}" for pk in ids]
     if resource_type == "ImagingStudy":
-        from scoring.models import ImagingStudy
 
         q = _token_filter("identifier_system", "identifier_value", system, value)
         if system == "urn:dicom:uid" and value is not None:

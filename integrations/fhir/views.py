@@ -7,12 +7,12 @@ Every accepted or rejected payload is stored raw (``InboundMessage``, sha256) wi
 A request that writes stores its payload BEFORE its writes, in its own commit (outcome
 ``received``), and records the outcome after, so that a worker killed in the middle of the
 request (SIGKILL, OOM) leaves the payload the feed sent: single resources and batch bundles,
-whose writes commit one by one, by one autocommit INSERT (``_store_first``); a transaction
-bundle in the pipeline that opens its transaction (``_store_at_begin``: no round trip of its
-own), its outcome then set by the bundle's last statement (``_record_outcome``: committed with
-the bundle) or, if the bundle rolls back, by ``_finish``. A request refused before it wrote
+whose writes commit one by one, by one autocommit INSERT (``store_first``); a transaction
+bundle in the pipeline that opens its transaction (``store_at_begin``: no round trip of its
+own), its outcome then set by the bundle's last statement (``record_outcome``: committed with
+the bundle) or, if the bundle rolls back, by ``message_finish``. A request refused before it wrote
 anything stores the payload with its error in one INSERT, except a transaction bundle refused
-while parsing its entries (inside its first attempt, after ``_store_at_begin``): a ROLLBACK
+while parsing its entries (inside its first attempt, after ``store_at_begin``): a ROLLBACK
 and an UPDATE of the stored row.
 Errors always answer an OperationOutcome with the right 4xx — never a 5xx for bad input.
 
@@ -26,22 +26,29 @@ scope for the resource type, as writes do.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from django.conf import settings
 from django.contrib.auth.decorators import login_not_required
 from django.db import DataError, IntegrityError, connection, transaction
 from django.http import HttpRequest, HttpResponse
-from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
 from config.ratelimit import RateLimited, feed_from_request
 from integrations.fhir import guard, read
+from integrations.fhir.context import Context
 from integrations.fhir.errors import FhirError, Issue, operation_outcome, rule_violation
+from integrations.fhir.inbound import (
+    bundle_summary,
+    clean_summary_text,
+    message_finish,
+    message_received,
+    record_outcome,
+    store_at_begin,
+    store_first,
+)
 from integrations.fhir.ingest import (
     EntryOutcome,
     apply_resource,
@@ -50,11 +57,10 @@ from integrations.fhir.ingest import (
     process_batch,
     process_transaction,
 )
-from integrations.fhir.mappers import MAPPERS, Context
+from integrations.fhir.mappers import MAPPERS
 from integrations.models import InboundMessage
 from registry.models import AuditAction, Feed
-from registry.services import Actor, audit_record, execute_or_defer
-from registry.services_bulk import pg_execute
+from registry.side_effects import Actor, audit_record
 
 logger = logging.getLogger(__name__)
 FHIR_JSON = "application/fhir+json"
@@ -91,50 +97,6 @@ def _feed(request: HttpRequest) -> Feed:
 JSON_TYPES = {FHIR_JSON, "application/json", "application/json+fhir"}
 
 
-def _declared_length(request: HttpRequest) -> int:
-    text = request.META.get("CONTENT_LENGTH") or ""
-    try:
-        length = int(text) if text.strip() else 0
-    except ValueError as exc:
-        raise FhirError.single(400, "structure", "Content-Length is not a number") from exc
-    if length < 0:
-        raise FhirError.single(400, "structure", "Content-Length is negative")
-    return length
-
-
-def _chunked(request: HttpRequest) -> bool:
-    """A body sent with ``Transfer-Encoding: chunked`` (no Content-Length) that the server
-    de-chunks and terminates (``wsgi.input_terminated``, as gunicorn does): Django reads no
-    body without a Content-Length, so it is read from the WSGI input here."""
-    return (not request.META.get("CONTENT_LENGTH")
-            and "chunked" in request.headers.get("Transfer-Encoding", "").lower()
-            and bool(request.META.get("wsgi.input_terminated")))
-
-
-def _raw_body(request: HttpRequest) -> bytes:
-    """The bytes received, at most ``FHIR_MAX_PAYLOAD_BYTES`` (413 past it: by the declared
-    Content-Length before reading anything, else once read)."""
-    limit = settings.FHIR_MAX_PAYLOAD_BYTES
-    if _declared_length(request) > limit:
-        raise guard.too_large()
-    if _chunked(request) and not getattr(request, "_read_started", False):
-        stream = request.META["wsgi.input"]
-        parts, size = [], 0
-        while size <= limit:
-            part = stream.read(min(1 << 20, limit + 1 - size))
-            if not part:
-                break
-            parts.append(part)
-            size += len(part)
-        raw = b"".join(parts)
-        request._body = raw  # type: ignore[attr-defined]  # (what request.body returns)
-        request._read_started = True  # type: ignore[attr-defined]
-    else:
-        raw = request.body
-    if len(raw) > limit:
-        raise guard.too_large()
-    return raw
-
 
 def _body(request: HttpRequest) -> Any:
     """The validated JSON of a write (``guard``): 415 for another media type, an unknown
@@ -144,236 +106,13 @@ def _body(request: HttpRequest) -> Any:
     if content_type not in JSON_TYPES:
         raise FhirError.single(415, "not-supported", f"Content-Type must be {FHIR_JSON} "
                                f"(got {content_type[:60] or 'none'})")
-    text = guard.decode_body(request.body,  # (read and size-checked by ``_received``)
+    text = guard.decode_body(request.body,  # (read and size-checked by ``message_received``)
                              content_encoding=request.headers.get("Content-Encoding", ""),
                              charset=request.content_params.get("charset"))
     document = guard.loads(text)
     feed: Feed = request.feed  # type: ignore[attr-defined]
     guard.check_document(document, feed_name=feed.name)
     return document.data
-
-
-def _clean(text: str) -> str:
-    """Text for a stored summary (jsonb: no NUL, no control character)."""
-    return guard.FORBIDDEN_CHARS.sub("\ufffd", text)
-
-
-def _received(request: HttpRequest, feed: Feed) -> InboundMessage:
-    """The raw payload of an AUTHENTICATED request, as a not yet saved ``InboundMessage``: the
-    body is read here; ``_store`` writes it. Over the size limit: 413, and the message is
-    stored without its body (``size_bytes`` the declared length)."""
-    message = InboundMessage(
-        feed=feed, channel="fhir-rest",
-        content_type=_clean(request.META.get("CONTENT_TYPE", ""))[:100],
-        sha256="", size_bytes=0, body=b"", received_at=timezone.now())
-    try:
-        raw = _raw_body(request)
-    except FhirError as exc:
-        declared = str(request.META.get("CONTENT_LENGTH") or "").strip()
-        message.size_bytes = int(declared) if declared.isdigit() else 0
-        exc.message = message  # type: ignore[attr-defined]  # stored by ``_guarded``
-        raise
-    message.sha256 = hashlib.sha256(raw).hexdigest()
-    message.size_bytes = len(raw)
-    message.body = raw
-    return message
-
-
-def _outcome_fields(status: int, summary: dict[str, Any]) -> dict[str, Any]:
-    outcome = (InboundMessage.Outcome.ACCEPTED if status < 300 else
-               InboundMessage.Outcome.REJECTED)
-    if summary.get("partial"):
-        outcome = InboundMessage.Outcome.PARTIAL
-    return {"outcome": outcome, "status_code": status, "summary": summary}
-
-
-def _insert(message: InboundMessage) -> tuple[str, list[Any]]:
-    """The PostgreSQL INSERT of a message with its outcome (run with server-side binding by
-    ``pg_execute`` or ``deferred_side_effects``: the body is not escaped into the SQL text)."""
-    return (
-        f"INSERT INTO {InboundMessage._meta.db_table} (feed_id, channel, "  # noqa: S608
-        "received_at, content_type, sha256, size_bytes, body, outcome, status_code, summary) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb) RETURNING id",
-        [message.feed_id, message.channel, message.received_at, message.content_type,
-         message.sha256, message.size_bytes, message.body, str(message.outcome),
-         message.status_code, json.dumps(message.summary, default=str)])
-
-
-def _save(message: InboundMessage) -> None:
-    """The ORM INSERT (SQLite): a new row even after a rolled-back attempt had set its pk."""
-    message.pk = None
-    message.save(force_insert=True)
-
-
-def _set_outcome(message: InboundMessage, status: int, summary: dict[str, Any]) -> None:
-    for name, value in _outcome_fields(status, summary).items():
-        setattr(message, name, value)
-
-
-def _write(message: InboundMessage) -> None:
-    """INSERT the message now, in ONE autocommit statement (server-side binding on
-    PostgreSQL: the body is not escaped into the SQL text)."""
-    if connection.vendor != "postgresql":
-        _save(message)
-        return
-    ((message.pk,),) = pg_execute(*_insert(message))
-    message._state.adding = False
-
-
-def _store(message: InboundMessage, status: int, summary: dict[str, Any]) -> None:
-    """Store the raw payload with its outcome: ONE statement (a request refused before it
-    wrote anything, or a transaction bundle that rolled back)."""
-    _set_outcome(message, status, summary)
-    _write(message)
-
-
-def _store_first(message: InboundMessage) -> None:
-    """Batch bundles and single resources commit their writes one by one: the raw payload is
-    stored BEFORE them (outcome ``received``), so a worker killed in the middle of the request
-    leaves no committed clinical row without the payload it came from; ``_finish`` then
-    records the outcome. (A transaction bundle on PostgreSQL stores it first too, without
-    this round trip: ``_store_at_begin``; on SQLite through here.)"""
-    _write(message)
-    message.stored_first = True  # type: ignore[attr-defined]
-
-
-def _finish(message: InboundMessage | None, status: int, summary: dict[str, Any]) -> None:
-    """Store the payload with its outcome, or only the outcome when it was stored first
-    (``_store_first``, ``_store_at_begin``); nothing when the transaction bundle's own
-    transaction recorded it (``stored``) or there is no payload (GET; refused before the body
-    was read)."""
-    if message is None or getattr(message, "stored", False):
-        return
-    if getattr(message, "stored_first", False):
-        InboundMessage.objects.filter(pk=message.pk).update(**_outcome_fields(status, summary))
-        return
-    _store(message, status, summary)
-
-
-def _update(message: InboundMessage) -> tuple[str, list[Any]]:
-    """The PostgreSQL UPDATE of a stored-first message's outcome."""
-    return (
-        f"UPDATE {InboundMessage._meta.db_table} SET outcome = %s, "  # noqa: S608
-        "status_code = %s, summary = %s::jsonb WHERE id = %s",
-        [str(message.outcome), message.status_code,
-         json.dumps(message.summary, default=str), message.pk])
-
-
-# Sent as ONE pipeline (one Sync, one round trip) in place of the bare BEGIN the bundle's
-# transaction would have started with: the payload's own short transaction, then the bundle's.
-_BEGIN = "BEGIN"
-_ASYNC = "SET LOCAL synchronous_commit TO off"
-_COMMIT = "COMMIT"
-
-
-def _begin(pg: Any) -> str:
-    """The BEGIN psycopg itself would send on this connection: with its isolation level, read
-    only and deferrable settings (Django sets them from ``DATABASES OPTIONS``)."""
-    words = ["BEGIN"]
-    if pg.isolation_level is not None:
-        words.append("ISOLATION LEVEL " + pg.isolation_level.name.replace("_", " "))
-    if pg.read_only is not None:
-        words.append("READ ONLY" if pg.read_only else "READ WRITE")
-    if pg.deferrable is not None:
-        words.append("DEFERRABLE" if pg.deferrable else "NOT DEFERRABLE")
-    return " ".join(words)
-
-
-def _store_at_begin(message: InboundMessage) -> Callable[[], None]:
-    """For a transaction bundle (``Context.at_begin``, PostgreSQL): store the raw payload
-    (outcome ``received``) in its OWN commit, at no round trip of its own, so that a worker
-    killed in the middle of the bundle (SIGKILL, OOM: PostgreSQL rolls the bundle back) still
-    leaves the payload the feed sent.
-
-    Run just inside the bundle's outermost ``atomic`` block, before psycopg has sent its
-    BEGIN: ``BEGIN; SET LOCAL synchronous_commit TO off; INSERT ... RETURNING id; COMMIT;
-    BEGIN`` go in one pipeline, which replaces psycopg's own BEGIN round trip; the bundle then
-    runs in the transaction that pipeline opened (psycopg sends no second BEGIN when the
-    connection is already in a transaction; Django commits or rolls it back as usual).
-    Measured (time until the bundle's transaction is open, 60 kB payload, medians,
-    interleaved, load ~4.5): BEGIN alone 0.19 ms (the payload's INSERT, ~0.36 ms, was then paid
-    inside the bundle); an autocommit INSERT first, synchronous commit, 4.3-5.1 ms (one round
-    trip and one WAL flush wait more); the same with an asynchronous commit 1.0 ms (one round
-    trip more); this pipeline 1.0-1.1 ms (the same locally; one round trip fewer across a
-    network).
-
-    Why an asynchronous commit is enough: it is committed (visible, kept) as soon as it
-    returns, whatever happens to this process; only a crash of PostgreSQL itself within
-    ~3 × ``wal_writer_delay`` could lose it, and then the bundle's transaction, which started
-    after it, is lost too unless it committed, and its synchronous commit (like the
-    synchronous outcome UPDATE of a refused bundle) flushes the WAL up to and past the
-    payload's commit record. So no answer is ever sent, and no clinical row committed, before
-    the payload is on disk.
-
-    Inside an enclosing transaction (a caller's own ``atomic``, a test's) nothing can be
-    committed first: the payload is then INSERTed with its outcome by ``_record_outcome``, as
-    part of the bundle, as before. Once stored, later attempts (retries) do nothing.
-
-    The bundle's BEGIN carries the connection's transaction characteristics, as psycopg's own
-    would (``DATABASES OPTIONS`` ``isolation_level``, read only, deferrable: ``_begin``).
-
-    Limit: a connection lost after the pipeline's COMMIT ran but before its reply came back
-    leaves a ``received`` row the retry does not know of: the payload, never the bundle, is
-    then stored twice."""
-
-    def at_begin() -> None:
-        import psycopg  # (PostgreSQL only: not needed by a SQLite installation)
-
-        if getattr(message, "stored_first", False):
-            return
-        connection.ensure_connection()
-        pg = connection.connection
-        if pg.pgconn.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            return  # an enclosing transaction: stored with the bundle
-        sql, params = _insert(message)
-        # psycopg's autocommit only decides whether it sends BEGIN before a statement while
-        # the connection is idle; with it on, the pipeline below runs as written. It cannot
-        # be switched back while the bundle's transaction is open, and need not be: Django's
-        # commit / rollback work in either mode and the atomic block's exit turns it on.
-        pg.autocommit = True
-        try:
-            with (connection.wrap_database_errors, psycopg.Cursor(pg) as insert,
-                  psycopg.Cursor(pg) as command):
-                with pg.pipeline():
-                    command.execute(_BEGIN)
-                    command.execute(_ASYNC)
-                    insert.execute(sql, params)
-                    command.execute(_COMMIT)
-                    command.execute(_begin(pg))
-                ((message.pk,),) = insert.fetchall()
-        finally:
-            if pg.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-                pg.autocommit = False  # (failed before the second BEGIN: Django's state)
-        message._state.adding = False
-        message.stored_first = True  # type: ignore[attr-defined]
-
-    return at_begin
-
-
-def _record_outcome(message: InboundMessage
-                    ) -> Callable[[list[tuple[int, EntryOutcome]]], None]:
-    """For a transaction bundle (``Context.before_commit``): the payload's outcome as the
-    last statement of the bundle's own transaction (a CTE of its deferred side effects: no
-    round trip of its own), whose commit is then the one synchronous commit: an UPDATE of the
-    row ``_store_at_begin`` stored first, or (stored with the bundle: an enclosing
-    transaction, SQLite) the INSERT of the payload with its outcome. Run again by each
-    retry; if the bundle finally rolls back, ``_finish`` records the error instead. The caller
-    sets ``message.stored`` once the bundle has committed."""
-
-    def record(results: list[tuple[int, EntryOutcome]]) -> None:
-        _set_outcome(message, 200, _summary(results))
-        if getattr(message, "stored_first", False):
-            if connection.vendor != "postgresql":
-                InboundMessage.objects.filter(pk=message.pk).update(
-                    **_outcome_fields(200, message.summary))
-            else:
-                execute_or_defer(*_update(message))
-        elif connection.vendor != "postgresql":  # the statement below is PostgreSQL's
-            _save(message)
-        else:
-            execute_or_defer(*_insert(message))
-
-    return record
 
 
 # Errors that only bad input can raise past the validation layer (a database DataError: a
@@ -392,18 +131,18 @@ def _guarded(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse
             feed = _feed(request)  # 401/429 here: the body is never read, nothing stored
             if request.method in {"POST", "PUT"}:
                 try:
-                    message = _received(request, feed)
+                    message = message_received(request, feed)
                 except FhirError as exc:
                     message = getattr(exc, "message", None)
                     raise
             request.feed = feed  # type: ignore[attr-defined]
             request.inbound_message = message  # type: ignore[attr-defined]
             response = handler(request, *args, **kwargs)
-            _finish(message, response.status_code,
+            message_finish(message, response.status_code,
                     getattr(response, "vbq_summary", {"status": response.status_code}))
             return response
         except FhirError as exc:
-            _finish(message, exc.status, {"error": _clean(str(exc))[:500]})
+            message_finish(message, exc.status, {"error": clean_summary_text(str(exc))[:500]})
             return _outcome(exc)
         except UNPROCESSABLE as exc:
             # Input the checks above did not foresee (the request's writes, each inside its
@@ -412,11 +151,11 @@ def _guarded(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse
                              message.feed_id if message else None)
             error = FhirError.single(422, "processing", "the request could not be processed "
                                      f"({type(exc).__name__}); nothing of it was written")
-            _finish(message, 422, {"error": type(exc).__name__})
+            message_finish(message, 422, {"error": type(exc).__name__})
             return _outcome(error)
         except Exception as exc:  # a bug or the database gone: record it if we still can
             try:
-                _finish(message, 500, {"error": type(exc).__name__})
+                message_finish(message, 500, {"error": type(exc).__name__})
             except Exception:  # the original exception is the one to raise
                 logger.warning("inbound message of feed %s not stored",
                                message.feed_id if message else None)
@@ -430,15 +169,6 @@ def _ctx(request: HttpRequest) -> tuple[Context, Callable[[str], bool]]:
     return Context(feed_name=feed.name, actor=Actor(feed_id=feed.pk, via="fhir")), feed.allows
 
 
-def _summary(results: list[tuple[int, EntryOutcome]]) -> dict[str, Any]:
-    return {
-        "entries": len(results),
-        "statuses": sorted({o.status for _, o in results}),
-        "partial": any(o.status >= 400 for _, o in results)
-        and any(o.status < 300 for _, o in results),
-    }
-
-
 def _bundle_response(kind: str, results: list[tuple[int, EntryOutcome]]) -> HttpResponse:
     entries = []
     for _, outcome in results:
@@ -449,7 +179,7 @@ def _bundle_response(kind: str, results: list[tuple[int, EntryOutcome]]) -> Http
             response["outcome"] = operation_outcome(outcome.issues)
         entries.append({"response": response})
     http = _response({"resourceType": "Bundle", "type": f"{kind}-response", "entry": entries})
-    http.vbq_summary = _summary(results)  # type: ignore[attr-defined]
+    http.vbq_summary = bundle_summary(results)  # type: ignore[attr-defined]
     return http
 
 
@@ -466,15 +196,15 @@ def root(request: HttpRequest) -> HttpResponse:
     if kind == "transaction":
         message: InboundMessage = request.inbound_message  # type: ignore[attr-defined]
         if connection.vendor == "postgresql":
-            ctx.at_begin = _store_at_begin(message)
+            ctx.at_begin = store_at_begin(message)
         elif not connection.in_atomic_block:  # (SQLite: a local commit, cheap)
-            _store_first(message)
-        ctx.before_commit = _record_outcome(message)
+            store_first(message)
+        ctx.before_commit = record_outcome(message)
         results = process_transaction(data, ctx, allowed)  # returns once committed
         message.stored = True  # type: ignore[attr-defined]  # by the bundle's transaction
         return _bundle_response("transaction", results)
     if kind == "batch":
-        _store_first(request.inbound_message)  # type: ignore[attr-defined]
+        store_first(request.inbound_message)  # type: ignore[attr-defined]
         return _bundle_response("batch", process_batch(data, ctx, allowed))
     raise FhirError.single(400, "not-supported", "Bundle.type must be transaction or batch",
                            "Bundle.type")
@@ -496,7 +226,7 @@ def _single(request: HttpRequest, resource_type: str, data: Any,
     the request as a bundle entry, whose condition (``conditional_outcome``) is evaluated
     inside that transaction."""
     ctx, allowed = _ctx(request)
-    _store_first(request.inbound_message)  # type: ignore[attr-defined]
+    store_first(request.inbound_message)  # type: ignore[attr-defined]
     try:
         with transaction.atomic():
             decided = conditional_outcome(entry, "HTTP") if entry else None

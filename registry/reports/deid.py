@@ -14,7 +14,7 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
-from registry.reports.survival import CohortRow, ReportParams, vbq_group, vbq_of
+from registry.reports.cohort import CohortRow, ReportParams, vbq_group, vbq_of
 
 COUNT_KEYS = {
     "n", "events", "eligible", "treated", "patients", "patients_with_secondary_fracture",

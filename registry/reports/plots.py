@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from registry.reports.survival import (
+from registry.reports.cohort import (
     AT_RISK_TIMES_DAYS,
     DAYS_PER_MONTH,
     HIGH,

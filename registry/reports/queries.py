@@ -34,6 +34,7 @@ from django.db import connection
 from django.db.models import Q, QuerySet, TextField
 from django.db.models.functions import Cast
 
+from followup.facts import COUNTED_STUDY
 from registry.models import (
     Alert,
     ExposureStatus,
@@ -43,9 +44,9 @@ from registry.models import (
     RecordStatus,
     TherapyExposure,
 )
-from registry.reports.survival import AlertRow, CohortRow
-from registry.sweep import COUNTED_STUDY
+from registry.reports.cohort import AlertRow, CohortRow
 from registry.timeutil import clinic_today, start_of_clinic_day
+from scoring.models import VbqResult
 from scoring.trust import AUTOMATIC_SOURCES, trusted_q
 
 
@@ -90,7 +91,6 @@ class Cohort:
 
 def build_cohort(filters: CohortFilters | None = None) -> Cohort:
     """Return the cohort table for ``filters`` (see module docstring for the rules)."""
-    from scoring.models import VbqResult
 
     f = filters or CohortFilters()
     cutoff = f.cutoff or clinic_today()

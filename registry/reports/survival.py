@@ -28,181 +28,46 @@ gives each definition in words, with its reference):
   UK FLS-DB), 180 (HEDIS OMW) and 365, among those alive and followed to that day whether or
   not they fractured (numerator / denominator given); median days to therapy among treated
   high-VBQ patients; alert response times.
+
+The sections live by theme: this module (Table 1, incidence, Kaplan–Meier, Cox, and
+``build_report``), ``registry.reports.roc``, ``registry.reports.kpis``; the data model is
+``registry.reports.cohort``.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from scipy import stats
 
+from registry.reports.cohort import (
+    AT_RISK_TIMES_DAYS,
+    HIGH,
+    NORMAL,
+    AlertRow,
+    CohortRow,
+    Report,
+    ReportParams,
+    Section,
+    mean_sd,
+    reverse_km_followup,
+    safe_section,
+    vbq_group,
+    vbq_of,
+)
+from registry.reports.kpis import (
+    by_field_strength,
+    kpis,
+    paired_vbq,
+)
 from registry.reports.ph_test import ph_score_test, scaled_schoenfeld, schoenfeld_bins
-
-HIGH = "high"
-NORMAL = "normal"
-KPI_WINDOWS_DAYS = (60, 112, 180, 365)
-AT_RISK_TIMES_DAYS = (0, 90, 180, 365, 730, 1095)
-ROC_HORIZON_DAYS = 730
-TIME_DEPENDENT_AUC_DAYS = (365, 730)
-DAYS_PER_MONTH = 30.4375
-
-
-def format_p(p: float | None) -> str:
-    """A p-value as a reader should see it: ``"< 0.001"`` below 0.001 (never ``"0.000"``),
-    otherwise three decimals; ``"—"`` when there is none."""
-    if p is None or not math.isfinite(p):
-        return "—"
-    if p < 0.001:
-        return "< 0.001"
-    return f"{p:.3f}"
-
-
-@dataclass(frozen=True)
-class CohortRow:
-    """One patient of the report cohort. ``time_days``: index procedure to first secondary
-    fracture (``event``) or censoring (death, last contact or data cut-off).
-    ``followup_days``: index procedure to the end of observation (death, last contact or
-    cut-off) whether or not the patient fractured; ``None`` means ``time_days``."""
-
-    patient_key: str
-    index_date: dt.date
-    age_years: float | None
-    sex: str
-    bmi: float | None
-    vbq_all_levels: float | None
-    vbq_excluding_fractured: float | None
-    field_strength_t: float | None
-    event: bool
-    time_days: float
-    censor_reason: str = ""
-    fracture_site: str | None = None
-    therapy_start_days: float | None = None
-    care_team: str = ""
-    followup_days: float | None = None
-
-    @property
-    def observed_days(self) -> float:
-        """Days the patient was observed, a fracture notwithstanding (KPI denominators)."""
-        return self.time_days if self.followup_days is None else self.followup_days
-
-
-@dataclass(frozen=True)
-class AlertRow:
-    rule_id: str
-    hours_to_acknowledge: float | None
-    hours_to_resolve: float | None
-    resolution_reason: str = ""
-
-
-@dataclass(frozen=True)
-class ReportParams:
-    threshold: float = 3.0
-    vbq_value: str = "excluding_fractured"  # or "all_levels"
-    followup_days: int = 60
-    small_cell_min: int = 5
-
-
-@dataclass
-class Section:
-    available: bool
-    message: str = ""
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class Report:
-    params: ReportParams
-    n_patients: int
-    sections: dict[str, Section]
-
-    def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dt.date):
-        return value.isoformat()
-    return value
-
-
-def vbq_of(row: CohortRow, params: ReportParams) -> float | None:
-    """The VBQ value the report uses for ``row`` (by ``params.vbq_value``)."""
-    if params.vbq_value == "all_levels":
-        return row.vbq_all_levels
-    return row.vbq_excluding_fractured if row.vbq_excluding_fractured is not None else (
-        row.vbq_all_levels
-    )
-
-
-def vbq_group(row: CohortRow, params: ReportParams) -> str | None:
-    value = vbq_of(row, params)
-    if value is None:
-        return None
-    return HIGH if value >= params.threshold else NORMAL
-
-
-def _mean_sd(values: Sequence[float]) -> dict[str, float | int | None]:
-    """n, mean, SD, median and quartiles (numpy's linear interpolation, R's type 7)."""
-    arr = np.asarray([v for v in values if v is not None], dtype=float)
-    if arr.size == 0:
-        return {"n": 0, "mean": None, "sd": None, "median": None, "q1": None, "q3": None}
-    q1, median, q3 = np.percentile(arr, [25, 50, 75])
-    return {
-        "n": int(arr.size),
-        "mean": float(arr.mean()),
-        "sd": float(arr.std(ddof=1)) if arr.size > 1 else None,
-        "median": float(median), "q1": float(q1), "q3": float(q3),
-    }
-
-
-def reverse_km_followup(rows: Sequence[CohortRow]) -> dict[str, float | int | None]:
-    """Median (IQR) follow-up in months by reverse Kaplan–Meier (Schemper & Smith 1996): the
-    Kaplan–Meier estimate of the time to censoring, a fracture counting as censored. Unlike
-    the mean time to event or censoring, it does not shorten a group for having more events.
-    A quartile the curve never reaches is ``None``."""
-    from lifelines import KaplanMeierFitter
-
-    if not rows:
-        return {"n": 0, "median": None, "q1": None, "q3": None}
-    t = np.array([r.time_days for r in rows], dtype=float)
-    censored = np.array([not r.event for r in rows], dtype=bool)
-    if not censored.any():
-        return {"n": len(rows), "median": None, "q1": None, "q3": None}
-    kmf = KaplanMeierFitter().fit(t, censored)
-
-    def quantile(p: float) -> float | None:
-        # First time the reverse-KM curve is at or below 1 - p (lifelines' and R's rule when
-        # no plateau sits exactly on 1 - p).
-        value = float(kmf.percentile(1.0 - p))
-        return value / DAYS_PER_MONTH if math.isfinite(value) else None
-
-    return {"n": len(rows), "median": quantile(0.5), "q1": quantile(0.25),
-            "q3": quantile(0.75)}
-
-
-def _safe(fn: Any, *args: Any, **kwargs: Any) -> Section:
-    """Run a section builder; any numerical failure becomes an unavailable section."""
-    try:
-        result: Section = fn(*args, **kwargs)
-        return result
-    except (ValueError, ZeroDivisionError, np.linalg.LinAlgError, FloatingPointError) as exc:
-        return Section(False, f"Not computable on this cohort: {exc}")
-    except Exception as exc:  # lifelines raises its own convergence errors
-        return Section(False, f"Not computable on this cohort ({type(exc).__name__}): {exc}")
+from registry.reports.roc import (
+    roc,
+)
 
 
 # --- Table 1 ----------------------------------------------------------------------------------
@@ -218,8 +83,8 @@ def table1(rows: Sequence[CohortRow], params: ReportParams) -> Section:
     for name, rs in (("all", list(rows)), (HIGH, grouped[HIGH]), (NORMAL, grouped[NORMAL])):
         out["groups"][name] = {
             "n": len(rs),
-            "age_years": _mean_sd([r.age_years for r in rs if r.age_years is not None]),
-            "bmi": _mean_sd([r.bmi for r in rs if r.bmi is not None]),
+            "age_years": mean_sd([r.age_years for r in rs if r.age_years is not None]),
+            "bmi": mean_sd([r.bmi for r in rs if r.bmi is not None]),
             "followup_months": reverse_km_followup(rs),
             "female_pct": 100.0 * sum(r.sex == "female" for r in rs) / len(rs) if rs else None,
             "events": sum(r.event for r in rs),
@@ -473,248 +338,6 @@ def cox(rows: Sequence[CohortRow], params: ReportParams) -> Section:
     return Section(True, " ".join(messages), {"models": models})
 
 
-# --- ROC --------------------------------------------------------------------------------------
-def _midrank(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    n = len(x)
-    ranks_sorted = np.empty(n, dtype=float)
-    i = 0
-    while i < n:
-        j = i
-        while j < n and sorted_x[j] == sorted_x[i]:
-            j += 1
-        ranks_sorted[i:j] = 0.5 * (i + j - 1) + 1
-        i = j
-    ranks = np.empty(n, dtype=float)
-    ranks[order] = ranks_sorted
-    return ranks
-
-
-def delong_auc_ci(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float, float, float]:
-    """AUC, its DeLong standard error and 95 % CI (Sun & Xu 2014 fast algorithm)."""
-    scores = np.asarray(scores, dtype=float)
-    labels = np.asarray(labels, dtype=bool)
-    pos, neg = scores[labels], scores[~labels]
-    m, n = len(pos), len(neg)
-    if m == 0 or n == 0:
-        raise ValueError("ROC needs both patients with and without a secondary fracture")
-    tx, ty = _midrank(pos), _midrank(neg)
-    tz = _midrank(np.concatenate([pos, neg]))
-    auc = (tz[:m].sum() / m - (m + 1) / 2) / n
-    v01 = (tz[:m] - tx) / n
-    v10 = 1.0 - (tz[m:] - ty) / m
-    s01 = np.var(v01, ddof=1) if m > 1 else 0.0
-    s10 = np.var(v10, ddof=1) if n > 1 else 0.0
-    se = math.sqrt(s01 / m + s10 / n)
-    return float(auc), se, max(0.0, auc - 1.96 * se), min(1.0, auc + 1.96 * se)
-
-
-def _confusion(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
-    pred = scores >= threshold
-    tp = int((pred & labels).sum())
-    fp = int((pred & ~labels).sum())
-    fn = int((~pred & labels).sum())
-    tn = int((~pred & ~labels).sum())
-
-    def ratio(a: int, b: int) -> float | None:
-        return a / b if b else None
-
-    return {
-        "threshold": threshold, "tp": tp, "fp": fp, "fn": fn, "tn": tn,
-        "sensitivity": ratio(tp, tp + fn), "specificity": ratio(tn, tn + fp),
-        "ppv": ratio(tp, tp + fp), "npv": ratio(tn, tn + fn),
-    }
-
-
-def roc(rows: Sequence[CohortRow], params: ReportParams) -> Section:
-    """ROC of VBQ for a secondary fracture within ``ROC_HORIZON_DAYS``, on the patients whose
-    status at the horizon is known: a fracture within it (case) or fracture-free follow-up
-    reaching it (control). Patients censored earlier are left out (counted), never taken for
-    non-fractured. Plus the IPCW cumulative/dynamic AUC at 1 and 2 years on every patient."""
-    from sklearn.metrics import roc_curve
-
-    usable = [r for r in rows if vbq_of(r, params) is not None]
-    if len(usable) == 0:
-        return Section(False, "No patients with a VBQ value: no ROC.")
-    horizon = ROC_HORIZON_DAYS
-    known = [r for r in usable if (r.event and r.time_days <= horizon) or r.time_days >= horizon]
-    scores = np.array([vbq_of(r, params) for r in known], dtype=float)
-    labels = np.array([r.event and r.time_days <= horizon for r in known], dtype=bool)
-    excluded = len(usable) - len(known)
-    restriction = (
-        f"Cases: secondary fracture within {horizon} days; controls: followed "
-        f"fracture-free for {horizon} days. Patients censored earlier without a fracture "
-        "are left out of this ROC (their number: excluded_short_followup)."
-    )
-    data: dict[str, Any] = {"horizon_days": horizon, "n": len(known),
-                            "excluded_short_followup": excluded, "time_dependent": {}}
-    data["time_dependent"] = _time_dependent_auc(usable, params)
-    if not known or labels.all() or not labels.any():
-        return Section(False, "ROC needs patients both with a secondary fracture within "
-                       f"{horizon} days and followed fracture-free for {horizon} days. "
-                       + restriction, data)
-    auc, se, lo, hi = delong_auc_ci(scores, labels)
-    fpr, tpr, thresholds = roc_curve(labels, scores)
-    youden_idx = int(np.argmax(tpr - fpr))
-    data.update({
-        "auc": auc, "se": se, "ci95": [lo, hi], "method": "DeLong",
-        "fpr": fpr.tolist(), "tpr": tpr.tolist(),
-        "youden_threshold": float(thresholds[youden_idx]),
-        "youden_j": float(tpr[youden_idx] - fpr[youden_idx]),
-        "at_threshold": _confusion(scores, labels, params.threshold),
-        "cases": int(labels.sum()), "controls": int((~labels).sum()),
-    })
-    return Section(True, restriction, data)
-
-
-def _time_dependent_auc(rows: Sequence[CohortRow], params: ReportParams) -> dict[str, Any]:
-    """Cumulative/dynamic AUC at ``TIME_DEPENDENT_AUC_DAYS`` with inverse-probability-of-
-    censoring weights (Uno et al. 2007; scikit-survival): cases = fracture by t, weighted by
-    1 / G(T_i) with G the Kaplan–Meier estimate of the censoring distribution; controls =
-    fracture-free beyond t. A horizon outside the follow-up, or with no case or no control,
-    is reported with the reason instead of a value."""
-    from sksurv.metrics import cumulative_dynamic_auc
-    from sksurv.util import Surv
-
-    out: dict[str, Any] = {}
-    if not rows:
-        return out
-    times = np.array([r.time_days for r in rows], dtype=float)
-    events = np.array([r.event for r in rows], dtype=bool)
-    scores = np.array([vbq_of(r, params) for r in rows], dtype=float)
-    y = Surv.from_arrays(event=events, time=times)
-    for horizon in TIME_DEPENDENT_AUC_DAYS:
-        cases = int((events & (times <= horizon)).sum())
-        controls = int((times > horizon).sum())
-        entry: dict[str, Any] = {"cases": cases, "controls": controls, "method": "IPCW (Uno)"}
-        if cases == 0 or controls == 0:
-            entry["auc"] = None
-            entry["message"] = "no case or no control at this horizon"
-        else:
-            try:
-                auc, _ = cumulative_dynamic_auc(y, y, scores, [float(horizon)])
-                entry["auc"] = float(auc[0])
-            except ValueError as exc:
-                entry["auc"] = None
-                entry["message"] = str(exc)
-        out[str(horizon)] = entry
-    return out
-
-
-# --- Paired VBQ including vs excluding fractured levels ---------------------------------------
-def paired_vbq(rows: Sequence[CohortRow], params: ReportParams) -> Section:
-    pairs = [
-        (r.vbq_all_levels, r.vbq_excluding_fractured)
-        for r in rows
-        if r.vbq_all_levels is not None and r.vbq_excluding_fractured is not None
-    ]
-    if len(pairs) < 3:
-        return Section(False, "Fewer than 3 patients with both VBQ values.")
-    a = np.array([p[0] for p in pairs], dtype=float)
-    b = np.array([p[1] for p in pairs], dtype=float)
-    diff = a - b
-    out: dict[str, Any] = {
-        "n": len(pairs),
-        "all_levels": _mean_sd(a.tolist()),
-        "excluding_fractured": _mean_sd(b.tolist()),
-    }
-    if np.allclose(diff, 0):
-        out["message"] = "Identical values in every pair."
-        return Section(True, "The two VBQ values are identical for every patient.", out)
-    out["paired_t"] = {"p": float(stats.ttest_rel(a, b).pvalue)}
-    out["wilcoxon"] = {"p": float(stats.wilcoxon(a, b).pvalue)}
-    bias = float(diff.mean())
-    sd = float(diff.std(ddof=1))
-    out["bland_altman"] = {
-        "bias": bias, "loa": [bias - 1.96 * sd, bias + 1.96 * sd],
-        "means": ((a + b) / 2).tolist(), "differences": diff.tolist(),
-    }
-    return Section(True, "", out)
-
-
-# --- KPIs ---------------------------------------------------------------------------------------
-def kpis(rows: Sequence[CohortRow], alerts: Sequence[AlertRow], params: ReportParams) -> Section:
-    high = [r for r in rows if vbq_group(r, params) == HIGH]
-    data: dict[str, Any] = {"windows": {}}
-    for window in KPI_WINDOWS_DAYS:
-        # Denominator (UK FLS-DB KPI style): high-VBQ patients alive and followed to day
-        # ``window``, whether or not they fractured meanwhile. Observation ends at death, last
-        # contact or the cut-off, never at a fracture.
-        eligible = [r for r in high if r.observed_days >= window]
-        treated = [
-            r for r in eligible if r.therapy_start_days is not None
-            and r.therapy_start_days <= window
-        ]
-        data["windows"][str(window)] = {
-            "eligible": len(eligible),
-            "treated": len(treated),
-            "pct": 100.0 * len(treated) / len(eligible) if eligible else None,
-        }
-    data["window_labels"] = {
-        "60": f"this registry's rule (day {params.followup_days})" if params.followup_days == 60
-        else "day 60",
-        "112": "16 weeks (UK FLS-DB KPI)",
-        "180": "180 days (HEDIS OMW)",
-        "365": "1 year",
-    }
-    data["definition"] = (
-        "Eligible: high-VBQ patients alive and followed to the day (death, last contact and "
-        "the cut-off end follow-up; a fracture does not). Treated: eligible patients with "
-        "therapy started by that day (an exposure running on the index date counts as day 0)."
-    )
-    high_starts = [r.therapy_start_days for r in high if r.therapy_start_days is not None]
-    data["median_days_to_therapy"] = float(np.median(high_starts)) if high_starts else None
-    data["treated_high_vbq"] = len(high_starts)
-    starts = [r.therapy_start_days for r in rows if r.therapy_start_days is not None]
-    data["median_days_to_therapy_all_treated"] = float(np.median(starts)) if starts else None
-    data["pct_any_therapy"] = 100.0 * len(starts) / len(rows) if rows else None
-    acks = [a.hours_to_acknowledge for a in alerts if a.hours_to_acknowledge is not None]
-    resolves = [a.hours_to_resolve for a in alerts if a.hours_to_resolve is not None]
-    resolved = [a for a in alerts if a.hours_to_resolve is not None]
-    data["alerts"] = {
-        "n": len(alerts),
-        "median_hours_to_acknowledge": float(np.median(acks)) if acks else None,
-        "median_hours_to_resolve": float(np.median(resolves)) if resolves else None,
-        "resolved": len(resolved),
-        "pct_resolved_by_therapy_started": 100.0
-        * sum(a.resolution_reason == "therapy-started" for a in resolved) / len(resolved)
-        if resolved else None,
-    }
-    if not rows:
-        return Section(False, "No patients in the cohort.", data)
-    message = "" if high else "No high-VBQ patients: treatment KPIs have no denominator."
-    return Section(True, message, data)
-
-
-# --- Field strength ----------------------------------------------------------------------------
-def by_field_strength(rows: Sequence[CohortRow], params: ReportParams) -> Section:
-    strata: dict[str, Any] = {}
-    for label, lo, hi in (("1.5T", 1.0, 2.0), ("3T", 2.5, 3.5)):
-        rs = [r for r in rows if r.field_strength_t is not None and lo <= r.field_strength_t < hi
-              and vbq_of(r, params) is not None]
-        entry: dict[str, Any] = {
-            "n": len(rs), "vbq": _mean_sd([vbq_of(r, params) or 0.0 for r in rs])
-        }
-        # Same case/control rule as the ROC: status at the horizon known.
-        horizon = ROC_HORIZON_DAYS
-        known = [r for r in rs if (r.event and r.time_days <= horizon)
-                 or r.time_days >= horizon]
-        scores = np.array([vbq_of(r, params) for r in known], dtype=float)
-        labels = np.array([r.event and r.time_days <= horizon for r in known], dtype=bool)
-        if len(known) and labels.any() and not labels.all():
-            auc, _, ci_lo, ci_hi = delong_auc_ci(scores, labels)
-            entry["auc"] = {"auc": auc, "ci95": [ci_lo, ci_hi]}
-        else:
-            entry["auc"] = None
-        entry["values"] = scores.tolist()
-        strata[label] = entry
-    unknown = sum(r.field_strength_t is None for r in rows)
-    if not any(s["n"] for s in strata.values()):
-        return Section(False, "No field strength recorded for any VBQ measurement.")
-    return Section(True, "", {"strata": strata, "unknown_field_strength": unknown})
-
-
 def build_report(
     rows: Sequence[CohortRow],
     alerts: Sequence[AlertRow] = (),
@@ -723,13 +346,13 @@ def build_report(
     """Compute every section. Never raises for cohort shape: see ``Section.available``."""
     params = params or ReportParams()
     sections = {
-        "table1": _safe(table1, rows, params),
-        "incidence": _safe(incidence, rows, params),
-        "kaplan_meier": _safe(kaplan_meier, rows, params),
-        "cox": _safe(cox, rows, params),
-        "roc": _safe(roc, rows, params),
-        "paired_vbq": _safe(paired_vbq, rows, params),
-        "kpis": _safe(kpis, rows, alerts, params),
-        "field_strength": _safe(by_field_strength, rows, params),
+        "table1": safe_section(table1, rows, params),
+        "incidence": safe_section(incidence, rows, params),
+        "kaplan_meier": safe_section(kaplan_meier, rows, params),
+        "cox": safe_section(cox, rows, params),
+        "roc": safe_section(roc, rows, params),
+        "paired_vbq": safe_section(paired_vbq, rows, params),
+        "kpis": safe_section(kpis, rows, alerts, params),
+        "field_strength": safe_section(by_field_strength, rows, params),
     }
     return Report(params=params, n_patients=len(rows), sections=sections)

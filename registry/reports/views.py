@@ -23,9 +23,10 @@ from rest_framework.views import APIView
 
 from registry.models import AuditAction, Sex
 from registry.reports import deid, plots
+from registry.reports.cohort import ReportParams
 from registry.reports.queries import CohortFilters, build_cohort
-from registry.reports.survival import ReportParams, build_report
-from registry.services import Actor, audit_record
+from registry.reports.survival import build_report
+from registry.side_effects import Actor, audit_record
 from registry.timeutil import clinic_today
 
 

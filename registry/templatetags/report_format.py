@@ -6,7 +6,7 @@ from typing import Any
 
 from django import template
 
-from registry.reports.survival import format_p
+from registry.reports.cohort import format_p
 
 register = template.Library()
 

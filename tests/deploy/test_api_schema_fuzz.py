@@ -15,7 +15,7 @@ import schemathesis
 from django.urls import reverse
 from hypothesis import HealthCheck, given, settings
 
-from registry.services import Actor, audit_record
+from registry.side_effects import Actor, audit_record
 from tests.factories import PatientFactory
 
 MAX_EXAMPLES = int(os.environ.get("SCHEMATHESIS_MAX_EXAMPLES", "25"))

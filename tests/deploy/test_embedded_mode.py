@@ -37,7 +37,7 @@ def test_the_embedded_default_loads_the_demo_cohort_through_fhir_and_sweeps(tmp_
     _manage(env, "followup_sweep")
     # The HTTP endpoint too (raw payload, outcome recording), twice: the replay adds nothing.
     post = (
-        "import json; from django.test import Client; from registry.services import feed_create;"
+        "import json; from django.test import Client; from registry.feeds import feed_create;"
         " _, token = feed_create(name='embedded-feed');"
         " body = open('tests/integrations/fhir/fixtures/transaction-vertebroplasty.json').read();"
         " c = Client(HTTP_AUTHORIZATION='Bearer ' + token);"

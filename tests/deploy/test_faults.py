@@ -350,7 +350,7 @@ def _fhir_restart_and_replay(env: dict[str, str], restart, count) -> None:
         resolve("/fhir")
     except Resolver404:
         pytest.skip("the FHIR endpoint /fhir is not mounted")
-    script = ("from registry.services import feed_create; "
+    script = ("from registry.feeds import feed_create; "
               "print(feed_create(name='fault-feed-' + __import__('uuid').uuid4().hex)[1])")
     token = subprocess.run([sys.executable, "manage.py", "shell", "-c", script], cwd=ROOT,
                            env=env, check=True, capture_output=True, text=True,
@@ -435,8 +435,8 @@ def test_the_fault_test_bundle_is_accepted_and_its_replay_writes_no_duplicate(db
         resolve("/fhir")
     except Resolver404:
         pytest.skip("the FHIR endpoint /fhir is not mounted")
+    from registry.feeds import feed_create
     from registry.models import Procedure
-    from registry.services import feed_create
 
     _, token = feed_create(name="replay-feed")
     client = Client(HTTP_AUTHORIZATION=f"Bearer {token}")

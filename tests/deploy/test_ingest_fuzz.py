@@ -116,8 +116,8 @@ def test_mutated_fhir_bundles_never_cause_a_server_error_or_a_partial_write(db):
         pytest.skip("the FHIR endpoint /fhir is not mounted yet")
     from django.test import Client
 
+    from registry.feeds import feed_create
     from registry.models import Fracture, Patient, PatientIdentifier, Procedure, TherapyExposure
-    from registry.services import feed_create
 
     _, token = feed_create(name="fuzz-feed")
     client = Client(raise_request_exception=False, HTTP_AUTHORIZATION=f"Bearer {token}")

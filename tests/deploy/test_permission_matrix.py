@@ -19,8 +19,8 @@ from django.test import Client
 from django.urls import URLPattern, URLResolver, get_resolver
 from django.utils import timezone
 
+from registry.feeds import feed_create
 from registry.models import Alert, AuditAction, AuditEvent, WorkerProbe
-from registry.services import feed_create
 from scoring.models import ImagingSeries, ImagingStudy, VbqResult
 from tests.deploy import url_policy
 from tests.factories import FractureFactory, PatientFactory, ProcedureFactory

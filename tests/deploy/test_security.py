@@ -17,8 +17,9 @@ from django.urls import reverse
 
 from config import ratelimit
 from config.logging import REDACTED, JsonFormatter, RedactPhiFilter
+from registry.feeds import feed_create
 from registry.models import AuditAction
-from registry.services import Actor, audit_record, feed_create
+from registry.side_effects import Actor, audit_record
 from scoring.models import ImagingSeries, ImagingStudy, VbqResult
 from tests.factories import PatientFactory
 
@@ -349,7 +350,7 @@ def _patient_bundle(mrn: str) -> dict:
 
 @pytest.mark.postgres
 def test_a_rotated_feed_token_stops_working_at_once_and_the_new_one_works(db):
-    from registry.services import feed_rotate_token
+    from registry.feeds import feed_rotate_token
 
     if _fhir_missing():
         pytest.skip("the FHIR endpoint /fhir is not mounted")

@@ -15,8 +15,9 @@ import pytest
 from django.db import IntegrityError, connection, transaction
 
 from registry import codes
+from registry.feeds import feed_create
 from registry.models import AuditEvent, Fracture, Patient, PatientIdentifier, Procedure
-from registry.services import Identifier, feed_create
+from registry.services import Identifier
 from registry.services_bulk import patient_upsert_many, sourced_record_many
 from tests.factories import MRN_SYSTEM, PatientFactory
 

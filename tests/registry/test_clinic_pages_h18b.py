@@ -11,9 +11,9 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
+from followup.sweep import followup_sweep
 from registry import labels
 from registry.models import Alert, AlertEvent, AuditEvent
-from registry.sweep import followup_sweep
 from registry.timeutil import clinic_today
 from scoring.models import ImagingSeries, ImagingStudy, VbqResult
 from tests.factories import PatientFactory, TherapyExposureFactory
@@ -71,7 +71,7 @@ def test_one_label_table_names_rules_and_reasons_everywhere():
 
 
 def test_the_email_digest_and_fhir_text_name_the_rule_in_words(alert):
-    from integrations.notify.delivery import _digest_body, communication_resource
+    from followup.delivery import _digest_body, communication_resource
 
     row = alert.deliveries.first()
     assert "High VBQ, untreated at day 60" in _digest_body([row])
@@ -126,8 +126,8 @@ def test_a_resolve_cannot_be_undone_after_the_window(client, role_user, alert, s
 
 
 def test_a_resolve_by_a_rule_cannot_be_undone_from_the_worklist(client, role_user, alert):
-    from registry.alerts import alert_resolve
-    from registry.services import SYSTEM_ACTOR
+    from followup.alerts import alert_resolve
+    from registry.side_effects import SYSTEM_ACTOR
 
     alert_resolve(alert=alert, reason="therapy-started", actor=SYSTEM_ACTOR)
     client.force_login(role_user("coordinator"))

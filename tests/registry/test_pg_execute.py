@@ -6,7 +6,7 @@ import psycopg
 import pytest
 from django.db import close_old_connections, connection
 
-from registry.services_bulk import pg_execute
+from db.pg import pg_execute
 
 pytestmark = pytest.mark.postgres
 
@@ -69,7 +69,7 @@ def test_a_claimed_job_uses_the_prepared_claim(settings):
 def test_a_pipeline_runs_its_statements_in_order_and_an_error_stops_and_rolls_back():
     from django.db import DatabaseError, transaction
 
-    from registry.services_bulk import pg_pipeline
+    from db.pg import pg_pipeline
 
     pg_execute("CREATE TEMP TABLE pipe_t (n int PRIMARY KEY)", [])
     with transaction.atomic():

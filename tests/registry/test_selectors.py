@@ -5,6 +5,7 @@ import datetime as dt
 import pytest
 from django.utils import timezone
 
+from followup import selectors as followup_selectors
 from registry import selectors
 from tests.factories import (
     FractureFactory,
@@ -44,7 +45,7 @@ def test_timeline_lists_events_in_date_order():
     ProcedureFactory(patient=patient, performed_at=now - dt.timedelta(days=100))
     FractureFactory(patient=patient, diagnosed_at=now - dt.timedelta(days=20))
     TherapyExposureFactory(patient=patient, start_on=(now - dt.timedelta(days=60)).date())
-    kinds = [e.kind for e in selectors.patient_timeline(patient=patient)]
+    kinds = [e.kind for e in followup_selectors.patient_timeline(patient=patient)]
     assert kinds == ["procedure", "therapy", "fracture"]
 
 
@@ -55,7 +56,7 @@ def test_patient_list_finds_a_patient_by_exact_mrn():
 
 
 def test_timeline_includes_mri_vbq_and_alerts():
-    from registry.alerts import alert_open
+    from followup.alerts import alert_open
     from scoring.models import VbqResult
     from scoring.services import imaging_study_upsert
 
@@ -66,6 +67,6 @@ def test_timeline_includes_mri_vbq_and_alerts():
     VbqResult.objects.create(patient=patient, algorithm_version="t", source="manual",
                              status="succeeded", review_status="accepted", vbq_all_levels=3.2)
     alert_open(patient=patient, rule_id="vbq-missing", reason="r")
-    kinds = {e.kind for e in selectors.patient_timeline(patient=patient)}
+    kinds = {e.kind for e in followup_selectors.patient_timeline(patient=patient)}
     assert {"mri", "vbq", "alert"} <= kinds
-    assert selectors.current_vbq(patient=patient).vbq_all_levels == 3.2
+    assert followup_selectors.current_vbq(patient=patient).vbq_all_levels == 3.2

@@ -6,13 +6,11 @@ import pytest
 from django.utils import timezone
 
 from registry import codes
+from registry.feeds import feed_authenticate, feed_create, feed_rotate_token
 from registry.models import AuditEvent, Feed, Patient, Procedure
 from registry.services import (
     Identifier,
     RegistryValidationError,
-    feed_authenticate,
-    feed_create,
-    feed_rotate_token,
     fracture_record,
     patient_upsert,
     procedure_record,

@@ -126,21 +126,26 @@ def test_the_move_is_audited_with_the_former_patient(writer):
 def _statements(write):
     """Django's queries plus the psycopg pipelines (``pg_pipeline`` bypasses Django's
     cursor: the fractured-levels recompute on PostgreSQL) of ``write()``."""
-    import registry.services_bulk as bulk
+    import db.pg
+    import registry.side_effects
+    import scoring.fractured
 
     pipelines = []
-    real = bulk.pg_pipeline
+    real = db.pg.pg_pipeline
+    users = (registry.side_effects, scoring.fractured)  # the modules that send pipelines
 
     def counted(statements):
         pipelines.append(statements)
         return real(statements)
 
-    bulk.pg_pipeline = counted
+    for module in users:
+        module.pg_pipeline = counted
     try:
         with CaptureQueriesContext(connection) as queries:
             write()
     finally:
-        bulk.pg_pipeline = real
+        for module in users:
+            module.pg_pipeline = real
     return [q["sql"] for q in queries.captured_queries], pipelines
 
 

@@ -5,6 +5,8 @@ import datetime as dt
 
 import pytest
 
+from followup.batch_writes import bulk_open
+from followup.sweep import followup_evaluate, followup_sweep
 from registry.followup import (
     HIGH_VBQ,
     OPEN,
@@ -17,7 +19,6 @@ from registry.followup import (
     threshold_for,
 )
 from registry.models import Alert
-from registry.sweep import _bulk_open, followup_evaluate, followup_sweep
 from scoring.models import VbqResult
 from tests.registry.followup_helpers import high_vbq_patient
 
@@ -93,7 +94,7 @@ def test_the_orm_batch_write_stores_the_threshold_and_its_basis(two_patients):
     decisions = [(at_3t.pk, Decision(HIGH_VBQ, OPEN, "r", vbq_value=2.8, threshold=2.6,
                                      threshold_field="3 T")),
                  (unknown.pk, Decision(HIGH_VBQ, OPEN, "r", vbq_value=3.2, threshold=3.0))]
-    assert _bulk_open(decisions, {}) == 2
+    assert bulk_open(decisions, {}) == 2
     assert _stored(at_3t, unknown) == ((2.6, "3 T"), (3.0, ""))
 
 

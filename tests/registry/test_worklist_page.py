@@ -3,8 +3,8 @@
 import pytest
 from django.urls import reverse
 
+from followup.sweep import followup_sweep
 from registry.models import Alert, AlertEvent
-from registry.sweep import followup_sweep
 from tests.registry.followup_helpers import high_vbq_patient
 
 pytestmark = pytest.mark.django_db

@@ -1,4 +1,4 @@
-"""WADO-RS fetch (integrations/dicom/dicomweb.py) read as a stream: what the engine gets, and
+"""WADO-RS fetch (scoring/dicomweb.py) read as a stream: what the engine gets, and
 what a bad body does to the kept-alive connection. SYNTHETIC data (phantoms).
 
 The "PACS" serving a malformed body is a real HTTP/1.1 server on a local port (stdlib
@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from integrations.dicom.dicomweb import PermanentFetchError, TransientFetchError, fetch_series
+from scoring.dicomweb import PermanentFetchError, TransientFetchError, fetch_series
 from scoring.engine.phantom import make_phantom
 from tests import orthanc as orthanc_mod
 

@@ -8,8 +8,9 @@ import threading
 import pytest
 from django.db import connections, transaction
 
-from registry.services import Identifier, deferred_side_effects
+from registry.services import Identifier
 from registry.services_bulk import fracture_record_many
+from registry.side_effects import deferred_side_effects
 from tests.scoring.test_fractured_levels import CONDITION, _at, _patient, _scored
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]

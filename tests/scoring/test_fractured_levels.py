@@ -19,18 +19,13 @@ import random
 import pytest
 from django.db import connection
 
+from followup.sweep import followup_evaluate
 from registry import codes
 from registry.followup import HIGH_VBQ
 from registry.models import Alert, AuditEvent, Fracture, Patient
-from registry.services import (
-    SYSTEM_ACTOR,
-    Identifier,
-    fracture_record,
-    patient_merge,
-    procedure_record,
-)
+from registry.services import Identifier, fracture_record, patient_merge, procedure_record
 from registry.services_bulk import fracture_record_many, sourced_record_many
-from registry.sweep import followup_evaluate
+from registry.side_effects import SYSTEM_ACTOR
 from registry.timeutil import clinic_today, start_of_clinic_day
 from scoring.engine.model import ALGORITHM_VERSION
 from scoring.fractured import fractured_levels_of, fractured_levels_sql, vbq_excluding
@@ -478,6 +473,7 @@ def test_a_fracture_recorded_while_the_job_runs_is_applied_when_the_result_is_st
     runs (its own recompute skips the result: no level rows yet), then the worker stores.
     The store reads the levels again and the value follows them."""
     import scoring.engine
+    import scoring.tasks
     from scoring.engine.phantom import make_phantom
     from scoring.models import ImagingSeries
     from scoring.tasks import vbq_compute
@@ -493,7 +489,7 @@ def test_a_fracture_recorded_while_the_job_runs_is_applied_when_the_result_is_st
         _vertebral(patient, "L4", days_ago=75, value="fx-during-job")  # before the index
         return real(source, **kwargs)
 
-    monkeypatch.setattr(scoring.engine, "compute_vbq", engine_while_a_fracture_arrives)
+    monkeypatch.setattr(scoring.tasks, "compute_vbq", engine_while_a_fracture_arrives)
     vbq_compute(result.pk)
 
     result.refresh_from_db()

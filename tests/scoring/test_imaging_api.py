@@ -6,8 +6,8 @@ import zipfile
 
 import pytest
 
+from registry.feeds import feed_create
 from registry.models import AuditEvent
-from registry.services import feed_create
 from scoring.engine.phantom import make_phantom
 from scoring.models import ImagingStudy, VbqResult
 from tests.factories import PatientFactory
@@ -234,8 +234,8 @@ def test_a_received_study_whose_birth_date_disagrees_is_held_unassigned(
         settings, tmp_path, client, role_user):
     """C-STORE: the PatientID names a registry patient but the birth date is another's: the
     study is registered without a patient (never linked or scored for them), audited."""
-    from integrations.dicom.scp import register_study
     from registry.models import PatientIdentifier
+    from scoring.receive import register_study
 
     patient = PatientFactory(birth_date=dt.date(1950, 3, 14))
     phantom = make_phantom(205, slices=5)
@@ -263,8 +263,8 @@ def test_received_files_of_another_patient_for_a_known_study_are_not_used(settin
     """C-STORE of a study already known from a FHIR ImagingStudy of patient A, whose files
     carry another PatientID: the study stays A's but the received files are not recorded as
     its source, nor linked or scored from them (audited)."""
-    from integrations.dicom.scp import register_study
     from scoring.models import ImagingSeries
+    from scoring.receive import register_study
     from scoring.services import SeriesInput, imaging_study_upsert
 
     a = PatientFactory()

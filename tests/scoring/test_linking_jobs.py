@@ -202,8 +202,8 @@ def test_a_procedure_in_a_fhir_bundle_links_the_patients_earlier_study(client):
     statement; the outbox sweep links it even if the message is lost."""
     import json
 
+    from registry.feeds import feed_create
     from registry.models import PatientIdentifier
-    from registry.services import feed_create
     from scoring.services import RELINK_PENDING
     from scoring.tasks import vbq_requeue_stale
 

@@ -9,9 +9,11 @@ import time
 import pytest
 from django.db import DatabaseError, connection
 
-from integrations.dicom.dicomweb import PermanentFetchError, TransientFetchError, fetch_series
-from registry.services import Actor, Identifier, feed_create, procedure_record
+from registry.feeds import feed_create
+from registry.services import Identifier, procedure_record
+from registry.side_effects import Actor
 from registry.timeutil import clinic_today, start_of_clinic_day
+from scoring.dicomweb import PermanentFetchError, TransientFetchError, fetch_series
 from scoring.engine.phantom import make_phantom
 from scoring.models import ImagingStudy, VbqResult
 from scoring.services import SeriesInput, imaging_study_upsert, link_or_defer
@@ -436,7 +438,7 @@ def test_an_automatic_result_that_changes_the_category_waits_for_review_and_open
 
 
 def followup_reevaluate_now(patient):
-    from registry.tasks import followup_reevaluate
+    from followup.tasks import followup_reevaluate
 
     followup_reevaluate(str(patient.pk))
 
@@ -445,8 +447,8 @@ def followup_reevaluate_now(patient):
 def test_a_stored_result_re_evaluates_the_follow_up_in_the_same_task(tmp_path):
     """No second task: under ``django_db`` nothing queued after commit ever runs, so the
     alerts below can only come from ``vbq_compute`` itself."""
+    from followup.tasks import followup_reevaluate
     from registry.models import Alert
-    from registry.tasks import followup_reevaluate
 
     phantom, expected = _first_clean_high_phantom(130)
     patient, result = _local_study(tmp_path, phantom, index_days_ago=70, mri_days_before=10)
@@ -473,7 +475,7 @@ def test_a_failing_follow_up_evaluation_keeps_the_result_and_leaves_the_patient_
     own savepoint (``followup_evaluate``'s per-patient ``atomic``) is what keeps the job's
     transaction usable. Either way the result and its levels are stored and the patient is
     left due today for the sweep."""
-    import registry.sweep
+    import followup.sweep
     from registry.models import Alert
 
     phantom = make_phantom(seed, slices=9)
@@ -492,11 +494,11 @@ def test_a_failing_follow_up_evaluation_keeps_the_result_and_leaves_the_patient_
         return "SELECT no_such_column FROM no_such_table WHERE %(x)s", {"x": 1}
 
     if failure == "python":
-        monkeypatch.setattr(registry.sweep, "evaluate", broken)
+        monkeypatch.setattr(followup.sweep, "evaluate", broken)
     elif connection.vendor == "postgresql":
-        monkeypatch.setattr(registry.sweep, "patient_facts_sql", broken_sql)
+        monkeypatch.setattr(followup.sweep, "patient_facts_sql", broken_sql)
     else:
-        monkeypatch.setattr(registry.sweep, "load_facts", broken_facts)
+        monkeypatch.setattr(followup.sweep, "load_facts", broken_facts)
     assert vbq_compute(result.pk)["status"] == expected.status
     result.refresh_from_db()
     assert (result.status, result.vbq_all_levels) == (expected.status, expected.vbq_all_levels)

@@ -25,7 +25,8 @@ import time
 import pytest
 import requests
 
-from registry.services import Identifier, feed_create, procedure_record
+from registry.feeds import feed_create
+from registry.services import Identifier, procedure_record
 from registry.timeutil import clinic_today, start_of_clinic_day
 from scoring.engine import EngineError, compute_vbq
 from scoring.engine.phantom import make_phantom

@@ -11,7 +11,7 @@ from io import StringIO
 import pytest
 from django.core.management import call_command
 
-import registry.services
+import registry.side_effects
 from registry.models import AuditEvent, Patient
 from registry.timeutil import clinic_today
 from scoring.fractured import vbq_excluding
@@ -78,7 +78,7 @@ def test_a_run_re_evaluates_follow_up_once_per_batch(settings, monkeypatch):
     settings.VBQ_HIGH_THRESHOLD = 2.5  # no crossing: applied
     results = _stored_under_the_old_rule(3)
     queued = []
-    monkeypatch.setattr(registry.services, "_queue_followup",
+    monkeypatch.setattr(registry.side_effects, "_queue_followup",
                         lambda ids: queued.append(sorted(str(i) for i in ids)))
 
     output = _run(batch=2)

@@ -9,7 +9,7 @@ import time
 import pytest
 from django.db import connections, transaction
 
-from registry.services import deferred_side_effects
+from registry.side_effects import deferred_side_effects
 from scoring.models import ImagingSeries, VbqResult
 from tests.scoring.test_fractured_levels import _at, _job, _patient
 
@@ -41,6 +41,7 @@ def test_a_study_moved_while_its_result_is_stored_does_not_deadlock(tmp_path, mo
     """The mover locks the result row (its ``moved`` CTE), then the patients' rows (the
     deferred due dates); the worker keeps the same order (result, then patient)."""
     import scoring.engine
+    import scoring.tasks
     from scoring.engine.phantom import make_phantom
     from scoring.services_bulk import imaging_study_upsert_many
     from scoring.tasks import vbq_compute
@@ -59,7 +60,7 @@ def test_a_study_moved_while_its_result_is_stored_does_not_deadlock(tmp_path, mo
         assert moved.wait(30)
         return measurement
 
-    monkeypatch.setattr(scoring.engine, "compute_vbq", engine)
+    monkeypatch.setattr(scoring.tasks, "compute_vbq", engine)
 
     def worker():
         vbq_compute(result.pk)
@@ -109,7 +110,7 @@ def test_a_deadlock_while_storing_is_retried_without_running_the_engine_again(tm
                                "USING ERRCODE = '40P01'; END $$")
         return real_store(result_id, measurement)
 
-    monkeypatch.setattr(scoring.engine, "compute_vbq", engine)
+    monkeypatch.setattr(scoring.tasks, "compute_vbq", engine)
     monkeypatch.setattr(scoring.tasks, "_store", store_deadlocking_once)
     vbq_compute(result.pk)
     stored = VbqResult.objects.get(pk=result.pk)

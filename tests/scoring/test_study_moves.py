@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 from django.db import connection, transaction
 
+from followup.facts import load_facts, patient_facts_sql
+from followup.sweep import followup_evaluate
+from registry.feeds import feed_create
 from registry.followup import HIGH_VBQ, VBQ_MISSING
 from registry.models import Alert, AuditEvent, Patient, PatientIdentifier
-from registry.services import feed_create
-from registry.sweep import followup_evaluate, load_facts, patient_facts_sql
 from registry.timeutil import clinic_today, start_of_clinic_day
 from scoring.models import ImagingStudy, VbqResult
 from scoring.services import RELINK_PENDING, SeriesInput, imaging_study_upsert

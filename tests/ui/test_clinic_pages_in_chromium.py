@@ -24,8 +24,8 @@ import pytest
 from django.utils import timezone
 from playwright.sync_api import expect
 
+from followup.sweep import followup_sweep
 from registry.models import Alert, AuditEvent
-from registry.sweep import followup_sweep
 from scoring.engine.phantom import make_phantom
 from scoring.models import VbqResult
 from tests.factories import FractureFactory, PatientFactory

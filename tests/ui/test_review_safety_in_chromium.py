@@ -20,8 +20,8 @@ from django.contrib.sessions.models import Session
 from django.utils import timezone
 from playwright.sync_api import expect
 
+from followup.sweep import followup_sweep
 from registry.models import Alert, AuditEvent
-from registry.sweep import followup_sweep
 from scoring.engine import ALGORITHM_VERSION, Roi, compute_vbq
 from scoring.engine.phantom import make_phantom
 from scoring.models import ImagingSeries, ImagingStudy, VbqLevel, VbqResult

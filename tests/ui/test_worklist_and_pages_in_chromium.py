@@ -18,8 +18,8 @@ import pytest
 from django.contrib.sessions.models import Session
 from playwright.sync_api import expect
 
+from followup.sweep import followup_sweep
 from registry.models import Alert, AlertEvent
-from registry.sweep import followup_sweep
 from registry.timeutil import clinic_today
 from tests.factories import PatientFactory, TherapyExposureFactory
 from tests.registry.followup_helpers import high_vbq_patient

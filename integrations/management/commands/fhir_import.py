@@ -8,9 +8,10 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
 from integrations.fhir.bulk import import_ndjson, ndjson_files
-from integrations.fhir.mappers import Context
+from integrations.fhir.context import Context
+from registry.feeds import feed_create
 from registry.models import Feed
-from registry.services import Actor, feed_create
+from registry.side_effects import Actor
 
 
 class Command(BaseCommand):

@@ -11,9 +11,7 @@ from registry.demo import (
     generate_demo_cohort,
 )
 from registry.models import Patient
-from registry.services import (
-    Actor,
-)
+from registry.side_effects import Actor
 from registry.timeutil import clinic_today
 
 ACTOR = Actor(via="command")
@@ -97,12 +95,12 @@ def write_demo_phantom(demo: DemoPatient) -> list[int]:
 def load_demo_patient_via_fhir(demo: DemoPatient) -> Patient:
     """Send the patient's transaction bundle through the FHIR ingestion path (as the demo EHR
     feed), then add the demo VBQ value, which no FHIR resource carries yet."""
+    from integrations.fhir.context import Context
     from integrations.fhir.demo import demo_bundle
     from integrations.fhir.ingest import process_transaction
-    from integrations.fhir.mappers import Context
+    from registry.feeds import feed_create
     from registry.models import Feed
     from registry.selectors import patient_get_by_identifier
-    from registry.services import feed_create
     from scoring.models import ImagingSeries, VbqResult
 
     feed = Feed.objects.filter(name="synthetic-demo-ehr").first() or feed_create(

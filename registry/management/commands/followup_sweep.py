@@ -2,7 +2,7 @@
 
 from django.core.management.base import BaseCommand
 
-from registry.sweep import followup_sweep
+from followup.sweep import followup_sweep
 
 
 class Command(BaseCommand):

@@ -18,7 +18,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 from django.db import transaction
 
-from registry.services import Actor, deferred_side_effects
+from registry.side_effects import Actor, deferred_side_effects
 from scoring.fractured import pending_recompute, results_refresh_fractured
 from scoring.models import VbqResult
 from scoring.trust import rule_value, threshold_of

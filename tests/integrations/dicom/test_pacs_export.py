@@ -14,15 +14,16 @@ import pytest
 import requests
 from django.utils import timezone
 
-from integrations.dicom.dicomweb import fetch_series
 from integrations.dicom.export import (
     dicom_export_resend,
     result_may_be_exported,
     send_due_exports,
 )
 from integrations.models import DicomExport
-from registry.services import Actor, Identifier, procedure_record
+from registry.services import Identifier, procedure_record
+from registry.side_effects import Actor
 from registry.timeutil import clinic_today, start_of_clinic_day
+from scoring.dicomweb import fetch_series
 from scoring.engine.phantom import make_phantom
 from scoring.models import VbqResult
 from scoring.review import review_decide, review_mark_fractured

@@ -1,7 +1,7 @@
 """A transaction bundle's raw payload survives a worker killed in the middle of the bundle.
 
 The payload is stored (outcome ``received``) in its own commit before the bundle's entries
-are parsed and written (``views._store_at_begin``: in the pipeline that opens the bundle's
+are parsed and written (``inbound.store_at_begin``: in the pipeline that opens the bundle's
 transaction on PostgreSQL; a local commit first on SQLite), and its outcome set by the
 bundle's last statement, or after the rollback of a refused bundle. No enclosing test transaction
 (``transactional_db``), as in production: the store-first path only runs there.
@@ -16,8 +16,8 @@ import pytest
 from django.db import connection
 
 from integrations.models import InboundMessage
+from registry.feeds import feed_create
 from registry.models import Patient, Procedure
-from registry.services import feed_create
 
 pytestmark = pytest.mark.django_db(transaction=True)
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -151,7 +151,7 @@ def test_the_bundles_transaction_keeps_the_connections_isolation_level(token, le
     from django.db import transaction
     from django.utils import timezone
 
-    from integrations.fhir.views import _store_at_begin
+    from integrations.fhir.inbound import store_at_begin
     from integrations.models import Feed
 
     body = json.dumps(_bundle())
@@ -165,7 +165,7 @@ def test_the_bundles_transaction_keeps_the_connections_isolation_level(token, le
     pg.isolation_level = getattr(psycopg.IsolationLevel, level)
     try:
         with transaction.atomic():
-            _store_at_begin(message)()
+            store_at_begin(message)()
             with connection.cursor() as cursor:
                 cursor.execute("SHOW transaction_isolation")
                 seen = cursor.fetchone()[0]

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from followup.sweep import followup_sweep
 from integrations.models import HeldResource, InboundMessage
+from registry.feeds import feed_create
 from registry.models import Alert, Fracture, Patient, PatientIdentifier, Procedure, TherapyExposure
-from registry.services import feed_create
-from registry.sweep import followup_sweep
 from scoring.models import ImagingStudy
 from tests.registry.followup_helpers import high_vbq_patient
 
@@ -265,7 +265,7 @@ def test_a_medication_request_through_fhir_resolves_the_open_alert(client, token
     order["authoredOn"] = clinic_today().isoformat()
     response = post(client, token, order, path="/fhir/MedicationRequest")
     assert response.status_code == 201, response.json()
-    from registry.sweep import followup_evaluate
+    from followup.sweep import followup_evaluate
 
     followup_evaluate([patient.pk])  # the worker does this on commit; see the worker test
     alert = Alert.objects.get(patient=patient)

@@ -20,8 +20,8 @@ import pytest
 from django.core.cache import cache
 
 from integrations.models import InboundMessage
+from registry.feeds import feed_create, feed_rotate_token
 from registry.models import Feed
-from registry.services import feed_create, feed_rotate_token
 
 FHIR = "application/fhir+json"
 ANNOUNCED = 3 * 1024 * 1024

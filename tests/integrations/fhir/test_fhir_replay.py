@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from registry.feeds import feed_create
 from registry.models import Fracture, Patient, PatientIdentifier, Procedure, TherapyExposure
-from registry.services import feed_create
 from scoring.models import ImagingStudy
 
 FIXTURES = Path(__file__).parent / "fixtures"

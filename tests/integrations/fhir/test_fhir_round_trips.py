@@ -14,7 +14,7 @@ import pytest
 from django.db import connection
 
 from integrations.models import InboundMessage
-from registry.services import feed_create
+from registry.feeds import feed_create
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FHIR = "application/fhir+json"

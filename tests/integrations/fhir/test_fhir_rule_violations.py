@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from registry.feeds import feed_create
 from registry.models import Patient, Procedure
-from registry.services import feed_create
 
 pytestmark = [pytest.mark.django_db, pytest.mark.postgres]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from integrations.models import HeldResource
+from registry.feeds import feed_create
 from registry.models import (
     AuditEvent,
     Fracture,
@@ -16,7 +17,6 @@ from registry.models import (
     Procedure,
     TherapyExposure,
 )
-from registry.services import feed_create
 from registry.timeutil import clinic_today
 from scoring.models import ImagingSeries, ImagingStudy
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from registry.feeds import feed_create
 from registry.models import Fracture
-from registry.services import feed_create
 
 pytestmark = pytest.mark.django_db
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -5,13 +5,8 @@ import datetime as dt
 import numpy as np
 import pytest
 
-from registry.reports.survival import (
-    DAYS_PER_MONTH,
-    CohortRow,
-    ReportParams,
-    build_report,
-    format_p,
-)
+from registry.reports.cohort import DAYS_PER_MONTH, CohortRow, ReportParams, format_p
+from registry.reports.survival import build_report
 
 INDEX = dt.date(2024, 1, 1)
 

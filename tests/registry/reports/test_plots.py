@@ -6,7 +6,8 @@ import random
 import pytest
 
 from registry.reports import plots
-from registry.reports.survival import CohortRow, build_report
+from registry.reports.cohort import CohortRow
+from registry.reports.survival import build_report
 
 INDEX = dt.date(2024, 1, 1)
 
@@ -102,7 +103,7 @@ def test_the_deidentified_km_plot_never_prints_a_number_at_risk_from_1_to_4():
 def test_the_deidentified_histogram_draws_no_bin_of_1_to_4_fractures():
     # 3 fractures in days 0-89, 6 in days 360-449: the first bin is suppressed.
     days = [10.0, 20.0, 30.0] + [370.0 + i for i in range(6)]
-    from registry.reports.survival import Section
+    from registry.reports.cohort import Section
 
     section = Section(True, "", {"days_to_fracture": days, "followup_days": 60})
     svg = plots.days_histogram(section, "svg", deidentified=True, small_cell_min=5).decode()
@@ -119,7 +120,7 @@ def test_the_schoenfeld_plot_states_the_test_and_its_verdict():
 
 def test_the_deidentified_histogram_coarsens_its_bins_before_suppressing():
     # 3 + 3 fractures in two 90-day bins, 6 in one 180-day bin: coarsened, nothing hidden.
-    from registry.reports.survival import Section
+    from registry.reports.cohort import Section
 
     section = Section(True, "", {"days_to_fracture": [10.0, 20.0, 30.0, 100.0, 110.0, 120.0],
                                  "followup_days": 60})

@@ -8,14 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from registry.reports.cohort import AT_RISK_TIMES_DAYS, KPI_WINDOWS_DAYS, CohortRow, ReportParams
 from registry.reports.deid import cohort_csv
-from registry.reports.survival import (
-    AT_RISK_TIMES_DAYS,
-    KPI_WINDOWS_DAYS,
-    CohortRow,
-    ReportParams,
-    build_report,
-)
+from registry.reports.survival import build_report
 
 ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "scripts" / "recompute_report.R"

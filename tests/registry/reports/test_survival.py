@@ -7,14 +7,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from registry.reports.survival import (
-    AlertRow,
-    CohortRow,
-    ReportParams,
-    build_report,
-    delong_auc_ci,
-    poisson_rate_ci,
-)
+from registry.reports.cohort import AlertRow, CohortRow, ReportParams
+from registry.reports.roc import delong_auc_ci
+from registry.reports.survival import build_report, poisson_rate_ci
 
 INDEX = dt.date(2024, 1, 1)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from registry.services import feed_create
+from registry.feeds import feed_create
 from tests.integrations.fhir.adversarial.helpers import FHIR, encode
 
 

@@ -8,9 +8,10 @@ import json
 import pytest
 
 from integrations.fhir.bulk import import_ndjson
-from integrations.fhir.mappers import Context
+from integrations.fhir.context import Context
+from registry.feeds import feed_create
 from registry.models import Feed, PatientIdentifier
-from registry.services import Actor, feed_create
+from registry.side_effects import Actor
 from tests.integrations.fhir.adversarial.helpers import counts, delta, patient
 
 pytestmark = [pytest.mark.django_db, pytest.mark.postgres]

@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from integrations.dicom.dicomweb import FetchError
 from registry.timeutil import clinic_today
+from scoring.dicomweb import FetchError
 from scoring.models import ImagingStudy, VbqResult
 from scoring.review import ReviewError, series_source
 from scoring.tasks import study_received, vbq_compute

@@ -10,8 +10,8 @@ from django.utils.html import escape
 
 from integrations.fhir import mappers
 from integrations.models import HeldResource
+from registry.feeds import feed_create
 from registry.models import AuditEvent, Procedure
-from registry.services import feed_create
 from tests.integrations.fhir.adversarial.helpers import (
     MRN,
     bundle,

@@ -29,7 +29,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from registry.services import feed_create
+from registry.feeds import feed_create
 from tests.conftest import ROOT, test_database_url
 from tests.integrations.fhir.adversarial.helpers import (
     FHIR,

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from registry.feeds import feed_create
 from registry.models import AuditEvent, PatientIdentifier
-from registry.services import feed_create
 from tests.integrations.fhir.adversarial.helpers import (
     FHIR,
     MRN,

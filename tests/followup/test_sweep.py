@@ -11,18 +11,17 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
-from registry.models import Alert, AlertDelivery, AlertEvent, AuditEvent, Patient
-from registry.services import therapy_record
-from registry.sweep import (
-    _facts_from_row,
-    _write_batch,
+from followup.batch_writes import write_batch
+from followup.facts import (
     claim_due,
     due_facts_sql,
-    followup_evaluate,
-    followup_sweep,
+    facts_from_row,
     load_facts,
     patient_facts_sql,
 )
+from followup.sweep import followup_evaluate, followup_sweep
+from registry.models import Alert, AlertDelivery, AlertEvent, AuditEvent, Patient
+from registry.services import therapy_record
 from registry.timeutil import clinic_today, start_of_clinic_day
 from scoring.models import VbqResult
 from tests.conftest import CeleryWorker, test_database_url
@@ -129,7 +128,7 @@ def test_the_sweeps_sql_facts_match_the_orm_facts():
             sql, params = patient_facts_sql(pid)
             with transaction.atomic(), connection.cursor() as cursor:
                 cursor.execute(sql, params)
-                one = _facts_from_row(cursor.fetchone())
+                one = facts_from_row(cursor.fetchone())
             assert (one.index_date, one.index_levels, one.vbq_all_levels, one.deceased_on,
                     one.care_team) == (claimed[pid].index_date, claimed[pid].index_levels,
                                        claimed[pid].vbq_all_levels, claimed[pid].deceased_on,
@@ -173,8 +172,8 @@ def test_an_unacknowledged_alert_escalates_once_at_the_sweep_a_week_later():
     today = clinic_today()
     assert followup_sweep(today=today).opened == 2
     ack_alert = Alert.objects.get(patient=acknowledged)
-    from registry.alerts import alert_acknowledge
-    from registry.services import Actor
+    from followup.alerts import alert_acknowledge
+    from registry.side_effects import Actor
 
     alert_acknowledge(alert=ack_alert, actor=Actor(via="api"))
     assert followup_sweep(today=today + dt.timedelta(days=6)).evaluated == 0  # not due yet
@@ -210,7 +209,7 @@ def test_a_batch_write_racing_an_existing_alert_adds_nothing_for_it():
 
     decision = Decision(HIGH_VBQ, "open", "race", vbq_value=3.6, due_on=clinic_today())
     nxt = clinic_today() + dt.timedelta(days=9)
-    assert _write_batch([(patient.pk, decision)], {}, {patient.pk: nxt}) == (0, 0)
+    assert write_batch([(patient.pk, decision)], {}, {patient.pk: nxt}) == (0, 0)
     assert Alert.objects.filter(patient=patient).count() == 1
     assert (AlertEvent.objects.count(), AuditEvent.objects.count(),
             AlertDelivery.objects.count()) == counts
@@ -317,7 +316,7 @@ def test_a_medication_request_posted_to_fhir_resolves_the_alert_through_the_work
     import json
     from pathlib import Path
 
-    from registry.services import feed_create
+    from registry.feeds import feed_create
 
     patient = high_vbq_patient(70, mrn="SYN-ALERT-W1")
     followup_sweep()

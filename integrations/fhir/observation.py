@@ -2,7 +2,8 @@
 
 The Observation carries both values as components (all levels / excluding fractured levels),
 one component per measured level, the method and algorithm version, and ``derivedFrom`` the
-ImagingStudy. Registered in ``integrations.fhir.read.READERS`` at import.
+ImagingStudy. Registered in ``integrations.fhir.read.READERS`` at import
+(``IntegrationsConfig.ready`` imports it).
 """
 
 from __future__ import annotations

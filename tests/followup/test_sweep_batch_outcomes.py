@@ -8,11 +8,11 @@ import pytest
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 
-from registry.alerts import alert_acknowledge, alert_escalate, alert_open, alert_snooze
+from followup.alerts import alert_acknowledge, alert_escalate, alert_open, alert_snooze
+from followup.sweep import followup_evaluate, followup_sweep
 from registry.followup import HIGH_VBQ, SECONDARY_FRACTURE, VBQ_MISSING
 from registry.models import Alert, AlertDelivery, AlertEvent, AuditEvent, Patient
-from registry.services import Actor
-from registry.sweep import followup_evaluate, followup_sweep
+from registry.side_effects import Actor
 from registry.timeutil import clinic_today, start_of_clinic_day
 from tests.factories import FractureFactory, TherapyExposureFactory
 from tests.registry.followup_helpers import high_vbq_patient

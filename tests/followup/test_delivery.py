@@ -10,8 +10,8 @@ import pytest
 from aiosmtpd.controller import Controller
 from django.utils import timezone
 
-from integrations.notify.delivery import send_due_deliveries
-from registry.alerts import alert_open
+from followup.alerts import alert_open
+from followup.delivery import send_due_deliveries
 from registry.models import AlertDelivery
 from tests.factories import PatientFactory
 

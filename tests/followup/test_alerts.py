@@ -5,15 +5,17 @@ import datetime as dt
 import pytest
 from django.urls import reverse
 
-from registry.alerts import (
+from followup.alerts import (
     alert_acknowledge,
     alert_add_note,
     alert_open,
     alert_resolve,
     alert_snooze,
 )
+from registry.feeds import feed_create
 from registry.models import AlertDelivery, AlertEvent, AuditEvent
-from registry.services import Actor, RegistryValidationError, feed_create
+from registry.services import RegistryValidationError
+from registry.side_effects import Actor
 from registry.timeutil import clinic_today
 from tests.factories import MRN_SYSTEM, PatientFactory
 

@@ -55,9 +55,9 @@ def _new_client(base_url: str, username: str, password: str,
                 timeout: float) -> DICOMwebClient:
     session = requests.Session()
     # requests re-reads the environment (proxies, no_proxy, CA bundle) and ~/.netrc on EVERY
-    # request when ``trust_env`` is on: walking os.environ cost ~0.5-0.8 ms of a worker's CPU
-    # per series fetched. The same settings are read once here, when the worker first talks
-    # to this endpoint; a change needs a worker restart, as any setting does.
+    # request when ``trust_env`` is on: a measurable share of a worker's CPU per series
+    # fetched (docs/benchmarks.md). The same settings are read once here, when the worker
+    # first talks to this endpoint; a change needs a worker restart, as any setting does.
     session.proxies.update(requests.utils.get_environ_proxies(base_url))
     ca_bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
     if ca_bundle:
@@ -96,8 +96,8 @@ def fetch_series(base_url: str, study_uid: str, series_uid: str, *, username: st
 
     Read with ``iter_series`` (the client's streamed retrieval: the body comes off the socket
     in ``chunk_size`` pieces, 1 MB by default) rather than ``retrieve_series``, which makes
-    requests assemble the body from 10 kB reads: 1.4-1.8 ms of CPU less per 256x256x11
-    series (about a fifth of the fetch). The whole series is still parsed here, inside the
+    requests assemble the body from 10 kB reads (about a fifth of the fetch's CPU less:
+    docs/benchmarks.md). The whole series is still parsed here, inside the
     ``try``, so a corrupt instance or a connection lost half-way raises a typed error, as
     before; an abandoned stream closes its connection instead of returning it to the pool
     half-read."""

@@ -14,27 +14,21 @@ from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from followup.delivery import enqueue_deliveries
 from registry.followup import RESOLUTION_REASONS, RULE_VERSIONS
 from registry.models import (
     OPEN_ALERT_STATUSES,
     Alert,
-    AlertDelivery,
     AlertEvent,
     AlertStatus,
     AuditAction,
     Patient,
 )
-from registry.services import SYSTEM_ACTOR, Actor, RegistryValidationError, audit_record
+from registry.services import RegistryValidationError
+from registry.side_effects import SYSTEM_ACTOR, Actor, audit_record
 from registry.timeutil import clinic_today
 
 logger = logging.getLogger(__name__)
-
-
-def _channels() -> list[str]:
-    channels = [AlertDelivery.Channel.IN_APP, AlertDelivery.Channel.EMAIL]
-    if settings.EHR_OUTBOUND_FHIR_URL:
-        channels.append(AlertDelivery.Channel.FHIR)
-    return channels
 
 
 def _record(alert: Alert, *, actor: Actor, action: str, from_status: str, note: str = "",
@@ -46,32 +40,6 @@ def _record(alert: Alert, *, actor: Actor, action: str, from_status: str, note: 
     audit_record(actor=actor, action=AuditAction.UPDATE if action != "open" else
                  AuditAction.CREATE, object_type="Alert", object_id=str(alert.pk),
                  patient_id=alert.patient_id, detail={"alert_action": action})
-
-
-def _enqueue_deliveries(alert: Alert, event: str) -> None:
-    now = timezone.now()
-    for channel in _channels():
-        AlertDelivery.objects.get_or_create(
-            idempotency_key=f"alert-{alert.pk}-{event}-{alert.escalation_level}-{channel}",
-            defaults={"alert": alert, "channel": channel, "event": event,
-                      "next_attempt_at": now},
-        )
-    from registry.tasks import deliveries_send
-
-    transaction.on_commit(_safe_delay(deliveries_send))
-
-
-def _safe_delay(task: Any) -> Any:
-    """Queue ``task`` after commit; a broker outage must not fail the clinical write (the
-    periodic delivery task picks the outbox rows up later)."""
-
-    def send() -> None:
-        try:
-            task.delay()
-        except Exception as exc:  # broker down: the outbox row stays pending
-            logger.warning("queueing %s failed: %s", task.name, type(exc).__name__)
-
-    return send
 
 
 @transaction.atomic
@@ -102,7 +70,7 @@ def alert_open(
     except IntegrityError:
         return None
     _record(alert, actor=actor, action="open", from_status="", note=reason)
-    _enqueue_deliveries(alert, "opened")
+    enqueue_deliveries(alert, "opened")
     logger.info("alert opened alert=%s patient=%s rule=%s", alert.pk, patient.pk, rule_id)
     return alert
 
@@ -250,7 +218,7 @@ def alert_escalate(*, alert: Alert, reason: str, for_fracture: bool = False,
     alert.save(update_fields=["escalation_level", "escalated_for_fracture", "status",
                               "snoozed_until"])
     _record(alert, actor=actor, action="escalate", from_status=before, note=reason)
-    _enqueue_deliveries(alert, "escalated")
+    enqueue_deliveries(alert, "escalated")
     return alert
 
 

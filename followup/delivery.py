@@ -17,6 +17,7 @@ from collections import defaultdict
 from typing import Any
 
 import requests
+from celery import shared_task
 from django.conf import settings
 from django.core.mail import EmailMessage, get_connection
 from django.db import transaction
@@ -178,3 +179,44 @@ def send_due_deliveries(now: dt.datetime | None = None) -> dict[str, int]:
         else:
             result["fhir"] += send_fhir(rows)
     return result
+
+
+def delivery_channels() -> list[str]:
+    """The channels every alert event is delivered on (FHIR only with an EHR endpoint)."""
+    channels = [AlertDelivery.Channel.IN_APP, AlertDelivery.Channel.EMAIL]
+    if settings.EHR_OUTBOUND_FHIR_URL:
+        channels.append(AlertDelivery.Channel.FHIR)
+    return channels
+
+
+def safe_delay(task: Any) -> Any:
+    """Queue ``task`` after commit; a broker outage must not fail the clinical write (the
+    periodic delivery task picks the outbox rows up later)."""
+
+    def send() -> None:
+        try:
+            task.delay()
+        except Exception as exc:  # broker down: the outbox row stays pending
+            logger.warning("queueing %s failed: %s", task.name, type(exc).__name__)
+
+    return send
+
+
+def enqueue_deliveries(alert: Any, event: str) -> None:
+    """Write the outbox rows of one alert event (one per channel; idempotent on the alert,
+    the event, its escalation level and the channel) and queue the delivery task after
+    commit. Call inside the transaction that changes the alert."""
+    now = timezone.now()
+    for channel in delivery_channels():
+        AlertDelivery.objects.get_or_create(
+            idempotency_key=f"alert-{alert.pk}-{event}-{alert.escalation_level}-{channel}",
+            defaults={"alert": alert, "channel": channel, "event": event,
+                      "next_attempt_at": now},
+        )
+    transaction.on_commit(safe_delay(deliveries_send))
+
+
+@shared_task(name="registry.deliveries_send")
+def deliveries_send() -> dict:
+    """Send due outbox rows (in-app, email digest per care team, FHIR Communication)."""
+    return send_due_deliveries()

@@ -1,0 +1,1 @@
+"""The bottom layer: generic database helpers (``db.pg``), no clinical model inside."""
