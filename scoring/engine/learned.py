@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from scoring.engine.dicom_io import Series
+from scoring.engine.model import VBQ_LEVELS, QcFlag
 from scoring.engine.segimport import SegmentationError, SegmentationRois, rois_from_labels
 
 GRID_MM = 2.0
@@ -114,32 +115,158 @@ def segment(image: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
     return np.asarray(full[: image.shape[0], : image.shape[1]], np.uint8)
 
 
+MIN_DISC_MM2 = 12.0  # a disc fragment this large counts as a disc between two bodies
+MIN_CUT_SIDE_MM2 = 250.0  # both sides of a disc cut must hold this much body (a lumbar body's
+# mid-sagittal section is ≥ ~400 mm²): a spurious fragment inside one body does not halve it
+CUT_HALF_WIDTH_PX = 0.8  # half-width of the cut along a disc's line (8-connected band)
+
+
+def _disc_components(classes: np.ndarray, px_mm2: float) -> list[tuple[np.ndarray, np.ndarray,
+                                                                        np.ndarray, float]]:
+    """Disc components ≥ ``MIN_DISC_MM2``: (pixel coordinates, centroid, unit normal to the
+    disc's long axis, half-length along it in pixels)."""
+    lab, n = ndimage.label(classes == 3)
+    out = []
+    for i in range(1, n + 1):
+        pts = np.argwhere(lab == i).astype(float)
+        if len(pts) * px_mm2 < MIN_DISC_MM2:
+            continue
+        centre = pts.mean(axis=0)
+        d = pts - centre
+        if len(pts) >= 3:
+            _, vecs = np.linalg.eigh(d.T @ d)
+            along = vecs[:, 1]
+        else:
+            along = np.array([0.0, 1.0])
+        if abs(along[1]) < 0.5:  # a disc runs roughly anterior→posterior
+            along = np.array([0.0, 1.0])
+        normal = np.array([-along[1], along[0]])
+        out.append((pts, centre, normal, float(np.abs(d @ along).max())))
+    return out
+
+
+def _cut_at_discs(bone: np.ndarray, discs: list, px_mm2: float) -> np.ndarray:
+    """``bone`` with each component that continues on both sides of a disc's line (each side
+    at least a body's area) cut along that line: two bodies that the network joined where
+    their disc is thin or only partly seen come apart at the disc fragment between them."""
+    bone = bone.copy()
+    rr, cc = np.indices(bone.shape)
+    min_side = MIN_CUT_SIDE_MM2 / px_mm2
+    for pts, centre, normal, half in discs:
+        lab, _ = ndimage.label(bone)
+        fragment = np.zeros(bone.shape, bool)
+        fragment[pts[:, 0].astype(int), pts[:, 1].astype(int)] = True
+        touching = lab[ndimage.binary_dilation(fragment, iterations=2)]
+        signed = (rr - centre[0]) * normal[0] + (cc - centre[1]) * normal[1]
+        along = np.abs((rr - centre[0]) * normal[1] - (cc - centre[1]) * normal[0])
+        reach = along <= half + 40.0 / np.sqrt(px_mm2)  # ≤ 40 mm beyond the fragment's ends
+        for k in np.unique(touching[touching > 0]):
+            comp = lab == k
+            above = int((comp & (signed < -CUT_HALF_WIDTH_PX)).sum())
+            below = int((comp & (signed > CUT_HALF_WIDTH_PX)).sum())
+            if min(above, below) < min_side:
+                continue
+            bone[comp & reach & (np.abs(signed) <= CUT_HALF_WIDTH_PX)] = False
+    return bone
+
+
+@dataclass
+class _Body:
+    mask: np.ndarray
+    row: float
+    col: float
+    l5: float  # share of its pixels the network calls L5
+
+
+def body_chain(classes: np.ndarray, spacing_mm: tuple[float, float]
+               ) -> tuple[list[_Body], list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]]:
+    """The vertebral bodies of a class map, head→feet, and its disc components. Bodies are the
+    components of body + L5 pixels ≥ ``MIN_BODY_MM2`` after cutting at the disc fragments
+    (``_cut_at_discs``); a component with a substantial L5 part and a substantial other-body
+    part (each ≥ ``MIN_BODY_MM2``) is split between the two."""
+    px_mm2 = float(spacing_mm[0] * spacing_mm[1])
+    min_px = MIN_BODY_MM2 / px_mm2
+    discs = _disc_components(classes, px_mm2)
+    bone = _cut_at_discs(np.isin(classes, (1, 2)), discs, px_mm2)
+    lab, _ = ndimage.label(bone)
+    masks: list[np.ndarray] = []
+    for i, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        comp = lab == i
+        area = int(comp.sum())
+        if area < min_px:
+            continue
+        is_l5 = comp & (classes == 2)
+        rest = comp & (classes == 1)
+        if is_l5.sum() >= min_px and rest.sum() >= min_px:
+            parts = [_largest(is_l5), _largest(rest)]
+            # stray pixels go to the nearer part
+            dist = [ndimage.distance_transform_edt(~p) for p in parts]
+            near0 = dist[0] <= dist[1]
+            masks += [comp & near0, comp & ~near0]
+        else:
+            masks.append(comp)
+    bodies = []
+    for m in masks:
+        r, c = np.nonzero(m)
+        bodies.append(_Body(m, float(r.mean()), float(c.mean()),
+                            float(np.mean(classes[m] == 2))))
+    bodies.sort(key=lambda b: b.row)
+    return bodies, discs
+
+
+def _largest(mask: np.ndarray) -> np.ndarray:
+    lab, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = ndimage.sum(mask, lab, range(1, n + 1))
+    return np.asarray(lab == 1 + int(np.argmax(sizes)))
+
+
+LEVEL_NAMES = ("L5", "L4", "L3", "L2", "L1", "T12")
+
+
+def count_levels(classes: np.ndarray, spacing_mm: tuple[float, float]
+                 ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Level → body mask (L5 up to T12) counted up from the body the network calls L5, and the
+    doubts about that count (empty when consistent): no disc fragment between two counted
+    neighbours (a missed split or a spurious body), no disc below L5 (the lumbosacral disc),
+    uneven spacing of L5…L1. ({}, [reason]) when no L5 body is found."""
+    bodies, discs = body_chain(classes, spacing_mm)
+    if not bodies:
+        return {}, ["no vertebral body was segmented"]
+    l5_idx = max(range(len(bodies)), key=lambda k: bodies[k].l5)
+    if bodies[l5_idx].l5 < 0.5:
+        return {}, ["no L5 body was segmented"]
+    chain = bodies[max(l5_idx - 5, 0): l5_idx + 1][::-1]  # L5, L4, … upwards
+    out = {name: b.mask for name, b in zip(LEVEL_NAMES, chain, strict=False)}
+    doubts: list[str] = []
+    disc_rows = [(float(c[0]), float(c[1])) for _p, c, _n, _h in discs]
+
+    def disc_between(upper: _Body, lower: _Body) -> bool:
+        return any(upper.row < r < lower.row for r, _c in disc_rows)
+
+    for k in range(1, min(len(chain), 5)):  # L5/L4 … L2/L1
+        if not disc_between(chain[k], chain[k - 1]):
+            doubts.append(f"no disc between {LEVEL_NAMES[k]} and {LEVEL_NAMES[k - 1]}")
+    l5 = chain[0]
+    below = [r for r, _c in disc_rows if r > l5.row]
+    if not below:
+        doubts.append("no lumbosacral disc below L5")
+    rows = [b.row for b in chain[:5]]
+    if len(rows) >= 3:
+        gaps = np.diff(rows[::-1])
+        if gaps.max() > 1.6 * np.median(gaps) or gaps.min() < 0.6 * np.median(gaps):
+            doubts.append("uneven spacing of the counted bodies")
+    return out, doubts
+
+
 def levels_from_classes(classes: np.ndarray, spacing_mm: tuple[float, float]
                         ) -> dict[str, np.ndarray]:
-    """Level → body mask (L5 up to T12) from a class map; {} when no L5 body is found."""
-    px_mm2 = float(spacing_mm[0] * spacing_mm[1])
-    bone = np.isin(classes, (1, 2))
-    lab, _ = ndimage.label(bone)
-    comps = []
-    for i, sl in enumerate(ndimage.find_objects(lab), start=1):
-        comp = lab[sl] == i
-        area = int(comp.sum())
-        if area * px_mm2 < MIN_BODY_MM2:
-            continue
-        l5 = float(np.mean(classes[sl][comp] == 2))
-        rr = np.nonzero(comp)[0] + sl[0].start
-        comps.append((float(rr.mean()), i, l5))
-    if not comps:
-        return {}
-    comps.sort()
-    l5_idx = max(range(len(comps)), key=lambda k: comps[k][2])
-    if comps[l5_idx][2] < 0.5:
-        return {}
-    out: dict[str, np.ndarray] = {}
-    names = ("L5", "L4", "L3", "L2", "L1", "T12")
-    for k, name in zip(range(l5_idx, -1, -1), names, strict=False):
-        out[name] = lab == comps[k][1]
-    return out
+    """Level → body mask (L5 up to T12) from a class map (``count_levels`` without the
+    doubts); {} when no L5 body is found."""
+    return count_levels(classes, spacing_mm)[0]
 
 
 class LearnedError(Exception):
@@ -168,35 +295,71 @@ def _candidate_slices(n: int) -> list[int]:
     return idx[::stride]
 
 
+def _centroids(levels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {lv: np.argwhere(m).mean(axis=0) for lv, m in levels.items()}
+
+
+def _slices_agree(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    """Whether two slices' counts name the same bodies: each of L1–L4 on ``a`` has its own
+    level as the nearest counted body on ``b``."""
+    ca, cb = _centroids(a), _centroids(b)
+    for lv in VBQ_LEVELS:
+        if lv not in ca or not cb:
+            continue
+        nearest = min(cb, key=lambda k: float(np.sum((cb[k] - ca[lv]) ** 2)))
+        if nearest != lv:
+            return False
+    return True
+
+
 def learned_rois(series: Series) -> LearnedPlacement:
-    """Segment the central slices, take the one with the largest predicted canal among those
-    where L1–L4 are counted up from the network's L5 as the mid-sagittal slice, and place the
-    body and CSF ROIs there with the external-segmentation path. Raises ``LearnedError``."""
+    """Segment the central slices and count the levels on each (``count_levels``); the
+    mid-sagittal slice is the one with the largest predicted canal among those where L1–L4
+    are counted without doubt (else among those where they are counted at all); place the body
+    and CSF ROIs there with the external-segmentation path (the level masks brought back from
+    the grid to the series' pixels). Doubts about the count on that slice, or another central
+    slice that counts the same bodies differently, are reported as a ``levels-disagree`` flag
+    (the count is then a proposal for review). Raises ``LearnedError``."""
     spacing = series.pixel_spacing_mm
     pixels = np.asarray(series.pixels)
     cand = _candidate_slices(pixels.shape[0])
     grids = np.stack([normalise(to_grid(pixels[k].astype(np.float32), spacing)) for k in cand])
     classes = np.argmax(probabilities_on_grid(grids), axis=1).astype(np.uint8)
     grid_mm = (GRID_MM, GRID_MM)
-    best, best_canal = None, 0
+    counted: list[tuple[bool, int, int, dict[str, np.ndarray], list[str], np.ndarray]] = []
     for k, cls in zip(cand, classes, strict=True):
-        levels = levels_from_classes(cls, grid_mm)
-        canal = int((cls == 4).sum())
-        if all(lv in levels for lv in ("L1", "L2", "L3", "L4")) and canal > best_canal:
-            best, best_canal = k, canal
-    if best is None:
+        levels, doubts = count_levels(cls, grid_mm)
+        if all(lv in levels for lv in VBQ_LEVELS):
+            counted.append((not doubts, int((cls == 4).sum()), k, levels, doubts, cls))
+    if not counted:
         raise LearnedError("the learned segmenter found no slice with L1–L4 counted up from "
                            "L5")
-    full = segment(pixels[best].astype(np.float32), spacing)
-    bodies = levels_from_classes(full, spacing)
-    if not all(lv in bodies for lv in ("L1", "L2", "L3", "L4")):
-        raise LearnedError("the learned segmentation lost a level at full resolution")
-    labels = np.zeros(full.shape, np.uint16)
-    for lv, mask in bodies.items():
-        labels[mask] = LEVEL_IDS[lv]
+    _clean, _canal, best, grid_levels, doubts, cls = max(counted, key=lambda t: (t[0], t[1]))
+    others = [t[2] for t in counted if t[2] != best and not _slices_agree(grid_levels, t[3])]
+    shape = pixels.shape[1:]
+    labels = np.zeros(shape, np.uint16)
+    for lv, mask in grid_levels.items():
+        labels[_to_series(mask, shape)] = LEVEL_IDS[lv]
+    bodies = {lv: labels == LEVEL_IDS[lv] for lv in grid_levels}
     table = {i: lv for lv, i in LEVEL_IDS.items()}
     try:
         rois = rois_from_labels(labels, table, series, best)
     except SegmentationError as exc:
         raise LearnedError(str(exc)) from exc
-    return LearnedPlacement(best, bodies, full == 4, rois)
+    reasons = list(doubts)
+    if others:
+        reasons.append(f"slice(s) {', '.join(str(k + 1) for k in others)} count the bodies "
+                       "differently")
+    if reasons:
+        rois.flags.append(QcFlag("levels-disagree", "the learned level count is in doubt ("
+                                 f"{'; '.join(reasons)}): check the level labels"))
+    return LearnedPlacement(best, bodies, _to_series(cls == 4, shape), rois)
+
+
+def _to_series(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A grid mask brought back to the series' pixel grid (nearest neighbour)."""
+    zoom = (shape[0] / mask.shape[0], shape[1] / mask.shape[1])
+    full = ndimage.zoom(mask.astype(np.uint8), zoom, order=0)[: shape[0], : shape[1]]
+    out = np.zeros(shape, bool)
+    out[: full.shape[0], : full.shape[1]] = full > 0
+    return out
