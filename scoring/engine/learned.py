@@ -118,7 +118,8 @@ def segment(image: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
 MIN_DISC_MM2 = 12.0  # a disc fragment this large counts as a disc between two bodies
 MIN_CUT_SIDE_MM2 = 250.0  # both sides of a disc cut must hold this much body (a lumbar body's
 # mid-sagittal section is ≥ ~400 mm²): a spurious fragment inside one body does not halve it
-CUT_HALF_WIDTH_PX = 0.8  # half-width of the cut along a disc's line (8-connected band)
+CUT_HALF_WIDTH_PX = 0.8  # half-width of the cut along a disc's line (an 8-connected band)
+TALL = 1.5  # a component this many times the typical body's height may hold two bodies
 
 
 def _disc_components(classes: np.ndarray, px_mm2: float) -> list[tuple[np.ndarray, np.ndarray,
@@ -146,25 +147,37 @@ def _disc_components(classes: np.ndarray, px_mm2: float) -> list[tuple[np.ndarra
 
 
 def _cut_at_discs(bone: np.ndarray, discs: list, px_mm2: float) -> np.ndarray:
-    """``bone`` with each component that continues on both sides of a disc's line (each side
-    at least a body's area) cut along that line: two bodies that the network joined where
-    their disc is thin or only partly seen come apart at the disc fragment between them."""
+    """``bone`` with each component that touches a disc fragment, is at least ``TALL`` times
+    the median component's height (measured across the fragment's line) and continues on
+    both sides of that line (each side ≥ ``MIN_CUT_SIDE_MM2``) cut along the line: two bodies
+    that the network joined where their disc is thin or only partly seen come apart at the
+    disc fragment between them."""
     bone = bone.copy()
     rr, cc = np.indices(bone.shape)
     min_side = MIN_CUT_SIDE_MM2 / px_mm2
     for pts, centre, normal, half in discs:
-        lab, _ = ndimage.label(bone)
+        lab, n = ndimage.label(bone)
+        if n == 0:
+            break
         fragment = np.zeros(bone.shape, bool)
         fragment[pts[:, 0].astype(int), pts[:, 1].astype(int)] = True
         touching = lab[ndimage.binary_dilation(fragment, iterations=2)]
         signed = (rr - centre[0]) * normal[0] + (cc - centre[1]) * normal[1]
         along = np.abs((rr - centre[0]) * normal[1] - (cc - centre[1]) * normal[0])
         reach = along <= half + 40.0 / np.sqrt(px_mm2)  # ≤ 40 mm beyond the fragment's ends
+        extents = []
+        for k in range(1, n + 1):
+            v = signed[lab == k]
+            if v.size >= min_side:
+                extents.append(float(v.max() - v.min()))
+        typical = float(np.median(extents)) if extents else 0.0
         for k in np.unique(touching[touching > 0]):
             comp = lab == k
-            above = int((comp & (signed < -CUT_HALF_WIDTH_PX)).sum())
-            below = int((comp & (signed > CUT_HALF_WIDTH_PX)).sum())
-            if min(above, below) < min_side:
+            v = signed[comp]
+            if float(v.max() - v.min()) < TALL * typical:
+                continue  # a single body: the fragment is an endplate or a spurious speck
+            if min(int((v < -CUT_HALF_WIDTH_PX).sum()), int((v > CUT_HALF_WIDTH_PX).sum())
+                   ) < min_side:
                 continue
             bone[comp & reach & (np.abs(signed) <= CUT_HALF_WIDTH_PX)] = False
     return bone
@@ -232,7 +245,8 @@ def count_levels(classes: np.ndarray, spacing_mm: tuple[float, float]
     """Level → body mask (L5 up to T12) counted up from the body the network calls L5, and the
     doubts about that count (empty when consistent): no disc fragment between two counted
     neighbours (a missed split or a spurious body), no disc below L5 (the lumbosacral disc),
-    uneven spacing of L5…L1. ({}, [reason]) when no L5 body is found."""
+    more than one body the network calls L5, uneven spacing or a body less than half the
+    size of the others among L5…L1. ({}, [reason]) when no L5 body is found."""
     bodies, discs = body_chain(classes, spacing_mm)
     if not bodies:
         return {}, ["no vertebral body was segmented"]
@@ -240,8 +254,10 @@ def count_levels(classes: np.ndarray, spacing_mm: tuple[float, float]
     if bodies[l5_idx].l5 < 0.5:
         return {}, ["no L5 body was segmented"]
     chain = bodies[max(l5_idx - 5, 0): l5_idx + 1][::-1]  # L5, L4, … upwards
-    out = {name: b.mask for name, b in zip(LEVEL_NAMES, chain, strict=False)}
     doubts: list[str] = []
+    if sum(b.l5 >= 0.5 for b in bodies) > 1:
+        doubts.append("more than one body looks like L5")
+    out = {name: b.mask for name, b in zip(LEVEL_NAMES, chain, strict=False)}
     disc_rows = [(float(c[0]), float(c[1])) for _p, c, _n, _h in discs]
 
     def disc_between(upper: _Body, lower: _Body) -> bool:
@@ -259,6 +275,9 @@ def count_levels(classes: np.ndarray, spacing_mm: tuple[float, float]
         gaps = np.diff(rows[::-1])
         if gaps.max() > 1.6 * np.median(gaps) or gaps.min() < 0.6 * np.median(gaps):
             doubts.append("uneven spacing of the counted bodies")
+    areas = [float(b.mask.sum()) for b in chain[:5]]
+    if min(areas) < 0.5 * float(np.median(areas)):
+        doubts.append("a counted body is less than half the size of the others")
     return out, doubts
 
 
@@ -314,8 +333,9 @@ def _slices_agree(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 
 def learned_rois(series: Series) -> LearnedPlacement:
     """Segment the central slices and count the levels on each (``count_levels``); the
-    mid-sagittal slice is the one with the largest predicted canal among those where L1–L4
-    are counted without doubt (else among those where they are counted at all); place the body
+    mid-sagittal slice is, among those where L1–L4 are counted, the one whose count most
+    other slices share (``_slices_agree``), then one counted without doubt, then the one with
+    the largest predicted canal; place the body
     and CSF ROIs there with the external-segmentation path (the level masks brought back from
     the grid to the series' pixels). Doubts about the count on that slice, or another central
     slice that counts the same bodies differently, are reported as a ``levels-disagree`` flag
@@ -334,7 +354,9 @@ def learned_rois(series: Series) -> LearnedPlacement:
     if not counted:
         raise LearnedError("the learned segmenter found no slice with L1–L4 counted up from "
                            "L5")
-    _clean, _canal, best, grid_levels, doubts, cls = max(counted, key=lambda t: (t[0], t[1]))
+    votes = [sum(_slices_agree(t[3], u[3]) for u in counted if u is not t) for t in counted]
+    pick = max(range(len(counted)), key=lambda i: (votes[i], counted[i][0], counted[i][1]))
+    _clean, _canal, best, grid_levels, doubts, cls = counted[pick]
     others = [t[2] for t in counted if t[2] != best and not _slices_agree(grid_levels, t[3])]
     shape = pixels.shape[1:]
     labels = np.zeros(shape, np.uint16)
