@@ -29,9 +29,16 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from scoring.engine.bodies import body_axes, csf_roi_behind, largest_part, series_directions
 from scoring.engine.dicom_io import Series
 from scoring.engine.model import VBQ_LEVELS, QcFlag
-from scoring.engine.segimport import SegmentationError, SegmentationRois, rois_from_labels
+from scoring.engine.segimport import (
+    CSF_LEVELS,
+    SegmentationError,
+    SegmentationRois,
+    marrow_median,
+    rois_from_labels,
+)
 
 GRID_MM = 2.0
 CLASSES = ("background", "body", "l5", "disc", "canal", "posterior")
@@ -340,10 +347,15 @@ def learned_rois(series: Series) -> LearnedPlacement:
     the grid to the series' pixels). Doubts about the count on that slice, or another central
     slice that counts the same bodies differently, are reported as a ``levels-disagree`` flag
     (the count is then a proposal for review). Raises ``LearnedError``."""
-    spacing = series.pixel_spacing_mm
+    try:
+        view = _Canonical(series)
+    except ValueError as exc:
+        raise LearnedError(str(exc)) from exc
+    spacing = view.spacing
     pixels = np.asarray(series.pixels)
     cand = _candidate_slices(pixels.shape[0])
-    grids = np.stack([normalise(to_grid(pixels[k].astype(np.float32), spacing)) for k in cand])
+    grids = np.stack([normalise(to_grid(view.forward(pixels[k].astype(np.float32)), spacing))
+                      for k in cand])
     classes = np.argmax(probabilities_on_grid(grids), axis=1).astype(np.uint8)
     grid_mm = (GRID_MM, GRID_MM)
     counted: list[tuple[bool, int, int, dict[str, np.ndarray], list[str], np.ndarray]] = []
@@ -358,16 +370,18 @@ def learned_rois(series: Series) -> LearnedPlacement:
     pick = max(range(len(counted)), key=lambda i: (votes[i], counted[i][0], counted[i][1]))
     _clean, _canal, best, grid_levels, doubts, cls = counted[pick]
     others = [t[2] for t in counted if t[2] != best and not _slices_agree(grid_levels, t[3])]
-    shape = pixels.shape[1:]
-    labels = np.zeros(shape, np.uint16)
+    shape = view.shape(pixels.shape[1:])
+    labels = np.zeros(pixels.shape[1:], np.uint16)
     for lv, mask in grid_levels.items():
-        labels[_to_series(mask, shape)] = LEVEL_IDS[lv]
+        labels[view.back(_to_series(mask, shape))] = LEVEL_IDS[lv]
     bodies = {lv: labels == LEVEL_IDS[lv] for lv in grid_levels}
     table = {i: lv for lv, i in LEVEL_IDS.items()}
     try:
         rois = rois_from_labels(labels, table, series, best)
     except SegmentationError as exc:
         raise LearnedError(str(exc)) from exc
+    canal_full = view.back(_to_series(cls == 4, shape))
+    _csf_into_canal(series, labels, canal_full, best, rois)
     reasons = list(doubts)
     if others:
         reasons.append(f"slice(s) {', '.join(str(k + 1) for k in others)} count the bodies "
@@ -375,7 +389,85 @@ def learned_rois(series: Series) -> LearnedPlacement:
     if reasons:
         rois.flags.append(QcFlag("levels-disagree", "the learned level count is in doubt ("
                                  f"{'; '.join(reasons)}): check the level labels"))
-    return LearnedPlacement(best, bodies, _to_series(cls == 4, shape), rois)
+    return LearnedPlacement(best, bodies, canal_full, rois)
+
+
+def _csf_into_canal(series: Series, labels: np.ndarray, canal: np.ndarray, mid: int,
+                    rois: SegmentationRois) -> None:
+    """When the CSF ROI that ``rois_from_labels`` found behind the body lies outside the canal
+    the network segmented (a darker band of fat or ligament behind the sac), search again
+    behind the same levels with everything outside that canal (dilated by 1 mm) set to the
+    marrow level, so that the darkest band must be the sac; the new ROI replaces the old one
+    with an info flag. Nothing changes when the old ROI is inside the canal or no band is found
+    there."""
+    roi = rois.csf_roi
+    if roi is None or not canal.any():
+        return
+    r, c = round(roi.row), round(roi.col)
+    if canal[max(r - 1, 0): r + 2, max(c - 1, 0): c + 2].any():
+        return
+    image = np.asarray(series.pixels[mid], np.float32)
+    spacing = series.pixel_spacing_mm
+    inferior, posterior = series_directions(series)
+    grow = max(1, round(1.0 / min(spacing)))
+    inside = ndimage.binary_dilation(canal, iterations=grow)
+    table = {i: lv for lv, i in LEVEL_IDS.items()}
+    ids = {lv: i for i, lv in table.items()}
+    for level in CSF_LEVELS:
+        mask = labels == ids[level]
+        if mask.sum() < 30:
+            continue
+        body = largest_part(mask)
+        axes = body_axes(body, spacing, inferior, posterior)
+        if axes is None:
+            continue
+        marrow = marrow_median(image, body, spacing)
+        found = csf_roi_behind(np.where(inside, image, marrow), axes, marrow, spacing, mid,
+                               level)
+        if found.roi is None:
+            continue
+        rois.csf_roi, rois.csf_level = found.roi, level
+        rois.flags = [f for f in rois.flags if f.code not in ("csf-unclear", "csf-not-at-l3")]
+        rois.flags.extend(found.flags)
+        if level != "L3":
+            rois.flags.append(QcFlag("csf-not-at-l3", f"the CSF was measured behind {level}"))
+        rois.flags.append(QcFlag("csf-in-learned-canal", "the darkest band behind the body lay "
+                                 "outside the segmented canal; the CSF ROI was placed in the "
+                                 "canal", "info"))
+        return
+
+
+class _Canonical:
+    """The network's view of a series' slices: rows head→feet, columns anterior→posterior
+    (``bodies.series_directions``); a series stored feet→head, posterior→anterior or with
+    rows along anterior–posterior is flipped/transposed for the network and the masks are
+    brought back. Raises ``ValueError`` when the slices are not sagittal."""
+
+    def __init__(self, series: Series) -> None:
+        inferior, posterior = series_directions(series)
+        self.transpose = abs(float(inferior[1])) > abs(float(inferior[0]))
+        axis = 1 if self.transpose else 0
+        self.flip_rows = float(inferior[axis]) < 0
+        self.flip_cols = float(posterior[1 - axis]) < 0
+        sp = series.pixel_spacing_mm
+        self.spacing = (sp[1], sp[0]) if self.transpose else (sp[0], sp[1])
+
+    def shape(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        return (shape[1], shape[0]) if self.transpose else (shape[0], shape[1])
+
+    def forward(self, image: np.ndarray) -> np.ndarray:
+        x = image.T if self.transpose else image
+        if self.flip_rows:
+            x = x[::-1]
+        if self.flip_cols:
+            x = x[:, ::-1]
+        return np.ascontiguousarray(x)
+
+    def back(self, mask: np.ndarray) -> np.ndarray:
+        x = mask[:, ::-1] if self.flip_cols else mask
+        if self.flip_rows:
+            x = x[::-1]
+        return np.ascontiguousarray(x.T if self.transpose else x)
 
 
 def _to_series(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
