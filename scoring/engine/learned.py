@@ -162,23 +162,22 @@ def _cut_at_discs(bone: np.ndarray, discs: list, px_mm2: float) -> np.ndarray:
     bone = bone.copy()
     rr, cc = np.indices(bone.shape)
     min_side = MIN_CUT_SIDE_MM2 / px_mm2
+    lab, n = ndimage.label(bone)
     for pts, centre, normal, half in discs:
-        lab, n = ndimage.label(bone)
         if n == 0:
             break
-        fragment = np.zeros(bone.shape, bool)
-        fragment[pts[:, 0].astype(int), pts[:, 1].astype(int)] = True
-        touching = lab[ndimage.binary_dilation(fragment, iterations=2)]
         signed = (rr - centre[0]) * normal[0] + (cc - centre[1]) * normal[1]
-        along = np.abs((rr - centre[0]) * normal[1] - (cc - centre[1]) * normal[0])
-        reach = along <= half + 40.0 / np.sqrt(px_mm2)  # ≤ 40 mm beyond the fragment's ends
-        extents = []
-        for k in range(1, n + 1):
-            v = signed[lab == k]
-            if v.size >= min_side:
-                extents.append(float(v.max() - v.min()))
-        typical = float(np.median(extents)) if extents else 0.0
-        for k in np.unique(touching[touching > 0]):
+        ids = np.arange(1, n + 1)
+        sizes = ndimage.sum_labels(bone, lab, ids)
+        extent = (ndimage.maximum(signed, lab, ids) - ndimage.minimum(signed, lab, ids))
+        extent = np.asarray(extent)[np.asarray(sizes) >= min_side]
+        typical = float(np.median(extent)) if extent.size else 0.0
+        # components within 2 pixels of the fragment
+        r0, c0 = pts.min(axis=0).astype(int) - 2
+        r1, c1 = pts.max(axis=0).astype(int) + 3
+        window = lab[max(r0, 0): r1, max(c0, 0): c1]
+        cut = False
+        for k in np.unique(window[window > 0]):
             comp = lab == k
             v = signed[comp]
             if float(v.max() - v.min()) < TALL * typical:
@@ -186,7 +185,12 @@ def _cut_at_discs(bone: np.ndarray, discs: list, px_mm2: float) -> np.ndarray:
             if min(int((v < -CUT_HALF_WIDTH_PX).sum()), int((v > CUT_HALF_WIDTH_PX).sum())
                    ) < min_side:
                 continue
+            along = np.abs((rr - centre[0]) * normal[1] - (cc - centre[1]) * normal[0])
+            reach = along <= half + 40.0 / np.sqrt(px_mm2)  # ≤ 40 mm beyond the fragment
             bone[comp & reach & (np.abs(signed) <= CUT_HALF_WIDTH_PX)] = False
+            cut = True
+        if cut:
+            lab, n = ndimage.label(bone)
     return bone
 
 
@@ -311,6 +315,7 @@ class LearnedPlacement:
 
 
 LEVEL_IDS = {"L1": 1, "L2": 2, "L3": 3, "L4": 4, "L5": 5, "T12": 12}
+CANAL_ID = 99  # the canal in the grid label map brought back to the series' pixels
 MAX_SLICES = 8  # slices segmented to find the mid-sagittal one (cost bound)
 
 
@@ -325,10 +330,9 @@ def _centroids(levels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {lv: np.argwhere(m).mean(axis=0) for lv, m in levels.items()}
 
 
-def _slices_agree(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
-    """Whether two slices' counts name the same bodies: each of L1–L4 on ``a`` has its own
-    level as the nearest counted body on ``b``."""
-    ca, cb = _centroids(a), _centroids(b)
+def _slices_agree(ca: dict[str, np.ndarray], cb: dict[str, np.ndarray]) -> bool:
+    """Whether two slices' counts (level → body centroid) name the same bodies: each of L1–L4
+    on ``ca`` has its own level as the nearest counted body on ``cb``."""
     for lv in VBQ_LEVELS:
         if lv not in ca or not cb:
             continue
@@ -366,21 +370,26 @@ def learned_rois(series: Series) -> LearnedPlacement:
     if not counted:
         raise LearnedError("the learned segmenter found no slice with L1–L4 counted up from "
                            "L5")
-    votes = [sum(_slices_agree(t[3], u[3]) for u in counted if u is not t) for t in counted]
-    pick = max(range(len(counted)), key=lambda i: (votes[i], counted[i][0], counted[i][1]))
+    cents = [_centroids(t[3]) for t in counted]
+    agree = [[i != j and _slices_agree(cents[i], cents[j]) for j in range(len(counted))]
+             for i in range(len(counted))]
+    pick = max(range(len(counted)), key=lambda i: (sum(agree[i]), counted[i][0], counted[i][1]))
     _clean, _canal, best, grid_levels, doubts, cls = counted[pick]
-    others = [t[2] for t in counted if t[2] != best and not _slices_agree(grid_levels, t[3])]
+    others = [counted[j][2] for j in range(len(counted)) if j != pick and not agree[pick][j]]
     shape = view.shape(pixels.shape[1:])
-    labels = np.zeros(pixels.shape[1:], np.uint16)
+    grid_labels = np.zeros(cls.shape, np.uint16)
     for lv, mask in grid_levels.items():
-        labels[view.back(_to_series(mask, shape))] = LEVEL_IDS[lv]
+        grid_labels[mask] = LEVEL_IDS[lv]
+    grid_labels[(cls == 4) & (grid_labels == 0)] = CANAL_ID
+    full = view.back(_to_series(grid_labels, shape))
+    canal_full = full == CANAL_ID
+    labels = np.where(canal_full, 0, full).astype(np.uint16)
     bodies = {lv: labels == LEVEL_IDS[lv] for lv in grid_levels}
     table = {i: lv for lv, i in LEVEL_IDS.items()}
     try:
         rois = rois_from_labels(labels, table, series, best)
     except SegmentationError as exc:
         raise LearnedError(str(exc)) from exc
-    canal_full = view.back(_to_series(cls == 4, shape))
     _csf_into_canal(series, labels, canal_full, best, rois)
     reasons = list(doubts)
     if others:
@@ -470,10 +479,10 @@ class _Canonical:
         return np.ascontiguousarray(x.T if self.transpose else x)
 
 
-def _to_series(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """A grid mask brought back to the series' pixel grid (nearest neighbour)."""
-    zoom = (shape[0] / mask.shape[0], shape[1] / mask.shape[1])
-    full = ndimage.zoom(mask.astype(np.uint8), zoom, order=0)[: shape[0], : shape[1]]
-    out = np.zeros(shape, bool)
-    out[: full.shape[0], : full.shape[1]] = full > 0
-    return out
+def _to_series(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A grid label map brought back to the series' pixel grid (nearest neighbour; the inverse
+    of ``to_grid``'s ``ndimage.zoom``, which puts the first and last pixels' centres on the
+    first and last grid pixels)."""
+    idx = [np.rint(np.arange(n) * (g - 1) / max(n - 1, 1)).astype(int)
+           for n, g in zip(shape[:2], labels.shape, strict=True)]
+    return np.asarray(labels[np.ix_(idx[0], idx[1])])
