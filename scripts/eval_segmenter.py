@@ -7,12 +7,12 @@ trained ones: Dice per class on the 2 mm grid (all 7 slices), and levels on the 
 (slice 3) counted by ``learned.count_levels``: each predicted L1–L4 body's centroid inside the
 truth body of that level (``realset.spider_levels``, counted up from the lumbosacral disc), and
 whether the count came with a doubt (flagged) or not; "wrong without doubt" is the figure that
-must stay 0. Siegen: the truth mid-sagittal slice, bodies Dice (T10–L5; S1 ignored) and the
-same level check against ``label_level`` (DzZ_T1/DzZ_T2 never trained on; F02 is trained on
-since this model, so it is reported but is no held-out figure). SYNTHETIC phantoms (seeds
-5000–5039, the accuracy test's, never trained on: training uses 900000…): the whole learned
-path (``learned.learned_rois``) with ``accuracy.labels_correct``'s tolerance. Prints a table
-per case and a machine-readable last line.
+must stay 0. Siegen: the truth mid-sagittal slice (2 mm grid), bodies Dice (T10–L5; S1
+ignored) and the same level check against ``label_level`` (DzZ_T1/DzZ_T2 never trained on;
+F02 is trained on since this model, so it is reported but is no held-out figure). SYNTHETIC
+phantoms (seeds 5000–5039, the accuracy test's, never trained on: training uses 900000…): the
+whole learned path (``learned.learned_rois``) with ``accuracy.labels_correct``'s tolerance.
+Prints a table per case and a machine-readable last line.
 """
 
 from __future__ import annotations
@@ -156,9 +156,10 @@ def main() -> int:
                      key=lambda ds: int(ds.InstanceNumber))
         ds = dss[k]
         sp = (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]))
-        classes = learned.segment(ds.pixel_array.astype(np.float32), sp)
-        sl = lab[:, :, k]
-        siegen_levels, doubts = learned.count_levels(classes, sp)
+        grid = learned.normalise(learned.to_grid(ds.pixel_array.astype(np.float32), sp))
+        classes = np.argmax(learned.probabilities_on_grid(grid[None])[0], axis=0).astype(np.uint8)
+        sl = learned.to_grid(lab[:, :, k], sp, order=0)
+        siegen_levels, doubts = learned.count_levels(classes, grid_mm)
         keep = sl != 6
         body_d = _dice(np.isin(classes, (1, 2)) & keep, (sl > 0) & keep)
         l5_d = _dice(classes == 2, sl == 5)

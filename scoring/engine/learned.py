@@ -256,8 +256,8 @@ def count_levels(classes: np.ndarray, spacing_mm: tuple[float, float]
     """Level → body mask (L5 up to T12) counted up from the body the network calls L5, and the
     doubts about that count (empty when consistent): no disc fragment between two counted
     neighbours (a missed split or a spurious body), no disc below L5 (the lumbosacral disc),
-    more than one body the network calls L5, uneven spacing or a body less than half the
-    size of the others among L5…L1. ({}, [reason]) when no L5 body is found."""
+    more than one body the network calls L5, uneven spacing or a body less than half or more
+    than 1.6 times the size of the others among L5…L1. ({}, [reason]) when no L5 body is found."""
     bodies, discs = body_chain(classes, spacing_mm)
     if not bodies:
         return {}, ["no vertebral body was segmented"]
@@ -289,6 +289,8 @@ def count_levels(classes: np.ndarray, spacing_mm: tuple[float, float]
     areas = [float(b.mask.sum()) for b in chain[:5]]
     if min(areas) < 0.5 * float(np.median(areas)):
         doubts.append("a counted body is less than half the size of the others")
+    if max(areas) > 1.6 * float(np.median(areas)):
+        doubts.append("a counted body is much larger than the others (two joined?)")
     return out, doubts
 
 
