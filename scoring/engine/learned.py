@@ -405,23 +405,26 @@ def learned_rois(series: Series) -> LearnedPlacement:
 
 def _csf_into_canal(series: Series, labels: np.ndarray, canal: np.ndarray, mid: int,
                     rois: SegmentationRois) -> None:
-    """When the CSF ROI that ``rois_from_labels`` found behind the body lies outside the canal
-    the network segmented (a darker band of fat or ligament behind the sac), search again
-    behind the same levels with everything outside that canal (dilated by 1 mm) set to the
-    marrow level, so that the darkest band must be the sac; the new ROI replaces the old one
-    with an info flag. Nothing changes when the old ROI is inside the canal or no band is found
-    there."""
+    """When the centre of the CSF ROI that ``rois_from_labels`` found behind the body is not
+    at least 1 mm inside the canal the network segmented (a darker band of fat or ligament
+    behind the sac, or the sac's wall), search again behind the same levels with everything
+    outside that canal set to the marrow level, so that the darkest band must be the sac; the
+    new ROI replaces the old one with an info flag. Nothing changes when the old ROI is well
+    inside the canal or no band is found in it."""
     roi = rois.csf_roi
     if roi is None or not canal.any():
         return
+    spacing = series.pixel_spacing_mm
+    grow = max(1, round(1.0 / min(spacing)))
+    inner = ndimage.binary_erosion(canal, iterations=grow)
+    if not inner.any():
+        inner = canal
     r, c = round(roi.row), round(roi.col)
-    if canal[max(r - 1, 0): r + 2, max(c - 1, 0): c + 2].any():
+    if 0 <= r < inner.shape[0] and 0 <= c < inner.shape[1] and inner[r, c]:
         return
     image = np.asarray(series.pixels[mid], np.float32)
-    spacing = series.pixel_spacing_mm
     inferior, posterior = series_directions(series)
-    grow = max(1, round(1.0 / min(spacing)))
-    inside = ndimage.binary_dilation(canal, iterations=grow)
+    inside = canal
     table = {i: lv for lv, i in LEVEL_IDS.items()}
     ids = {lv: i for i, lv in table.items()}
     for level in CSF_LEVELS:

@@ -12,7 +12,13 @@ import pytest
 from scoring.engine import learned
 from scoring.engine.dicom_io import read_series
 from scoring.engine.phantom import make_phantom
-from scoring.engine.realset import default_dir, score_siegen
+from scoring.engine.realset import (
+    datasets_from_volume,
+    default_dir,
+    score_siegen,
+    spider_spacing_mm,
+    t1_like,
+)
 from scoring.engine.vbq import compute_vbq
 
 
@@ -97,16 +103,6 @@ def test_a_count_in_doubt_says_why():
     assert "no lumbosacral disc below L5" in doubts
 
 
-def test_a_series_stored_posterior_to_anterior_gets_the_same_levels():
-    # SYNTHETIC phantom, once as usual and once with its columns stored posterior→anterior
-    placed = [learned.learned_rois(read_series(make_phantom(5003, ap_flip=flip).datasets))
-              for flip in (False, True)]
-    cols = placed[0].rois.rois["L3"].col, placed[1].rois.rois["L3"].col
-    width = make_phantom(5003).datasets[0].Columns
-    assert placed[0].rois.rois["L3"].row == pytest.approx(placed[1].rois.rois["L3"].row, abs=2)
-    assert cols[0] == pytest.approx(width - 1 - cols[1], abs=2)
-
-
 def flat_series():
     """SYNTHETIC: a phantom's headers over flat images (no spine): the classical localiser
     fails, so the automatic path turns to the learned segmenter."""
@@ -156,6 +152,25 @@ def test_a_confident_classical_result_is_kept_without_running_the_learned_segmen
 MRI = default_dir(Path(__file__).resolve().parents[3])
 real = pytest.mark.skipif(not (MRI / "siegen" / "DzZ_T1").is_dir(),
                           reason=f"the real MRI set is not at {MRI} (set VBQ_REAL_MRI_DIR)")
+
+
+@real
+def test_a_series_stored_posterior_to_anterior_gets_the_same_levels():
+    # a real SPIDER person (T1-like fold) once as the set gives it and once with its columns
+    # stored posterior→anterior (row direction reversed in ImageOrientationPatient)
+    data = np.load(MRI / "spider_t2" / "spider_018.npz")
+    image, mask = data["image"], data["mask"]
+    sp = spider_spacing_mm(mask)
+    volume = t1_like(image, mask == 1)
+    placed = []
+    for flip in (False, True):
+        datasets = datasets_from_volume(volume[:, :, ::-1] if flip else volume, (sp, sp), "x")
+        if flip:
+            for ds in datasets:
+                ds.ImageOrientationPatient = [0.0, -1.0, 0.0, 0.0, 0.0, -1.0]
+        placed.append(learned.learned_rois(read_series(datasets)).rois.rois["L3"])
+    assert placed[0].row == pytest.approx(placed[1].row, abs=2)
+    assert placed[0].col == pytest.approx(image.shape[2] - 1 - placed[1].col, abs=2)
 
 
 @real
