@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 
 from scoring.engine import learned
+from scoring.engine.dicom_io import read_series
 from scoring.engine.phantom import make_phantom
-from scoring.engine.realset import default_dir, score_siegen
+from scoring.engine.realset import (
+    datasets_from_volume,
+    default_dir,
+    score_siegen,
+    spider_spacing_mm,
+    t1_like,
+)
 from scoring.engine.vbq import compute_vbq
 
 
@@ -47,6 +54,53 @@ def test_bodies_smaller_than_a_vertebral_body_are_not_counted():
     cls[60:63, 20:23] = 1  # a 6 × 6 mm speck between two levels
     levels = learned.levels_from_classes(cls, (2.0, 2.0))
     assert sorted(levels) == ["L1", "L2", "L3", "L4", "L5", "T12"]
+
+
+def test_bodies_joined_across_a_thin_partly_seen_disc_are_cut_apart_at_the_disc_fragment():
+    # SYNTHETIC: the disc between the 2nd and 3rd bodies is seen only as a 2 × 5 pixel fragment
+    # at the back; the network's body pixels bridge the rest (real SPIDER people 018, 061):
+    # counted as one body, every name above it was one level off
+    cls = synthetic_column(7, 5)
+    top = 5 + 18 + 13
+    cls[top: top + 5, 20:37] = 1
+    cls[top + 1: top + 3, 32:37] = 3
+    levels, doubts = learned.count_levels(cls, (2.0, 2.0))
+    assert sorted(levels) == ["L1", "L2", "L3", "L4", "L5", "T12"]
+    rows = {lv: float(np.nonzero(m)[0].mean()) for lv, m in levels.items()}
+    assert rows["L1"] == pytest.approx(5 + 18 + 6, abs=2)
+    assert rows["L2"] == pytest.approx(5 + 2 * 18 + 6, abs=2)
+    assert doubts == []
+
+
+def test_a_disc_speck_inside_one_body_does_not_halve_it():
+    cls = synthetic_column(7, 5)
+    cls[5 + 2 * 18 + 6: 5 + 2 * 18 + 8, 26:30] = 3  # inside the 3rd body
+    levels, _ = learned.count_levels(cls, (2.0, 2.0))
+    assert sorted(levels) == ["L1", "L2", "L3", "L4", "L5", "T12"]
+
+
+def test_an_l5_joined_to_the_body_above_is_split_between_the_two():
+    cls = synthetic_column(7, 5)
+    top = 5 + 4 * 18 + 13
+    cls[top: top + 5, 20:37] = 1  # no disc at all between L4 and L5
+    levels, doubts = learned.count_levels(cls, (2.0, 2.0))
+    rows = {lv: float(np.nonzero(m)[0].mean()) for lv, m in levels.items()}
+    assert rows["L5"] == pytest.approx(5 + 5 * 18 + 6, abs=3)
+    assert rows["L4"] == pytest.approx(5 + 4 * 18 + 6, abs=3)
+    assert "no disc between L4 and L5" in doubts
+
+
+def test_a_count_in_doubt_says_why():
+    cls = synthetic_column(7, 5)
+    cls[cls == 2] = 1
+    cls[5 + 6 * 18: 5 + 6 * 18 + 13, 20:37] = 2  # two bodies look like L5
+    cls[5 + 5 * 18: 5 + 5 * 18 + 13, 20:37] = 2
+    _, doubts = learned.count_levels(cls, (2.0, 2.0))
+    assert "more than one body looks like L5" in doubts
+    cls = synthetic_column(6, 5)
+    cls[5 + 6 * 18 - 5:, :] = 0  # nothing below L5
+    _, doubts = learned.count_levels(cls, (2.0, 2.0))
+    assert "no lumbosacral disc below L5" in doubts
 
 
 def flat_series():
@@ -98,6 +152,25 @@ def test_a_confident_classical_result_is_kept_without_running_the_learned_segmen
 MRI = default_dir(Path(__file__).resolve().parents[3])
 real = pytest.mark.skipif(not (MRI / "siegen" / "DzZ_T1").is_dir(),
                           reason=f"the real MRI set is not at {MRI} (set VBQ_REAL_MRI_DIR)")
+
+
+@real
+def test_a_series_stored_posterior_to_anterior_gets_the_same_levels():
+    # a real SPIDER person (T1-like fold) once as the set gives it and once with its columns
+    # stored posterior→anterior (row direction reversed in ImageOrientationPatient)
+    data = np.load(MRI / "spider_t2" / "spider_018.npz")
+    image, mask = data["image"], data["mask"]
+    sp = spider_spacing_mm(mask)
+    volume = t1_like(image, mask == 1)
+    placed = []
+    for flip in (False, True):
+        datasets = datasets_from_volume(volume[:, :, ::-1] if flip else volume, (sp, sp), "x")
+        if flip:
+            for ds in datasets:
+                ds.ImageOrientationPatient = [0.0, -1.0, 0.0, 0.0, 0.0, -1.0]
+        placed.append(learned.learned_rois(read_series(datasets)).rois.rois["L3"])
+    assert placed[0].row == pytest.approx(placed[1].row, abs=2)
+    assert placed[0].col == pytest.approx(image.shape[2] - 1 - placed[1].col, abs=2)
 
 
 @real
