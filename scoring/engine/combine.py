@@ -18,9 +18,12 @@ So:
   classical doubts its sacrum, or when it found no column; the result is *corroborated*
   (its level doubts no longer count) only when the classical bodies are the learned ones
   with the same names, or named one level low while the classical itself doubts its sacrum.
-  An irregular learned chain leaves the classical bodies, renamed from the learned L5 when
-  that one component is a single body that holds a classical body (``relabel``), always for
-  review.
+  An irregular learned chain gives: the classical bodies renamed from the learned L5 when
+  that component is a single body holding one classical body (``relabel``); else the learned
+  chain with its tall components cut into single bodies (``repaired_bodies``) when that is
+  regular and names the classical bodies alike, or when the classical localiser found no
+  column or doubts its names (``LABEL_DOUBTS``) and its bodies do not line up with the
+  learned ones; else the classical result. All of these go to review.
 - ``csf_in_classical_canal``: the CSF ROI of the learned path must also lie on the canal the
   classical localiser followed (two canals found independently), and the two CSF ROIs'
   medians must agree within ``CSF_AGREEMENT`` (checked in ``vbq``): a CSF ROI that takes in
@@ -35,13 +38,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scoring.engine.learned import LearnedPlacement
+from scoring.engine.bodies import series_directions
+from scoring.engine.dicom_io import Series
+from scoring.engine.learned import LEVEL_IDS, LearnedPlacement
 from scoring.engine.localize import BodyFinding, Localisation
 from scoring.engine.model import VBQ_LEVELS, QcFlag
+from scoring.engine.segimport import SegmentationError, rois_from_labels
 
 ORDER = ("T12", "L1", "L2", "L3", "L4", "L5", "S1")
 CHAIN = ("L1", "L2", "L3", "L4", "L5")
 SACRUM_DOUBTS = frozenset({"disc-below-s1", "sacrum-not-identified", "label-crosscheck"})
+# the classical localiser's doubts about its level names: the sacrum, or the spacing of levels
+LABEL_DOUBTS = SACRUM_DOUBTS | {"irregular-spacing", "implausible-spacing"}
 HEIGHT_RANGE = (0.6, 1.45)  # × the median L1–L5 component height: one body, not two
 SPACING_RANGE = (0.75, 1.3)  # × the median centre distance: no body missing or merged
 CANAL_REACH_MM = 10.0  # the CSF ROI centre within this of the classical canal path
@@ -85,6 +93,53 @@ def chain_check(placed: LearnedPlacement, spacing_mm: tuple[float, float],
         return ChainCheck(False, "learned L1–L5 spacing irregular (" + ", ".join(
             f"{g:.0f}" for g in gaps) + " mm)", heights)
     return ChainCheck(True, "", heights)
+
+
+MERGED_AT = 1.6  # a component this many median heights tall holds round(ratio) bodies
+
+
+def repaired_bodies(placed: LearnedPlacement, spacing_mm: tuple[float, float],
+                    inferior: tuple[float, float] = (1.0, 0.0)) -> dict[str, np.ndarray] | None:
+    """The learned level masks with each component above L5 that is ``MERGED_AT`` or more
+    median heights tall cut into ``round(height / median)`` equal parts along the spine (a
+    missed disc merges two bodies), names counted up from L5 again; ``None`` when nothing was
+    cut, or when the L5 component itself is merged (which of its parts is L5 is unknown)."""
+    order = [lv for lv in ("L5", "L4", "L3", "L2", "L1", "T12") if lv in placed.bodies]
+    if not order or order[0] != "L5":
+        return None
+    axis = np.array(inferior, float)
+    axis /= max(float(np.linalg.norm(axis)), 1e-9)
+    along: dict[str, np.ndarray] = {}
+    heights: dict[str, float] = {}
+    for lv in order:
+        rr, cc = np.nonzero(placed.bodies[lv])
+        a = rr * spacing_mm[0] * axis[0] + cc * spacing_mm[1] * axis[1]
+        along[lv] = a
+        heights[lv] = float(a.max() - a.min() + min(spacing_mm))
+    h_med = float(np.median([heights[lv] for lv in order if heights[lv] < MERGED_AT * max(
+        float(np.median(list(heights.values()))), 1e-6)] or list(heights.values())))
+    if heights["L5"] >= MERGED_AT * h_med:
+        return None
+    parts: list[np.ndarray] = []  # from L5 upwards
+    cut = False
+    for lv in order:
+        mask = placed.bodies[lv]
+        n = max(1, round(heights[lv] / h_med)) if heights[lv] >= MERGED_AT * h_med else 1
+        if n == 1:
+            parts.append(mask)
+            continue
+        cut = True
+        rr, cc = np.nonzero(mask)
+        a = along[lv]
+        edges = np.linspace(a.min(), a.max() + 1e-6, n + 1)
+        for k in range(n - 1, -1, -1):  # the inferior part first
+            sel = (a >= edges[k]) & (a < edges[k + 1])
+            part = np.zeros_like(mask)
+            part[rr[sel], cc[sel]] = True
+            parts.append(part)
+    if not cut:
+        return None
+    return dict(zip(("L5", "L4", "L3", "L2", "L1", "T12"), parts, strict=False))
 
 
 def _level_at(placed: LearnedPlacement, row: float, col: float) -> str | None:
@@ -173,19 +228,44 @@ def csf_in_classical_canal(loc: Localisation, slice_index: int, row: float, col:
 
 @dataclass
 class Decision:
-    """``use``: "learned" (the learned placement), "classical" (``loc`` as found) or
-    "relabelled" (``loc`` renamed from the learned L5); ``corroborated``: the two methods
-    name the same bodies alike; ``flags``: the cross-check's findings for the result."""
+    """``use``: "learned" (the learned placement), "repaired" (``placed``: the learned
+    placement with merged components cut), "classical" (``loc`` as found) or "relabelled"
+    (``loc`` renamed from the learned L5); ``corroborated``: the two methods name the same
+    bodies alike; ``flags``: the cross-check's findings for the result."""
 
     use: str
     corroborated: bool
     flags: list[QcFlag]
     loc: Localisation | None = None
+    placed: LearnedPlacement | None = None
 
 
-def decide(placed: LearnedPlacement, loc: Localisation | None, chain: ChainCheck
+def repaired_placement(placed: LearnedPlacement, series: Series) -> LearnedPlacement | None:
+    """The learned placement with merged components cut (``repaired_bodies``) and its ROIs
+    placed again on the same slice; ``None`` when nothing was cut or no body or CSF ROI could
+    be placed."""
+    inferior = tuple(float(x) for x in series_directions(series)[0])
+    bodies = repaired_bodies(placed, series.pixel_spacing_mm, (inferior[0], inferior[1]))
+    if bodies is None:
+        return None
+    labels = np.zeros(placed.canal.shape, np.uint16)
+    for lv, mask in bodies.items():
+        labels[mask] = LEVEL_IDS[lv]
+    try:
+        rois = rois_from_labels(labels, {i: lv for lv, i in LEVEL_IDS.items()}, series,
+                                placed.mid_slice)
+    except SegmentationError:
+        return None
+    if rois.csf_roi is None:
+        return None
+    return LearnedPlacement(placed.mid_slice, bodies, placed.canal, rois)
+
+
+def decide(placed: LearnedPlacement, loc: Localisation | None, chain: ChainCheck,
+           repaired: LearnedPlacement | None = None, repaired_chain: ChainCheck | None = None
            ) -> Decision:
-    """Which placement names the levels (see the module docstring)."""
+    """Which placement names the levels (see the module docstring). ``repaired``: the learned
+    placement with merged components cut, and ``repaired_chain`` its check."""
     shift = classical_shift(placed, loc)
     sacrum_doubt = loc is not None and any(f.code in SACRUM_DOUBTS for f in loc.flags)
     if chain.regular:
@@ -202,11 +282,24 @@ def decide(placed: LearnedPlacement, loc: Localisation | None, chain: ChainCheck
             return Decision("learned", False, [_disagree(shift)])
         return Decision("classical", False, [_disagree(shift)], loc)
     irregular = QcFlag("learned-chain-irregular", chain.reason)
-    if loc is None:
-        return Decision("learned", False, [irregular])
-    renamed = relabel(loc, placed, chain)
+    renamed = relabel(loc, placed, chain) if loc is not None else None
     if renamed is not None:
         return Decision("relabelled", False, [], renamed)
+    if repaired is not None and repaired_chain is not None and repaired_chain.regular:
+        rep_shift = classical_shift(repaired, loc)
+        cut = QcFlag("learned-chain-repaired", f"{chain.reason}: the learned levels were "
+                     "counted with the tall component cut into single bodies; check the level "
+                     "labels")
+        label_doubt = loc is None or any(f.code in LABEL_DOUBTS for f in loc.flags)
+        if rep_shift == 0 or (rep_shift is None and label_doubt):
+            # the same names, or no classical column, or one that doubts its names and whose
+            # bodies do not line up with the learned ones one to one
+            return Decision("repaired", False, [cut], placed=repaired)
+        if rep_shift is None:
+            return Decision("classical", False, [irregular], loc)
+        return Decision("classical", False, [irregular, _disagree(rep_shift)], loc)
+    if loc is None:
+        return Decision("learned", False, [irregular])
     return Decision("classical", False, [irregular], loc)
 
 

@@ -292,7 +292,8 @@ def _measure_placed(series: Series, fractured: list[str], flags: list[QcFlag], r
                        "levels-disagree": 0.6, "csf-outside-canal": 0.4,
                        "no-cross-check": 0.4, "learned-chain-irregular": 0.6,
                        "csf-off-classical-canal": 0.4,
-                       "csf-disagree": LABEL_DOUBT_PENALTY}.get(flag.code, 0.0)
+                       "csf-disagree": LABEL_DOUBT_PENALTY,
+                       "learned-chain-repaired": 0.6}.get(flag.code, 0.0)
     if csf_roi is None:
         reasons = "; ".join(f.message for f in found_flags) or "the CSF was not found"
         return _not_localised(result, source, flags, f"{reasons}. Place the CSF ROI by hand")
@@ -416,8 +417,13 @@ def _auto(series: Series, fractured: list[str], flags: list[QcFlag], result: Any
     if placed is None:
         classical.qc_flags.extend(f for f in learned_flags if f not in base_flags)
         return classical
-    chain = combine.chain_check(placed, series.pixel_spacing_mm, _inferior_px(series))
-    decision = combine.decide(placed, loc, chain)
+    inferior = _inferior_px(series)
+    chain = combine.chain_check(placed, series.pixel_spacing_mm, inferior)
+    repaired = None if chain.regular else combine.repaired_placement(placed, series)
+    decision = combine.decide(placed, loc, chain, repaired, None if repaired is None else
+                              combine.chain_check(repaired, series.pixel_spacing_mm, inferior))
+    if decision.placed is not None:
+        placed = decision.placed
     if decision.use != "learned" and decision.loc is not None:
         penalty = 0.0 if decision.use == "relabelled" else 0.6
         chosen = dataclasses.replace(decision.loc, confidence=max(

@@ -126,3 +126,18 @@ def test_the_csf_must_lie_on_the_classical_canal():
     assert combine.csf_in_classical_canal(loc, 5, 120.0, 74.0, (1.0, 1.0))
     assert not combine.csf_in_classical_canal(loc, 5, 120.0, 100.0, (1.0, 1.0))
     assert not combine.csf_in_classical_canal(loc, 9, 120.0, 74.0, (1.0, 1.0))
+
+
+def test_a_component_two_bodies_tall_is_cut_and_the_levels_counted_again():
+    placed = learned_column(merge=("L1", "L2"))
+    bodies = combine.repaired_bodies(placed, (1.0, 1.0))
+    assert bodies is not None
+    rows = {lv: float(np.nonzero(m)[0].mean()) for lv, m in bodies.items()}
+    assert sorted(bodies) == ["L1", "L2", "L3", "L4", "L5", "T12"]
+    for k, lv in enumerate(("T12", "L1", "L2", "L3", "L4", "L5")):
+        assert abs(rows[lv] - centre_row(k)) < SEGMENT / 4
+
+
+def test_a_tall_l5_component_is_not_cut_which_part_is_l5_is_unknown():
+    placed = learned_column(merge=("L4", "L5"))
+    assert combine.repaired_bodies(placed, (1.0, 1.0)) is None
