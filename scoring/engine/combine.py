@@ -40,8 +40,8 @@ import numpy as np
 
 from scoring.engine.bodies import series_directions
 from scoring.engine.dicom_io import Series
+from scoring.engine.findings import BodyFinding, Localisation
 from scoring.engine.learned import LEVEL_IDS, LearnedPlacement
-from scoring.engine.localize import BodyFinding, Localisation
 from scoring.engine.model import VBQ_LEVELS, QcFlag
 from scoring.engine.segimport import SegmentationError, rois_from_labels
 

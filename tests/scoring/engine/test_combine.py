@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from scoring.engine import combine
+from scoring.engine.findings import BodyFinding, Localisation
 from scoring.engine.learned import LearnedPlacement
-from scoring.engine.localize import BodyFinding, Localisation
 from scoring.engine.model import QcFlag, Roi
 from scoring.engine.segimport import SegmentationRois
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from scoring.engine.dicom_io import read_series
 from scoring.engine.localize import localize
 from scoring.engine.realset import (
     default_dir,
@@ -72,8 +73,6 @@ def test_t2_exams_are_refused_by_protocol_qc():
 def test_dzz_t1_localises_its_bodies_despite_bright_fat_below_the_column():
     # the body/disc threshold used to be pulled above every body by the fat below the sacrum
     # ("only 1 vertebral bodies were found")
-    from scoring.engine.dicom_io import read_series
-
     series = read_series(sorted((MRI / "siegen" / "DzZ_T1" / "dicom").glob("*.dcm")))
     loc = localize(series)
     assert len(loc.bodies) >= 6
