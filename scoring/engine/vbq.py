@@ -290,8 +290,9 @@ def _measure_placed(series: Series, fractured: list[str], flags: list[QcFlag], r
 def learned_mode() -> str:
     """``VBQ_LEARNED_SEGMENTER``: ``combine`` (default; ``replace`` is the same): every
     classical result that is not confident is cross-checked with the learned segmenter and the
-    level names come from ``combine.decide``; ``fallback``: the learned placement is used only
-    when the classical localiser found no column; ``off``: classical only."""
+    level names come from ``combine.decide`` (a confident classical result is not: see
+    docs/engine.md); ``fallback``: the learned placement is used only when the classical
+    localiser found no column; ``off``: classical only."""
     value = os.environ.get(LEARNED_ENV_VAR, "combine").strip().lower()
     if value in ("off", "0", "false", "no"):
         return "off"

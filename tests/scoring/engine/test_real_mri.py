@@ -25,6 +25,7 @@ from scoring.engine.realset import (
     spider_files,
     spider_levels,
     spider_spacing_mm,
+    t1_like,
 )
 from scoring.engine.vbq import compute_vbq
 
@@ -107,3 +108,15 @@ def test_the_benchmark_says_why_and_exits_zero_without_the_folder(tmp_path):
                          timeout=60)
     assert out.returncode == 0
     assert "no real MRI folder" in out.stdout
+
+
+def test_the_csf_fold_brings_the_canal_to_a_third_of_the_marrow_level():
+    # SYNTHETIC T2-like values: marrow 40, canal 100, fat 190, muscle 20
+    volume = np.array([[[40, 100, 190, 20]]], np.uint8)
+    marrow = volume == 40
+    assert t1_like(volume, marrow)[0, 0].tolist() == [40, 0, 0, 20]
+    folded = t1_like(volume, marrow, volume == 100)[0, 0].tolist()
+    assert folded[0] == 40
+    assert folded[3] == 20
+    assert folded[1] == round(40 / 3)
+    assert folded[2] == 0  # brighter than CSF on T2 (fat): darker still
