@@ -15,9 +15,14 @@ So:
   learned body, all with the same offset in level names (0: the two agree; -1: the
   classical names are one level low, its L5-for-S1 failure).
 - ``decide``: a regular learned chain gives the names when the classical agrees, when the
-  classical doubts its sacrum, or when it found no column; the result is *corroborated*
-  (its level doubts no longer count) only when the classical bodies are the learned ones
-  with the same names, or named one level low while the classical itself doubts its sacrum.
+  classical doubts its sacrum, when it found no column, or when the classical doubts its
+  count (``COUNT_DOUBTS``: its names, its spacing, or a body it inferred from a gap and did
+  not see) while the learned path counted without a doubt of its own; the result is
+  *corroborated* (the classical level doubts no longer count) only when the classical bodies
+  are the learned ones with the same names, or named one level low while the classical
+  itself doubts its sacrum. The learned path's own doubt about its count is lifted only in
+  the first case (``learned-doubt-resolved``: both methods found the same names on their own);
+  one level apart, the names rest on the learned L5 alone and its doubt stands.
   An irregular learned chain gives: the classical bodies renamed from the learned L5 when
   that component is a single body holding one classical body (``relabel``); else the learned
   chain with its tall components cut into single bodies (``repaired_bodies``) when that is
@@ -50,6 +55,10 @@ CHAIN = ("L1", "L2", "L3", "L4", "L5")
 SACRUM_DOUBTS = frozenset({"disc-below-s1", "sacrum-not-identified", "label-crosscheck"})
 # the classical localiser's doubts about its level names: the sacrum, or the spacing of levels
 LABEL_DOUBTS = SACRUM_DOUBTS | {"irregular-spacing", "implausible-spacing"}
+# the classical localiser's doubts about its count of bodies: its names, or a body it did not
+# see but inferred from a gap (the count then rests on that inference)
+COUNT_DOUBTS = LABEL_DOUBTS | {"inferred-body"}
+LEARNED_DOUBT = "levels-disagree"  # learned.learned_rois: its own count is in doubt
 HEIGHT_RANGE = (0.6, 1.45)  # × the median L1–L5 component height: one body, not two
 SPACING_RANGE = (0.75, 1.3)  # × the median centre distance: no body missing or merged
 CANAL_REACH_MM = 10.0  # the CSF ROI centre within this of the classical canal path
@@ -268,17 +277,24 @@ def decide(placed: LearnedPlacement, loc: Localisation | None, chain: ChainCheck
     placement with merged components cut, and ``repaired_chain`` its check."""
     shift = classical_shift(placed, loc)
     sacrum_doubt = loc is not None and any(f.code in SACRUM_DOUBTS for f in loc.flags)
+    count_doubt = loc is not None and any(f.code in COUNT_DOUBTS for f in loc.flags)
+    learned_clean = not learned_doubted(placed)
     if chain.regular:
         if shift == 0 or (shift == -1 and sacrum_doubt):
-            return Decision("learned", True, [QcFlag(
+            flags = [QcFlag(
                 "levels-agree", "the classical localiser and the learned segmenter name the "
                 "same bodies" + ("" if shift == 0 else " once the classical body taken for S1 "
-                                 "is named L5, as its own sacrum check suggested"), "info")])
+                                 "is named L5, as its own sacrum check suggested"), "info")]
+            if shift == 0 and not learned_clean:
+                flags.append(QcFlag("learned-doubt-resolved", "the learned level count was in "
+                                    "doubt, but the classical localiser found the same bodies "
+                                    "with the same names on its own", "info"))
+            return Decision("learned", True, flags)
         if loc is None:
             return Decision("learned", False, [QcFlag(
                 "no-cross-check", "the classical localiser found no column to check the "
                 "learned levels against")])
-        if sacrum_doubt:
+        if sacrum_doubt or (count_doubt and learned_clean):
             return Decision("learned", False, [_disagree(shift)])
         return Decision("classical", False, [_disagree(shift)], loc)
     irregular = QcFlag("learned-chain-irregular", chain.reason)
@@ -301,6 +317,22 @@ def decide(placed: LearnedPlacement, loc: Localisation | None, chain: ChainCheck
     if loc is None:
         return Decision("learned", False, [irregular])
     return Decision("classical", False, [irregular], loc)
+
+
+def learned_doubted(placed: LearnedPlacement) -> bool:
+    """Whether the learned path doubts its own level count (``learned.learned_rois``: no disc
+    between two counted bodies, two L5-like bodies, another central slice counting the bodies
+    differently, ...)."""
+    return any(f.code == LEARNED_DOUBT for f in placed.rois.flags)
+
+
+def learned_flags(placed: LearnedPlacement, decision: Decision) -> list[QcFlag]:
+    """The learned placement's own flags as they count for ``decision``: its doubt about the
+    level count is dropped when ``decide`` resolved it (info ``learned-doubt-resolved``: the
+    classical localiser found the same bodies with the same names)."""
+    if any(f.code == "learned-doubt-resolved" for f in decision.flags):
+        return [f for f in placed.rois.flags if f.code != LEARNED_DOUBT]
+    return list(placed.rois.flags)
 
 
 def _disagree(shift: int | None) -> QcFlag:

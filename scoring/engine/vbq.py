@@ -390,7 +390,8 @@ def _auto(series: Series, fractured: list[str], flags: list[QcFlag], result: Any
             0.0, decision.loc.confidence - penalty), flags=[*decision.loc.flags,
                                                              *decision.flags])
         return _classical(series, fractured, list(base_flags), result, chosen)
-    found = [*placed.rois.flags, *decision.flags, *_csf_checks(series, placed, loc)]
+    found = [*combine.learned_flags(placed, decision), *decision.flags,
+             *_csf_checks(series, placed, loc)]
     return _measure_placed(series, fractured, learned_flags, result, "auto", placed.rois.rois,
                            placed.rois.csf_roi, found, "the learned segmentation has no",
                            max_marrow_to_csf=MAX_MARROW_TO_CSF)

@@ -99,6 +99,47 @@ def test_a_disagreement_the_classical_does_not_doubt_keeps_its_names_for_review(
     assert [f.code for f in decision.flags] == ["levels-disagree"]
 
 
+def doubted(placed: LearnedPlacement) -> LearnedPlacement:
+    """The same placement with the learned path's own doubt about its count (as
+    ``learned.learned_rois`` reports it)."""
+    placed.rois.flags.append(QcFlag("levels-disagree", "the learned level count is in doubt"))
+    return placed
+
+
+def test_a_classical_count_resting_on_an_inferred_body_yields_to_a_clean_learned_count():
+    # the classical localiser filled a gap with a body it did not see: its count rests on
+    # that inference, the regular learned chain counted without doubt names the levels
+    placed = learned_column()
+    loc = classical_column("L1", ("inferred-body",))
+    decision = combine.decide(placed, loc, combine.chain_check(placed, (1.0, 1.0)))
+    assert decision.use == "learned"
+    assert not decision.corroborated
+    assert [f.code for f in decision.flags] == ["levels-disagree"]
+
+
+def test_a_learned_count_in_doubt_does_not_overrule_an_inferred_body():
+    placed = doubted(learned_column())
+    loc = classical_column("L1", ("inferred-body",))
+    decision = combine.decide(placed, loc, combine.chain_check(placed, (1.0, 1.0)))
+    assert decision.use == "classical"
+    assert [f.code for f in decision.flags] == ["levels-disagree"]
+
+
+def test_the_learned_doubt_is_resolved_only_when_the_classical_names_are_the_same():
+    placed = doubted(learned_column())
+    chain = combine.chain_check(placed, (1.0, 1.0))
+    same = combine.decide(placed, classical_column("T12", ("inferred-body",)), chain)
+    assert same.corroborated
+    assert [f.code for f in same.flags] == ["levels-agree", "learned-doubt-resolved"]
+    assert "levels-disagree" not in [f.code for f in combine.learned_flags(placed, same)]
+    # one level apart, explained by the classical sacrum doubt: the names rest on the learned
+    # L5 alone, so the learned doubt about its count stands
+    step = combine.decide(placed, classical_column("L1", ("disc-below-s1",)), chain)
+    assert step.corroborated
+    assert [f.code for f in step.flags] == ["levels-agree"]
+    assert "levels-disagree" in [f.code for f in combine.learned_flags(placed, step)]
+
+
 def test_without_a_classical_column_the_learned_names_are_not_corroborated():
     placed = learned_column()
     decision = combine.decide(placed, None, combine.chain_check(placed, (1.0, 1.0)))

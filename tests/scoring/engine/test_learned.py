@@ -174,15 +174,18 @@ def test_a_series_stored_posterior_to_anterior_gets_the_same_levels():
 
 
 @real
-def test_the_real_t1_exam_gets_the_right_levels_and_vbq_corroborated_by_both_methods():
+def test_the_real_t1_exam_gets_the_right_levels_and_vbq_but_review_while_the_count_is_doubted():
     # DzZ_T1 was never trained on; the classical localiser names it one level low (its VBQ
     # then 6.2 % off) and doubts its sacrum; the learned chain is regular and names the same
-    # bodies one level higher, so the combined result is corroborated
+    # bodies one level higher, so the learned names are taken. With the model of h17l another
+    # central slice counts the bodies differently: one level apart, the names rest on the
+    # learned L5 alone, so that doubt is not lifted and the result goes to review
     case = score_siegen(MRI / "siegen" / "DzZ_T1")
     assert case.levels_right
     assert case.csf_ok
     assert abs(case.vbq_error) < 0.03
-    assert case.status == "succeeded"
+    assert case.status == "needs_review"
+    assert case.flags == ["levels-disagree"]
 
 
 @real
