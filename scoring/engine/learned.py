@@ -13,8 +13,11 @@ anterior→posterior (the engine's series orientation), and labels each pixel wi
   block (the classical localiser's main failure is taking L5 for S1);
 - ``disc``, ``canal`` (spinal canal / thecal sac), ``posterior`` (posterior elements).
 
-``levels_from_classes`` turns a class map into level masks: the body components (≥ 80 mm²)
-ordered head→feet, L5 the component the network calls L5, then L4…L1 counted upwards.
+``count_levels`` turns a class map into level masks and doubts: the body components
+(≥ 80 mm²), cut apart at disc fragments where the network joined two bodies, ordered
+head→feet; L5 the component the network calls L5, then L4…T12 counted upwards; doubts when a
+disc is missing between counted neighbours, below L5, or sizes and spacing are uneven.
+``learned_rois`` runs it on the central slices of a series and places the ROIs.
 
 When onnxruntime or the model file is missing, ``available()`` is False and ``unavailable_reason``
 says why; the engine then uses the classical localiser alone.
