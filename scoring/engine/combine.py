@@ -319,6 +319,19 @@ def decide(placed: LearnedPlacement, loc: Localisation | None, chain: ChainCheck
     return Decision("classical", False, [irregular], loc)
 
 
+def confident_check(placed: LearnedPlacement, loc: Localisation, chain: ChainCheck
+                    ) -> QcFlag | None:
+    """The learned cross-check of a *confident* classical result (``check-all`` mode): a
+    regular learned chain counted without a doubt of its own whose bodies are not the
+    classical ones with the same names gives ``levels-disagree``; an irregular or doubted
+    learned chain is no evidence against a classical result that does not doubt itself
+    (``None``), nor is agreement."""
+    if not chain.regular or learned_doubted(placed):
+        return None
+    shift = classical_shift(placed, loc)
+    return None if shift == 0 else _disagree(shift)
+
+
 def learned_doubted(placed: LearnedPlacement) -> bool:
     """Whether the learned path doubts its own level count (``learned.learned_rois``: no disc
     between two counted bodies, two L5-like bodies, another central slice counting the bodies

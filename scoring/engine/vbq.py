@@ -291,12 +291,16 @@ def learned_mode() -> str:
     """``VBQ_LEARNED_SEGMENTER``: ``combine`` (default; ``replace`` is the same): every
     classical result that is not confident is cross-checked with the learned segmenter and the
     level names come from ``combine.decide`` (a confident classical result is not: see
-    docs/engine.md); ``fallback``: the learned placement is used only when the classical
-    localiser found no column; ``off``: classical only."""
+    docs/engine.md); ``check-all``: as ``combine``, and a confident classical result is
+    cross-checked too (``combine.confident_check``; ~0.2 s more per series, so not the
+    default); ``fallback``: the learned placement is used only when the classical localiser
+    found no column; ``off``: classical only."""
     value = os.environ.get(LEARNED_ENV_VAR, "combine").strip().lower()
     if value in ("off", "0", "false", "no"):
         return "off"
-    return "fallback" if value == "fallback" else "combine"
+    if value in ("fallback", "check-all"):
+        return value
+    return "combine"
 
 
 def learned_enabled() -> bool:
@@ -369,8 +373,10 @@ def _auto(series: Series, fractured: list[str], flags: list[QcFlag], result: Any
     else:
         classical = _classical(series, fractured, flags, result, loc)
     if classical.status == "succeeded":
-        return classical
-    if loc is not None and learned_mode() != "combine":
+        if loc is None or learned_mode() != "check-all":
+            return classical
+        return _check_confident(series, fractured, base_flags, result, loc, classical)
+    if loc is not None and learned_mode() == "fallback":
         return classical
     learned_flags = list(base_flags)
     placed = _try_learned(series, learned_flags)
@@ -395,6 +401,24 @@ def _auto(series: Series, fractured: list[str], flags: list[QcFlag], result: Any
     return _measure_placed(series, fractured, learned_flags, result, "auto", placed.rois.rois,
                            placed.rois.csf_roi, found, "the learned segmentation has no",
                            max_marrow_to_csf=MAX_MARROW_TO_CSF)
+
+
+def _check_confident(series: Series, fractured: list[str], base_flags: list[QcFlag],
+                     result: Any, loc: Localisation, classical: VbqMeasurement
+                     ) -> VbqMeasurement:
+    """``check-all`` mode: a confident classical result cross-checked by the learned path
+    (``combine.confident_check``); a disagreement sends it to review with the classical
+    names, anything else leaves it as it is."""
+    placed = _try_learned(series, list(base_flags))
+    if placed is None:
+        return classical
+    chain = combine.chain_check(placed, series.pixel_spacing_mm, _inferior_px(series))
+    flag = combine.confident_check(placed, loc, chain)
+    if flag is None:
+        return classical
+    chosen = dataclasses.replace(loc, confidence=max(0.0, loc.confidence - 0.6),
+                                 flags=[*loc.flags, flag])
+    return _classical(series, fractured, list(base_flags), result, chosen)
 
 
 def _inferior_px(series: Series) -> tuple[float, float]:

@@ -182,3 +182,19 @@ def test_a_component_two_bodies_tall_is_cut_and_the_levels_counted_again():
 def test_a_tall_l5_component_is_not_cut_which_part_is_l5_is_unknown():
     placed = learned_column(merge=("L4", "L5"))
     assert combine.repaired_bodies(placed, (1.0, 1.0)) is None
+
+
+def test_a_confident_classical_result_is_sent_to_review_only_by_a_clean_regular_learned_chain():
+    # check-all mode: a confident classical result is cross-checked by the learned path
+    placed = learned_column()
+    chain = combine.chain_check(placed, (1.0, 1.0))
+    assert combine.confident_check(placed, classical_column("T12"), chain) is None
+    flag = combine.confident_check(placed, classical_column("L1"), chain)
+    assert flag is not None
+    assert flag.code == "levels-disagree"
+    # a learned count in doubt, or an irregular chain, is no evidence against it
+    assert combine.confident_check(doubted(learned_column()), classical_column("L1"),
+                                   chain) is None
+    merged = learned_column(merge=("L2", "L3"))
+    assert combine.confident_check(merged, classical_column("L1"),
+                                   combine.chain_check(merged, (1.0, 1.0))) is None

@@ -195,3 +195,26 @@ def test_in_fallback_mode_the_classical_result_on_the_real_t1_exam_stands_for_re
     case = score_siegen(MRI / "siegen" / "DzZ_T1")
     assert not case.levels_right
     assert case.status == "needs_review"
+
+
+def test_check_all_mode_cross_checks_a_confident_classical_phantom_and_leaves_it_as_it_is(
+        monkeypatch):
+    # SYNTHETIC phantom 5000, localised confidently by the classical path; the learned path
+    # runs on it in check-all mode, finds no L1-L4 counted from L5 (it joins the phantom's
+    # bodies), which is no evidence against the classical result
+    from scoring.engine.phantom import random_phantom
+    phantom = random_phantom(5000)
+    default = compute_vbq(phantom.datasets)
+    real_rois = learned.learned_rois
+    calls = []
+
+    def counted(series):  # the real learned path, counted
+        calls.append(1)
+        return real_rois(series)
+
+    monkeypatch.setattr(learned, "learned_rois", counted)
+    monkeypatch.setenv("VBQ_LEARNED_SEGMENTER", "check-all")
+    checked = compute_vbq(phantom.datasets)
+    assert default.status == checked.status == "succeeded"
+    assert checked.vbq_all_levels == default.vbq_all_levels
+    assert calls == [1] or not learned.available()
