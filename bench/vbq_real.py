@@ -7,7 +7,8 @@ an absent folder prints why and exits 0. How each case is scored (T2 through a T
 SPIDER levels counted up from the lumbosacral disc, SPIDER pixel spacing from the anatomy, the
 Siegen CSF check) is in ``scoring/engine/realset.py`` and docs/engine.md. Per case: bodies
 found, L1–L4 ROI centre in the right body (±1 voxel), CSF ROI in the thecal sac, VBQ against the
-reference (DzZ_T1), confidence and status. "Confident" = status ``succeeded``; everything else
+reference (DzZ_T1), confidence and status. ``VBQ_REAL_FOLD=csf`` scores SPIDER through the
+CSF-preserving fold (``realset.fold_mode``). "Confident" = status ``succeeded``; everything else
 (``needs_review``, a refusal) is "flagged". Last line (machine-readable)::
 
     real: siegen_levels_right=a/b spider_levels_right=c/d spider_csf_in_canal=e/f
@@ -28,12 +29,13 @@ from scoring.engine import learned  # noqa: E402
 from scoring.engine.realset import (  # noqa: E402
     CaseResult,
     default_dir,
+    fold_mode,
     score_siegen,
     score_spider,
     siegen_folders,
     spider_files,
 )
-from scoring.engine.vbq import learned_enabled  # noqa: E402
+from scoring.engine.vbq import learned_enabled, learned_mode  # noqa: E402
 
 
 def _row(c: CaseResult) -> str:
@@ -56,7 +58,8 @@ def main() -> None:
         print(f"no real MRI folder at {folder}: nothing to measure (set VBQ_REAL_MRI_DIR or pass "
               "DIR)")
         return
-    print(f"real MRI from {folder}; load average {os.getloadavg()[0]:.1f}")
+    print(f"real MRI from {folder}; load average {os.getloadavg()[0]:.1f}; SPIDER fold "
+          f"{fold_mode()} (VBQ_REAL_FOLD); learned segmenter mode {learned_mode()}")
     header = ("| case | bodies | L1-L4 right | CSF in sac | VBQ | confidence | status | "
               "notes |\n|---|---|---|---|---|---|---|---|")
     t0 = time.perf_counter()

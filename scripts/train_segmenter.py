@@ -45,6 +45,8 @@ from scoring.engine.realset import default_dir, spider_files, spider_levels, spi
 N_CLASSES = len(learned.CLASSES)
 IGNORE = 255
 CROP = (192, 160)
+SHARE_F02 = 0.08  # share of training samples from Siegen F02
+SHARE_PHANTOM = 0.15  # share from SYNTHETIC phantoms
 
 
 def spider_targets(mask: np.ndarray, sp: float) -> np.ndarray:
@@ -84,6 +86,74 @@ def load_spider(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     return pairs
 
 
+def far_background(known: np.ndarray, spacing_mm: float, mm: float = 30.0) -> np.ndarray:
+    """Pixels farther than ``mm`` from every labelled bone (``known``): background for sure."""
+    dist = ndimage.distance_transform_edt(~known) * spacing_mm
+    return np.asarray(dist > mm)
+
+
+def load_f02(root: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Siegen F02 (T2 SE, fracture and spondylolisthesis; NOT DzZ_T1/DzZ_T2, the T1 check):
+    the truth mid-sagittal slice ±3, targets body (T10–L4), l5 (L5), background (S1 and
+    pixels > 30 mm from every labelled body); everything else ignored (no disc/canal masks)."""
+    folder = root / "siegen" / "F02"
+    if not folder.is_dir():
+        return []
+    import pydicom
+
+    truth = np.load(folder / "truth.npz")
+    lab = truth["label_level"]
+    mid = int(truth["mid_sagittal_slice"])
+    dss = sorted((pydicom.dcmread(p) for p in (folder / "dicom").glob("*.dcm")),
+                 key=lambda ds: int(ds.InstanceNumber))
+    pairs = []
+    for k in range(max(mid - 3, 0), min(mid + 4, len(dss))):
+        ds = dss[k]
+        sp = (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]))
+        sl = lab[:, :, k]
+        tgt = np.full(sl.shape, IGNORE, np.uint8)
+        tgt[far_background(sl > 0, sp[0])] = 0
+        tgt[np.isin(sl, (1, 2, 3, 4, 10, 11, 12))] = 1
+        tgt[sl == 5] = 2
+        tgt[sl == 6] = 0
+        img = learned.normalise(learned.to_grid(ds.pixel_array.astype(np.float32), sp))
+        pairs.append((img, learned.to_grid(tgt, sp, order=0)))
+    return pairs
+
+
+def load_phantoms(n: int, seed0: int = 900_000) -> list[tuple[np.ndarray, np.ndarray]]:
+    """SYNTHETIC phantoms (``phantom.random_phantom``, seeds ``seed0``… far from the accuracy
+    tests' 5000–5299; anterior→posterior columns): the mid-sagittal slice, targets body
+    (T12–L4), l5 (L5), background (S1 with the sacrum: the phantoms' box-shaped sacrum must
+    not pass for L5, and pixels > 30 mm from every body below T12's top); else ignored."""
+    from scoring.engine.phantom import random_phantom
+
+    pairs = []
+    for i in range(n):
+        ph = random_phantom(seed0 + i, ap_flip=False)
+        t = ph.truth
+        if t["plane"] != "sagittal":
+            continue
+        masks = t["body_masks"]
+        sp = tuple(float(v) for v in t["spacing_rc_mm"])
+        image = ph.datasets[t["mid_slice"]].pixel_array.astype(np.float32)
+        known = np.zeros(image.shape, bool)
+        for m in masks.values():
+            known |= m
+        tgt = np.full(image.shape, IGNORE, np.uint8)
+        far = far_background(known, sp[0])
+        top = int(np.flatnonzero(masks["T12"].any(axis=1))[0])
+        far[:top] = False
+        tgt[far] = 0
+        for lv in ("T12", "L1", "L2", "L3", "L4"):
+            tgt[masks[lv]] = 1
+        tgt[masks["L5"]] = 2
+        tgt[masks["S1"]] = 0
+        img = learned.normalise(learned.to_grid(image, sp))
+        pairs.append((img, learned.to_grid(tgt, sp, order=0)))
+    return pairs
+
+
 def _curve(rng: np.random.Generator, x: np.ndarray, knots: int = 6) -> np.ndarray:
     xs = np.linspace(0.0, 1.0, knots)
     ys = rng.uniform(0.0, 1.0, knots)
@@ -103,7 +173,12 @@ def augment(img: np.ndarray, tgt: np.ndarray, rng: np.random.Generator
     x = ndimage.affine_transform(img, mat, offset, output_shape=CROP, order=1, cval=0.0)
     y = ndimage.affine_transform(tgt, mat, offset, output_shape=CROP, order=0, cval=0)
     # contrast randomisation
-    if rng.random() < 0.6:
+    r = rng.random()
+    if r >= 0.8:  # folded about the marrow level (bench/vbq_real.py's T1-like view of T2)
+        bone = np.isin(y, (1, 2))
+        m = float(np.median(x[bone])) if bone.any() else float(np.median(x))
+        x = np.clip(m - np.abs(x - m), 0, None)
+    elif r < 0.5:
         out = _curve(rng, x)  # background and anything unlabelled
         for k in range(1, N_CLASSES):
             sel = y == k
@@ -112,7 +187,7 @@ def augment(img: np.ndarray, tgt: np.ndarray, rng: np.random.Generator
         x = out
     else:
         x = _curve(rng, x)
-    if rng.random() < 0.3:
+    if r < 0.8 and rng.random() < 0.3:
         x = 1.0 - x
     x = np.clip(x, 0, None) ** np.exp(rng.normal(0, 0.25))
     bias = ndimage.zoom(rng.normal(0, 0.3, (4, 4)), (h / 4, w / 4), order=3)[:h, :w]
@@ -187,6 +262,8 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--phantoms", type=int, default=160, help="SYNTHETIC phantom slices")
+    ap.add_argument("--no-f02", action="store_true", help="leave Siegen F02 out")
     ap.add_argument("--out", default=str(learned.MODEL_PATH))
     args = ap.parse_args()
     torch.set_num_threads(1)  # on a shared, loaded 2-core machine 1 thread is ~3x faster than 2
@@ -198,9 +275,16 @@ def main() -> int:
         return 0
     held = learned.held_out_people([f.stem for f in files])
     train = [p for f in files if f.stem not in held for p in load_spider(f)]
-    print(f"train slices {len(train)} from {len(files) - len(held)} people; held out: "
+    extra = {"f02": [] if args.no_f02 else load_f02(default_dir(ROOT)),
+             "phantom": load_phantoms(args.phantoms)}
+    print(f"train slices {len(train)} from {len(files) - len(held)} SPIDER people, "
+          f"{len(extra['f02'])} F02, {len(extra['phantom'])} SYNTHETIC phantom; held out: "
           f"{sorted(held)}", flush=True)
     counts = np.bincount(np.concatenate([t[1].ravel() for t in train]), minlength=256)[:N_CLASSES]
+    pools = [(train, 1.0 - SHARE_F02 * bool(extra["f02"]) - SHARE_PHANTOM * bool(extra["phantom"])),
+             (extra["f02"], SHARE_F02), (extra["phantom"], SHARE_PHANTOM)]
+    pools = [(pool, w) for pool, w in pools if pool]
+    shares = np.array([w for _, w in pools]) / sum(w for _, w in pools)
     weights = torch.tensor((counts.sum() / (counts + 1)) ** 0.5, dtype=torch.float32)
     weights = weights / weights.mean()
     model = UNet()
@@ -213,7 +297,10 @@ def main() -> int:
         frac = (time.time() - t0) / budget
         for g in opt.param_groups:
             g["lr"] = 2e-3 * 0.5 * (1 + np.cos(np.pi * frac))
-        batch = [augment(*train[int(rng.integers(len(train)))], rng) for _ in range(args.batch)]
+        batch = []
+        for _ in range(args.batch):
+            pool = pools[int(rng.choice(len(pools), p=shares))][0]
+            batch.append(augment(*pool[int(rng.integers(len(pool)))], rng))
         x = torch.from_numpy(np.stack([b[0] for b in batch])[:, None])
         y = torch.from_numpy(np.stack([b[1] for b in batch]))
         loss = loss_fn(model(x), y, weights)
@@ -231,7 +318,8 @@ def main() -> int:
                       output_names=["logits"], opset_version=17, dynamo=False,
                       dynamic_axes={"image": {0: "n", 2: "h", 3: "w"},
                                     "logits": {0: "n", 2: "h", 3: "w"}})
-    info = {"seed": args.seed, "steps": step, "train_seconds": round(train_s),
+    info = {"seed": args.seed, "steps": step, "f02_slices": len(extra["f02"]),
+            "phantom_slices": len(extra["phantom"]), "train_seconds": round(train_s),
             "held_out": sorted(held), "bytes": out.stat().st_size}
     print(json.dumps(info))
     return 0

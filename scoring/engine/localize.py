@@ -56,85 +56,58 @@ the pixel spacing, so neither the matrix nor the intensity scale matters.
 8. **Confidence** starts at 1 and loses weight for each failed check (inferred bodies,
    irregular or implausible spacing, sacrum not seen, label cross-checks, small ROIs, weak
    marrow/CSF contrast, CSF not at L3, CSF more than 6 × darker than marrow). Below
-   ``REVIEW_BELOW_CONFIDENCE`` the caller answers ``needs_review``. The penalties were set
-   so that no case of the real development set (``bench/vbq_real.py``) comes back confident
-   with a wrong level or a CSF ROI outside the sac.
+   ``REVIEW_BELOW_CONFIDENCE`` the caller answers ``needs_review``: one doubt about the
+   level names or the CSF is enough (``LABEL_DOUBT_PENALTY``), so that a wrong level or a CSF
+   ROI outside the sac does not come back confident (measured in docs/engine.md).
 
-The sampling (canonical frame, block means, bilinear samples) is in ``sampling.py``; the 1-D
-profiles (canal valley, best path, runs, discs) are in ``profiles.py``.
+Modules: the canal search (step 2) is ``canal.py``, the CSF ROI (step 7) ``csf.py``, the
+result types and the doubt penalty ``findings.py``, ROI pixels ``rois.py``; the sampling
+(canonical frame, block means, bilinear samples, Otsu, ROIs along the path) is in
+``sampling.py``; the 1-D profiles (canal valley, best path, runs, discs) are in
+``profiles.py``. The level names can be corrected by the learned segmenter (``combine.py``).
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
-from skimage.filters import threshold_otsu
 
-from scoring.engine.dicom_io import PixelStack, Series
+from scoring.engine.canal import GRID_MM, find_canal
+from scoring.engine.csf import csf_roi_at
+from scoring.engine.dicom_io import Series
+from scoring.engine.findings import (
+    LABEL_DOUBT_PENALTY,
+    MAX_MARROW_TO_CSF,
+    BodyFinding,
+    Localisation,
+    LocalisationError,
+)
 from scoring.engine.model import QcFlag, Roi
 from scoring.engine.profiles import (
-    best_path,
     disc_minima,
-    longest_run,
     lordotic_tail,
     run_around,
     runs_of,
     smooth_nan,
     split_merged,
-    valley_depth,
 )
+from scoring.engine.rois import roi_values
 from scoring.engine.sampling import (
-    Frame,
     bilinear,
-    block_means,
     frame_of,
     nanmedian_rows,
-    odd_half_width,
-    otsu_per_image,
+    otsu_threshold,
+    path_roi,
 )
+
+__all__ = ["LABEL_DOUBT_PENALTY", "MAX_MARROW_TO_CSF", "BodyFinding", "Localisation",
+           "LocalisationError", "localize"]
 
 LABELS_UP_FROM_SACRUM = ("S1", "L5", "L4", "L3", "L2", "L1", "T12")
 REQUIRED = ("S1", "L5", "L4", "L3", "L2", "L1")
-GRID_MM = 1.0  # straightened image and profiles
-DETECT_MM = 2.0  # canal search
-# one doubt about the level labels or the CSF alone sends the result to review (1 - 0.35 is
-# below vbq.REVIEW_BELOW_CONFIDENCE): a wrong level or a CSF ROI outside the thecal sac must
-# never come back as a confident value
-LABEL_DOUBT_PENALTY = 0.35
-MAX_MARROW_TO_CSF = 6.0  # marrow / CSF of L1–L4 above this: the CSF ROI is not in CSF
-CSF_NEAR_DARKEST = 0.3  # a band within this fraction from the darkest to the brightest
-CSF_BAND_MM = 3  # the sac is at least this wide (1 mm samples)
-CSF_WALL_CLEAR_MM = 2  # its darkest point is looked for this far from the anterior wall
 LEVEL_SPACING_MM = (28.0, 48.0)  # adult lumbar segment (body + disc), centre to centre
-
-
-class LocalisationError(Exception):
-    """The anatomy needed for VBQ could not be found; ``str`` says what (clinician-readable)."""
-
-
-@dataclass
-class BodyFinding:
-    level: str
-    roi: Roi
-    inferred: bool = False
-    height_mm: float | None = None
-    height_ratio: float | None = None
-    suggested_fractured: bool = False
-
-
-@dataclass
-class Localisation:
-    mid_slice: int
-    bodies: dict[str, BodyFinding]
-    csf_roi: Roi
-    csf_level: str
-    confidence: float
-    flags: list[QcFlag] = field(default_factory=list)
-    canal_path_px: list[tuple[float, float]] = field(default_factory=list)  # original (row, col)
-    si_direction_px: tuple[float, float] = (1.0, 0.0)  # superior→inferior, original pixels
 
 
 def localize(series: Series, debug: dict | None = None) -> Localisation:
@@ -158,99 +131,8 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     flags: list[QcFlag] = []
     penalties: list[float] = []
 
-    # 2. canal on the central third of the slices, each slice on its own (averaging would
-    # dilute a canal that is only a few slices wide); per pixel the best slice counts. The
-    # search runs on DETECT_MM cells (the canal is 10–20 mm wide); everything after it
-    # (straightening, walls, bodies, ROIs) samples the original pixels on a 1 mm grid.
-    half = max(0, n_slices // 6)
-    centre = n_slices // 2
-    central_idx = range(max(0, centre - half), min(n_slices, centre + half + 1))
-    coarse, fine = block_means(volume, list(central_idx), fr, series.pixel_spacing_mm, DETECT_MM,
-                           (DETECT_MM, GRID_MM))
-    grids, yc, xc, cell_r, cell_c = (coarse.images, coarse.row_mm, coarse.col_mm,
-                                     coarse.cell_r, coarse.cell_c)
-    tissue = (0.5 * otsu_per_image(grids)).astype(np.float32)[:, None, None]
-    grid = grids.min(axis=0)
-    valley = ndimage.gaussian_filter1d(valley_depth(grids, cell_c, tissue).max(axis=0),
-                                       10.0 / cell_r, axis=0)
-    rows_idx = np.arange(grid.shape[0])
-    dark_w = 2 * odd_half_width(7.0, cell_c) + 1  # the canal is ≥ ~7 mm wide
-    wide_dark = ndimage.uniform_filter1d(grid, dark_w, axis=1, mode="nearest")
-    # the canal is a midline structure: laterally (pedicles, foramina) the band is brighter
-    outer = block_means(volume, [0, n_slices - 1], fr, series.pixel_spacing_mm, DETECT_MM,
-                    (DETECT_MM,))[0].images  # the first and last slices
-    wide_outer = ndimage.uniform_filter1d(outer.mean(axis=0), dark_w, axis=1, mode="nearest")
-    near_c = np.arange(-round(6.0 / cell_c), round(6.0 / cell_c) + 1)
-    behind_c = np.arange(round(15.0 / cell_c), round(30.0 / cell_c) + 1)
-    tissue_level = float(np.median(tissue))
-    candidates = []
-    masked = valley.copy()
-    for _ in range(4):
-        # the canal, and other long dark bands (muscle between the spinous processes and the
-        # subcutaneous fat, vessels): the canal holds CSF, the darkest of them on T1
-        cand = best_path(masked, margin=round(20.0 / cell_c))
-        along_c = masked[rows_idx, cand]
-        strong = float(np.percentile(along_c, 75))
-        run_c = longest_run(along_c > 0.4 * strong, bridge=round(12.0 / cell_r))
-        if run_c is not None and yc[run_c[1]] - yc[run_c[0]] >= 120 and strong >= 0.05:
-            seg_rows = rows_idx[run_c[0]: run_c[1] + 1]
-            # darkest ~7 mm window within 6 mm of the path (the path may hug a wall)
-            near_cols = np.clip(cand[seg_rows][:, None] + near_c[None, :], 0, grid.shape[1] - 1)
-            centre_dark = wide_dark[seg_rows[:, None], near_cols]
-            pick = np.argmin(centre_dark, axis=1)
-            darkness = float(np.median(centre_dark[np.arange(len(seg_rows)), pick]))
-            outer_v = wide_outer[seg_rows, near_cols[np.arange(len(seg_rows)), pick]]
-            lateral = darkness / max(float(np.median(outer_v)), 1e-6)
-            # the canal has the posterior elements and the back muscles behind it: a band
-            # with air 15-30 mm behind it is the skin line, not the canal
-            behind = np.clip(cand[seg_rows][:, None] + behind_c[None, :], 0, grid.shape[1] - 1)
-            if float(np.median(grid[seg_rows[:, None], behind])) >= tissue_level:
-                candidates.append((darkness, cand, run_c, float(np.mean(along_c[seg_rows]))
-                                   * len(seg_rows) * cell_r, lateral))
-        cols = np.arange(grid.shape[1])[None, :]
-        masked = np.where(np.abs(cols - cand[:, None]) <= round(8.0 / cell_c), 0.0, masked)
-    if not candidates:
-        raise LocalisationError("the spinal canal was not found (no long dark band between "
-                                "the vertebral bodies and the posterior elements)")
-    if debug is not None:
-        debug["candidates"] = [(round(c[0]), round(c[3]), round(c[4], 3), int(np.median(c[1])))
-                               for c in candidates]
-    top_score = max(c[3] for c in candidates)
-    strong_c = [c for c in candidates if c[3] >= 0.5 * top_score]
-    midline = [c for c in strong_c if c[4] < 0.9] if n_slices >= 5 else strong_c
-    if not midline:
-        midline = strong_c
-        flags.append(QcFlag("canal-uncertain", "the darkest long band does not fade "
-                            "laterally like the spinal canal: check the slice and the levels"))
-        penalties.append(LABEL_DOUBT_PENALTY)
-    _, path_x, run, _, _ = min(midline, key=lambda c: c[0])
-    top, bottom = run
-    ys = yc[top: bottom + 1]
-    # the path's column at ~1 mm: the valley again on ~1 mm columns (smoothed across by 1 mm,
-    # as the image would be), in a band of whole rows around it (so the smoothing along the
-    # spine mixes the same columns); per row its peak within 2 mm of the coarse path, between
-    # columns the vertex of the parabola through the best column and its neighbours
-    ys = yc[top: bottom + 1]
-    xf, cell_f = fine.col_mm, fine.cell_c
-    seg_r = rows_idx[top: bottom + 1]
-    jc = np.rint(np.interp(xc[path_x[top: bottom + 1]], xf, np.arange(len(xf)))).astype(int)
-    reach = round(22.0 / cell_f)
-    c0, c1 = max(0, int(jc.min()) - reach), min(len(xf), int(jc.max()) + reach + 1)
-    band = ndimage.gaussian_filter1d(fine.images[:, :, c0:c1], 1.0 / cell_f, axis=-1)
-    v_f = ndimage.gaussian_filter1d(valley_depth(band, cell_f, tissue).max(axis=0), 10.0 / cell_r,
-                                    axis=0)[seg_r]
-    off = max(1, round(2.0 / cell_f))
-    width = v_f.shape[1]
-    window = np.clip((jc - c0)[:, None] + np.arange(-off, off + 1)[None, :], 1,
-                     max(1, width - 2))
-    at = np.arange(len(seg_r))
-    pick_f = window[at, np.argmax(v_f[at[:, None], window], axis=1)]
-    v_l, v_c = v_f[at, pick_f - 1], v_f[at, pick_f]
-    v_r = v_f[at, np.minimum(pick_f + 1, width - 1)]
-    curv = v_l - 2.0 * v_c + v_r
-    vertex = np.where(curv < 0, 0.5 * (v_l - v_r) / np.where(curv < 0, curv, -1.0), 0.0)
-    x_mm = xf[c0 + pick_f] + np.clip(vertex, -0.5, 0.5) * (xf[1] - xf[0])
-    xs = ndimage.gaussian_filter1d(x_mm, 6.0 / cell_r, mode="nearest")
+    # 2. the canal (canal.py): its path at ~1 mm, canonical mm
+    ys, xs, fine = find_canal(volume, fr, series.pixel_spacing_mm, flags, penalties, debug)
 
     # arc-length resampling of the path, extended along its end tangents
     seg = np.hypot(np.diff(ys), np.diff(xs))
@@ -371,7 +253,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     # bright fat or dark air beyond the column (below the sacrum, above the first body) must
     # not pull the threshold: it splits the central 5–90 % of the profile (bodies and discs)
     lo_v, hi_v = np.percentile(vals, [5.0, 90.0])
-    thr = float(threshold_otsu(np.clip(vals, lo_v, hi_v)))
+    thr = otsu_threshold(np.clip(vals, lo_v, hi_v))
     bright = np.isfinite(flat) & (flat > thr)
     bright = ndimage.binary_opening(ndimage.binary_closing(bright, np.ones(3)), np.ones(3))
     segments = [(a, b) for a, b in runs_of(bright) if b - a + 1 >= 4]
@@ -384,8 +266,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     end_t = int(np.flatnonzero(ok_rows)[-1]) if ok_rows.any() else len(flat) - 1
     if debug is not None:
         debug.update(detect=detect, flat=flat, thr=thr, segments=list(segments), k_wall=k_wall,
-                     canal_t=canal_t, mid=mid, depth=depth_arr, end_t=end_t, grid=grid,
-                     path_x=path_x, run=run, valley=valley)
+                     canal_t=canal_t, mid=mid, depth=depth_arr, end_t=end_t)
     if len(segments) < 5:
         raise LocalisationError(f"only {len(segments)} vertebral bodies were found; the lumbar "
                                 "spine must show at least L1 to S1")
@@ -581,7 +462,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
             ratio = float(min(h) / max(np.median(ref_list), 1e-6))
             suggested = ratio < 0.8
         k_lo, k_hi = 0.35 * dep, 0.8 * dep
-        roi = _roi(fr, py, px, ty, tx, ny, nx, t_mid, k_wall - k0 + (k_lo + k_hi) / 2,
+        roi = path_roi(fr, py, px, ty, tx, ny, nx, t_mid, k_wall - k0 + (k_lo + k_hi) / 2,
                    0.3 * roi_h, (k_hi - k_lo) / 2, mid)
         bodies[lv] = BodyFinding(lv, roi, inferred=labels[lv][2], height_mm=roi_h,
                                  height_ratio=ratio, suggested_fractured=suggested)
@@ -591,7 +472,7 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
     csf_level = ""
     for lv in ("L3", "L2", "L4"):
         a0, b0 = labels[lv][0], labels[lv][1]
-        found = _csf_roi(fr, volume, straighten, py, px, ty, tx, ny, nx, a0, b0, k0, k_wall,
+        found = csf_roi_at(fr, volume, straighten, py, px, ty, tx, ny, nx, a0, b0, k0, k_wall,
                          mid, n_slices, series)
         if found is not None:
             csf_roi, csf_level = found[0], lv
@@ -607,8 +488,6 @@ def _localize(series: Series, debug: dict | None) -> Localisation:
         # VBQ's CSF is the thecal sac at L3: where it cannot be outlined there, the canal is
         # narrow or unclear and the ROI found elsewhere needs a reviewer's look
         penalties.append(LABEL_DOUBT_PENALTY)
-
-    from scoring.engine.vbq import roi_values  # local: vbq imports this module
 
     marrow = [float(np.median(v)) for lv in ("L1", "L2", "L3", "L4")
               if (v := roi_values(series.pixels[bodies[lv].roi.slice_index],
@@ -632,100 +511,3 @@ def _neighbour(level: str, step: int) -> str | None:
     order = ("T12", "L1", "L2", "L3", "L4", "L5", "S1")
     i = order.index(level) + step
     return order[i] if 0 <= i < len(order) - 1 else None
-
-
-def _roi(fr: Frame, py: np.ndarray, px: np.ndarray, ty: np.ndarray, tx: np.ndarray,
-         ny: np.ndarray, nx: np.ndarray, t_c: float, k_c: float, half_t: float,
-         half_k: float, slice_index: int) -> Roi:
-    """A box along the local spine axis, in the original pixel frame."""
-    i = int(np.clip(round(t_c), 0, len(py) - 1))
-    y = py[i] + (t_c - i) * ty[i] + k_c * ny[i]
-    x = px[i] + (t_c - i) * tx[i] + k_c * nx[i]
-    r, c = fr.to_original(float(y / fr.spacing[0]), float(x / fr.spacing[1]))
-    dr, dc = fr.direction_to_original(float(ty[i] / fr.spacing[0]), float(tx[i] / fr.spacing[1]))
-    angle = float(np.degrees(np.arctan2(dc, dr)))
-    sp_axis = float(np.hypot(ty[i], tx[i]) / max(np.hypot(ty[i] / fr.spacing[0],
-                                                          tx[i] / fr.spacing[1]), 1e-9))
-    sp_norm = float(1.0 / max(np.hypot(ny[i] / fr.spacing[0], nx[i] / fr.spacing[1]), 1e-9))
-    return Roi(slice_index, float(r), float(c), half_t / sp_axis, half_k / sp_norm, "box",
-               angle)
-
-
-def _csf_roi(fr: Frame, volume: PixelStack, straighten, py, px, ty, tx, ny, nx,  # type: ignore[no-untyped-def]
-             a0: float, b0: float, k0: int, k_wall: int, mid: int, n_slices: int,
-             series: Series) -> tuple[Roi, float, list[str]] | None:
-    from scoring.engine.vbq import roi_values  # local: vbq imports this module
-
-    tc = (a0 + b0) / 2
-    half_t = 0.3 * (b0 - a0 + 1)
-    best: tuple[float, Roi, float, list[str]] | None = None
-    for s in range(max(0, mid - 1), min(n_slices, mid + 2)):
-        r0, r1 = round(tc - half_t), round(tc + half_t) + 1
-        rows = (straighten(volume[s], 0.6, (r0, r1)) if r0 >= 0 else
-                straighten(volume[s], 0.6)[r0:r1])
-        if rows.size == 0:
-            continue
-        prof = nanmedian_rows(rows)
-        if not np.isfinite(prof[k0 - 25: k_wall + 4]).all():
-            continue
-        lo_k = k0 - 25
-        seg = ndimage.uniform_filter1d(prof[lo_k: k_wall + 8], 2)
-        wide = ndimage.median_filter(seg, 5, mode="nearest")  # ignores thin dark lines
-        stop = k_wall - lo_k  # up to the anterior wall (the median filter drops its thin cortex)
-        trough_i = 5 + int(np.argmin(wide[5:stop]))
-        # the thecal sac lies directly behind the body; a dark band further back (fat
-        # behind the sac where it is dark, muscle) must not take its place: of the bands
-        # nearly as dark as the darkest (≥ CSF_BAND_MM wide), the most anterior one
-        floor = float(wide[trough_i])
-        cut = floor + CSF_NEAR_DARKEST * (float(np.max(wide[5:])) - floor)
-        bands = [r for r in runs_of(wide[5:stop] < cut) if r[1] - r[0] + 1 >= CSF_BAND_MM]
-        if bands:
-            # its darkest point clear of the wall (the body's posterior cortex, as dark as
-            # CSF on T1, can join the band where the sac touches the body)
-            lo_b, hi_b = 5 + bands[-1][0], min(5 + bands[-1][1], stop - 1 - CSF_WALL_CLEAR_MM)
-            if hi_b >= lo_b:
-                trough_i = lo_b + int(np.argmin(wide[lo_b: hi_b + 1]))
-        trough = float(wide[trough_i])
-        ant_wall = float(np.max(wide[trough_i:]))
-        contrast = 1.0 - trough / max(min(ant_wall, float(np.max(wide[: trough_i + 1]))), 1e-6)
-        post_wall = float(np.max(wide[: trough_i + 1]))
-        wall = min(ant_wall, post_wall)
-        if wall <= trough * 1.05:
-            continue
-        inside = wide < trough + 0.5 * (wall - trough)
-        runs = [r for r in runs_of(inside) if r[0] <= trough_i <= r[1]]
-        if not runs:
-            continue
-        lo_c, hi_c = runs[0][0] + 1.5, runs[0][1] - 1.5
-        if hi_c - lo_c < 2:
-            continue
-        # pure CSF: within 8 % of the canal's typical darkness (not cortex, cord or roots);
-        # where the CSF is nearly black (below a tenth of its walls) 8 % of it is below the
-        # noise, and a tenth of the way to the walls counts instead
-        tol = 0.08 * trough if trough >= 0.1 * wall else 0.1 * (wall - trough)
-        pure = np.abs(seg - trough) <= tol
-        pure[: int(np.ceil(lo_c))] = False
-        pure[int(np.floor(hi_c)) + 1:] = False
-        pruns = [r for r in runs_of(pure) if r[1] - r[0] + 1 >= 2]
-        if not pruns:
-            continue
-        pr = min(pruns, key=lambda r: 0 if r[0] <= trough_i <= r[1] else
-                 min(abs(r[0] - trough_i), abs(r[1] - trough_i)))
-        k_c = lo_k + (pr[0] + pr[1]) / 2 - k0
-        half_k = max(0.75, (pr[1] - pr[0]) / 2)
-        roi = _roi(fr, py, px, ty, tx, ny, nx, tc, k_c, half_t, half_k, s)
-        values = roi_values(series.pixels[s], roi)
-        if values.size < 20:
-            continue
-        med = float(np.median(values))
-        penalty = 0.0
-        why = []
-        if contrast < 0.15:
-            penalty += 0.3
-            why.append(f"CSF only {contrast:.0%} darker than the canal walls")
-        if runs[0][1] - runs[0][0] + 1 < 5:
-            penalty += 0.3
-            why.append("the canal is narrower than 5 mm")
-        if best is None or med < best[0]:
-            best = (med, roi, penalty, why)
-    return (best[1], best[2], best[3]) if best else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
-ALGORITHM_VERSION = "0.5.0"
+ALGORITHM_VERSION = "0.6.0"
 VBQ_LEVELS = ("L1", "L2", "L3", "L4")
 ALL_LEVELS = ("T12", "L1", "L2", "L3", "L4", "L5", "S1")
 

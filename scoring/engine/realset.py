@@ -51,6 +51,7 @@ SIEGEN_EXAMS = ("DzZ_T1", "DzZ_T2", "F02")
 LEVEL_CODES = {"L1": 1, "L2": 2, "L3": 3, "L4": 4, "L5": 5, "S1": 6, "T12": 12}
 LUMBAR_SEGMENT_MM = 36.0
 ENV_VAR = "VBQ_REAL_MRI_DIR"
+FOLD_ENV_VAR = "VBQ_REAL_FOLD"
 
 
 def default_dir(repo_root: Path) -> Path:
@@ -59,12 +60,22 @@ def default_dir(repo_root: Path) -> Path:
     return Path(env) if env else (repo_root.parent / "shared" / "mri")
 
 
-def t1_like(volume: np.ndarray, marrow: np.ndarray) -> np.ndarray:
+def t1_like(volume: np.ndarray, marrow: np.ndarray, fluid: np.ndarray | None = None,
+            marrow_to_fluid: float = 3.0) -> np.ndarray:
     """A T2 volume folded about its marrow level, uint16 (see the module docstring).
-    ``marrow``: a mask of vertebral bone, used only for that one number."""
+    ``marrow``: a mask of vertebral bone, used only for that one number. ``fluid`` (optional):
+    a mask of the canal, used only for its median ``c``: intensities above the marrow level
+    are then folded with the slope that brings ``c`` to ``m / marrow_to_fluid`` (CSF as dark
+    against marrow as on T1, instead of black)."""
     v = np.asarray(volume, np.float32)
     m = float(np.median(v[marrow]))
-    return np.clip(np.rint(m - np.abs(v - m)), 0, 65535).astype(np.uint16)
+    slope = 1.0
+    if fluid is not None and fluid.any():
+        c = float(np.median(v[fluid]))
+        if c > m:
+            slope = (m - m / marrow_to_fluid) / (c - m)
+    folded = np.where(v > m, m - slope * (v - m), v)  # = m - |x - m| with slope 1
+    return np.clip(np.rint(folded), 0, 65535).astype(np.uint16)
 
 
 def datasets_from_volume(volume: np.ndarray, spacing_mm: tuple[float, float],
@@ -254,14 +265,22 @@ def spider_spacing_mm(mask: np.ndarray) -> float:
     return LUMBAR_SEGMENT_MM / float(np.median(np.diff(rows)))
 
 
+def fold_mode() -> str:
+    """``VBQ_REAL_FOLD``: ``plain`` (default: ``m - |x - m|``, CSF nearly black) or ``csf``
+    (the canal's median brought to a third of the marrow level, as on T1: the CSF checks then
+    see a T1-like marrow/CSF ratio; SPIDER only, the Siegen set has no canal mask)."""
+    return "csf" if os.environ.get(FOLD_ENV_VAR, "plain").strip().lower() == "csf" else "plain"
+
+
 def score_spider(path: Path) -> CaseResult:
     """Score one SPIDER person: ``t1_like`` of its slices at the estimated spacing through the
-    automatic path; levels against ``spider_levels`` of the ROI's slice (±1 pixel); CSF: the
-    ROI centre inside the canal mask."""
+    automatic path (``fold_mode``); levels against ``spider_levels`` of the ROI's slice
+    (±1 pixel); CSF: the ROI centre inside the canal mask."""
     data = np.load(path)
     image, mask = data["image"], data["mask"]
     sp = spider_spacing_mm(mask)
-    m = compute_vbq(datasets_from_volume(t1_like(image, mask == 1), (sp, sp),
+    fluid = mask == 3 if fold_mode() == "csf" else None
+    m = compute_vbq(datasets_from_volume(t1_like(image, mask == 1, fluid), (sp, sp),
                                          "SAG T1-LIKE SPIDER FOLDED (DEVELOPMENT)"))
     level_ok: dict[str, bool] = {}
     cache: dict[int, dict[str, np.ndarray]] = {}

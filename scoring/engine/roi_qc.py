@@ -14,7 +14,7 @@ Checks, each a ``QcFlag`` of severity ``warning`` and a confidence penalty:
 - position inside the body: an L1–L4 ROI that is not uniform (interquartile range above
   ``BODY_MAX_SPREAD`` of its median: it straddles a disc, an endplate or the edge of the
   body), and levels that are not in order from head to feet;
-- signal voids (cement, hardware) are checked by the caller (``vbq._signal_voids``), as for
+- signal voids (cement, hardware) are checked by the caller (``vbq``), as for
   the automatic path.
 """
 
@@ -27,6 +27,7 @@ import numpy as np
 
 from scoring.engine.dicom_io import Series
 from scoring.engine.model import VBQ_LEVELS, LevelMeasurement, QcFlag
+from scoring.engine.rois import roi_values
 
 MIN_CSF_PIXELS = 40
 CSF_MAX_SPREAD = 0.2
@@ -35,8 +36,6 @@ CSF_L3_REACH_MM = 20.0
 
 
 def _spread(series: Series, m: LevelMeasurement) -> float:
-    from scoring.engine.vbq import roi_values
-
     values = roi_values(series.pixels[m.roi.slice_index], m.roi)
     if values.size == 0 or m.median_si <= 0:
         return 0.0

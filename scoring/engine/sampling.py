@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from scoring.engine.dicom_io import PixelStack, Series
+from scoring.engine.model import Roi
 
 
 @dataclass
@@ -201,3 +202,40 @@ def otsu_per_image(stack: np.ndarray) -> np.ndarray:
     between = w1[:, :-1] * w2[:, 1:] * (m1[:, :-1] - m2[:, 1:]) ** 2
     out = centres[np.arange(len(hist)), np.argmax(between, axis=1)]
     return np.where(hi > lo, out, lo)
+
+
+def otsu_threshold(values: np.ndarray, nbins: int = 256) -> float:
+    """Otsu's threshold of ``values``: the histogram of ``nbins`` bins over their range and the
+    between-class variance, as ``skimage.filters.threshold_otsu`` computes it (the same
+    float32 counts, so the same bin wins)."""
+    v = np.asarray(values).reshape(-1)
+    if np.all(v == v[0]):
+        return float(v[0])
+    counts, edges = np.histogram(v, bins=nbins, range=(float(v.min()), float(v.max())))
+    centres = (edges[:-1] + edges[1:]) / 2
+    hist = counts.astype(np.float32)
+    w1 = np.cumsum(hist)
+    w2 = np.cumsum(hist[::-1])[::-1]
+    m1 = np.cumsum(hist * centres) / w1
+    m2 = (np.cumsum((hist * centres)[::-1]) / w2[::-1])[::-1]
+    between = w1[:-1] * w2[1:] * (m1[:-1] - m2[1:]) ** 2
+    return float(centres[int(np.argmax(between))])
+
+
+def path_roi(fr: Frame, py: np.ndarray, px: np.ndarray, ty: np.ndarray, tx: np.ndarray,
+             ny: np.ndarray, nx: np.ndarray, t_c: float, k_c: float, half_t: float,
+             half_k: float, slice_index: int) -> Roi:
+    """A box along the local spine axis, in the original pixel frame: centred at arc length
+    ``t_c`` and ``k_c`` mm anterior along the path (``py``, ``px``: canonical mm; ``ty``,
+    ``tx`` its unit tangent, ``ny``, ``nx`` its anterior normal), half sizes in mm."""
+    i = int(np.clip(round(t_c), 0, len(py) - 1))
+    y = py[i] + (t_c - i) * ty[i] + k_c * ny[i]
+    x = px[i] + (t_c - i) * tx[i] + k_c * nx[i]
+    r, c = fr.to_original(float(y / fr.spacing[0]), float(x / fr.spacing[1]))
+    dr, dc = fr.direction_to_original(float(ty[i] / fr.spacing[0]), float(tx[i] / fr.spacing[1]))
+    angle = float(np.degrees(np.arctan2(dc, dr)))
+    sp_axis = float(np.hypot(ty[i], tx[i]) / max(np.hypot(ty[i] / fr.spacing[0],
+                                                          tx[i] / fr.spacing[1]), 1e-9))
+    sp_norm = float(1.0 / max(np.hypot(ny[i] / fr.spacing[0], nx[i] / fr.spacing[1]), 1e-9))
+    return Roi(slice_index, float(r), float(c), half_t / sp_axis, half_k / sp_norm, "box",
+               angle)

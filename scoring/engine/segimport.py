@@ -285,13 +285,32 @@ def _opened(mask: np.ndarray, spacing_mm: tuple[float, float]) -> np.ndarray:
     ry, rx = (max(1, round(OPEN_MM / sp)) for sp in spacing_mm)
     y, x = np.ogrid[-ry:ry + 1, -rx:rx + 1]
     disc = (y * spacing_mm[0]) ** 2 + (x * spacing_mm[1]) ** 2 <= OPEN_MM ** 2
-    opened = ndimage.binary_opening(mask, structure=disc)
+    box = _box(mask, 2 * max(ry, rx) + 2)
+    if box is None:
+        return mask
+    opened = np.zeros_like(mask)
+    opened[box] = ndimage.binary_opening(mask[box], structure=disc)
     return opened if opened.sum() >= 30 else mask
+
+
+def _box(mask: np.ndarray, margin: int) -> tuple[slice, slice] | None:
+    """The bounding box of ``mask`` widened by ``margin`` pixels (clipped to the image): the
+    morphology and distances below run there only (the same result as on the whole image,
+    whose pixels outside it are all background)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return (slice(max(0, rows[0] - margin), rows[-1] + margin + 1),
+            slice(max(0, cols[0] - margin), cols[-1] + margin + 1))
 
 
 def marrow_median(image: np.ndarray, body: np.ndarray, spacing_mm: tuple[float, float],
                   erode_mm: float = 2.0) -> float:
     """Median SI of a body mask eroded by ``erode_mm`` (the whole mask when that empties it)."""
-    inner = ndimage.distance_transform_edt(body, sampling=spacing_mm) > erode_mm
+    margin = int(np.ceil(erode_mm / min(spacing_mm))) + 2
+    box = _box(body, margin)
+    inner = np.zeros_like(body, dtype=bool)
+    if box is not None:
+        inner[box] = ndimage.distance_transform_edt(body[box], sampling=spacing_mm) > erode_mm
     values = image[inner] if inner.sum() >= 10 else image[body]
     return float(np.median(values))

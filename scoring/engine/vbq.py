@@ -17,6 +17,7 @@ VBQ = median(median SI of L1, L2, L3, L4 ROIs) / median SI of the CSF ROI at L3 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -24,10 +25,17 @@ from typing import Any
 
 import numpy as np
 
-from scoring.engine import learned
+from scoring.engine import combine, learned
 from scoring.engine.assisted import Seed, assisted_rois
+from scoring.engine.bodies import series_directions
 from scoring.engine.dicom_io import Series, describe_orientation, read_series
-from scoring.engine.localize import LocalisationError, localize
+from scoring.engine.findings import (
+    LABEL_DOUBT_PENALTY,
+    MAX_MARROW_TO_CSF,
+    Localisation,
+    LocalisationError,
+)
+from scoring.engine.localize import localize
 from scoring.engine.model import (
     VBQ_LEVELS,
     EngineError,
@@ -38,6 +46,7 @@ from scoring.engine.model import (
     VbqMeasurement,
 )
 from scoring.engine.roi_qc import placed_roi_qc
+from scoring.engine.rois import roi_values
 from scoring.engine.segimport import segmentation_rois
 
 TR_RANGE_MS = (350.0, 900.0)
@@ -85,48 +94,6 @@ def protocol_qc(series: Series) -> list[QcFlag]:
         flags.append(QcFlag("too-few-slices", f"{series.pixels.shape[0]} slice(s): the "
                             "mid-sagittal slice cannot be chosen", "refusal"))
     return flags
-
-
-def _roi_box(shape: tuple[int, int], roi: Roi
-             ) -> tuple[tuple[slice, slice], np.ndarray] | None:
-    """The ROI's bounding box in the image and its inside mask there (``None``: empty)."""
-    reach = float(np.hypot(roi.half_height, roi.half_width)) + 1.0
-    if not (np.isfinite(reach) and np.isfinite(roi.row) and np.isfinite(roi.col)):
-        return None
-    r0, r1 = max(0, int(roi.row - reach)), min(shape[0], int(roi.row + reach) + 2)
-    c0, c1 = max(0, int(roi.col - reach)), min(shape[1], int(roi.col + reach) + 2)
-    if r0 >= r1 or c0 >= c1:
-        return None
-    rr, cc = np.ogrid[r0:r1, c0:c1]
-    dr, dc = rr - roi.row, cc - roi.col
-    if roi.angle_deg:
-        a = np.radians(roi.angle_deg)
-        u = dr * np.cos(a) + dc * np.sin(a)
-        v = -dr * np.sin(a) + dc * np.cos(a)
-    else:
-        u, v = dr, dc
-    if roi.shape == "box":
-        inside = (np.abs(u) <= roi.half_height) & (np.abs(v) <= roi.half_width)
-    else:
-        inside = (u / max(roi.half_height, 0.5)) ** 2 + (v / max(roi.half_width, 0.5)) ** 2 <= 1.0
-    return (slice(r0, r1), slice(c0, c1)), inside
-
-
-def roi_mask(shape: tuple[int, int], roi: Roi) -> np.ndarray:
-    """Boolean mask of the ROI (computed inside its bounding box only)."""
-    mask = np.zeros(shape, bool)
-    box = _roi_box(shape, roi)
-    if box is not None:
-        mask[box[0]] = box[1]
-    return mask
-
-
-def roi_values(image: np.ndarray, roi: Roi) -> np.ndarray:
-    """The pixel values inside the ROI (row-major order, as ``image[roi_mask(...)]``)."""
-    box = _roi_box(image.shape, roi)
-    if box is None:
-        return image[:0, 0]
-    return image[box[0]][box[1]]
 
 
 def measure_roi(series: Series, level: str, roi: Roi, fractured: bool = False
@@ -271,15 +238,21 @@ def _assisted(series: Series, fractured: list[str], flags: list[QcFlag], result:
 
 def _measure_placed(series: Series, fractured: list[str], flags: list[QcFlag], result: Any,
                     source: str, rois: Mapping[str, Roi], csf_roi: Roi | None,
-                    found_flags: list[QcFlag], missing_text: str) -> VbqMeasurement:
+                    found_flags: list[QcFlag], missing_text: str,
+                    max_marrow_to_csf: float | None = None) -> VbqMeasurement:
     """Measure body ROIs and a CSF ROI placed without the automatic localiser (external
-    segmentation, assisted path) with the same checks and confidence rules."""
+    segmentation, assisted path, learned segmenter) with the same checks and confidence
+    rules; ``max_marrow_to_csf``: a marrow/CSF ratio above it is flagged ``csf-too-dark``
+    (the automatic path's check)."""
     confidence = 1.0
     for flag in found_flags:
         flags.append(flag)
         confidence -= {"csf-unclear": 0.3, "csf-not-at-l3": 0.1, "implausible-body": 0.4,
                        "levels-disagree": 0.6, "csf-outside-canal": 0.4,
-                       "no-cross-check": 0.4}.get(flag.code, 0.0)
+                       "no-cross-check": 0.4, "learned-chain-irregular": 0.6,
+                       "csf-off-classical-canal": 0.4,
+                       "csf-disagree": LABEL_DOUBT_PENALTY,
+                       "learned-chain-repaired": 0.6}.get(flag.code, 0.0)
     if csf_roi is None:
         reasons = "; ".join(f.message for f in found_flags) or "the CSF was not found"
         return _not_localised(result, source, flags, f"{reasons}. Place the CSF ROI by hand")
@@ -304,19 +277,30 @@ def _measure_placed(series: Series, fractured: list[str], flags: list[QcFlag], r
         confidence -= 0.5
         flags.append(QcFlag("weak-marrow-contrast", "marrow is not brighter than CSF as on a "
                             "T1 image: check the series and the ROIs"))
+    if marrow and max_marrow_to_csf is not None and (
+            csf.median_si <= 0 or float(np.median(marrow)) > max_marrow_to_csf * csf.median_si):
+        confidence -= LABEL_DOUBT_PENALTY
+        flags.append(QcFlag("csf-too-dark", f"the CSF ROI is more than {max_marrow_to_csf:g} "
+                            "times darker than the marrow (VBQ is rarely above 5): it may lie "
+                            "on bone, ligament or air, not in the thecal sac"))
     confidence -= _signal_voids(series, levels, csf, flags)
     return _finish(result, source, levels, csf, fractured, flags, max(0.0, confidence))
 
 
 def learned_mode() -> str:
-    """``VBQ_LEARNED_SEGMENTER``: ``fallback`` (default: the learned placement replaces the
-    classical result only when the classical localiser found no column), ``replace`` (it
-    replaces every classical result that is not confident: best on the real set, but it takes
-    the SYNTHETIC phantoms' sacrum for L5, see docs/engine.md) or ``off``."""
-    value = os.environ.get(LEARNED_ENV_VAR, "fallback").strip().lower()
+    """``VBQ_LEARNED_SEGMENTER``: ``combine`` (default; ``replace`` is the same): every
+    classical result that is not confident is cross-checked with the learned segmenter and the
+    level names come from ``combine.decide`` (a confident classical result is not: see
+    docs/engine.md); ``check-all``: as ``combine``, and a confident classical result is
+    cross-checked too (``combine.confident_check``; ~0.2 s more per series, so not the
+    default); ``fallback``: the learned placement is used only when the classical localiser
+    found no column; ``off``: classical only."""
+    value = os.environ.get(LEARNED_ENV_VAR, "combine").strip().lower()
     if value in ("off", "0", "false", "no"):
         return "off"
-    return "replace" if value == "replace" else "fallback"
+    if value in ("fallback", "check-all"):
+        return value
+    return "combine"
 
 
 def learned_enabled() -> bool:
@@ -338,51 +322,49 @@ def _try_learned(series: Series, flags: list[QcFlag]) -> learned.LearnedPlacemen
         return None
 
 
-def _cross_check(placed: learned.LearnedPlacement, loc: Any) -> list[QcFlag]:
-    """Flags from comparing the learned placement with the classical localiser's: every
-    classical L1–L4 ROI centre on the learned slice (±2 slices) must lie in the learned body of
-    its level, and the CSF ROI centre in the learned canal."""
+def _csf_checks(series: Series, placed: learned.LearnedPlacement, loc: Localisation | None
+                ) -> list[QcFlag]:
+    """The learned CSF ROI against the two canals: the learned one, and the one the classical
+    localiser followed (when it found a column)."""
     out: list[QcFlag] = []
     csf = placed.rois.csf_roi
-    if csf is not None:
-        r, c = round(csf.row), round(csf.col)
-        near = placed.canal[max(r - 1, 0): r + 2, max(c - 1, 0): c + 2]
-        if not near.any():
-            out.append(QcFlag("csf-outside-canal", "the CSF ROI is not inside the canal the "
-                              "learned segmenter found"))
-    if loc is None:
-        out.append(QcFlag("no-cross-check", "the classical localiser found no column to check "
-                          "the learned levels against"))
+    if csf is None:
         return out
-    wrong = []
-    for lv in VBQ_LEVELS:
-        body = loc.bodies.get(lv)
-        mask = placed.bodies.get(lv)
-        if body is None or mask is None:
-            continue
-        roi = body.roi
-        r, c = round(roi.row), round(roi.col)
-        inside = (0 <= r < mask.shape[0] and 0 <= c < mask.shape[1]
-                  and bool(mask[max(r - 1, 0): r + 2, max(c - 1, 0): c + 2].any()))
-        if abs(roi.slice_index - placed.mid_slice) > 2 or not inside:
-            wrong.append(lv)
-    if wrong:
-        out.append(QcFlag("levels-disagree", "the learned segmenter and the classical "
-                          f"localiser disagree at {', '.join(wrong)}: check the level labels"))
+    r, c = round(csf.row), round(csf.col)
+    near = placed.canal[max(r - 1, 0): r + 2, max(c - 1, 0): c + 2]
+    if not near.any():
+        out.append(QcFlag("csf-outside-canal", "the CSF ROI is not inside the canal the "
+                          "learned segmenter found"))
+    if loc is None:
+        return out
+    if not combine.csf_in_classical_canal(loc, csf.slice_index, csf.row, csf.col,
+                                          series.pixel_spacing_mm):
+        out.append(QcFlag("csf-off-classical-canal", "the CSF ROI is not on the canal the "
+                          "classical localiser followed"))
+    mine = roi_values(series.pixels[csf.slice_index], csf)
+    theirs = roi_values(series.pixels[loc.csf_roi.slice_index], loc.csf_roi)
+    if mine.size and theirs.size:
+        a, b = float(np.median(mine)), float(np.median(theirs))
+        if abs(a - b) > combine.CSF_AGREEMENT * max(min(a, b), 1.0):
+            out.append(QcFlag("csf-disagree", f"the CSF ROIs of the learned segmenter and the "
+                              f"classical localiser differ by more than "
+                              f"{combine.CSF_AGREEMENT:.0%} ({a:g} against {b:g}): one of them "
+                              "may hold cord, roots or a wall"))
     return out
 
 
 def _auto(series: Series, fractured: list[str], flags: list[QcFlag], result: Any
           ) -> VbqMeasurement:
-    """Automatic path: the classical localiser; when it found no column (``learned_mode``
-    ``fallback``, the default) or its result is not confident (``replace``), the learned
-    segmenter (``learned.learned_rois``, measured like an
-    external segmentation and cross-checked against the classical levels: a disagreement,
-    no classical column to compare with, or a CSF ROI outside the learned canal sends it to
-    review). The learned placement replaces the classical result when it has one; otherwise
-    the classical result stands, with the learned path's reason as an info flag."""
+    """Automatic path: the classical localiser; a confident classical result stands. Otherwise
+    (``learned_mode`` ``combine``, the default; in ``fallback`` only when the classical
+    localiser found no column) the learned segmenter runs (``learned.learned_rois``) and
+    ``combine.decide`` chooses the level names: the learned placement (measured like an
+    external segmentation), the classical one, or the classical bodies renamed from the
+    learned L5. Agreement between the two (``corroborated``) lifts the classical localiser's
+    doubts about the level names; a disagreement, an irregular learned chain, no classical
+    column to compare with, or a CSF ROI off either canal sends the result to review."""
     base_flags = list(flags)
-    loc: Any = None
+    loc: Localisation | None = None
     try:
         loc = localize(series)
     except LocalisationError as exc:
@@ -391,17 +373,58 @@ def _auto(series: Series, fractured: list[str], flags: list[QcFlag], result: Any
     else:
         classical = _classical(series, fractured, flags, result, loc)
     if classical.status == "succeeded":
-        return classical
-    if loc is not None and learned_mode() != "replace":
+        if loc is None or learned_mode() != "check-all":
+            return classical
+        return _check_confident(series, fractured, base_flags, result, loc, classical)
+    if loc is not None and learned_mode() == "fallback":
         return classical
     learned_flags = list(base_flags)
     placed = _try_learned(series, learned_flags)
     if placed is None:
         classical.qc_flags.extend(f for f in learned_flags if f not in base_flags)
         return classical
-    found = [*placed.rois.flags, *_cross_check(placed, loc)]
+    inferior = _inferior_px(series)
+    chain = combine.chain_check(placed, series.pixel_spacing_mm, inferior)
+    repaired = None if chain.regular else combine.repaired_placement(placed, series)
+    decision = combine.decide(placed, loc, chain, repaired, None if repaired is None else
+                              combine.chain_check(repaired, series.pixel_spacing_mm, inferior))
+    if decision.placed is not None:
+        placed = decision.placed
+    if decision.use != "learned" and decision.loc is not None:
+        penalty = 0.0 if decision.use == "relabelled" else 0.6
+        chosen = dataclasses.replace(decision.loc, confidence=max(
+            0.0, decision.loc.confidence - penalty), flags=[*decision.loc.flags,
+                                                             *decision.flags])
+        return _classical(series, fractured, list(base_flags), result, chosen)
+    found = [*combine.learned_flags(placed, decision), *decision.flags,
+             *_csf_checks(series, placed, loc)]
     return _measure_placed(series, fractured, learned_flags, result, "auto", placed.rois.rois,
-                           placed.rois.csf_roi, found, "the learned segmentation has no")
+                           placed.rois.csf_roi, found, "the learned segmentation has no",
+                           max_marrow_to_csf=MAX_MARROW_TO_CSF)
+
+
+def _check_confident(series: Series, fractured: list[str], base_flags: list[QcFlag],
+                     result: Any, loc: Localisation, classical: VbqMeasurement
+                     ) -> VbqMeasurement:
+    """``check-all`` mode: a confident classical result cross-checked by the learned path
+    (``combine.confident_check``); a disagreement sends it to review with the classical
+    names, anything else leaves it as it is."""
+    placed = _try_learned(series, list(base_flags))
+    if placed is None:
+        return classical
+    chain = combine.chain_check(placed, series.pixel_spacing_mm, _inferior_px(series))
+    flag = combine.confident_check(placed, loc, chain)
+    if flag is None:
+        return classical
+    chosen = dataclasses.replace(loc, confidence=max(0.0, loc.confidence - 0.6),
+                                 flags=[*loc.flags, flag])
+    return _classical(series, fractured, list(base_flags), result, chosen)
+
+
+def _inferior_px(series: Series) -> tuple[float, float]:
+    """The head→feet direction on a slice, (row mm, column mm)."""
+    inferior, _ = series_directions(series)
+    return float(inferior[0]), float(inferior[1])
 
 
 def _classical(series: Series, fractured: list[str], flags: list[QcFlag], result: Any,
