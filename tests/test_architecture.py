@@ -9,8 +9,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import ROOT
 
 PACKAGES = ("registry", "scoring", "followup", "integrations", "db", "config")
@@ -72,11 +70,6 @@ def test_no_project_import_hides_inside_a_function():
     assert found == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the engine's localize <-> vbq circle (scoring/engine/localize.py, roi_qc.py import "
-    "scoring.engine.vbq inside functions) is broken on branch h17c; once merged this passes: "
-    "drop this mark and add the acyclic_siblings contract for scoring.engine "
-    "(docs/architecture.md)"))
 def test_the_engine_has_no_function_local_import_either():
     found = [hit for rel in _modules(engine=True) for hit in _function_local_imports(rel)]
     assert found == []
