@@ -177,7 +177,7 @@ def test_a_series_stored_posterior_to_anterior_gets_the_same_levels():
 def test_the_real_t1_exam_gets_the_right_levels_and_vbq_but_review_while_the_count_is_doubted():
     # DzZ_T1 was never trained on; the classical localiser names it one level low (its VBQ
     # then 6.2 % off) and doubts its sacrum; the learned chain is regular and names the same
-    # bodies one level higher, so the learned names are taken. With the model of h17l another
+    # bodies one level higher, so the learned names are taken. With the retrained model another
     # central slice counts the bodies differently: one level apart, the names rest on the
     # learned L5 alone, so that doubt is not lifted and the result goes to review
     case = score_siegen(MRI / "siegen" / "DzZ_T1")
