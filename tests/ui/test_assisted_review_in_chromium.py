@@ -11,10 +11,7 @@ pixels, 15 slices of 3–4.5 mm), stored the way the DICOM receiver stores it. S
 from __future__ import annotations
 
 import io
-import os
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
@@ -23,42 +20,14 @@ from registry.models import AuditEvent
 from scoring.engine.phantom import make_phantom
 from scoring.models import ImagingSeries, ImagingStudy, VbqResult
 from tests.factories import PatientFactory
+from tests.ui.chromium import PASSWORD, SHOTS, launch
 
 pytestmark = [pytest.mark.browser, pytest.mark.postgres, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-if os.environ.get("UPDATE_SCREENSHOTS") in {"1", "true", "yes"}:
-    SHOTS = ROOT / "docs" / "screenshots"
-else:
-    SHOTS = Path(os.environ.get("UI_SCREENSHOT_DIR")
-                 or Path(os.environ.get("VAR_DIR") or "/tmp") / "ui-screenshots")
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
-PASSWORD = "a-long-test-password-1"
-
-
 @pytest.fixture(scope="module")
 def browser():
-    """Debian chromium through Playwright (as tests/ui/test_clinic_pages_in_chromium.py)."""
-    if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
-        if os.environ.get("REQUIRE_SERVICES") in {"1", "true", "yes"}:
-            pytest.fail("REQUIRE_SERVICES=1 but Debian chromium is not installed")
-        pytest.skip("Debian chromium is not installed (/usr/bin/chromium)")
-    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
-    from playwright.sync_api import sync_playwright
-
-    try:
-        with sync_playwright() as pw:
-            chromium = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-            yield chromium
-            chromium.close()
-    finally:
-        if previous is None:
-            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
-        else:
-            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
+    """Debian chromium through Playwright (tests/ui/chromium.py)."""
+    yield from launch()
 
 
 @pytest.fixture

@@ -14,9 +14,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-import os
 import re
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -30,46 +28,18 @@ from scoring.engine.phantom import make_phantom
 from scoring.models import VbqResult
 from tests.factories import FractureFactory, PatientFactory
 from tests.registry.followup_helpers import high_vbq_patient
+from tests.ui.chromium import PASSWORD, SHOTS, launch
 from tests.ui.data import reviewable_result
 
 pytestmark = [pytest.mark.browser, pytest.mark.postgres, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-if os.environ.get("UPDATE_SCREENSHOTS") in {"1", "true", "yes"}:
-    SHOTS = ROOT / "docs" / "screenshots"
-else:
-    SHOTS = Path(os.environ.get("UI_SCREENSHOT_DIR")
-                 or Path(os.environ.get("VAR_DIR") or "/tmp") / "ui-screenshots")
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
-PASSWORD = "a-long-test-password-1"
 VIEWPORT = {"width": 1366, "height": 860}
 
 
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists() or shutil.which("chromium") is None:
-        if os.environ.get("REQUIRE_SERVICES") in {"1", "true", "yes"}:
-            pytest.fail("REQUIRE_SERVICES=1 but Debian chromium is not installed")
-        pytest.skip("Debian chromium is not installed (/usr/bin/chromium)")
-    # Playwright's sync API runs an event loop in this thread; the ORM calls of the test
-    # itself (fixtures, assertions) are still synchronous. Only for these tests: the variable
-    # must not leak into later tests (check --deploy refuses it, rightly).
-    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
-    from playwright.sync_api import sync_playwright
-
-    try:
-        with sync_playwright() as pw:
-            chromium = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-            yield chromium
-            chromium.close()
-    finally:
-        if previous is None:
-            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
-        else:
-            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
+    """Debian chromium through Playwright (tests/ui/chromium.py)."""
+    yield from launch()
 
 
 def _login(browser, live_server, username):
