@@ -79,9 +79,9 @@ def exports_on(settings, orthanc):
     return settings
 
 
-def _scored(orthanc, seed):
-    """A SYNTHETIC phantom stored in Orthanc, its study linked for a patient, and the
-    automatic job run by the pipeline's task (fetch from Orthanc, score, store)."""
+def _linked(orthanc, seed):
+    """A SYNTHETIC phantom stored in Orthanc and its study linked for a patient (the DICOM
+    patient, an index procedure 5 days ago): the phantom and its pending automatic result."""
     phantom = make_phantom(seed, slices=9)
     orthanc.upload(phantom.datasets)
     patient = PatientFactory(mrn=str(phantom.datasets[0].PatientID))  # the DICOM patient
@@ -95,7 +95,13 @@ def _scored(orthanc, seed):
         started_at=start_of_clinic_day(index_day - dt.timedelta(days=20)), modality="MR",
         endpoint_url=orthanc.dicomweb,
         series=[SeriesInput(str(ds.SeriesInstanceUID), "MR", str(ds.SeriesDescription))])
-    result = VbqResult.objects.get(series__study=study)
+    return phantom, VbqResult.objects.get(series__study=study)
+
+
+def _scored(orthanc, seed):
+    """A SYNTHETIC phantom stored in Orthanc, its study linked for a patient, and the
+    automatic job run by the pipeline's task (fetch from Orthanc, score, store)."""
+    phantom, result = _linked(orthanc, seed)
     vbq_compute(result.pk)
     result.refresh_from_db()
     return phantom, result
@@ -355,20 +361,8 @@ def test_a_job_in_a_real_worker_ends_with_the_sr_and_sc_in_orthanc(
     redis.Redis.from_url(broker).flushdb()
     env = {**os.environ, "DATABASE_URL": test_database_url(), "CELERY_BROKER_URL": broker,
            "PACS_EXPORT_ENDPOINTS": orthanc.dicomweb, "PYTHONUNBUFFERED": "1"}
-    phantom = make_phantom(CLEAN_SEEDS[0], slices=9)
-    orthanc.upload(phantom.datasets)
-    patient = PatientFactory(mrn=str(phantom.datasets[0].PatientID))  # the DICOM patient
-    index_day = clinic_today() - dt.timedelta(days=5)
-    procedure_record(patient=patient, code_system="http://www.ama-assn.org/go/cpt",
-                     code="22511", performed_at=start_of_clinic_day(index_day)
-                     + dt.timedelta(hours=10), identifier=Identifier("urn:t", str(patient.pk)))
+    phantom, result = _linked(orthanc, CLEAN_SEEDS[0])
     ds = phantom.datasets[0]
-    study, _ = imaging_study_upsert(
-        study_instance_uid=str(ds.StudyInstanceUID), patient=patient, source="fhir",
-        started_at=start_of_clinic_day(index_day - dt.timedelta(days=20)), modality="MR",
-        endpoint_url=orthanc.dicomweb,
-        series=[SeriesInput(str(ds.SeriesInstanceUID), "MR", str(ds.SeriesDescription))])
-    result = VbqResult.objects.get(series__study=study)
     with app.connection_for_write(broker) as conn:
         vbq_compute.apply_async((result.pk,), connection=conn)
     worker = CeleryWorker(env, tmp_path / "worker.log", ["--pool", "solo"])
