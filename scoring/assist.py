@@ -18,14 +18,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from django.db import transaction
-from django.db.models import Max
 from django.utils import timezone
 
 from registry.side_effects import Actor, audit_record, followup_changed
 from scoring.engine import EngineError, VbqMeasurement, compute_vbq
 from scoring.engine.assisted import SEED_LEVELS, Seed
 from scoring.models import ImagingSeries, VbqLevel, VbqResult
-from scoring.review import ReviewError, load_series
+from scoring.review import ReviewError, load_series, next_revision
 
 STORED_LEVELS = ("L1", "L2", "L3", "L4", "L5", "S1")  # what VbqLevel accepts besides "csf"
 
@@ -88,9 +87,8 @@ def _save(*, result: VbqResult, measurement: VbqMeasurement, actor: Actor, seed:
           ) -> VbqResult:
     # one assisted revision at a time per series (the unique constraint's scope)
     ImagingSeries.objects.select_for_update().filter(pk=result.series_id).exists()
-    revision = (VbqResult.objects.filter(
-        series_id=result.series_id, algorithm_version=measurement.algorithm_version,
-        source=VbqResult.Source.ASSISTED).aggregate(m=Max("revision"))["m"] or 0) + 1
+    revision = next_revision(result.series_id, measurement.algorithm_version,
+                             VbqResult.Source.ASSISTED)
     now = timezone.now()
     new = VbqResult.objects.create(
         series_id=result.series_id, patient_id=result.patient_id,

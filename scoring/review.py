@@ -287,6 +287,14 @@ def measurement_summary(m: VbqMeasurement) -> dict[str, Any]:
 # --- writes --------------------------------------------------------------------------------
 
 
+def next_revision(series_id: int, algorithm_version: str, source: str) -> int:
+    """The revision number a new ``source`` result of ``series_id`` takes (the unique
+    constraint's scope: series, version, source), for the manual and assisted writers."""
+    latest = VbqResult.objects.filter(series_id=series_id, algorithm_version=algorithm_version,
+                                      source=source).aggregate(m=Max("revision"))["m"]
+    return (latest or 0) + 1
+
+
 def _locked(result: VbqResult) -> VbqResult:
     return VbqResult.objects.select_for_update().get(pk=result.pk)
 
@@ -320,9 +328,8 @@ def _save_corrected(*, result: VbqResult, measurement: VbqMeasurement, rois: Map
     if outcome["crossing"]:
         flags.append({"code": CATEGORY_CHANGE, "message": outcome["crossing"],
                       "severity": "warning"})
-    revision = (VbqResult.objects.filter(
-        series_id=original.series_id, algorithm_version=measurement.algorithm_version,
-        source=VbqResult.Source.MANUAL).aggregate(m=Max("revision"))["m"] or 0) + 1
+    revision = next_revision(original.series_id, measurement.algorithm_version,
+                             VbqResult.Source.MANUAL)
     now = timezone.now()
     new = VbqResult.objects.create(
         series_id=original.series_id, patient_id=original.patient_id,
