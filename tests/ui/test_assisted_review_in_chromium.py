@@ -10,7 +10,6 @@ pixels, 15 slices of 3–4.5 mm), stored the way the DICOM receiver stores it. S
 
 from __future__ import annotations
 
-import io
 import re
 
 import pytest
@@ -20,7 +19,7 @@ from registry.models import AuditEvent
 from scoring.engine.phantom import make_phantom
 from scoring.models import ImagingSeries, ImagingStudy, VbqResult
 from tests.factories import PatientFactory
-from tests.ui.chromium import PASSWORD, SHOTS, launch
+from tests.ui.chromium import PASSWORD, launch, shot
 
 pytestmark = [pytest.mark.browser, pytest.mark.postgres, pytest.mark.slow]
 
@@ -73,16 +72,6 @@ def _login(browser, live_server):
     return page
 
 
-def _shot(page, name):
-    """A viewport screenshot, palette-reduced (docs/screenshots only with UPDATE_SCREENSHOTS)."""
-    from PIL import Image
-
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    picture = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
-    picture.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(
-        SHOTS / f"{name}.png", optimize=True)
-
-
 def _show_slice(page, wanted):
     """Step the viewer to slice ``wanted`` with its buttons."""
     for _ in range(6):
@@ -130,7 +119,7 @@ def test_clinician_places_rois_from_one_click_in_l3_sees_the_vbq_and_accepts_it(
     shown = float(page.locator("#vbq-all").inner_text())
     assert shown == pytest.approx(truth["vbq_all_levels"], rel=0.03)
     page.wait_for_timeout(300)  # the slice PNG paints
-    _shot(page, "vbq-review-assisted")
+    shot(page, "vbq-review-assisted")
     expect(page.get_by_text("Assisted (one click)").first).to_be_visible()
     assert assisted.status == "needs_review"
     assert assisted.review_status == "pending"

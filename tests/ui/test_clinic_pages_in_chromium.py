@@ -28,7 +28,7 @@ from scoring.engine.phantom import make_phantom
 from scoring.models import VbqResult
 from tests.factories import FractureFactory, PatientFactory
 from tests.registry.followup_helpers import high_vbq_patient
-from tests.ui.chromium import PASSWORD, SHOTS, launch
+from tests.ui.chromium import PASSWORD, launch, shot
 from tests.ui.data import reviewable_result
 
 pytestmark = [pytest.mark.browser, pytest.mark.postgres, pytest.mark.slow]
@@ -56,16 +56,6 @@ def _login(browser, live_server, username):
     page.click("button[type=submit]")
     page.wait_for_url(re.compile(r".*/$"))
     return page
-
-
-def _shot(page, name):
-    """A viewport screenshot, palette-reduced so the committed PNGs stay small."""
-    from PIL import Image
-
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    picture = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
-    picture.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(
-        SHOTS / f"{name}.png", optimize=True)
 
 
 @pytest.fixture
@@ -104,7 +94,7 @@ def test_coordinator_works_an_alert_opens_the_patient_uploads_and_downloads_the_
     page.goto(f"{live_server.url}/worklist/")
     row = page.locator(f'tr[data-alert="{alert.pk}"]')
     assert "Ada" in row.inner_text()
-    _shot(page, "worklist")
+    shot(page, "worklist")
     page.evaluate("window.__noReload = 'still here'")
 
     row.get_by_role("button", name="Acknowledge").click()
@@ -129,7 +119,7 @@ def test_coordinator_works_an_alert_opens_the_patient_uploads_and_downloads_the_
     assert page.locator("h1").inner_text().startswith("SYNTHETIC, Ada")
     assert AuditEvent.objects.filter(patient_id=alert.patient_id, action="read",
                                      object_type="Patient").exists()
-    _shot(page, "patient")
+    shot(page, "patient")
 
     page.get_by_role("link", name="Upload MRI (DICOM zip)").click()
     archive = clinic["tmp"] / "study.zip"
@@ -143,15 +133,15 @@ def test_coordinator_works_an_alert_opens_the_patient_uploads_and_downloads_the_
     page.click("#upload-button")
     expect(page.locator("#upload-status")).to_contain_text("Stored 5 file", timeout=30_000)
     assert page.locator("#upload-progress").get_attribute("value") == "100"
-    _shot(page, "upload")
+    shot(page, "upload")
 
     page.goto(f"{live_server.url}/vbq/jobs/")
     expect(page.locator("#jobs-updated")).to_contain_text("Updated")
     assert "pacs-unavailable" in page.locator("#jobs-table").inner_text()
-    _shot(page, "jobs")
+    shot(page, "jobs")
 
     page.goto(f"{live_server.url}/reports/")
-    _shot(page, "report")
+    shot(page, "report")
     with page.expect_download() as download_info:
         page.get_by_role("link", name="Download cohort CSV").click()
     download = download_info.value
@@ -173,12 +163,12 @@ def test_clinician_drags_an_roi_sees_the_vbq_change_and_saves_a_corrected_result
     page = _login(browser, live_server, "demo-clinician")
     page.goto(f"{live_server.url}/vbq/review/")
     assert page.locator("tbody tr").count() == 2
-    _shot(page, "needs-review-queue")
+    shot(page, "needs-review-queue")
 
     page.goto(f"{live_server.url}/vbq/review/{result.pk}/")
     expect(page.locator("#roi-layer .roi")).to_have_count(5)
     page.wait_for_timeout(300)  # the slice PNG paints
-    _shot(page, "vbq-review")
+    shot(page, "vbq-review")
     before = page.locator("#vbq-all").inner_text()
     assert before == f"{result.vbq_all_levels:.2f}"
 
@@ -193,7 +183,7 @@ def test_clinician_drags_an_roi_sees_the_vbq_change_and_saves_a_corrected_result
     after = page.locator("#vbq-all").inner_text()
     assert after != before
     assert VbqResult.objects.filter(source="manual").count() == 0  # a preview saves nothing
-    _shot(page, "vbq-review-corrected")
+    shot(page, "vbq-review-corrected")
 
     page.click("#save-corrected")
     page.wait_for_url(re.compile(rf".*/vbq/review/(?!{result.pk}/)\d+/$"))
