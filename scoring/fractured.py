@@ -42,7 +42,13 @@ from db.pg import pg_pipeline
 from registry.models import AuditEvent, Fracture, Patient, Procedure, RecordStatus
 from registry.side_effects import SYSTEM_ACTOR, audit_record, defer_after, followup_changed
 from scoring.models import VbqLevel, VbqResult
-from scoring.trust import result_is_trusted, rule_value, threshold_of, trusted_sql
+from scoring.trust import (
+    category_change,
+    result_is_trusted,
+    rule_value,
+    threshold_of,
+    trusted_sql,
+)
 
 VBQ_LEVELS = ("L1", "L2", "L3", "L4")
 REFRESH_REASON = "fractured levels recomputed"
@@ -81,8 +87,9 @@ def _held_by_threshold(result: VbqResult, new_excluding: float | None
     new = rule_value(result.vbq_all_levels, new_excluding)
     if old is None or new is None:
         return None
-    cut = threshold_of(result.field_strength_t).value
-    return (old, new) if (old >= cut) != (new >= cut) else None
+    crossing = category_change(value=new, field_strength_t=result.field_strength_t,
+                               references=[("before the recompute", old)])
+    return (old, new) if crossing else None
 
 
 def fractured_levels_sql(patient: str) -> str:
