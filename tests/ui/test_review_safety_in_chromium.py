@@ -28,12 +28,9 @@ from scoring.models import ImagingSeries, ImagingStudy, VbqLevel, VbqResult
 from scoring.tasks import vbq_compute
 from tests.factories import FractureFactory, PatientFactory
 from tests.registry.followup_helpers import high_vbq_patient
+from tests.ui.chromium import PASSWORD, shot
 from tests.ui.data import phantom_rois
-from tests.ui.test_clinic_pages_in_chromium import (  # noqa: F401 (browser: the fixture)
-    PASSWORD,
-    _shot,
-    browser,
-)
+from tests.ui.test_clinic_pages_in_chromium import browser  # noqa: F401 (the fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.postgres, pytest.mark.slow]
 NO_HORIZONTAL_SCROLL = "document.documentElement.scrollWidth <= window.innerWidth"
@@ -186,7 +183,7 @@ def test_an_upload_whose_dicom_patient_is_another_patient_is_refused_and_stores_
     expect(page.locator("#upload-status")).to_contain_text("Upload refused (409)")
     expect(page.locator("#upload-status")).to_contain_text("not this patient's")
     expect(page.locator("#upload-status")).to_contain_text("Nothing was stored")
-    _shot(page, "upload-wrong-patient")
+    shot(page, "upload-wrong-patient")
     assert not ImagingStudy.objects.exists()
     assert not VbqResult.objects.filter(patient=ada).exclude(source="imported").exists()
     alert.refresh_from_db()
@@ -253,7 +250,7 @@ def test_a_category_crossing_manual_edit_waits_for_review_and_does_not_close_the
     outcome = page.locator("#save-outcome")
     expect(outcome).to_contain_text("needs-review queue")
     expect(outcome).to_contain_text("crosses the high-VBQ threshold")
-    _shot(page, "vbq-review-category-change")
+    shot(page, "vbq-review-category-change")
 
     page.click("#save-corrected")
     page.wait_for_url(re.compile(rf".*/vbq/review/(?!{accepted.pk}/)\d+/$"))
@@ -271,7 +268,7 @@ def test_a_category_crossing_manual_edit_waits_for_review_and_does_not_close_the
     row = page.locator("tbody tr").filter(
         has=page.locator("td:first-child", has_text=re.compile(rf"^{saved.pk}$")))
     expect(row).to_contain_text("changes the VBQ category")
-    _shot(page, "needs-review-queue-reasons")
+    shot(page, "needs-review-queue-reasons")
     page.goto(f"{live_server.url}/patients/{patient.pk}/")
     expect(page.locator("#vbq-threshold")).to_contain_text(f"≥ {cut:g}")
     expect(page.locator("#vbq-threshold")).to_contain_text("threshold")
